@@ -1,0 +1,49 @@
+// pybind11 module onestep_kernels._C: the CPU launchers with pointers as integers. No logic:
+// validation lives in Python (onestep_kernels/native.py), the kernels in csrc/cpu.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "common/status.h"
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using onestep::cpu::layernorm_modulate_bwd;
+using onestep::cpu::layernorm_modulate_fwd;
+
+template <typename T>
+static T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "onestep CPU kernels (raw-pointer launchers; use onestep_kernels, not this module)";
+  m.def("active_isa", &onestep::cpu::active_isa);
+  m.def("has_avx2_build", &onestep::cpu::has_avx2_build);
+  m.def("status_string", [](int code) { return onestep::status_string(code); });
+
+  m.def("layernorm_modulate_fwd",
+        [](uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_t out, uintptr_t mean,
+           uintptr_t rstd, int64_t B, int64_t N, int64_t D, int64_t x_sb, int64_t x_sn,
+           int64_t shift_sb, int64_t shift_sn, int64_t scale_sb, int64_t scale_sn, int dtype,
+           float eps, int num_threads) {
+          py::gil_scoped_release release;
+          return layernorm_modulate_fwd(ptr<const void>(x), ptr<const void>(shift),
+                                        ptr<const void>(scale), ptr<void>(out), ptr<float>(mean),
+                                        ptr<float>(rstd), B, N, D, x_sb, x_sn, shift_sb,
+                                        shift_sn, scale_sb, scale_sn, dtype, eps, num_threads);
+        });
+
+  m.def("layernorm_modulate_bwd",
+        [](uintptr_t dy, uintptr_t x, uintptr_t scale, uintptr_t mean, uintptr_t rstd,
+           uintptr_t dx, uintptr_t dshift, uintptr_t dscale, int64_t B, int64_t N, int64_t D,
+           int64_t x_sb, int64_t x_sn, int64_t scale_sb, int64_t scale_sn, int per_token,
+           int dtype, int num_threads) {
+          py::gil_scoped_release release;
+          return layernorm_modulate_bwd(ptr<const void>(dy), ptr<const void>(x),
+                                        ptr<const void>(scale), ptr<const float>(mean),
+                                        ptr<const float>(rstd), ptr<void>(dx), ptr<void>(dshift),
+                                        ptr<void>(dscale), B, N, D, x_sb, x_sn, scale_sb,
+                                        scale_sn, per_token, dtype, num_threads);
+        });
+}

@@ -1,0 +1,38 @@
+// Declarations of the CPU launchers. Each kernel file is compiled once per instruction set
+// (namespace `base`, portable; namespace `avx2`, -mavx2 -mfma -mf16c on x86-64) and the
+// un-namespaced entry points in dispatch.cpp pick one at run time.
+//
+// Conventions: pointers are raw, sizes and strides are in elements, strides of x and of the
+// modulation tensors are given for the (B, N) dimensions (the last dimension is contiguous;
+// a stride of 0 broadcasts, which is how per-sample modulation is expressed). Outputs are
+// contiguous. Every launcher returns an onestep::Status.
+#pragma once
+
+#include <cstdint>
+
+#define ONESTEP_CPU_DECLARE_KERNELS                                                          \
+  int layernorm_modulate_fwd(const void* x, const void* shift, const void* scale, void* out, \
+                             float* mean, float* rstd, int64_t B, int64_t N, int64_t D,      \
+                             int64_t x_sb, int64_t x_sn, int64_t shift_sb, int64_t shift_sn, \
+                             int64_t scale_sb, int64_t scale_sn, int dtype, float eps,       \
+                             int num_threads);                                               \
+  int layernorm_modulate_bwd(const void* dy, const void* x, const void* scale,               \
+                             const float* mean, const float* rstd, void* dx, void* dshift,   \
+                             void* dscale, int64_t B, int64_t N, int64_t D, int64_t x_sb,    \
+                             int64_t x_sn, int64_t scale_sb, int64_t scale_sn,               \
+                             int per_token, int dtype, int num_threads);
+
+namespace onestep::cpu {
+namespace base {
+ONESTEP_CPU_DECLARE_KERNELS
+}
+namespace avx2 {
+ONESTEP_CPU_DECLARE_KERNELS
+}
+// Run-time choice between the two; see dispatch.cpp.
+ONESTEP_CPU_DECLARE_KERNELS
+// "avx2" or "base": the instruction set the entry points above use in this process.
+const char* active_isa();
+// Whether this build contains the avx2 variant.
+bool has_avx2_build();
+}  // namespace onestep::cpu

@@ -1,0 +1,238 @@
+// LayerNorm (no affine, fp32 statistics) followed by adaLN modulation, forward and backward.
+// Compiled once per instruction set: ONESTEP_ISA names the namespace (base or avx2).
+// The inner loops are plain `omp simd` loops over one row, which the compiler vectorises for
+// the target ISA; a row (a few KB) stays in L1 between the passes, so x is read from memory
+// once and the output written once.
+#include <algorithm>
+#include <cstdint>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+#include "../common/math.h"
+#include "../common/status.h"
+#include "dtype.h"
+#include "kernels.h"
+
+#ifndef ONESTEP_ISA
+#error "ONESTEP_ISA must name the instruction-set namespace"
+#endif
+
+namespace onestep::cpu::ONESTEP_ISA {
+namespace {
+
+// Rows of one sample reduced together in the per-sample backward. Fixed (not derived from
+// the thread count) so that the weight-gradient sums are bit-identical on any machine.
+constexpr int64_t kRowsPerChunk = 32;
+
+// Returns the row as floats: the input itself for fp32, else converted into `buf`.
+template <typename T>
+inline const float* row_as_float(const T* row, int64_t D, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) buf[d] = to_float(row[d]);
+    return buf;
+  }
+}
+
+template <typename T>
+void fwd_row(const T* x, const T* shift, const T* scale, T* out, int64_t D, float eps,
+             float* buf, float* mean_out, float* rstd_out) {
+  const float* xf = row_as_float(x, D, buf);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) sum += xf[d];
+  const float mean = sum / static_cast<float>(D);
+  float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t d = 0; d < D; ++d) {
+    const float diff = xf[d] - mean;
+    m2 += diff * diff;
+  }
+  const float rstd = layernorm_rstd(m2 / static_cast<float>(D), eps);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    out[d] = from_float<T>(modulate((xf[d] - mean) * rstd, to_float(shift[d]), to_float(scale[d])));
+  }
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// One row of the backward. Writes dx; adds dy and dy * xhat into acc_shift / acc_scale
+// (per-sample modulation) or stores them into dshift / dscale (per-token modulation).
+template <typename T, bool kPerToken>
+void bwd_row(const T* dy, const T* x, const T* scale, float mean, float rstd, T* dx, int64_t D,
+             float* acc_shift, float* acc_scale, T* dshift, T* dscale) {
+  float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+  for (int64_t d = 0; d < D; ++d) {
+    const float g = to_float(dy[d]) * (1.0f + to_float(scale[d]));
+    const float xhat = (to_float(x[d]) - mean) * rstd;
+    sum_g += g;
+    sum_gx += g * xhat;
+  }
+  const float mean_g = sum_g / static_cast<float>(D);
+  const float mean_gx = sum_gx / static_cast<float>(D);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const float dyf = to_float(dy[d]);
+    const float g = dyf * (1.0f + to_float(scale[d]));
+    const float xhat = (to_float(x[d]) - mean) * rstd;
+    dx[d] = from_float<T>(layernorm_dx(g, xhat, mean_g, mean_gx, rstd));
+    if constexpr (kPerToken) {
+      dshift[d] = from_float<T>(dyf);
+      dscale[d] = from_float<T>(dyf * xhat);
+    } else {
+      acc_shift[d] += dyf;
+      acc_scale[d] += dyf * xhat;
+    }
+  }
+}
+
+template <typename T>
+int fwd(const void* x_, const void* shift_, const void* scale_, void* out_, float* mean,
+        float* rstd, int64_t B, int64_t N, int64_t D, int64_t x_sb, int64_t x_sn,
+        int64_t shift_sb, int64_t shift_sn, int64_t scale_sb, int64_t scale_sn, float eps,
+        int num_threads) {
+  const T* x = static_cast<const T*>(x_);
+  const T* shift = static_cast<const T*>(shift_);
+  const T* scale = static_cast<const T*>(scale_);
+  T* out = static_cast<T*>(out_);
+  const int64_t rows = B * N;
+  // One conversion buffer of D floats per thread (unused for fp32).
+  std::vector<float> buffers;
+  try {
+    if (!std::is_same_v<T, float>) buffers.resize(static_cast<size_t>(num_threads * D));
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / N, n = r % N;
+    float* buf = buffers.empty() ? nullptr : buffers.data() + omp_get_thread_num() * D;
+    fwd_row<T>(x + b * x_sb + n * x_sn, shift + b * shift_sb + n * shift_sn,
+               scale + b * scale_sb + n * scale_sn, out + r * D, D, eps, buf, mean + r,
+               rstd + r);
+  }
+  return kOk;
+}
+
+template <typename T>
+int bwd(const void* dy_, const void* x_, const void* scale_, const float* mean,
+        const float* rstd, void* dx_, void* dshift_, void* dscale_, int64_t B, int64_t N,
+        int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb, int64_t scale_sn,
+        bool per_token, int num_threads) {
+  const T* dy = static_cast<const T*>(dy_);
+  const T* x = static_cast<const T*>(x_);
+  const T* scale = static_cast<const T*>(scale_);
+  T* dx = static_cast<T*>(dx_);
+  T* dshift = static_cast<T*>(dshift_);
+  T* dscale = static_cast<T*>(dscale_);
+  const int64_t rows = B * N;
+
+  if (per_token) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / N, n = r % N;
+      bwd_row<T, true>(dy + r * D, x + b * x_sb + n * x_sn, scale + b * scale_sb + n * scale_sn,
+                       mean[r], rstd[r], dx + r * D, D, nullptr, nullptr, dshift + r * D,
+                       dscale + r * D);
+    }
+    return kOk;
+  }
+
+  // Per-sample: each (sample, chunk of rows) sums into its own fp32 partial, then the
+  // partials of a sample are added in chunk order.
+  const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::vector<float> partial;
+  try {
+    partial.assign(static_cast<size_t>(B * chunks * 2 * D), 0.0f);
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t task = 0; task < B * chunks; ++task) {
+    const int64_t b = task / chunks, c = task % chunks;
+    float* acc_shift = partial.data() + task * 2 * D;
+    float* acc_scale = acc_shift + D;
+    const int64_t n_end = std::min(N, (c + 1) * kRowsPerChunk);
+    for (int64_t n = c * kRowsPerChunk; n < n_end; ++n) {
+      const int64_t r = b * N + n;
+      bwd_row<T, false>(dy + r * D, x + b * x_sb + n * x_sn, scale + b * scale_sb, mean[r],
+                        rstd[r], dx + r * D, D, acc_shift, acc_scale, nullptr, nullptr);
+    }
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    if (chunks == 0) {  // N == 0: nothing flowed into the modulation
+      for (int64_t d = 0; d < D; ++d) dshift[b * D + d] = dscale[b * D + d] = from_float<T>(0.0f);
+      continue;
+    }
+    float* acc = partial.data() + b * chunks * 2 * D;
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = acc + c * 2 * D;
+#pragma omp simd
+      for (int64_t d = 0; d < 2 * D; ++d) acc[d] += part[d];
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      dshift[b * D + d] = from_float<T>(acc[d]);
+      dscale[b * D + d] = from_float<T>(acc[D + d]);
+    }
+  }
+  return kOk;
+}
+
+bool sizes_ok(int64_t B, int64_t N, int64_t D) { return B >= 0 && N >= 0 && D >= 0; }
+
+}  // namespace
+
+int layernorm_modulate_fwd(const void* x, const void* shift, const void* scale, void* out,
+                           float* mean, float* rstd, int64_t B, int64_t N, int64_t D,
+                           int64_t x_sb, int64_t x_sn, int64_t shift_sb, int64_t shift_sn,
+                           int64_t scale_sb, int64_t scale_sn, int dtype, float eps,
+                           int num_threads) {
+  if (!sizes_ok(B, N, D) || D == 0) return kBadSize;
+  if (B * N == 0) return kOk;
+  num_threads = std::max(num_threads, 1);
+  switch (dtype) {
+    case kFloat32:
+      return fwd<float>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
+                        shift_sn, scale_sb, scale_sn, eps, num_threads);
+    case kFloat16:
+      return fwd<half_t>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
+                         shift_sn, scale_sb, scale_sn, eps, num_threads);
+    case kBFloat16:
+      return fwd<bfloat16_t>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
+                             shift_sn, scale_sb, scale_sn, eps, num_threads);
+    default:
+      return kBadDtype;
+  }
+}
+
+int layernorm_modulate_bwd(const void* dy, const void* x, const void* scale, const float* mean,
+                           const float* rstd, void* dx, void* dshift, void* dscale, int64_t B,
+                           int64_t N, int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb,
+                           int64_t scale_sn, int per_token, int dtype, int num_threads) {
+  if (!sizes_ok(B, N, D) || D == 0) return kBadSize;
+  num_threads = std::max(num_threads, 1);
+  switch (dtype) {
+    case kFloat32:
+      return bwd<float>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
+                        scale_sb, scale_sn, per_token != 0, num_threads);
+    case kFloat16:
+      return bwd<half_t>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
+                         scale_sb, scale_sn, per_token != 0, num_threads);
+    case kBFloat16:
+      return bwd<bfloat16_t>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
+                             scale_sb, scale_sn, per_token != 0, num_threads);
+    default:
+      return kBadDtype;
+  }
+}
+
+}  // namespace onestep::cpu::ONESTEP_ISA

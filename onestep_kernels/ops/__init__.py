@@ -1,0 +1,8 @@
+"""One module per fused operator; each holds its reference, kernels and registration."""
+
+from . import layernorm_modulate as layernorm_modulate_op
+
+# Modules whose triton_configs() the sm_80/sm_90 compile check (onestep_kernels.aot) walks.
+OP_MODULES = (layernorm_modulate_op,)
+
+__all__ = ["OP_MODULES", "layernorm_modulate_op"]

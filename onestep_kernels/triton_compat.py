@@ -1,0 +1,26 @@
+"""Triton, or a stand-in when it is not installed, so that op modules import either way.
+
+With the stand-in, `@triton.jit` keeps the plain function (never called: the dispatcher
+reports the triton backend unavailable) and `tl.constexpr` exists for annotations.
+"""
+
+from __future__ import annotations
+
+import types
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+    def _jit(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    triton = types.SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b),
+                                   next_power_of_2=lambda n: 1 << max(0, (n - 1).bit_length()))
+    tl = types.SimpleNamespace(constexpr=object)
+
+__all__ = ["HAS_TRITON", "triton", "tl"]
