@@ -94,8 +94,12 @@ def _requested() -> str:
     return os.environ.get(ENV_VAR, "")
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend that runs an op on ``device``; raises ValueError if it cannot."""
+def resolve(backend: str | None, device: torch.device, cannot: dict[str, str] | None = None) -> str:
+    """The backend that runs an op on ``device``; raises ValueError if it cannot.
+
+    ``cannot`` maps backends that cannot take this particular call (a size they do not
+    handle, say) to the reason: asking for one is an error, the default skips it."""
+    cannot = cannot or {}
     if backend is not None:
         source = "backend"
         name = backend
@@ -104,16 +108,16 @@ def resolve(backend: str | None, device: torch.device) -> str:
         source = f"use_backend/{ENV_VAR}"
     if name:
         _check_name(name, source)
-        reason = _supports(name, device)
+        reason = cannot.get(name) or _supports(name, device)
         if reason is not None:
             raise ValueError(f"{source}: backend {name!r} cannot run here: {reason}")
         return name
-    return default_backend(device)
+    return default_backend(device, cannot)
 
 
-def default_backend(device: torch.device) -> str:
+def default_backend(device: torch.device, cannot: dict[str, str] | None = None) -> str:
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
     for name in order:
-        if _supports(name, device) is None:
+        if name not in (cannot or {}) and _supports(name, device) is None:
             return name
     return "torch"

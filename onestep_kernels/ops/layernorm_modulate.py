@@ -37,7 +37,9 @@ def reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Ten
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 
-MAX_TRITON_D = 16384
+# The Triton kernels keep a whole row in registers; past 4096 the backward spills on sm_80/90
+# (the compile check in onestep_kernels.aot finds it), so wider rows go to another backend.
+MAX_TRITON_D = 4096
 # Rows of one sample handled by one backward program; also the granularity of the per-sample
 # partial sums (fixed, so results do not depend on the GPU).
 BWD_ROWS_PER_PROGRAM = 16
@@ -108,9 +110,10 @@ def _layernorm_modulate_bwd_kernel(
 
 
 def _triton_launch_config(D: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) for a row of D elements."""
+    """(BLOCK_D, num_warps) for a row of D elements: at most 16 elements of a row per thread,
+    which keeps the backward (seven row-sized fp32 values live) free of spills."""
     block_d = max(16, triton.next_power_of_2(D))
-    num_warps = 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
+    num_warps = min(32, max(4, block_d // 512))
     return block_d, num_warps
 
 
@@ -328,13 +331,12 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     if scale.shape != shift.shape:
         raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
                          f"got {tuple(scale.shape)}")
-    name = dispatch.resolve(backend, x.device)
+    cannot = {}
+    if D > MAX_TRITON_D:
+        cannot["triton"] = f"x: the triton kernels handle D <= {MAX_TRITON_D}, got D={D}"
+    elif x.dtype == torch.bfloat16 and not x.is_cuda:
+        cannot["triton"] = "x: the Triton interpreter computes bfloat16 wrongly"
+    name = dispatch.resolve(backend, x.device, cannot)
     if name == "torch":
         return reference(x, shift, scale, eps)
-    if name == "triton":
-        if D > MAX_TRITON_D:
-            raise ValueError(f"x: the triton backend handles D <= {MAX_TRITON_D}, got D={D}")
-        if x.dtype == torch.bfloat16 and not x.is_cuda:
-            raise ValueError("x: the Triton interpreter computes bfloat16 wrongly; use the cpu "
-                             "backend for bfloat16 CPU tensors")
     return layernorm_modulate_fwd(x, shift, scale, eps, name)[0]
