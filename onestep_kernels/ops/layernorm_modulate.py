@@ -268,6 +268,7 @@ def _(dy, x, scale, mean, rstd, backend):
 def _setup_context(ctx, inputs, output):
     x, _shift, scale, _eps, backend = inputs
     _out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, scale, mean, rstd)
     ctx.backend = backend
 

@@ -1,0 +1,253 @@
+"""layernorm_modulate: every backend against a float64 reference, forward and all gradients,
+at awkward shapes; launchers write every output element; registration; bad input."""
+
+import os
+
+import pytest
+import torch
+from conftest import assert_close_rel
+
+import onestep_kernels as ok
+from onestep_kernels import native
+from onestep_kernels.ops import layernorm_modulate_op as op
+
+DIMS = [64, 384, 1000, 1152, 4096]
+BATCH_TOKENS = [(1, 1), (3, 257), (257, 3)]
+MODULATION = ["per_sample", "per_token"]
+
+NO_CUDA = "no CUDA device on this machine: the CUDA C++ kernels are compiled and checked for " \
+          "spills (tests/test_native_build.py) but cannot run"
+
+
+def backend_params():
+    """(backend, dtype, isa) cases; isa is the CPU instruction set forced for the cpu backend."""
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cases.append(pytest.param("cpu", dtype, "avx2", id=f"cpu-avx2-{dtype}"))
+        cases.append(pytest.param("cpu", dtype, "base", id=f"cpu-base-{dtype}"))
+        cases.append(pytest.param("torch", dtype, None, id=f"torch-{dtype}"))
+        cases.append(pytest.param("cuda", dtype, None, id=f"cuda-{dtype}", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason=NO_CUDA)))
+    for dtype in (torch.float32, torch.float16):  # the interpreter mishandles bf16
+        cases.append(pytest.param("triton", dtype, None, id=f"triton-{dtype}",
+                                  marks=pytest.mark.slow))
+    return cases
+
+
+@pytest.fixture
+def cpu_isa(monkeypatch):
+    def force(isa):
+        if isa == "avx2" and not native.cpu_module.has_avx2_build():
+            pytest.skip("this build has no avx2 variant of the CPU kernels (not an x86-64 host)")
+        if isa is not None:
+            monkeypatch.setenv("ONESTEP_CPU_ISA", isa)
+        if isa == "avx2" and native.cpu_module.active_isa() != "avx2":
+            pytest.skip("this processor lacks AVX2/FMA/F16C")
+    return force
+
+
+def make_inputs(B, N, D, modulation, generator):
+    """float64 masters: x with a non-zero mean and spread, modulation of both signs."""
+    x = torch.randn(B, N, D, generator=generator, dtype=torch.float64) * 2.0 + 0.5
+    mod_shape = (B, D) if modulation == "per_sample" else (B, N, D)
+    shift = torch.randn(mod_shape, generator=generator, dtype=torch.float64)
+    scale = torch.randn(mod_shape, generator=generator, dtype=torch.float64) * 0.5
+    return x, shift, scale
+
+
+def device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.mark.parametrize("modulation", MODULATION)
+@pytest.mark.parametrize("B,N", BATCH_TOKENS)
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("backend,dtype,isa", backend_params())
+def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, generator, cpu_isa):
+    cpu_isa(isa)
+    dev = torch.device("cuda") if backend == "cuda" else (device() if backend == "triton" else torch.device("cpu"))
+    x64, shift64, scale64 = make_inputs(B, N, D, modulation, generator)
+    dy64 = torch.randn(B, N, D, generator=generator, dtype=torch.float64)
+    # The reference sees exactly the values the kernel sees (rounded to dtype).
+    inputs = [t.to(dtype) for t in (x64, shift64, scale64)]
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    ref = op.reference(*ref_in)
+    ref.backward(dy64.to(dtype).double())
+
+    test_in = [t.to(dev).requires_grad_() for t in inputs]
+    out = ok.layernorm_modulate(*test_in, backend=backend)
+    assert out.dtype == dtype and out.device.type == dev.type
+    out.backward(dy64.to(dtype).to(dev))
+    assert_close_rel(out.cpu(), ref, dtype, "out")
+    for name, t, r in zip(("dx", "dshift", "dscale"), test_in, ref_in):
+        assert_close_rel(t.grad.cpu(), r.grad, dtype, name)
+
+
+@pytest.mark.parametrize("modulation", MODULATION)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_launchers_write_every_element(backend, dtype, modulation, generator):
+    """Outputs are poisoned with NaN before the launch; every element must be overwritten."""
+    B, N, D = 3, 37, 200
+    x64, shift64, scale64 = make_inputs(B, N, D, modulation, generator)
+    x, shift, scale = (t.to(dtype) for t in (x64, shift64, scale64))
+    dy = torch.randn(B, N, D, generator=generator).to(dtype)
+    nan = float("nan")
+    out = torch.full((B, N, D), nan, dtype=dtype)
+    mean, rstd = torch.full((B, N), nan), torch.full((B, N), nan)
+    op._FWD[backend](x, shift, scale, out, mean, rstd, 1e-6)
+    assert torch.isfinite(out).all() and torch.isfinite(mean).all() and torch.isfinite(rstd).all()
+    dx = torch.full_like(x, nan)
+    dshift, dscale = torch.full_like(shift, nan), torch.full_like(scale, nan)
+    op._BWD[backend](dy, x, scale, mean, rstd, dx, dshift, dscale, modulation == "per_token")
+    for t in (dx, dshift, dscale):
+        assert torch.isfinite(t).all()
+
+
+def test_strided_views_are_read_in_place(generator):
+    """DiT passes chunks of the adaLN output: (B, D) views with row stride 6D. And x may be a
+    slice along N. Both are read through their strides and give the reference result."""
+    B, N, D = 4, 33, 96
+    c = torch.randn(B, 6 * D, generator=generator)
+    shift, scale = c.chunk(6, dim=1)[:2]
+    assert not shift.is_contiguous()
+    x_full = torch.randn(B, 2 * N, D, generator=generator)
+    x = x_full[:, ::2]
+    assert not x.is_contiguous()
+    for backend in ("cpu", "triton"):
+        out = ok.layernorm_modulate(x, shift, scale, backend=backend)
+        ref = op.reference(x.double(), shift.double(), scale.double())
+        assert_close_rel(out, ref, torch.float32, f"{backend} out")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_backward_is_deterministic(backend, generator):
+    B, N, D = 2, 300, 257
+    x, shift, scale = (t.float().requires_grad_() for t in make_inputs(B, N, D, "per_sample", generator))
+    dy = torch.randn(B, N, D, generator=generator)
+    grads = []
+    for _ in range(2):
+        for t in (x, shift, scale):
+            t.grad = None
+        ok.layernorm_modulate(x, shift, scale, backend=backend).backward(dy)
+        grads.append([t.grad.clone() for t in (x, shift, scale)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_nan_row_stays_in_its_row(generator):
+    """Documented: a row holding NaN gives NaN in that output row (and its gradients),
+    other rows are unaffected."""
+    x, shift, scale = (t.float() for t in make_inputs(2, 5, 64, "per_sample", generator))
+    x[1, 3, 7] = float("nan")
+    for backend in ("cpu", "triton", "torch"):
+        out = ok.layernorm_modulate(x, shift, scale, backend=backend)
+        assert torch.isnan(out[1, 3]).all()
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        mask[1, 3] = False
+        assert torch.isfinite(out[mask]).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+def test_empty_batch_or_tokens(backend):
+    for B, N in ((0, 4), (3, 0)):
+        x = torch.randn(B, N, 32, requires_grad=True)
+        shift = torch.randn(B, 32, requires_grad=True)
+        scale = torch.randn(B, 32, requires_grad=True)
+        out = ok.layernorm_modulate(x, shift, scale, backend=backend)
+        assert out.shape == (B, N, 32)
+        out.sum().backward()
+        assert torch.equal(shift.grad, torch.zeros(B, 32))
+        assert torch.equal(scale.grad, torch.zeros(B, 32))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("modulation", MODULATION)
+def test_opcheck(backend, modulation, generator):
+    x, shift, scale = (t.float() for t in make_inputs(2, 7, 48, modulation, generator))
+    for t in (x, shift, scale):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.onestep.layernorm_modulate_fwd.default,
+                          (x, shift, scale, 1e-6, backend))
+    with torch.no_grad():
+        _, mean, rstd = torch.ops.onestep.layernorm_modulate_fwd(x, shift, scale, 1e-6, backend)
+    dy = torch.randn(2, 7, 48, generator=generator)
+    torch.library.opcheck(torch.ops.onestep.layernorm_modulate_bwd.default,
+                          (dy, x.detach(), scale.detach(), mean, rstd, backend))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [None, "cpu", "torch"])
+def test_torch_compile_fullgraph(backend, generator):
+    x, shift, scale = (t.float().requires_grad_() for t in make_inputs(2, 9, 80, "per_sample", generator))
+
+    def step(x, shift, scale):
+        return (ok.layernorm_modulate(x, shift, scale, backend=backend) ** 2).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(x, shift, scale)
+    loss.backward()
+    got = [t.grad.clone() for t in (x, shift, scale)]
+    ref_in = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
+    ref_loss = (op.reference(*ref_in) ** 2).sum()
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for g, r in zip(got, ref_in):
+        assert_close_rel(g, r.grad, torch.float32, "grad")
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def good(B=2, N=3, D=16):
+    return torch.randn(B, N, D), torch.randn(B, D), torch.randn(B, D)
+
+
+@pytest.mark.parametrize(
+    "make,exc,names",
+    [
+        (lambda: (torch.randn(2, 16), *good()[1:]), ValueError, "x:"),
+        (lambda: (good()[0], torch.randn(2, 17), torch.randn(2, 17)), ValueError, "shift:"),
+        (lambda: (good()[0], torch.randn(3, 16), torch.randn(3, 16)), ValueError, "shift:"),
+        (lambda: (*good()[:2], torch.randn(2, 3, 16)), ValueError, "scale:"),
+        (lambda: (good()[0].int(), *good()[1:]), TypeError, "x:"),
+        (lambda: (good()[0], good()[1].half(), good()[2]), TypeError, "shift:"),
+        (lambda: (good()[0], good()[1], torch.randn(2, 16, device="meta")), ValueError, "scale:"),
+        (lambda: (torch.randn(2, 16, 3).transpose(1, 2), *good()[1:]), ValueError, "x:"),
+        (lambda: (torch.randn(2, 3, 0), torch.randn(2, 0), torch.randn(2, 0)), ValueError, "x:"),
+        (lambda: ([[1.0]], *good()[1:]), TypeError, "x:"),
+    ],
+    ids=["x-2d", "shift-wrong-D", "shift-wrong-batch", "scale-shape-differs", "x-int",
+         "shift-dtype", "scale-other-device", "x-last-dim-strided", "x-empty-D", "x-not-tensor"],
+)
+def test_bad_input_names_the_argument(make, exc, names):
+    with pytest.raises(exc, match=names):
+        ok.layernorm_modulate(*make())
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), "1e-6"])
+def test_bad_eps(eps):
+    with pytest.raises((ValueError, TypeError), match="eps:"):
+        ok.layernorm_modulate(*good(), eps=eps)
+
+
+def test_triton_rejects_what_it_cannot_run_and_default_falls_back():
+    x, shift, scale = torch.randn(1, 2, op.MAX_TRITON_D + 1), torch.randn(1, op.MAX_TRITON_D + 1), \
+        torch.randn(1, op.MAX_TRITON_D + 1)
+    with pytest.raises(ValueError, match="D <= 4096"):
+        ok.layernorm_modulate(x, shift, scale, backend="triton")
+    with pytest.raises(ValueError, match="bfloat16"):
+        ok.layernorm_modulate(*(t.bfloat16() for t in good()), backend="triton")
+    with ok.use_backend("cpu"):
+        assert torch.isfinite(ok.layernorm_modulate(x, shift, scale)).all()
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        ok.layernorm_modulate(*good(), backend="fastest")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(ValueError, match="cuda"):
+        ok.layernorm_modulate(*good(), backend="cuda")
