@@ -12,7 +12,6 @@ Under ``torch.compile`` the backend is resolved once, when the graph is traced.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import threading
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from . import native
+from .triton_compat import HAS_TRITON
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "ONESTEP_BACKEND"
@@ -32,7 +32,7 @@ def triton_interpret() -> bool:
 
 
 def _triton_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return "triton is not installed"
     if not torch.cuda.is_available() and not triton_interpret():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"

@@ -11,10 +11,15 @@
 
 #include <omp.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "../common/math.h"
 #include "../common/status.h"
 #include "dtype.h"
 #include "kernels.h"
+#include "memory.h"
 
 #ifndef ONESTEP_ISA
 #error "ONESTEP_ISA must name the instruction-set namespace"
@@ -26,6 +31,27 @@ namespace {
 // Rows of one sample reduced together in the per-sample backward. Fixed (not derived from
 // the thread count) so that the weight-gradient sums are bit-identical on any machine.
 constexpr int64_t kRowsPerChunk = 32;
+
+// fp32 outputs at least this large are written with streaming (non-temporal) stores: they do
+// not fit in cache for the next op anyway, and streaming skips reading each line before
+// writing it. Below it, ordinary stores leave the output in cache for the consumer.
+constexpr int64_t kStreamingBytes = int64_t{16} << 20;
+
+// Copies a row of floats to dst with non-temporal stores where the ISA has them.
+inline void stream_row(float* dst, const float* src, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX2__)
+  for (; d < D && (reinterpret_cast<uintptr_t>(dst + d) & 31u) != 0; ++d) dst[d] = src[d];
+  for (; d + 8 <= D; d += 8) _mm256_stream_ps(dst + d, _mm256_loadu_ps(src + d));
+#endif
+  for (; d < D; ++d) dst[d] = src[d];
+}
+
+inline void stream_fence() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
 
 // Returns the row as floats: the input itself for fp32, else converted into `buf`.
 template <typename T>
@@ -39,9 +65,11 @@ inline const float* row_as_float(const T* row, int64_t D, float* buf) {
   }
 }
 
+// `stage` is null, or (fp32 only) a row of scratch: the output is computed there and then
+// streamed to `out`.
 template <typename T>
 void fwd_row(const T* x, const T* shift, const T* scale, T* out, int64_t D, float eps,
-             float* buf, float* mean_out, float* rstd_out) {
+             float* buf, float* stage, float* mean_out, float* rstd_out) {
   const float* xf = row_as_float(x, D, buf);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -54,9 +82,16 @@ void fwd_row(const T* x, const T* shift, const T* scale, T* out, int64_t D, floa
     m2 += diff * diff;
   }
   const float rstd = layernorm_rstd(m2 / static_cast<float>(D), eps);
+  T* dst = out;
+  if constexpr (std::is_same_v<T, float>) {
+    if (stage != nullptr) dst = stage;
+  }
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
-    out[d] = from_float<T>(modulate((xf[d] - mean) * rstd, to_float(shift[d]), to_float(scale[d])));
+    dst[d] = from_float<T>(modulate((xf[d] - mean) * rstd, to_float(shift[d]), to_float(scale[d])));
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (stage != nullptr) stream_row(out, stage, D);
   }
   *mean_out = mean;
   *rstd_out = rstd;
@@ -103,20 +138,28 @@ int fwd(const void* x_, const void* shift_, const void* scale_, void* out_, floa
   const T* scale = static_cast<const T*>(scale_);
   T* out = static_cast<T*>(out_);
   const int64_t rows = B * N;
-  // One conversion buffer of D floats per thread (unused for fp32).
+  const int64_t out_bytes = rows * D * static_cast<int64_t>(sizeof(T));
+  advise_huge_pages(out, out_bytes);
+  const bool streaming = std::is_same_v<T, float> && out_bytes >= kStreamingBytes;
+  // Per thread, D floats: the converted input row (16-bit inputs) or the staged output row
+  // (streamed fp32 outputs).
   std::vector<float> buffers;
   try {
-    if (!std::is_same_v<T, float>) buffers.resize(static_cast<size_t>(num_threads * D));
+    if (!std::is_same_v<T, float> || streaming) buffers.resize(static_cast<size_t>(num_threads * D));
   } catch (const std::bad_alloc&) {
     return kOutOfMemory;
   }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / N, n = r % N;
+#pragma omp parallel num_threads(num_threads)
+  {
     float* buf = buffers.empty() ? nullptr : buffers.data() + omp_get_thread_num() * D;
-    fwd_row<T>(x + b * x_sb + n * x_sn, shift + b * shift_sb + n * shift_sn,
-               scale + b * scale_sb + n * scale_sn, out + r * D, D, eps, buf, mean + r,
-               rstd + r);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / N, n = r % N;
+      fwd_row<T>(x + b * x_sb + n * x_sn, shift + b * shift_sb + n * shift_sn,
+                 scale + b * scale_sb + n * scale_sn, out + r * D, D, eps, buf,
+                 streaming ? buf : nullptr, mean + r, rstd + r);
+    }
+    if (streaming) stream_fence();
   }
   return kOk;
 }
@@ -133,8 +176,11 @@ int bwd(const void* dy_, const void* x_, const void* scale_, const float* mean,
   T* dshift = static_cast<T*>(dshift_);
   T* dscale = static_cast<T*>(dscale_);
   const int64_t rows = B * N;
+  advise_huge_pages(dx, rows * D * static_cast<int64_t>(sizeof(T)));
 
   if (per_token) {
+    advise_huge_pages(dshift, rows * D * static_cast<int64_t>(sizeof(T)));
+    advise_huge_pages(dscale, rows * D * static_cast<int64_t>(sizeof(T)));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / N, n = r % N;

@@ -265,6 +265,23 @@ def _(dy, x, scale, mean, rstd, backend):
     return x.new_empty(x.shape), x.new_empty(scale.shape), x.new_empty(scale.shape)
 
 
+@torch.library.custom_op("onestep::layernorm_modulate_out", mutates_args=("out",))
+def layernorm_modulate_out(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str,
+                           out: Tensor) -> None:
+    """Forward into a caller's buffer (inference: no autograd)."""
+    B, N, _ = x.shape
+    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
+    if B * N > 0:
+        with _on_device(x):
+            _FWD[backend](x, shift, scale, out, mean, rstd, eps)
+
+
+@layernorm_modulate_out.register_fake
+def _(x, shift, scale, eps, backend, out):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     x, _shift, scale, _eps, backend = inputs
     _out, mean, rstd = output
@@ -303,7 +320,7 @@ _NULL_CONTEXT = _NullContext()
 
 
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *,
-                       backend: str | None = None) -> Tensor:
+                       backend: str | None = None, out: Tensor | None = None) -> Tensor:
     """LayerNorm(x) * (1 + scale) + shift, fused; see the module docstring.
 
     Args:
@@ -315,6 +332,9 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
         eps: added to the variance.
         backend: "triton", "cuda", "cpu" or "torch"; None picks as onestep_kernels.dispatch
             describes.
+        out: optional contiguous (B, N, D) buffer of x's dtype and device to write into and
+            return; for inference (an error if gradients are needed). Reusing one buffer
+            avoids the page faults of a fresh large allocation (see onestep_kernels.memory).
     """
     checks.tensor("x", x, (3,))
     checks.tensor("shift", shift, (2, 3))
@@ -338,6 +358,26 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     elif x.dtype == torch.bfloat16 and not x.is_cuda:
         cannot["triton"] = "x: the Triton interpreter computes bfloat16 wrongly"
     name = dispatch.resolve(backend, x.device, cannot)
+    if out is not None:
+        _check_out(out, x, shift, scale)
+        if name == "torch":
+            return out.copy_(reference(x, shift, scale, eps))
+        layernorm_modulate_out(x, shift, scale, eps, name, out)
+        return out
     if name == "torch":
         return reference(x, shift, scale, eps)
     return layernorm_modulate_fwd(x, shift, scale, eps, name)[0]
+
+
+def _check_out(out, x: Tensor, shift: Tensor, scale: Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    checks.same_dtype_device("out", out, x, "x")
+    if out.shape != x.shape or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous tensor of shape {tuple(x.shape)}, got shape "
+                         f"{tuple(out.shape)} with strides {out.stride()}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, shift, scale, out)):
+        raise ValueError("out: writing into a buffer does not record gradients; call without "
+                         "out=, or under torch.no_grad()")
+    if out.data_ptr() in (x.data_ptr(), shift.data_ptr(), scale.data_ptr()) and out.numel():
+        raise ValueError("out: must not share memory with x, shift or scale")

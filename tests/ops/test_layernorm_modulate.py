@@ -196,6 +196,31 @@ def test_torch_compile_fullgraph(backend, generator):
         assert_close_rel(g, r.grad, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+def test_out_buffer(backend, generator):
+    x, shift, scale = (t.float() for t in make_inputs(3, 11, 130, "per_token", generator))
+    out = torch.full_like(x, float("nan"))
+    result = ok.layernorm_modulate(x, shift, scale, backend=backend, out=out)
+    assert result is out
+    assert_close_rel(out, op.reference(x.double(), shift.double(), scale.double()),
+                     torch.float32, "out")
+    torch.library.opcheck(torch.ops.onestep.layernorm_modulate_out.default,
+                          (x, shift, scale, 1e-6, backend if backend != "torch" else "cpu",
+                           torch.empty_like(x)))
+
+
+def test_out_buffer_bad_input():
+    x, shift, scale = good()
+    with pytest.raises(ValueError, match="out:"):
+        ok.layernorm_modulate(x, shift, scale, out=torch.empty(2, 3, 15))
+    with pytest.raises(TypeError, match="out:"):
+        ok.layernorm_modulate(x, shift, scale, out=torch.empty(2, 3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out:"):
+        ok.layernorm_modulate(x.requires_grad_(), shift, scale, out=torch.empty(2, 3, 16))
+    with pytest.raises(ValueError, match="out:"):
+        ok.layernorm_modulate(x.detach(), shift, scale, out=x.detach())
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
