@@ -74,7 +74,7 @@ def record(benchmark, allocator_condition):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not RESULTS:
+    if not RESULTS or all(r["ms"] != r["ms"] for r in RESULTS):  # none, or --benchmark-disable
         return
     tr = terminalreporter
     tr.section("onestep rates (median; ceilings measured in this run)")
