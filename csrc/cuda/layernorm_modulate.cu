@@ -233,7 +233,8 @@ int onestep_cuda_layernorm_modulate_bwd(const void* dy, const void* x, const voi
                                         int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb,
                                         int64_t scale_sn, int per_token, int dtype,
                                         void* stream) {
-  if (B < 0 || N < 0 || D <= 0 || B * N > 0x7fffffffLL || B > 65535) return onestep::kBadSize;
+  if (B < 0 || N < 0 || D <= 0 || B * N > 0x7fffffffLL) return onestep::kBadSize;
+  if (per_token == 0 && B > 65535) return onestep::kBadSize;  // gridDim.y of the reduction
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case onestep::kFloat32:
