@@ -13,6 +13,8 @@ implementation and autograd, and the public entry point.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -221,6 +223,13 @@ _FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
 _BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "cuda": _cuda_bwd}
 
 
+def _launcher(table: dict, backend: str):
+    if backend not in table:
+        raise ValueError(f"backend: the registered op runs {sorted(table)}, got {backend!r} "
+                         "(the torch backend is the reference, called without the op)")
+    return table[backend]
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if B * N > 0:
         with _on_device(x):
-            _FWD[backend](x, shift, scale, out, mean, rstd, eps)
+            _launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
     return out, mean, rstd
 
 
@@ -256,7 +265,8 @@ def layernorm_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, r
     dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
     dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
     with _on_device(x):
-        _BWD[backend](dy.contiguous(), x, scale, mean, rstd, dx, dshift, dscale, per_token)
+        _launcher(_BWD, backend)(dy.contiguous(), x, scale, mean, rstd, dx, dshift, dscale,
+                                 per_token)
     return dx, dshift, dscale
 
 
@@ -274,7 +284,7 @@ def layernorm_modulate_out(x: Tensor, shift: Tensor, scale: Tensor, eps: float, 
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if B * N > 0:
         with _on_device(x):
-            _FWD[backend](x, shift, scale, out, mean, rstd, eps)
+            _launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
 
 
 @layernorm_modulate_out.register_fake
@@ -300,18 +310,8 @@ layernorm_modulate_fwd.register_autograd(_backward, setup_context=_setup_context
 
 
 def _on_device(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else _NULL_CONTEXT
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL_CONTEXT = _NullContext()
+    """Launch on x's GPU whatever the current device is."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
