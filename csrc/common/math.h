@@ -1,5 +1,7 @@
 // Scalar math shared by the CPU (C++17) and CUDA kernels. Only inline functions on floats:
 // no memory layout, no launch code. Everything here is exercised by the CPU kernels' tests.
+// Internal linkage (anonymous namespace): the CPU kernels are compiled once per instruction
+// set, and a shared out-of-line copy could hand AVX2 code to the portable variant.
 #pragma once
 
 #include <cmath>
@@ -11,6 +13,7 @@
 #endif
 
 namespace onestep {
+namespace {
 
 // adaLN modulation of a normalised value: xhat * (1 + scale) + shift.
 ONESTEP_HD float modulate(float xhat, float shift, float scale) {
@@ -54,4 +57,5 @@ ONESTEP_HD float layernorm_dx(float g, float xhat, float mean_g, float mean_gxha
   return rstd * (g - mean_g - xhat * mean_gxhat);
 }
 
+}  // namespace
 }  // namespace onestep

@@ -7,6 +7,7 @@
 #include <cstring>
 
 namespace onestep::cpu {
+namespace {
 
 using half_t = _Float16;
 
@@ -39,4 +40,5 @@ inline bfloat16_t from_float<bfloat16_t>(float v) {
   return bfloat16_t{static_cast<uint16_t>(u >> 16)};
 }
 
+}  // namespace
 }  // namespace onestep::cpu

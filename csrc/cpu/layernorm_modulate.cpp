@@ -3,23 +3,17 @@
 // The inner loops are plain `omp simd` loops over one row, which the compiler vectorises for
 // the target ISA; a row (a few KB) stays in L1 between the passes, so x is read from memory
 // once and the output written once.
-#include <algorithm>
 #include <cstdint>
-#include <new>
 #include <type_traits>
-#include <vector>
 
 #include <omp.h>
-
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 #include "../common/math.h"
 #include "../common/status.h"
 #include "dtype.h"
 #include "kernels.h"
 #include "memory.h"
+#include "row.h"
 
 #ifndef ONESTEP_ISA
 #error "ONESTEP_ISA must name the instruction-set namespace"
@@ -31,39 +25,6 @@ namespace {
 // Rows of one sample reduced together in the per-sample backward. Fixed (not derived from
 // the thread count) so that the weight-gradient sums are bit-identical on any machine.
 constexpr int64_t kRowsPerChunk = 32;
-
-// fp32 outputs at least this large are written with streaming (non-temporal) stores: they do
-// not fit in cache for the next op anyway, and streaming skips reading each line before
-// writing it. Below it, ordinary stores leave the output in cache for the consumer.
-constexpr int64_t kStreamingBytes = int64_t{16} << 20;
-
-// Copies a row of floats to dst with non-temporal stores where the ISA has them.
-inline void stream_row(float* dst, const float* src, int64_t D) {
-  int64_t d = 0;
-#if defined(__AVX2__)
-  for (; d < D && (reinterpret_cast<uintptr_t>(dst + d) & 31u) != 0; ++d) dst[d] = src[d];
-  for (; d + 8 <= D; d += 8) _mm256_stream_ps(dst + d, _mm256_loadu_ps(src + d));
-#endif
-  for (; d < D; ++d) dst[d] = src[d];
-}
-
-inline void stream_fence() {
-#if defined(__AVX2__)
-  _mm_sfence();
-#endif
-}
-
-// Returns the row as floats: the input itself for fp32, else converted into `buf`.
-template <typename T>
-inline const float* row_as_float(const T* row, int64_t D, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return row;
-  } else {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) buf[d] = to_float(row[d]);
-    return buf;
-  }
-}
 
 // `stage` is null, or (fp32 only) a row of scratch: the output is computed there and then
 // streamed to `out`.
@@ -143,15 +104,12 @@ int fwd(const void* x_, const void* shift_, const void* scale_, void* out_, floa
   const bool streaming = std::is_same_v<T, float> && out_bytes >= kStreamingBytes;
   // Per thread, D floats: the converted input row (16-bit inputs) or the staged output row
   // (streamed fp32 outputs).
-  std::vector<float> buffers;
-  try {
-    if (!std::is_same_v<T, float> || streaming) buffers.resize(static_cast<size_t>(num_threads * D));
-  } catch (const std::bad_alloc&) {
-    return kOutOfMemory;
-  }
+  const bool need_buffers = !std::is_same_v<T, float> || streaming;
+  FloatBuffer buffers(need_buffers ? num_threads * D : 0);
+  if (buffers.failed()) return kOutOfMemory;
 #pragma omp parallel num_threads(num_threads)
   {
-    float* buf = buffers.empty() ? nullptr : buffers.data() + omp_get_thread_num() * D;
+    float* buf = need_buffers ? buffers.data() + omp_get_thread_num() * D : nullptr;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / N, n = r % N;
@@ -194,18 +152,14 @@ int bwd(const void* dy_, const void* x_, const void* scale_, const float* mean,
   // Per-sample: each (sample, chunk of rows) sums into its own fp32 partial, then the
   // partials of a sample are added in chunk order.
   const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
-  std::vector<float> partial;
-  try {
-    partial.assign(static_cast<size_t>(B * chunks * 2 * D), 0.0f);
-  } catch (const std::bad_alloc&) {
-    return kOutOfMemory;
-  }
+  FloatBuffer partial(B * chunks * 2 * D, /*zero=*/true);
+  if (partial.failed()) return kOutOfMemory;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t task = 0; task < B * chunks; ++task) {
     const int64_t b = task / chunks, c = task % chunks;
     float* acc_shift = partial.data() + task * 2 * D;
     float* acc_scale = acc_shift + D;
-    const int64_t n_end = std::min(N, (c + 1) * kRowsPerChunk);
+    const int64_t n_end = min_i64(N, (c + 1) * kRowsPerChunk);
     for (int64_t n = c * kRowsPerChunk; n < n_end; ++n) {
       const int64_t r = b * N + n;
       bwd_row<T, false>(dy + r * D, x + b * x_sb + n * x_sn, scale + b * scale_sb, mean[r],
@@ -244,7 +198,7 @@ int layernorm_modulate_fwd(const void* x, const void* shift, const void* scale, 
                            int num_threads) {
   if (!sizes_ok(B, N, D) || D == 0) return kBadSize;
   if (B * N == 0) return kOk;
-  num_threads = std::max(num_threads, 1);
+  num_threads = num_threads < 1 ? 1 : num_threads;
   switch (dtype) {
     case kFloat32:
       return fwd<float>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
@@ -265,7 +219,7 @@ int layernorm_modulate_bwd(const void* dy, const void* x, const void* scale, con
                            int64_t N, int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb,
                            int64_t scale_sn, int per_token, int dtype, int num_threads) {
   if (!sizes_ok(B, N, D) || D == 0) return kBadSize;
-  num_threads = std::max(num_threads, 1);
+  num_threads = num_threads < 1 ? 1 : num_threads;
   switch (dtype) {
     case kFloat32:
       return bwd<float>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,

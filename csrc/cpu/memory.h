@@ -17,6 +17,7 @@
 #endif
 
 namespace onestep::cpu {
+namespace {  // internal linkage: included by per-ISA objects (see row.h)
 
 inline bool huge_pages_enabled() {
   static const bool enabled = [] {
@@ -39,4 +40,5 @@ inline void advise_huge_pages(void* data, int64_t bytes) {
 #endif
 }
 
+}  // namespace
 }  // namespace onestep::cpu

@@ -1,0 +1,76 @@
+// Row helpers shared by the CPU kernels. Each kernel file is compiled once per instruction
+// set, so everything here has internal linkage, and kernel files use no std:: containers
+// (an out-of-line template instance from the AVX2 object could be picked by the linker for
+// the portable code and fault on a CPU without AVX).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "dtype.h"
+
+#include <cstdlib>
+
+namespace onestep::cpu::ONESTEP_ISA {
+namespace {
+
+// A malloc'd array of floats, freed on scope exit; data() is null if allocation failed.
+class FloatBuffer {
+ public:
+  explicit FloatBuffer(int64_t count, bool zero = false)
+      : data_(count <= 0 ? nullptr
+                         : static_cast<float*>(zero ? std::calloc(static_cast<size_t>(count), sizeof(float))
+                                                    : std::malloc(static_cast<size_t>(count) * sizeof(float)))),
+        wanted_(count > 0) {}
+  ~FloatBuffer() { std::free(data_); }
+  FloatBuffer(const FloatBuffer&) = delete;
+  FloatBuffer& operator=(const FloatBuffer&) = delete;
+  float* data() const { return data_; }
+  bool failed() const { return wanted_ && data_ == nullptr; }
+
+ private:
+  float* data_;
+  bool wanted_;
+};
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// fp32 outputs at least this large are written with streaming (non-temporal) stores: they do
+// not fit in cache for the next op anyway, and streaming skips reading each line before
+// writing it. Below it, ordinary stores leave the output in cache for the consumer.
+constexpr int64_t kStreamingBytes = int64_t{16} << 20;
+
+// Copies a row of floats to dst with non-temporal stores where the ISA has them.
+inline void stream_row(float* dst, const float* src, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX2__)
+  for (; d < D && (reinterpret_cast<uintptr_t>(dst + d) & 31u) != 0; ++d) dst[d] = src[d];
+  for (; d + 8 <= D; d += 8) _mm256_stream_ps(dst + d, _mm256_loadu_ps(src + d));
+#endif
+  for (; d < D; ++d) dst[d] = src[d];
+}
+
+inline void stream_fence() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+
+// Returns the row as floats: the input itself for fp32, else converted into `buf`.
+template <typename T>
+inline const float* row_as_float(const T* row, int64_t D, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) buf[d] = to_float(row[d]);
+    return buf;
+  }
+}
+
+}  // namespace
+}  // namespace onestep::cpu::ONESTEP_ISA
