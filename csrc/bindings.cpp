@@ -1,15 +1,20 @@
 // pybind11 module onestep_kernels._C: the CPU launchers with pointers as integers. No logic:
 // validation lives in Python (onestep_kernels/native.py), the kernels in csrc/cpu.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
 #include "common/status.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
+using onestep::cpu::gated_residual_layernorm_modulate_bwd;
+using onestep::cpu::gated_residual_layernorm_modulate_fwd;
 using onestep::cpu::layernorm_modulate_bwd;
 using onestep::cpu::layernorm_modulate_fwd;
+using Strides6 = std::array<int64_t, 6>;
 
 template <typename T>
 static T* ptr(uintptr_t p) {
@@ -45,5 +50,31 @@ PYBIND11_MODULE(_C, m) {
                                         ptr<const float>(rstd), ptr<void>(dx), ptr<void>(dshift),
                                         ptr<void>(dscale), B, N, D, x_sb, x_sn, scale_sb,
                                         scale_sn, per_token, dtype, num_threads);
+        });
+
+  m.def("gated_residual_layernorm_modulate_fwd",
+        [](uintptr_t x, uintptr_t y, uintptr_t gate, uintptr_t shift, uintptr_t scale,
+           uintptr_t res, uintptr_t out, uintptr_t mean, uintptr_t rstd, int64_t B, int64_t N,
+           int64_t D, Strides6 mod_strides, int dtype, float eps, int num_threads) {
+          py::gil_scoped_release release;
+          return gated_residual_layernorm_modulate_fwd(
+              ptr<const void>(x), ptr<const void>(y), ptr<const void>(gate),
+              ptr<const void>(shift), ptr<const void>(scale), ptr<void>(res), ptr<void>(out),
+              ptr<float>(mean), ptr<float>(rstd), B, N, D, mod_strides.data(), dtype, eps,
+              num_threads);
+        });
+
+  m.def("gated_residual_layernorm_modulate_bwd",
+        [](uintptr_t dres, uintptr_t dout, uintptr_t res, uintptr_t y, uintptr_t gate,
+           uintptr_t scale, uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dy,
+           uintptr_t dgate, uintptr_t dshift, uintptr_t dscale, int64_t B, int64_t N, int64_t D,
+           Strides6 mod_strides, int per_token, int dtype, int num_threads) {
+          py::gil_scoped_release release;
+          return gated_residual_layernorm_modulate_bwd(
+              ptr<const void>(dres), ptr<const void>(dout), ptr<const void>(res),
+              ptr<const void>(y), ptr<const void>(gate), ptr<const void>(scale),
+              ptr<const float>(mean), ptr<const float>(rstd), ptr<void>(dx), ptr<void>(dy),
+              ptr<void>(dgate), ptr<void>(dshift), ptr<void>(dscale), B, N, D,
+              mod_strides.data(), per_token, dtype, num_threads);
         });
 }

@@ -5,8 +5,9 @@ Importing this package touches no GPU and does not need Triton.
 
 from .dispatch import available_backends, use_backend
 from .memory import tune_cpu_allocator
+from .ops.gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .ops.layernorm_modulate import layernorm_modulate
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "layernorm_modulate", "tune_cpu_allocator", "use_backend"]
+__all__ = ["available_backends", "gated_residual_layernorm_modulate", "layernorm_modulate", "tune_cpu_allocator", "use_backend"]

@@ -59,13 +59,13 @@ def compile_one(index: int, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, kernel, signature, constexprs, num_warps = list(configs())[index]
+    name, kernel, signature, constexprs, options = list(configs())[index]
     result = Result(name, arch)
     try:
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": num_warps},
+            options=options,
         )
         result.shared_bytes = int(compiled.metadata.shared)
         ptx = compiled.asm["ptx"]

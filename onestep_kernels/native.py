@@ -54,7 +54,15 @@ def cuda_library() -> ctypes.CDLL | None:
     lib.onestep_cuda_layernorm_modulate_fwd.argtypes = [vp] * 6 + [i64] * 9 + [i32, f32, vp]
     lib.onestep_cuda_layernorm_modulate_bwd.restype = i32
     lib.onestep_cuda_layernorm_modulate_bwd.argtypes = [vp] * 8 + [i64] * 7 + [i32, i32, vp]
+    lib.onestep_cuda_gated_residual_layernorm_modulate_fwd.restype = i32
+    lib.onestep_cuda_gated_residual_layernorm_modulate_fwd.argtypes = (
+        [vp] * 9 + [i64] * 3 + [ctypes.POINTER(i64), i32, f32, vp])
     return lib
+
+
+def int64_array(values) -> ctypes.Array:
+    """A C array of int64 for launchers that take a strides pointer."""
+    return (ctypes.c_int64 * len(values))(*values)
 
 
 def cuda_unavailable_reason() -> str | None:

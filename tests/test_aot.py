@@ -7,15 +7,16 @@ import sys
 
 import pytest
 
-from onestep_kernels.ops import layernorm_modulate_op as lnmod
+from onestep_kernels.ops import OP_MODULES
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 
-def test_registry_covers_every_launch_config():
-    listed = {(c[3]["BLOCK_D"], c[4]) for c in lnmod.triton_configs()}
-    for D in range(1, lnmod.MAX_TRITON_D + 1):
-        assert lnmod._triton_launch_config(D) in listed, D
+@pytest.mark.parametrize("module", OP_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_registry_covers_every_launch_config(module):
+    listed = {(c[3]["BLOCK_D"], c[4]["num_warps"]) for c in module.triton_configs()}
+    for D in range(1, module.MAX_TRITON_D + 1):
+        assert module._triton_launch_config(D) in listed, D
 
 
 @pytest.mark.slow

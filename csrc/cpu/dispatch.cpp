@@ -55,4 +55,25 @@ int layernorm_modulate_bwd(const void* dy, const void* x, const void* scale, con
                       D, x_sb, x_sn, scale_sb, scale_sn, per_token, dtype, num_threads);
 }
 
+int gated_residual_layernorm_modulate_fwd(const void* x, const void* y, const void* gate,
+                                          const void* shift, const void* scale, void* res,
+                                          void* out, float* mean, float* rstd, int64_t B,
+                                          int64_t N, int64_t D, const int64_t* mod_strides,
+                                          int dtype, float eps, int num_threads) {
+  return ONESTEP_PICK(gated_residual_layernorm_modulate_fwd, x, y, gate, shift, scale, res, out,
+                      mean, rstd, B, N, D, mod_strides, dtype, eps, num_threads);
+}
+
+int gated_residual_layernorm_modulate_bwd(const void* dres, const void* dout, const void* res,
+                                          const void* y, const void* gate, const void* scale,
+                                          const float* mean, const float* rstd, void* dx,
+                                          void* dy, void* dgate, void* dshift, void* dscale,
+                                          int64_t B, int64_t N, int64_t D,
+                                          const int64_t* mod_strides, int per_token, int dtype,
+                                          int num_threads) {
+  return ONESTEP_PICK(gated_residual_layernorm_modulate_bwd, dres, dout, res, y, gate, scale,
+                      mean, rstd, dx, dy, dgate, dshift, dscale, B, N, D, mod_strides, per_token,
+                      dtype, num_threads);
+}
+
 }  // namespace onestep::cpu

@@ -20,7 +20,17 @@
                              const float* mean, const float* rstd, void* dx, void* dshift,   \
                              void* dscale, int64_t B, int64_t N, int64_t D, int64_t x_sb,    \
                              int64_t x_sn, int64_t scale_sb, int64_t scale_sn,               \
-                             int per_token, int dtype, int num_threads);
+                             int per_token, int dtype, int num_threads);                     \
+  /* mod_strides: (B, N) strides of gate, shift, scale, in that order (6 values) */          \
+  int gated_residual_layernorm_modulate_fwd(                                                 \
+      const void* x, const void* y, const void* gate, const void* shift, const void* scale,  \
+      void* res, void* out, float* mean, float* rstd, int64_t B, int64_t N, int64_t D,       \
+      const int64_t* mod_strides, int dtype, float eps, int num_threads);                    \
+  int gated_residual_layernorm_modulate_bwd(                                                 \
+      const void* dres, const void* dout, const void* res, const void* y, const void* gate,  \
+      const void* scale, const float* mean, const float* rstd, void* dx, void* dy,           \
+      void* dgate, void* dshift, void* dscale, int64_t B, int64_t N, int64_t D,              \
+      const int64_t* mod_strides, int per_token, int dtype, int num_threads);
 
 namespace onestep::cpu {
 namespace base {

@@ -121,7 +121,7 @@ def _triton_launch_config(D: int) -> tuple[int, int]:
 
 def triton_configs():
     """Every kernel configuration the launchers below can pick, for the sm_80/sm_90 compile
-    check in onestep_kernels.aot: (name, kernel, signature, constexprs, num_warps)."""
+    check in onestep_kernels.aot: (name, kernel, signature, constexprs, compile options)."""
     pointer = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
     block = 16
     while block <= MAX_TRITON_D:
@@ -132,7 +132,8 @@ def triton_configs():
                                              "scale_sb", "scale_sn")},
                        "eps": "fp32", "BLOCK_D": "constexpr"}
             yield (f"layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
-                   _layernorm_modulate_fwd_kernel, fwd_sig, {"BLOCK_D": block}, num_warps)
+                   _layernorm_modulate_fwd_kernel, fwd_sig, {"BLOCK_D": block},
+                   {"num_warps": num_warps})
             for per_token in (False, True):
                 grad = p if per_token else "*fp32"
                 bwd_sig = {"DY": p, "X": p, "SCALE": p, "MEAN": "*fp32", "RSTD": "*fp32",
@@ -143,7 +144,8 @@ def triton_configs():
                 constexprs = {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block,
                               "PER_TOKEN": per_token}
                 yield (f"layernorm_modulate_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token}]",
-                       _layernorm_modulate_bwd_kernel, bwd_sig, constexprs, num_warps)
+                       _layernorm_modulate_bwd_kernel, bwd_sig, constexprs,
+                       {"num_warps": num_warps})
         block *= 2
 
 

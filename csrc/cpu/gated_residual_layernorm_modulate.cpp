@@ -1,0 +1,239 @@
+// Gated residual then LayerNorm + adaLN modulation in one pass over each row:
+//   r = x + gate * y;   out = LayerNorm(r) * (1 + scale) + shift
+// The two halves of a DiT block meet here (the attention branch's gated residual and the MLP
+// branch's modulated norm). Forward and backward; compiled once per ISA like the other kernels.
+#include <cstdint>
+#include <type_traits>
+
+#include <omp.h>
+
+#include "../common/math.h"
+#include "../common/status.h"
+#include "dtype.h"
+#include "kernels.h"
+#include "memory.h"
+#include "row.h"
+
+namespace onestep::cpu::ONESTEP_ISA {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 32;  // see layernorm_modulate.cpp: fixed for determinism
+
+// Modulation rows (gate, shift, scale) of token n of sample b.
+struct ModRows {
+  const void* gate;
+  const void* shift;
+  const void* scale;
+};
+
+template <typename T>
+void fwd_row(const T* x, const T* y, const T* gate, const T* shift, const T* scale, T* res,
+             T* out, int64_t D, float eps, float* r, float* mean_out, float* rstd_out) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    r[d] = fmaf(to_float(gate[d]), to_float(y[d]), to_float(x[d]));
+    sum += r[d];
+  }
+  const float mean = sum / static_cast<float>(D);
+  float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t d = 0; d < D; ++d) {
+    const float diff = r[d] - mean;
+    m2 += diff * diff;
+  }
+  const float rstd = layernorm_rstd(m2 / static_cast<float>(D), eps);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    res[d] = from_float<T>(r[d]);
+    out[d] = from_float<T>(modulate((r[d] - mean) * rstd, to_float(shift[d]), to_float(scale[d])));
+  }
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// One row of the backward. dres is the gradient flowing into the residual output directly;
+// the LayerNorm's gradient is added to it. Per-sample modulation gradients go to the acc_*
+// rows, per-token ones straight to dgate/dshift/dscale.
+template <typename T, bool kPerToken>
+void bwd_row(const T* dres, const T* dout, const T* res, const T* y, const T* gate,
+             const T* scale, float mean, float rstd, T* dx, T* dy, int64_t D, float* acc_gate,
+             float* acc_shift, float* acc_scale, T* dgate, T* dshift, T* dscale) {
+  float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+  for (int64_t d = 0; d < D; ++d) {
+    const float g = to_float(dout[d]) * (1.0f + to_float(scale[d]));
+    sum_g += g;
+    sum_gx += g * (to_float(res[d]) - mean) * rstd;
+  }
+  const float mean_g = sum_g / static_cast<float>(D);
+  const float mean_gx = sum_gx / static_cast<float>(D);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const float doutf = to_float(dout[d]);
+    const float xhat = (to_float(res[d]) - mean) * rstd;
+    const float g = doutf * (1.0f + to_float(scale[d]));
+    const float dr = to_float(dres[d]) + layernorm_dx(g, xhat, mean_g, mean_gx, rstd);
+    dx[d] = from_float<T>(dr);
+    dy[d] = from_float<T>(dr * to_float(gate[d]));
+    const float yf = to_float(y[d]);
+    if constexpr (kPerToken) {
+      dgate[d] = from_float<T>(dr * yf);
+      dshift[d] = from_float<T>(doutf);
+      dscale[d] = from_float<T>(doutf * xhat);
+    } else {
+      acc_gate[d] += dr * yf;
+      acc_shift[d] += doutf;
+      acc_scale[d] += doutf * xhat;
+    }
+  }
+}
+
+template <typename T>
+int fwd(const void* x_, const void* y_, const void* gate_, const void* shift_, const void* scale_,
+        void* res_, void* out_, float* mean, float* rstd, int64_t B, int64_t N, int64_t D,
+        const int64_t* mod_strides, float eps, int num_threads) {
+  const T* x = static_cast<const T*>(x_);
+  const T* y = static_cast<const T*>(y_);
+  const T* gate = static_cast<const T*>(gate_);
+  const T* shift = static_cast<const T*>(shift_);
+  const T* scale = static_cast<const T*>(scale_);
+  T* res = static_cast<T*>(res_);
+  T* out = static_cast<T*>(out_);
+  const int64_t rows = B * N;
+  advise_huge_pages(res, rows * D * static_cast<int64_t>(sizeof(T)));
+  advise_huge_pages(out, rows * D * static_cast<int64_t>(sizeof(T)));
+  FloatBuffer buffers(num_threads * D);  // the fp32 residual row of each thread
+  if (buffers.failed()) return kOutOfMemory;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float* r = buffers.data() + omp_get_thread_num() * D;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t b = row / N, n = row % N;
+      fwd_row<T>(x + row * D, y + row * D, gate + b * mod_strides[0] + n * mod_strides[1],
+                 shift + b * mod_strides[2] + n * mod_strides[3],
+                 scale + b * mod_strides[4] + n * mod_strides[5], res + row * D, out + row * D,
+                 D, eps, r, mean + row, rstd + row);
+    }
+  }
+  return kOk;
+}
+
+template <typename T>
+int bwd(const void* dres_, const void* dout_, const void* res_, const void* y_, const void* gate_,
+        const void* scale_, const float* mean, const float* rstd, void* dx_, void* dy_,
+        void* dgate_, void* dshift_, void* dscale_, int64_t B, int64_t N, int64_t D,
+        const int64_t* mod_strides, bool per_token, int num_threads) {
+  const T* dres = static_cast<const T*>(dres_);
+  const T* dout = static_cast<const T*>(dout_);
+  const T* res = static_cast<const T*>(res_);
+  const T* y = static_cast<const T*>(y_);
+  const T* gate = static_cast<const T*>(gate_);
+  const T* scale = static_cast<const T*>(scale_);
+  T* dx = static_cast<T*>(dx_);
+  T* dy = static_cast<T*>(dy_);
+  T* dgate = static_cast<T*>(dgate_);
+  T* dshift = static_cast<T*>(dshift_);
+  T* dscale = static_cast<T*>(dscale_);
+  const int64_t rows = B * N;
+  advise_huge_pages(dx, rows * D * static_cast<int64_t>(sizeof(T)));
+  advise_huge_pages(dy, rows * D * static_cast<int64_t>(sizeof(T)));
+  const int64_t g_sb = mod_strides[0], g_sn = mod_strides[1];
+  const int64_t s_sb = mod_strides[4], s_sn = mod_strides[5];
+
+  if (per_token) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t b = row / N, n = row % N;
+      bwd_row<T, true>(dres + row * D, dout + row * D, res + row * D, y + row * D,
+                       gate + b * g_sb + n * g_sn, scale + b * s_sb + n * s_sn, mean[row],
+                       rstd[row], dx + row * D, dy + row * D, D, nullptr, nullptr, nullptr,
+                       dgate + row * D, dshift + row * D, dscale + row * D);
+    }
+    return kOk;
+  }
+
+  const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
+  FloatBuffer partial(B * chunks * 3 * D, /*zero=*/true);
+  if (partial.failed()) return kOutOfMemory;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t task = 0; task < B * chunks; ++task) {
+    const int64_t b = task / chunks, c = task % chunks;
+    float* acc = partial.data() + task * 3 * D;
+    const int64_t n_end = min_i64(N, (c + 1) * kRowsPerChunk);
+    for (int64_t n = c * kRowsPerChunk; n < n_end; ++n) {
+      const int64_t row = b * N + n;
+      bwd_row<T, false>(dres + row * D, dout + row * D, res + row * D, y + row * D,
+                        gate + b * g_sb, scale + b * s_sb, mean[row], rstd[row], dx + row * D,
+                        dy + row * D, D, acc, acc + D, acc + 2 * D, nullptr, nullptr, nullptr);
+    }
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    float* acc = partial.data() + b * chunks * 3 * D;
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = acc + c * 3 * D;
+#pragma omp simd
+      for (int64_t d = 0; d < 3 * D; ++d) acc[d] += part[d];
+    }
+    for (int64_t d = 0; d < D; ++d) {  // chunks == 0 (N == 0) leaves the zeros of calloc
+      const float* sums = chunks > 0 ? acc : nullptr;
+      dgate[b * D + d] = from_float<T>(sums ? sums[d] : 0.0f);
+      dshift[b * D + d] = from_float<T>(sums ? sums[D + d] : 0.0f);
+      dscale[b * D + d] = from_float<T>(sums ? sums[2 * D + d] : 0.0f);
+    }
+  }
+  return kOk;
+}
+
+}  // namespace
+
+int gated_residual_layernorm_modulate_fwd(const void* x, const void* y, const void* gate,
+                                          const void* shift, const void* scale, void* res,
+                                          void* out, float* mean, float* rstd, int64_t B,
+                                          int64_t N, int64_t D, const int64_t* mod_strides,
+                                          int dtype, float eps, int num_threads) {
+  if (B < 0 || N < 0 || D <= 0) return kBadSize;
+  if (B * N == 0) return kOk;
+  num_threads = num_threads < 1 ? 1 : num_threads;
+  switch (dtype) {
+    case kFloat32:
+      return fwd<float>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D, mod_strides,
+                        eps, num_threads);
+    case kFloat16:
+      return fwd<half_t>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D, mod_strides,
+                         eps, num_threads);
+    case kBFloat16:
+      return fwd<bfloat16_t>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D,
+                             mod_strides, eps, num_threads);
+    default:
+      return kBadDtype;
+  }
+}
+
+int gated_residual_layernorm_modulate_bwd(const void* dres, const void* dout, const void* res,
+                                          const void* y, const void* gate, const void* scale,
+                                          const float* mean, const float* rstd, void* dx,
+                                          void* dy, void* dgate, void* dshift, void* dscale,
+                                          int64_t B, int64_t N, int64_t D,
+                                          const int64_t* mod_strides, int per_token, int dtype,
+                                          int num_threads) {
+  if (B < 0 || N < 0 || D <= 0) return kBadSize;
+  num_threads = num_threads < 1 ? 1 : num_threads;
+  switch (dtype) {
+    case kFloat32:
+      return bwd<float>(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
+                        dscale, B, N, D, mod_strides, per_token != 0, num_threads);
+    case kFloat16:
+      return bwd<half_t>(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
+                         dscale, B, N, D, mod_strides, per_token != 0, num_threads);
+    case kBFloat16:
+      return bwd<bfloat16_t>(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
+                             dscale, B, N, D, mod_strides, per_token != 0, num_threads);
+    default:
+      return kBadDtype;
+  }
+}
+
+}  // namespace onestep::cpu::ONESTEP_ISA

@@ -1,0 +1,76 @@
+// Device helpers shared by the CUDA kernels: dtype loads/stores through float, block-wide
+// Welford merge and sums. Header-only (each .cu is compiled whole, without -rdc).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "../common/math.h"
+
+namespace onestep::cuda {
+
+using onestep::Welford;
+
+
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+constexpr int kMaxWarps = 32;
+
+// Block-wide merge of Welford states; every thread gets the result.
+__device__ __forceinline__ Welford block_welford(Welford w) {
+  __shared__ Welford warp_states[kMaxWarps];
+  __shared__ Welford result;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    Welford other;
+    other.mean = __shfl_xor_sync(0xffffffffu, w.mean, offset);
+    other.m2 = __shfl_xor_sync(0xffffffffu, w.m2, offset);
+    other.count = __shfl_xor_sync(0xffffffffu, w.count, offset);
+    w = onestep::welford_merge(w, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_states[warp] = w;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Welford total = warp_states[0];
+    for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i)
+      total = onestep::welford_merge(total, warp_states[i]);
+    result = total;
+  }
+  __syncthreads();
+  return result;
+}
+
+// Block-wide sum of two floats; every thread gets the result.
+__device__ __forceinline__ float2 block_sum2(float a, float b) {
+  __shared__ float2 warp_sums[kMaxWarps];
+  __shared__ float2 result;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, offset);
+    b += __shfl_xor_sync(0xffffffffu, b, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = make_float2(a, b);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float2 total = warp_sums[0];
+    for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i) {
+      total.x += warp_sums[i].x;
+      total.y += warp_sums[i].y;
+    }
+    result = total;
+  }
+  __syncthreads();
+  return result;
+}
+
+// Threads per row-block: enough for the row, at most 256 (the kernels' launch bound).
+inline int threads_for(int64_t D) { return D <= 512 ? 128 : 256; }
+
+}  // namespace onestep::cuda

@@ -1,0 +1,167 @@
+"""gated_residual_layernorm_modulate: every backend against float64, forward and all five
+input gradients (both outputs carry gradient), awkward shapes; poisoned launches; registration;
+bad input."""
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from test_layernorm_modulate import (BATCH_TOKENS, DIMS, MODULATION, backend_params,  # noqa: F401
+                                     cpu_isa, device)
+
+import onestep_kernels as ok
+from onestep_kernels.ops import gated_residual_layernorm_modulate as op
+
+NAMES = ("x", "y", "gate", "shift", "scale")
+
+
+def make_inputs(B, N, D, modulation, generator):
+    x = torch.randn(B, N, D, generator=generator, dtype=torch.float64) + 0.3
+    y = torch.randn(B, N, D, generator=generator, dtype=torch.float64) * 2.0
+    mod_shape = (B, D) if modulation == "per_sample" else (B, N, D)
+    gate, shift, scale = (torch.randn(mod_shape, generator=generator, dtype=torch.float64)
+                          for _ in range(3))
+    return x, y, gate, shift, scale
+
+
+
+
+@pytest.mark.parametrize("modulation", MODULATION)
+@pytest.mark.parametrize("B,N", BATCH_TOKENS)
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("backend,dtype,isa", backend_params())
+def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, generator, cpu_isa):
+    cpu_isa(isa)
+    dev = torch.device("cuda") if backend == "cuda" else (device() if backend == "triton" else torch.device("cpu"))
+    inputs = [t.to(dtype) for t in make_inputs(B, N, D, modulation, generator)]
+    dres = torch.randn(B, N, D, generator=generator).to(dtype)
+    dout = torch.randn(B, N, D, generator=generator).to(dtype)
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    ref_res, ref_out = op.reference(*ref_in)
+    torch.autograd.backward([ref_res, ref_out], [dres.double(), dout.double()])
+
+    test_in = [t.to(dev).requires_grad_() for t in inputs]
+    if backend == "triton" and D > op.MAX_TRITON_D:
+        with pytest.raises(ValueError, match=f"D <= {op.MAX_TRITON_D}"):
+            ok.gated_residual_layernorm_modulate(*test_in, backend=backend)
+        return
+    res, out = ok.gated_residual_layernorm_modulate(*test_in, backend=backend)
+    torch.autograd.backward([res, out], [dres.to(dev), dout.to(dev)])
+    assert_close_rel(res.cpu(), ref_res, dtype, "residual")
+    assert_close_rel(out.cpu(), ref_out, dtype, "out")
+    for name, t, r in zip(NAMES, test_in, ref_in):
+        assert_close_rel(t.grad.cpu(), r.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("modulation", MODULATION)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_launchers_write_every_element(backend, dtype, modulation, generator):
+    B, N, D = 2, 35, 120
+    x, y, gate, shift, scale = (t.to(dtype) for t in make_inputs(B, N, D, modulation, generator))
+    nan = float("nan")
+    res, out = torch.full_like(x, nan), torch.full_like(x, nan)
+    mean, rstd = torch.full((B, N), nan), torch.full((B, N), nan)
+    op._FWD[backend](x, y, gate, shift, scale, res, out, mean, rstd, 1e-6)
+    for t in (res, out, mean, rstd):
+        assert torch.isfinite(t).all()
+    grads = [torch.full_like(x, nan), torch.full_like(x, nan)] + [torch.full_like(gate, nan)
+                                                                   for _ in range(3)]
+    dres, dout = torch.randn_like(x), torch.randn_like(x)
+    op._BWD[backend](dres, dout, res, y, gate, scale, mean, rstd, *grads,
+                     modulation == "per_token")
+    for t in grads:
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("modulation", MODULATION)
+def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
+    """The cuda backend's backward without Triton is _reference_backward: check it on CPU."""
+    B, N, D = 3, 21, 70
+    inputs = [t.float() for t in make_inputs(B, N, D, modulation, generator)]
+    res, _, mean, rstd = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
+    dres, dout = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
+    got = op._reference_backward(dres, dout, res, inputs[1], inputs[2], inputs[4], mean, rstd)
+    ref_in = [t.double().requires_grad_() for t in inputs]
+    torch.autograd.backward(list(op.reference(*ref_in)), [dres.double(), dout.double()])
+    for name, g, r in zip(NAMES, got, ref_in):
+        assert_close_rel(g, r.grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_strided_modulation_and_determinism(backend, generator):
+    B, N, D = 3, 70, 96
+    c = torch.randn(B, 6 * D, generator=generator)
+    gate, shift, scale = c.chunk(6, dim=1)[2:5]
+    x, y = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
+    runs = []
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in (x, y, gate, shift, scale)]
+        res, out = ok.gated_residual_layernorm_modulate(*ins, backend=backend)
+        (res.square().sum() + out.sum()).backward()
+        runs.append([res.detach(), out.detach()] + [t.grad for t in ins])
+    ref = op.reference(*(t.double() for t in (x, y, gate, shift, scale)))
+    assert_close_rel(runs[0][1], ref[1], torch.float32, "out")
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("modulation", MODULATION)
+def test_opcheck(backend, modulation, generator):
+    inputs = [t.float().requires_grad_() for t in make_inputs(2, 5, 40, modulation, generator)]
+    torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_fwd.default,
+                          (*inputs, 1e-6, backend))
+    with torch.no_grad():
+        res, _, mean, rstd = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(
+            *inputs, 1e-6, backend)
+    d = [torch.randn(2, 5, 40, generator=generator) for _ in range(2)]
+    torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_bwd.default,
+                          (*d, res, inputs[1].detach(), inputs[2].detach(), inputs[4].detach(),
+                           mean, rstd, backend))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(generator):
+    inputs = [t.float().requires_grad_() for t in make_inputs(2, 9, 64, "per_sample", generator)]
+
+    def step(*ins):
+        res, out = ok.gated_residual_layernorm_modulate(*ins)
+        return (res * out).sum()
+
+    loss = torch.compile(step, fullgraph=True)(*inputs)
+    loss.backward()
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref_res, ref_out = op.reference(*ref_in)
+    (ref_res * ref_out).sum().backward()
+    for name, t, r in zip(NAMES, inputs, ref_in):
+        assert_close_rel(t.grad, r.grad, torch.float32, f"d{name}")
+
+
+def test_empty_tokens():
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    mods = [torch.randn(2, 16, requires_grad=True) for _ in range(3)]
+    res, out = ok.gated_residual_layernorm_modulate(x, torch.randn(2, 0, 16), *mods)
+    (res.sum() + out.sum()).backward()
+    for m in mods:
+        assert torch.equal(m.grad, torch.zeros(2, 16))
+
+
+def good():
+    return [torch.randn(2, 3, 16), torch.randn(2, 3, 16)] + [torch.randn(2, 16) for _ in range(3)]
+
+
+@pytest.mark.parametrize("index,bad,exc,match", [
+    (0, torch.randn(2, 16), ValueError, "x:"),
+    (1, torch.randn(2, 4, 16), ValueError, "y:"),
+    (1, torch.randn(2, 3, 16).half(), TypeError, "y:"),
+    (2, torch.randn(2, 3, 16), ValueError, "shift:"),  # gate per-token, shift per-sample
+    (2, torch.randn(2, 15), ValueError, "gate:"),
+    (3, torch.randn(2, 16, device="meta"), ValueError, "shift:"),
+    (4, torch.randint(0, 3, (2, 16)), TypeError, "scale:"),
+    (0, torch.randn(2, 16, 3).transpose(1, 2), ValueError, "x:"),
+])
+def test_bad_input_names_the_argument(index, bad, exc, match):
+    args = good()
+    args[index] = bad
+    with pytest.raises(exc, match=match):
+        ok.gated_residual_layernorm_modulate(*args)
