@@ -77,4 +77,20 @@ PYBIND11_MODULE(_C, m) {
               ptr<void>(dgate), ptr<void>(dshift), ptr<void>(dscale), B, N, D,
               mod_strides.data(), per_token, dtype, num_threads);
         });
+
+  m.def("bias_gelu_tanh_fwd", [](uintptr_t x, uintptr_t bias, uintptr_t y, int64_t R, int64_t F,
+                                 int dtype, int num_threads) {
+    py::gil_scoped_release release;
+    return onestep::cpu::bias_gelu_tanh_fwd(ptr<const void>(x), ptr<const void>(bias),
+                                            ptr<void>(y), R, F, dtype, num_threads);
+  });
+
+  m.def("bias_gelu_tanh_bwd", [](uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dx,
+                                 uintptr_t dbias, int64_t R, int64_t F, int dtype,
+                                 int num_threads) {
+    py::gil_scoped_release release;
+    return onestep::cpu::bias_gelu_tanh_bwd(ptr<const void>(dy), ptr<const void>(x),
+                                            ptr<const void>(bias), ptr<void>(dx),
+                                            ptr<void>(dbias), R, F, dtype, num_threads);
+  });
 }

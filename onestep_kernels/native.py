@@ -57,6 +57,8 @@ def cuda_library() -> ctypes.CDLL | None:
     lib.onestep_cuda_gated_residual_layernorm_modulate_fwd.restype = i32
     lib.onestep_cuda_gated_residual_layernorm_modulate_fwd.argtypes = (
         [vp] * 9 + [i64] * 3 + [ctypes.POINTER(i64), i32, f32, vp])
+    lib.onestep_cuda_bias_gelu_tanh_fwd.restype = i32
+    lib.onestep_cuda_bias_gelu_tanh_fwd.argtypes = [vp] * 3 + [i64] * 2 + [i32, vp]
     return lib
 
 

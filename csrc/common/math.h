@@ -57,5 +57,52 @@ ONESTEP_HD float layernorm_dx(float g, float xhat, float mean_g, float mean_gxha
   return rstd * (g - mean_g - xhat * mean_gxhat);
 }
 
+// ---- GELU with the tanh approximation --------------------------------------------------
+// gelu(u) = 0.5 u (1 + tanh(z)) = u * sigmoid(2 z),  z = sqrt(2/pi) (u + 0.044715 u^3).
+// exp_poly is a vectorisable expf (Cephes' range reduction and degree-6 polynomial, ~1 ulp
+// on the clamped range); NaN passes through the comparisons unchanged.
+constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluC = 0.044715f;
+
+ONESTEP_HD float exp_poly(float x) {
+  if (x > 88.3762626647949f) return INFINITY;
+  x = x < -87.3365447505531f ? -87.3365447505531f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  p = fmaf(p, r * r, r) + 1.0f;
+  const int bits = (static_cast<int>(n) + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  const float scale = __int_as_float(bits);
+#else
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+#endif
+  return p * scale;
+}
+
+// sigmoid(2 z) for the pre-activation u.
+ONESTEP_HD float gelu_tanh_gate(float u) {
+  const float z = kGeluK * fmaf(kGeluC * u * u, u, u);
+  return 1.0f / (1.0f + exp_poly(-2.0f * z));
+}
+
+ONESTEP_HD float gelu_tanh(float u) { return u * gelu_tanh_gate(u); }
+
+// d gelu / du = s + u s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 u^2), s = gelu_tanh_gate(u).
+// Where s saturates (s (1 - s) == 0) the second term is 0, also for |u| large enough that
+// u^2 overflows.
+ONESTEP_HD float gelu_tanh_grad(float u, float s) {
+  const float t = s * (1.0f - s);
+  const float slope = 2.0f * kGeluK * fmaf(3.0f * kGeluC * u, u, 1.0f);
+  return t == 0.0f ? s : fmaf(u * t, slope, s);
+}
+
 }  // namespace
 }  // namespace onestep

@@ -76,4 +76,14 @@ int gated_residual_layernorm_modulate_bwd(const void* dres, const void* dout, co
                       dtype, num_threads);
 }
 
+int bias_gelu_tanh_fwd(const void* x, const void* bias, void* y, int64_t R, int64_t F, int dtype,
+                       int num_threads) {
+  return ONESTEP_PICK(bias_gelu_tanh_fwd, x, bias, y, R, F, dtype, num_threads);
+}
+
+int bias_gelu_tanh_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
+                       int64_t R, int64_t F, int dtype, int num_threads) {
+  return ONESTEP_PICK(bias_gelu_tanh_bwd, dy, x, bias, dx, dbias, R, F, dtype, num_threads);
+}
+
 }  // namespace onestep::cpu

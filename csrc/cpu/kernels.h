@@ -30,7 +30,11 @@
       const void* dres, const void* dout, const void* res, const void* y, const void* gate,  \
       const void* scale, const float* mean, const float* rstd, void* dx, void* dy,           \
       void* dgate, void* dshift, void* dscale, int64_t B, int64_t N, int64_t D,              \
-      const int64_t* mod_strides, int per_token, int dtype, int num_threads);
+      const int64_t* mod_strides, int per_token, int dtype, int num_threads);                \
+  int bias_gelu_tanh_fwd(const void* x, const void* bias, void* y, int64_t R, int64_t F,     \
+                         int dtype, int num_threads);                                        \
+  int bias_gelu_tanh_bwd(const void* dy, const void* x, const void* bias, void* dx,          \
+                         void* dbias, int64_t R, int64_t F, int dtype, int num_threads);
 
 namespace onestep::cpu {
 namespace base {

@@ -1,0 +1,112 @@
+// The fc1 epilogue of a DiT MLP: y = gelu_tanh(x + bias), forward and backward.
+// x is (R, F) row-major (rows = every token of every sample), bias is (F). The backward gives
+// dx = dy * gelu'(x + bias) and dbias = sum over rows of dx, summed in fixed chunks of rows so
+// the result does not depend on the thread count. Compiled once per ISA.
+#include <cstdint>
+#include <type_traits>
+
+#include <omp.h>
+
+#include "../common/math.h"
+#include "../common/status.h"
+#include "dtype.h"
+#include "kernels.h"
+#include "memory.h"
+#include "row.h"
+
+namespace onestep::cpu::ONESTEP_ISA {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 64;
+
+template <typename T>
+int fwd(const void* x_, const void* bias_, void* y_, int64_t R, int64_t F, int num_threads) {
+  const T* x = static_cast<const T*>(x_);
+  const T* bias = static_cast<const T*>(bias_);
+  T* y = static_cast<T*>(y_);
+  advise_huge_pages(y, R * F * static_cast<int64_t>(sizeof(T)));
+  FloatBuffer bias_f(F);  // bias as fp32, converted once
+  if (bias_f.failed()) return kOutOfMemory;
+  for (int64_t f = 0; f < F; ++f) bias_f.data()[f] = to_float(bias[f]);
+  const float* b = bias_f.data();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const T* xr = x + r * F;
+    T* yr = y + r * F;
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) yr[f] = from_float<T>(gelu_tanh(to_float(xr[f]) + b[f]));
+  }
+  return kOk;
+}
+
+template <typename T>
+int bwd(const void* dy_, const void* x_, const void* bias_, void* dx_, void* dbias_, int64_t R,
+        int64_t F, int num_threads) {
+  const T* dy = static_cast<const T*>(dy_);
+  const T* x = static_cast<const T*>(x_);
+  const T* bias = static_cast<const T*>(bias_);
+  T* dx = static_cast<T*>(dx_);
+  T* dbias = static_cast<T*>(dbias_);
+  advise_huge_pages(dx, R * F * static_cast<int64_t>(sizeof(T)));
+  const int64_t chunks = (R + kRowsPerChunk - 1) / kRowsPerChunk;
+  FloatBuffer bias_f(F);
+  FloatBuffer partial(chunks * F, /*zero=*/true);
+  if (bias_f.failed() || partial.failed()) return kOutOfMemory;
+  for (int64_t f = 0; f < F; ++f) bias_f.data()[f] = to_float(bias[f]);
+  const float* b = bias_f.data();
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* acc = partial.data() + c * F;
+    const int64_t r_end = min_i64(R, (c + 1) * kRowsPerChunk);
+    for (int64_t r = c * kRowsPerChunk; r < r_end; ++r) {
+#pragma omp simd
+      for (int64_t f = 0; f < F; ++f) {
+        const float u = to_float(x[r * F + f]) + b[f];
+        const float g = to_float(dy[r * F + f]) * gelu_tanh_grad(u, gelu_tanh_gate(u));
+        dx[r * F + f] = from_float<T>(g);
+        acc[f] += g;
+      }
+    }
+  }
+  // dbias: add the chunk partials in chunk order, feature blocks in parallel.
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t f0 = 0; f0 < F; f0 += 256) {
+    const int64_t f1 = min_i64(F, f0 + 256);
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = partial.data() + c * F;
+#pragma omp simd
+      for (int64_t f = f0; f < f1; ++f) partial.data()[f] += part[f];
+    }
+    for (int64_t f = f0; f < f1; ++f) dbias[f] = from_float<T>(chunks > 0 ? partial.data()[f] : 0.0f);
+  }
+  return kOk;
+}
+
+}  // namespace
+
+int bias_gelu_tanh_fwd(const void* x, const void* bias, void* y, int64_t R, int64_t F, int dtype,
+                       int num_threads) {
+  if (R < 0 || F <= 0) return kBadSize;
+  if (R == 0) return kOk;
+  num_threads = num_threads < 1 ? 1 : num_threads;
+  switch (dtype) {
+    case kFloat32: return fwd<float>(x, bias, y, R, F, num_threads);
+    case kFloat16: return fwd<half_t>(x, bias, y, R, F, num_threads);
+    case kBFloat16: return fwd<bfloat16_t>(x, bias, y, R, F, num_threads);
+    default: return kBadDtype;
+  }
+}
+
+int bias_gelu_tanh_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
+                       int64_t R, int64_t F, int dtype, int num_threads) {
+  if (R < 0 || F <= 0) return kBadSize;
+  num_threads = num_threads < 1 ? 1 : num_threads;
+  switch (dtype) {
+    case kFloat32: return bwd<float>(dy, x, bias, dx, dbias, R, F, num_threads);
+    case kFloat16: return bwd<half_t>(dy, x, bias, dx, dbias, R, F, num_threads);
+    case kBFloat16: return bwd<bfloat16_t>(dy, x, bias, dx, dbias, R, F, num_threads);
+    default: return kBadDtype;
+  }
+}
+
+}  // namespace onestep::cpu::ONESTEP_ISA

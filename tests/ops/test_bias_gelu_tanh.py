@@ -1,0 +1,124 @@
+"""bias_gelu_tanh: every backend against float64 GELU(tanh), forward and both gradients, at
+awkward widths; poisoned launches; extreme values; registration; bad input."""
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from test_layernorm_modulate import (BATCH_TOKENS, DIMS, backend_params,  # noqa: F401
+                                     cpu_isa, device)
+
+import onestep_kernels as ok
+from onestep_kernels.ops import bias_gelu_tanh as op
+
+
+@pytest.mark.parametrize("B,N", BATCH_TOKENS)
+@pytest.mark.parametrize("F", DIMS)
+@pytest.mark.parametrize("backend,dtype,isa", backend_params())
+def test_matches_float64_reference(backend, dtype, isa, F, B, N, generator, cpu_isa):
+    cpu_isa(isa)
+    dev = torch.device("cuda") if backend == "cuda" else (device() if backend == "triton" else torch.device("cpu"))
+    x = (torch.randn(B, N, F, generator=generator, dtype=torch.float64) * 3).to(dtype)
+    bias = torch.randn(F, generator=generator, dtype=torch.float64).to(dtype)
+    dy = torch.randn(B, N, F, generator=generator).to(dtype)
+    ref_in = [t.double().requires_grad_() for t in (x, bias)]
+    ref = op.reference(*ref_in)
+    ref.backward(dy.double())
+    test_in = [t.to(dev).requires_grad_() for t in (x, bias)]
+    out = ok.bias_gelu_tanh(*test_in, backend=backend)
+    out.backward(dy.to(dev))
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close_rel(out.cpu(), ref, dtype, "out")
+    assert_close_rel(test_in[0].grad.cpu(), ref_in[0].grad, dtype, "dx")
+    assert_close_rel(test_in[1].grad.cpu(), ref_in[1].grad, dtype, "dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch_ops"])
+def test_launchers_write_every_element(backend, dtype, generator):
+    R, F = 70, 300
+    x = torch.randn(R, F, generator=generator).to(dtype)
+    bias = torch.randn(F, generator=generator).to(dtype)
+    if backend != "torch_ops":
+        y = torch.full_like(x, float("nan"))
+        op._FWD[backend](x, bias, y)
+        assert torch.isfinite(y).all()
+    dx, dbias = torch.full_like(x, float("nan")), torch.full_like(bias, float("nan"))
+    op._BWD[backend](torch.randn_like(x), x, bias, dx, dbias)
+    assert torch.isfinite(dx).all() and torch.isfinite(dbias).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_extreme_values(backend):
+    """Large |u| saturates to u or 0 with gradient 1 or 0 (no inf/NaN from finite input);
+    NaN stays NaN."""
+    x = torch.tensor([[-1e30, -1e6, -60.0, -8.0, 0.0, 8.0, 60.0, 1e6, 1e30, float("nan")]])
+    bias = torch.zeros(x.shape[1])
+    xg = x.clone().requires_grad_()
+    out = ok.bias_gelu_tanh(xg, bias, backend=backend)
+    out.sum().backward()
+    finite = ~torch.isnan(x)
+    assert torch.isnan(out[~finite]).all() and torch.isnan(xg.grad[~finite]).all()
+    ref = op.reference(x.double(), bias.double()).float()
+    # atol: at u = -8 the float64 reference itself is 0 (1 + tanh(z) cancels); ours is ~1e-21
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-6, atol=1e-12)
+    grad = xg.grad[finite]
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad[[0, 1, 2, 6, 7, 8]], torch.tensor([0.0, 0, 0, 1, 1, 1]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_dbias_is_deterministic(backend, generator):
+    x = torch.randn(300, 130, generator=generator, requires_grad=True)
+    bias = torch.randn(130, generator=generator, requires_grad=True)
+    dy = torch.randn(300, 130, generator=generator)
+    grads = []
+    for _ in range(2):
+        bias.grad = None
+        ok.bias_gelu_tanh(x, bias, backend=backend).backward(dy)
+        grads.append(bias.grad.clone())
+    assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend, generator):
+    x = torch.randn(6, 40, generator=generator, requires_grad=True)
+    bias = torch.randn(40, generator=generator, requires_grad=True)
+    torch.library.opcheck(torch.ops.onestep.bias_gelu_tanh_fwd.default, (x, bias, backend))
+    torch.library.opcheck(torch.ops.onestep.bias_gelu_tanh_bwd.default,
+                          (torch.randn(6, 40, generator=generator), x.detach(), bias.detach(),
+                           backend))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(generator):
+    x = torch.randn(2, 9, 48, generator=generator, requires_grad=True)
+    bias = torch.randn(48, generator=generator, requires_grad=True)
+    loss = torch.compile(lambda x, b: ok.bias_gelu_tanh(x, b).square().sum(), fullgraph=True)(x, bias)
+    loss.backward()
+    ref_in = [t.detach().double().requires_grad_() for t in (x, bias)]
+    op.reference(*ref_in).square().sum().backward()
+    assert_close_rel(x.grad, ref_in[0].grad, torch.float32, "dx")
+    assert_close_rel(bias.grad, ref_in[1].grad, torch.float32, "dbias")
+
+
+def test_empty_rows():
+    x = torch.randn(0, 5, 16, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    out = ok.bias_gelu_tanh(x, bias)
+    out.sum().backward()
+    assert out.shape == (0, 5, 16) and torch.equal(bias.grad, torch.zeros(16))
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.randn(3, 16), torch.randn(15)), ValueError, "bias:"),
+    ((torch.randn(3, 16), torch.randn(2, 8)), ValueError, "bias:"),
+    ((torch.randn(3, 16).int(), torch.randn(16)), TypeError, "x:"),
+    ((torch.randn(3, 16), torch.randn(16).double()), TypeError, "bias:"),
+    ((torch.randn(3, 16), torch.randn(16, device="meta")), ValueError, "bias:"),
+    ((torch.randn(16, 3).t(), torch.randn(16)), ValueError, "x:"),
+    ((torch.randn(3, 0), torch.randn(0)), ValueError, "x:"),
+    (([1.0], torch.randn(1)), TypeError, "x:"),
+])
+def test_bad_input_names_the_argument(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ok.bias_gelu_tanh(*args)
