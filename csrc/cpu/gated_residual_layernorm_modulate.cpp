@@ -32,7 +32,7 @@ void fwd_row(const T* x, const T* y, const T* gate, const T* shift, const T* sca
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t d = 0; d < D; ++d) {
-    r[d] = fmaf(to_float(gate[d]), to_float(y[d]), to_float(x[d]));
+    r[d] = to_float(gate[d]) * to_float(y[d]) + to_float(x[d]);
     sum += r[d];
   }
   const float mean = sum / static_cast<float>(D);
