@@ -67,18 +67,21 @@ class DiTBlock(nn.Module):
         x = x + g2 * MLP(LN(x) * (1 + sc2) + sh2)
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 mlp_norm_eps: float = LN_EPS):
         super().__init__()
         self.hidden_size = hidden_size
+        self.mlp_norm_eps = mlp_norm_eps  # the second LayerNorm's eps (diffusers' DiT uses 1e-5)
         self.attn = Attention(hidden_size, num_heads)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        norm = lambda t: F.layer_norm(t, t.shape[-1:], eps=LN_EPS)  # noqa: E731
-        x = x + g1.unsqueeze(1) * self.attn(_modulate(norm(x), sh1, sc1))
-        return x + g2.unsqueeze(1) * self.mlp(_modulate(norm(x), sh2, sc2))
+        x = x + g1.unsqueeze(1) * self.attn(_modulate(F.layer_norm(x, x.shape[-1:], eps=LN_EPS),
+                                                      sh1, sc1))
+        h = _modulate(F.layer_norm(x, x.shape[-1:], eps=self.mlp_norm_eps), sh2, sc2)
+        return x + g2.unsqueeze(1) * self.mlp(h)
 
 
 class FusedDiTBlock(DiTBlock):
@@ -94,6 +97,6 @@ class FusedDiTBlock(DiTBlock):
         x = x.contiguous()  # the fused ops read rows with unit stride (a no-op when it is)
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
         attn = self.attn(layernorm_modulate(x, sh1, sc1, LN_EPS))
-        x, h = gated_residual_layernorm_modulate(x, attn, g1, sh2, sc2, LN_EPS)
+        x, h = gated_residual_layernorm_modulate(x, attn, g1, sh2, sc2, self.mlp_norm_eps)
         hidden = bias_gelu_tanh(F.linear(h, self.mlp.fc1.weight), self.mlp.fc1.bias)
         return torch.addcmul(x, g2.unsqueeze(1), self.mlp.fc2(hidden))

@@ -7,8 +7,11 @@ official checkpoints load with `load_state_dict(strict=True)`; DiT-XL/2 at 256x2
 for `onestep_kernels.layers.FusedDiTBlock` (the state_dict does not change).
 
 Differences from the official code, all opt-in: `num_classes=0` builds an unconditional model
-(no label embedder; `y` is ignored), and `forward_with_cfg(..., cfg_channels=None)` guides all
-channels (the official default, kept here, guides the first three).
+(no label embedder; `y` is ignored); `forward_with_cfg(..., cfg_channels=None)` guides all
+channels (the official default, kept here, guides the first three); and two settings that
+`DiT.from_diffusers` uses to reproduce diffusers' `DiTTransformer2DModel` exactly, whose
+sinusoidal timestep frequencies divide by (128 - 1) instead of 128 (`timestep_freq_shift=1`)
+and whose second LayerNorm in each block uses eps 1e-5 (`mlp_norm_eps`).
 """
 
 from __future__ import annotations
@@ -56,16 +59,20 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of the timestep as given (256 frequencies), then an MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256,
+                 freq_shift: int = 0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0,
+                           freq_shift: int = 0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32)
+                          / (half - freq_shift))
         args = t[:, None].float() * freqs.to(t.device)[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -73,7 +80,8 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size,
+                                       freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -122,7 +130,8 @@ class DiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, fused: bool = False):
+                 num_classes: int = 1000, learn_sigma: bool = True, fused: bool = False,
+                 timestep_freq_shift: int = 0, mlp_norm_eps: float = LN_EPS):
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes: expected >= 0 (0 = unconditional), got {num_classes}")
@@ -134,13 +143,14 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.fused = fused
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
                            if num_classes > 0 else None)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size),
                                       requires_grad=False)
         block = FusedDiTBlock if fused else DiTBlock
-        self.blocks = nn.ModuleList(block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(block(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -192,6 +202,15 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c, self.fused))
+
+    @classmethod
+    def from_diffusers(cls, model, fused: bool = True) -> "DiT":
+        """A DiT with the weights of a diffusers `DiTTransformer2DModel` (same outputs)."""
+        from onestep_kernels.integrations.diffusers import dit_state_dict, dit_config
+
+        dit = cls(**dit_config(model), fused=fused)
+        dit.load_state_dict(dit_state_dict(model), strict=True)
+        return dit.to(next(model.parameters()).dtype)
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float,
                          cfg_channels: int | None = 3) -> Tensor:

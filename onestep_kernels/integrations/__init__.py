@@ -1,0 +1,1 @@
+"""Adapters that put onestep's fused ops into third-party models (diffusers)."""

@@ -1,0 +1,80 @@
+"""onestep in diffusers' DiT: `fuse` keeps outputs and gradients; `DiT.from_diffusers` gives
+the same outputs. Models are built from configs with random weights (nothing downloaded)."""
+
+import pytest
+import torch
+from conftest import assert_close_rel
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
+
+from onestep_kernels.integrations.diffusers import dit_state_dict, fuse  # noqa: E402
+from onestep_models.dit import DiT  # noqa: E402
+
+
+def make_model(generator, num_layers=2, shared_embedder=True, **kwargs):
+    args = dict(num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8,
+                num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    args.update(kwargs)
+    model = diffusers.DiTTransformer2DModel(**args).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero's zeros would hide every block
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        if shared_embedder:  # as in a model converted from an official DiT checkpoint
+            first = model.transformer_blocks[0].norm1.emb.state_dict()
+            for block in model.transformer_blocks[1:]:
+                block.norm1.emb.load_state_dict(first)
+    return model
+
+
+def inputs(generator, batch=3):
+    x = torch.randn(batch, 4, 8, 8, generator=generator)
+    t = torch.tensor([1.0, 500.0, 999.0])[:batch]
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    return x, t, y
+
+
+def test_fuse_keeps_outputs_and_gradients(generator):
+    model = make_model(generator, shared_embedder=False)
+    x, t, y = inputs(generator)
+    ref = model(x, timestep=t, class_labels=y).sample
+    ref.square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    assert fuse(model) is model
+    out = model(x, timestep=t, class_labels=y).sample
+    out.square().sum().backward()
+    assert_close_rel(out, ref, torch.float32, "fused output")
+    for name, p in model.named_parameters():
+        if name.endswith("to_k.bias"):  # exactly 0 in theory (softmax ignores a shared shift):
+            assert p.grad.abs().max() < 1e-5  # both sides are rounding noise
+            continue
+        assert_close_rel(p.grad, ref_grads[name], torch.float32, f"d{name}")
+
+
+def test_fuse_refuses_what_it_cannot_run_and_changes_nothing(generator):
+    model = make_model(generator)
+    model.transformer_blocks[1].ff.net[1].p = 0.1
+    with pytest.raises(ValueError, match="block 1 .*dropout"):
+        fuse(model)
+    assert "forward" not in vars(model.transformer_blocks[0])  # block 0 untouched too
+    with pytest.raises(ValueError, match="model:"):
+        fuse(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_from_diffusers_gives_the_same_outputs(fused, generator):
+    model = make_model(generator)
+    x, t, y = inputs(generator)
+    with torch.no_grad():
+        ref = model(x, timestep=t, class_labels=y).sample
+        dit = DiT.from_diffusers(model, fused=fused).eval()
+        out = dit(x, t, y)
+    assert dit.learn_sigma and len(dit.blocks) == 2 and dit.num_heads == 2
+    assert_close_rel(out, ref.double(), torch.float32, "converted DiT")
+
+
+def test_from_diffusers_refuses_per_block_embedders(generator):
+    model = make_model(generator, shared_embedder=False)
+    with pytest.raises(ValueError, match="block 1's timestep/label embedder differs"):
+        dit_state_dict(model)
