@@ -12,13 +12,32 @@ from onestep_kernels.ops import OP_MODULES
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 
-@pytest.mark.parametrize("module", OP_MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+ROW_OPS = [m for m in OP_MODULES if hasattr(m, "_triton_launch_config")]
+
+
+@pytest.mark.parametrize("module", ROW_OPS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_registry_covers_every_launch_config(module):
     """Each row width the launchers accept maps to a listed (block, num_warps) configuration."""
     listed = {(c[3].get("BLOCK_D", c[3].get("BLOCK_F")), c[4]["num_warps"])
               for c in module.triton_configs()}
     for D in range(1, getattr(module, "MAX_TRITON_D", 8192) + 1):
         assert module._triton_launch_config(D) in listed, D
+
+
+
+def test_attention_registry_covers_every_launch_config():
+    import torch
+
+    from onestep_kernels.ops import attention
+
+    listed = {(c[0].split("[")[1].split(",")[0], c[3]["BLOCK_M"], c[3]["BLOCK_N"],
+               c[3]["BLOCK_D"], c[4]["num_warps"]) for c in attention.triton_configs()}
+    for dtype, name in attention._TRITON_DTYPES.items():
+        top = attention.MAX_HEAD_DIM_FP32 if dtype == torch.float32 else attention.MAX_HEAD_DIM
+        for head_dim in range(attention.MIN_HEAD_DIM, top + 1):
+            cfg = attention._launch_config(head_dim, dtype)
+            key = (name, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"])
+            assert key in listed, (dtype, head_dim)
 
 
 @pytest.mark.slow

@@ -1,0 +1,382 @@
+"""attention: non-causal multi-head softmax attention, softmax(q k^T * scale) v.
+
+q, k, v are (B, H, N, Dh) (k and v may have their own token count Nk); the last dimension must
+be contiguous, other strides are read as they are (so q, k, v can be views of one fused QKV
+projection). Triton takes head dims 16..128, any (72 included; fp32 up to 64). Output
+(B, H, N, Dh) in q's dtype.
+
+Backends:
+  triton  flash attention (online softmax, no N x N matrix in memory), forward and backward;
+          fp32 inputs use IEEE products (no TF32), so fp32 results are fp32-accurate.
+  cpu     PyTorch's scaled_dot_product_attention (its CPU flash-attention kernel). No onestep
+          C++ kernel exists for attention yet: SDPA's blocked-GEMM kernel is the bar it would
+          have to beat, and a plain loop kernel would not (not measured).
+  torch   scaled_dot_product_attention as well; `reference` below is the explicit formula,
+          the test oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+from .. import checks, dispatch
+from ..triton_compat import tl, triton
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+# fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
+# and 16 warps (onestep_kernels.aot); such calls go to another backend.
+MAX_HEAD_DIM_FP32 = 64
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """The formula, materialising the (N, Nk) scores; computes in fp32 (fp64 if given)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhnd,bhmd->bhnm", q.to(compute), k.to(compute)) * scale
+    return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v.to(compute)).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (FlashAttention-2 style). Program (m, bh) owns BLOCK_M query rows of one
+# (batch, head); the backward recomputes probabilities from the saved log-sum-exp.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, NK, HEAD_DIM, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # work in base 2: exp2 is the hardware's
+    for start in range(0, NK, BLOCK_N):
+        keys = start + cols
+        key_ok = keys < NK
+        kt = tl.load(K + b * skb + h * skh + keys[None, :] * skn + dims[:, None],
+                     mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :],
+                     mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_rows = bh * N + rows  # O is contiguous (B, H, N, Dh)
+    tl.store(O + o_rows[:, None] * HEAD_DIM + dims[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=row_ok)  # base-2 log-sum-exp
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, NK, HEAD_DIM, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    # Program (n, bh) owns BLOCK_N keys and walks all query blocks: dV = P^T dO,
+    # dK = scale * dS^T Q with dS = P * (dO V^T - delta).
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < NK
+    dim_ok = dims < HEAD_DIM
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + dims[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :], mask=kv_mask,
+                other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start in range(0, N, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :], mask=q_mask,
+                    other=0.0)
+        do = tl.load(DO + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :], mask=q_mask,
+                     other=0.0)
+        lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        if IEEE:
+            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
+            dp = tl.dot(do.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+        else:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out_rows = bh * NK + keys  # DK, DV are contiguous (B, H, NK, Dh)
+    tl.store(DK + out_rows[:, None] * HEAD_DIM + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(DV + out_rows[:, None] * HEAD_DIM + dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    H, N, NK, HEAD_DIM, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    # Program (m, bh) owns BLOCK_M queries: dQ = scale * dS K.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :], mask=q_mask,
+                other=0.0)
+    do = tl.load(DO + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for start in range(0, NK, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < NK
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + dims[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :], mask=kv_mask,
+                    other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            dp = tl.dot(do.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+            dp = tl.dot(do, tl.trans(v))
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for a head dim; smaller tiles where fp32 accumulators and IEEE products
+    would otherwise spill (checked by onestep_kernels.aot)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:  # IEEE fp32 products on fp32 tiles: the most registers
+        block, warps = 16, (8 if block_d >= 64 else 4)
+    else:
+        block, warps = (32 if block_d >= 64 else 64), 4
+    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "num_warps": warps}
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def triton_configs():
+    """Every (kernel, configuration) the launchers can pick, for onestep_kernels.aot."""
+    ints = ("sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "H", "N", "NK",
+            "HEAD_DIM")
+    kernels = (("fwd", _attention_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",)),
+               ("bwd_dkdv", _attention_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"),
+                ("LSE", "DELTA")),
+               ("bwd_dq", _attention_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"),
+                ("LSE", "DELTA")))
+    for dtype, name in _TRITON_DTYPES.items():
+        block_d = 16
+        while block_d <= (MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM):
+            cfg = _launch_config(block_d, dtype)
+            constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                          "BLOCK_D": cfg["BLOCK_D"], "IEEE": dtype == torch.float32}
+            for kname, kernel, tensors, stats in kernels:
+                signature = {**{t: f"*{name}" for t in tensors}, **{s: "*fp32" for s in stats},
+                             **{i: "i32" for i in ints}, "scale": "fp32",
+                             **{c: "constexpr" for c in constexprs}}
+                # keep the kernel's parameter order
+                order = list(kernel.arg_names) if hasattr(kernel, "arg_names") else list(signature)
+                signature = {k: signature[k] for k in order}
+                yield (f"attention_{kname}[{name},BLOCK_D={block_d}]", kernel, signature,
+                       constexprs, {"num_warps": cfg["num_warps"]})
+            block_d *= 2
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _triton_fwd(q, k, v, scale):
+    B, H, N, Dh = q.shape
+    NK = k.shape[2]
+    cfg = _launch_config(Dh, q.dtype)
+    out = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
+    return out, lse
+
+
+def _triton_bwd(dout, q, k, v, out, lse, scale):
+    B, H, N, Dh = q.shape
+    NK = k.shape[2]
+    cfg = _launch_config(Dh, q.dtype)
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), (B, H, N)
+    dq = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, NK, Dh), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H, NK, Dh), dtype=q.dtype, device=q.device)
+    common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                  IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    _attention_bwd_dkdv_kernel[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale, **common)
+    _attention_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, **common)
+    return dq, dk, dv
+
+
+def _on_device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (the triton backend; cpu/torch call SDPA directly)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("onestep::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Returns (out, lse); lse is the fp32 base-2 log-sum-exp of each query's scores."""
+    B, H, N, Dh = q.shape
+    if B * H * N == 0 or k.shape[2] == 0:
+        return (torch.zeros((B, H, N, Dh), dtype=q.dtype, device=q.device),
+                torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
+    with _on_device(q):
+        return _triton_fwd(q, k, v, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, scale):
+    B, H, N, Dh = q.shape
+    return q.new_empty((B, H, N, Dh)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("onestep::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    with _on_device(q):
+        return _triton_bwd(dout, q, k, v, out, lse, scale)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
+              backend: str | None = None) -> Tensor:
+    """softmax(q k^T * scale) v over the token dimension, non-causal; see the module docstring.
+
+    Args:
+        q: (B, H, N, Dh); k, v: (B, H, Nk, Dh); float32/float16/bfloat16, one dtype and device.
+        scale: multiplies the scores; default 1 / sqrt(Dh).
+        backend: "triton", "cpu", "torch" or None (onestep_kernels.dispatch); the cuda backend
+            has no attention kernel and falls through.
+    """
+    checks.tensor("q", q, (4,))
+    checks.tensor("k", k, (4,))
+    checks.tensor("v", v, (4,))
+    checks.same_dtype_device("k", k, q, "q")
+    checks.same_dtype_device("v", v, q, "q")
+    B, H, N, Dh = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != Dh:
+        raise ValueError(f"k: expected shape ({B}, {H}, Nk, {Dh}) for q of shape "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Dh == 0:
+        raise ValueError(f"q: the head dimension must be positive, got shape {tuple(q.shape)}")
+    scale = 1.0 / math.sqrt(Dh) if scale is None else checks.positive_float("scale", scale)
+    cannot = {"cuda": "no CUDA C++ attention kernel"}
+    if not MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM:
+        cannot["triton"] = f"q: the triton kernels take head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {Dh}"
+    elif q.dtype == torch.float32 and Dh > MAX_HEAD_DIM_FP32:
+        cannot["triton"] = (f"q: the triton kernels take float32 head dims up to "
+                            f"{MAX_HEAD_DIM_FP32}, got {Dh}")
+    elif q.dtype == torch.bfloat16 and not q.is_cuda:
+        cannot["triton"] = "q: the Triton interpreter computes bfloat16 wrongly"
+    name = dispatch.resolve(backend, q.device, cannot)
+    if name in ("cpu", "torch"):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return attention_fwd(q, k, v, scale)[0]

@@ -1,0 +1,127 @@
+"""attention: the Triton flash-attention kernels (through the interpreter here) and the SDPA
+backends against a float64 softmax(q k^T) v, forward and all three gradients, including head
+dim 72, single tokens, key counts that differ from query counts, and strided q/k/v views."""
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from einops import rearrange
+
+import onestep_kernels as ok
+from onestep_kernels.ops import attention as op
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 37, 37), (1, 2, 5, 70), (2, 1, 130, 17)]  # (B, H, N, Nk)
+
+
+def make(B, H, N, NK, Dh, dtype, generator):
+    q = torch.randn(B, H, N, Dh, generator=generator, dtype=torch.float64)
+    k = torch.randn(B, H, NK, Dh, generator=generator, dtype=torch.float64) * 1.5
+    v = torch.randn(B, H, NK, Dh, generator=generator, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v)]
+
+
+def check(backend, q, k, v, generator, scale=None):
+    dtype = q.dtype
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = op.reference(*ref_in, scale=scale)
+    dy = torch.randn(ref.shape, generator=generator).to(dtype)
+    ref.backward(dy.double())
+    test_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ok.attention(*test_in, scale=scale, backend=backend)
+    out.backward(dy)
+    assert out.dtype == dtype
+    assert_close_rel(out, ref, dtype, "out")
+    for name, t, r in zip("qkv", test_in, ref_in):
+        assert_close_rel(t.grad, r.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("Dh", [32, 64, 72, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_float64_reference(dtype, Dh, shape, generator):
+    q, k, v = make(*shape, Dh, dtype, generator)
+    if dtype == torch.float32 and Dh > op.MAX_HEAD_DIM_FP32:
+        with pytest.raises(ValueError, match="float32 head dims"):
+            ok.attention(q, k, v, backend="triton")
+        return
+    check("triton", q, k, v, generator)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdpa_backends_match_float64_reference(backend, dtype, generator):
+    check(backend, *make(2, 3, 37, 41, 72, dtype, generator), generator)
+
+
+def test_custom_scale_and_strided_views(generator):
+    """q, k, v as views of one fused QKV projection, as a DiT block makes them."""
+    B, N, H, Dh = 2, 19, 3, 40
+    qkv = torch.randn(B, N, 3 * H * Dh, generator=generator)
+    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=H)
+    assert not q.is_contiguous()
+    check("triton", q, k, v, generator, scale=0.3)
+
+
+def test_deterministic_backward(generator):
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 70, 70, 32, torch.float32, generator))
+    dy = torch.randn(1, 2, 70, 32, generator=generator)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        ok.attention(q, k, v, backend="triton").backward(dy)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(generator):
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 9, 11, 32, torch.float32, generator))
+    torch.library.opcheck(torch.ops.onestep.attention_fwd.default, (q, k, v, 0.2))
+    with torch.no_grad():
+        out, lse = torch.ops.onestep.attention_fwd(q, k, v, 0.2)
+    dout = torch.randn(1, 2, 9, 32, generator=generator)
+    torch.library.opcheck(torch.ops.onestep.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(generator):
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 9, 9, 32, torch.float32, generator))
+    loss = torch.compile(lambda q, k, v: ok.attention(q, k, v, backend="triton").sum(),
+                         fullgraph=True)(q, k, v)
+    loss.backward()
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    op.reference(*ref_in).sum().backward()
+    for t, r in zip((q, k, v), ref_in):
+        assert_close_rel(t.grad, r.grad, torch.float32, "grad")
+
+
+def test_no_keys_gives_zeros():
+    q = torch.randn(1, 1, 3, 32, requires_grad=True)
+    k = torch.randn(1, 1, 0, 32)
+    out = ok.attention(q, k, k.clone(), backend="triton")
+    assert torch.equal(out, torch.zeros(1, 1, 3, 32))
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), ValueError, "q:"),
+    ((torch.randn(1, 2, 3, 8), torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8)), ValueError, "k:"),
+    ((torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)), ValueError, "v:"),
+    ((torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8).half(), torch.randn(1, 2, 3, 8)), TypeError, "k:"),
+    ((torch.randn(1, 2, 3, 8).int(), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)), TypeError, "q:"),
+])
+def test_bad_input_names_the_argument(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ok.attention(*args)
+
+
+def test_backend_limits():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="head dims"):
+        ok.attention(q, q, q, backend="triton")  # Dh 8 < 16
+    with pytest.raises(ValueError, match="no CUDA C\\+\\+ attention"):
+        ok.attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="scale:"):
+        ok.attention(q, q, q, scale=-1.0)
+    assert ok.attention(q, q, q).shape == q.shape  # default: SDPA on the CPU
