@@ -62,6 +62,8 @@ def compile_one(index: int, arch: int) -> Result:
     name, kernel, signature, constexprs, options = list(configs())[index]
     result = Result(name, arch)
     try:
+        # In the kernel's parameter order, whatever order the registry wrote it in.
+        signature = {arg: signature[arg] for arg in kernel.arg_names}
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
             target=GPUTarget("cuda", arch, 32),

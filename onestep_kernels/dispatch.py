@@ -39,7 +39,8 @@ def _triton_unavailable_reason() -> str | None:
     return None
 
 
-def _unavailable_reason(name: str) -> str | None:
+def unavailable_reason(name: str) -> str | None:
+    """None if backend `name` is usable on this machine, else why not."""
     if name == "triton":
         return _triton_unavailable_reason()
     if name == "cuda":
@@ -51,7 +52,7 @@ def _unavailable_reason(name: str) -> str | None:
 
 def available_backends() -> dict[str, str]:
     """Each backend mapped to "available" or to the reason it is not."""
-    return {name: _unavailable_reason(name) or "available" for name in BACKENDS}
+    return {name: unavailable_reason(name) or "available" for name in BACKENDS}
 
 
 def _check_name(name: str, source: str) -> str:
@@ -74,7 +75,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def _supports(name: str, device: torch.device) -> str | None:
     """None if backend ``name`` can run tensors on ``device``, else why not."""
-    reason = _unavailable_reason(name)
+    reason = unavailable_reason(name)
     if reason is not None:
         return reason
     if name == "cuda" and device.type != "cuda":

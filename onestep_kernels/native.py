@@ -67,6 +67,7 @@ def int64_array(values) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
+@functools.cache  # neither the file nor the device count changes during a process
 def cuda_unavailable_reason() -> str | None:
     if not CUDA_LIBRARY_PATH.exists():
         return "libonestep_cuda.so was not built (no nvcc at install time, or ONESTEP_SKIP_CUDA=1)"

@@ -169,21 +169,8 @@ int bwd(const void* dres_, const void* dout_, const void* res_, const void* y_, 
                         dy + row * D, D, acc, acc + D, acc + 2 * D, nullptr, nullptr, nullptr);
     }
   }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    float* acc = partial.data() + b * chunks * 3 * D;
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* part = acc + c * 3 * D;
-#pragma omp simd
-      for (int64_t d = 0; d < 3 * D; ++d) acc[d] += part[d];
-    }
-    for (int64_t d = 0; d < D; ++d) {  // chunks == 0 (N == 0) leaves the zeros of calloc
-      const float* sums = chunks > 0 ? acc : nullptr;
-      dgate[b * D + d] = from_float<T>(sums ? sums[d] : 0.0f);
-      dshift[b * D + d] = from_float<T>(sums ? sums[D + d] : 0.0f);
-      dscale[b * D + d] = from_float<T>(sums ? sums[2 * D + d] : 0.0f);
-    }
-  }
+  reduce_chunk_partials<T, 3>(partial.data(), B, chunks, D, {dgate, dshift, dscale},
+                              num_threads);
   return kOk;
 }
 

@@ -166,24 +166,7 @@ int bwd(const void* dy_, const void* x_, const void* scale_, const float* mean,
                         rstd[r], dx + r * D, D, acc_shift, acc_scale, nullptr, nullptr);
     }
   }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    if (chunks == 0) {  // N == 0: nothing flowed into the modulation
-      for (int64_t d = 0; d < D; ++d) dshift[b * D + d] = dscale[b * D + d] = from_float<T>(0.0f);
-      continue;
-    }
-    float* acc = partial.data() + b * chunks * 2 * D;
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* part = acc + c * 2 * D;
-#pragma omp simd
-      for (int64_t d = 0; d < 2 * D; ++d) acc[d] += part[d];
-    }
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      dshift[b * D + d] = from_float<T>(acc[d]);
-      dscale[b * D + d] = from_float<T>(acc[D + d]);
-    }
-  }
+  reduce_chunk_partials<T, 2>(partial.data(), B, chunks, D, {dshift, dscale}, num_threads);
   return kOk;
 }
 

@@ -72,5 +72,33 @@ inline const float* row_as_float(const T* row, int64_t D, float* buf) {
   }
 }
 
+// The last step of a deterministic per-sample weight gradient: `partial` holds, for each
+// sample b and chunk c of its rows, K sums of D floats ((B, chunks, K, D), row-major). Adds
+// each sample's chunks in chunk order and writes its k-th sum to outputs[k] + b * D. With no
+// chunks (N == 0) the sums are zero.
+template <typename T, int K>
+void reduce_chunk_partials(float* partial, int64_t B, int64_t chunks, int64_t D,
+                           T* const (&outputs)[K], int num_threads) {
+  const int64_t width = K * D;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    if (chunks == 0) {
+      for (int k = 0; k < K; ++k)
+        for (int64_t d = 0; d < D; ++d) outputs[k][b * D + d] = from_float<T>(0.0f);
+      continue;
+    }
+    float* acc = partial + b * chunks * width;
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* part = acc + c * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) acc[i] += part[i];
+    }
+    for (int k = 0; k < K; ++k) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) outputs[k][b * D + d] = from_float<T>(acc[k * D + d]);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace onestep::cpu::ONESTEP_ISA

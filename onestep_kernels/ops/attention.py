@@ -17,7 +17,6 @@ Backends:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from .. import checks, dispatch
 from ..triton_compat import tl, triton
+from .common import interpreter_bf16_reason, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -44,6 +44,15 @@ def reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
 # Triton kernels (FlashAttention-2 style). Program (m, bh) owns BLOCK_M query rows of one
 # (batch, head); the backward recomputes probabilities from the saved log-sum-exp.
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b: in IEEE fp32 for fp32 inputs (no TF32), else in b's dtype with fp32 accumulation."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
@@ -73,10 +82,7 @@ def _attention_fwd_kernel(
         key_ok = keys < NK
         kt = tl.load(K + b * skb + h * skh + keys[None, :] * skn + dims[:, None],
                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
+        s = _dot(q, kt, IEEE)
         s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -84,10 +90,7 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :],
                      mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + _dot(p, vt, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
     o_rows = bh * N + rows  # O is contiguous (B, H, N, Dh)
@@ -131,23 +134,11 @@ def _attention_bwd_dkdv_kernel(
                      other=0.0)
         lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
-        if IEEE:
-            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
-            dp = tl.dot(do.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += _dot(tl.trans(p), do, IEEE)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dk += _dot(tl.trans(ds), q, IEEE)
     out_rows = bh * NK + keys  # DK, DV are contiguous (B, H, NK, Dh)
     tl.store(DK + out_rows[:, None] * HEAD_DIM + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -187,19 +178,10 @@ def _attention_bwd_dq_kernel(
                     other=0.0)
         v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :], mask=kv_mask,
                     other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
-        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds, k.to(tl.float32), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _dot(ds, k, IEEE)
     tl.store(DQ + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -237,9 +219,6 @@ def triton_configs():
                 signature = {**{t: f"*{name}" for t in tensors}, **{s: "*fp32" for s in stats},
                              **{i: "i32" for i in ints}, "scale": "fp32",
                              **{c: "constexpr" for c in constexprs}}
-                # keep the kernel's parameter order
-                order = list(kernel.arg_names) if hasattr(kernel, "arg_names") else list(signature)
-                signature = {k: signature[k] for k in order}
                 yield (f"attention_{kname}[{name},BLOCK_D={block_d}]", kernel, signature,
                        constexprs, {"num_warps": cfg["num_warps"]})
             block_d *= 2
@@ -282,10 +261,6 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     return dq, dk, dv
 
 
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
 # torch.library registration (the triton backend; cpu/torch call SDPA directly)
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +273,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     if B * H * N == 0 or k.shape[2] == 0:
         return (torch.zeros((B, H, N, Dh), dtype=q.dtype, device=q.device),
                 torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
-    with _on_device(q):
+    with on_device(q):
         return _triton_fwd(q, k, v, scale)
 
 
@@ -313,7 +288,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    with _on_device(q):
+    with on_device(q):
         return _triton_bwd(dout, q, k, v, out, lse, scale)
 
 
@@ -374,8 +349,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
     elif q.dtype == torch.float32 and Dh > MAX_HEAD_DIM_FP32:
         cannot["triton"] = (f"q: the triton kernels take float32 head dims up to "
                             f"{MAX_HEAD_DIM_FP32}, got {Dh}")
-    elif q.dtype == torch.bfloat16 and not q.is_cuda:
-        cannot["triton"] = "q: the Triton interpreter computes bfloat16 wrongly"
+    elif reason := interpreter_bf16_reason(q, "q"):
+        cannot["triton"] = reason
     name = dispatch.resolve(backend, q.device, cannot)
     if name in ("cpu", "torch"):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)

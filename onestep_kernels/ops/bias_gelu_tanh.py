@@ -11,7 +11,6 @@ Reference, Triton kernels, native launchers, registration and entry point, in th
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .. import checks, dispatch, native
 from ..triton_compat import tl, triton
+from .common import backward_for_cuda, interpreter_bf16_reason, launcher, on_device
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -171,16 +171,6 @@ _FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
 _BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "torch_ops": _torch_bwd}
 
 
-def _launcher(table: dict, backend: str):
-    if backend not in table:
-        raise ValueError(f"backend: the registered op runs {sorted(table)}, got {backend!r}")
-    return table[backend]
-
-
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
 # torch.library registration (on the (R, F) view)
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +180,8 @@ def _on_device(t: Tensor):
 def bias_gelu_tanh_fwd(x2d: Tensor, bias: Tensor, backend: str) -> Tensor:
     y = torch.empty_like(x2d)
     if x2d.shape[0] > 0:
-        with _on_device(x2d):
-            _launcher(_FWD, backend)(x2d, bias, y)
+        with on_device(x2d):
+            launcher(_FWD, backend)(x2d, bias, y)
     return y
 
 
@@ -205,8 +195,8 @@ def bias_gelu_tanh_bwd(dy2d: Tensor, x2d: Tensor, bias: Tensor,
                        backend: str) -> tuple[Tensor, Tensor]:
     dx = torch.empty_like(x2d)
     dbias = torch.empty_like(bias)
-    with _on_device(x2d):
-        _launcher(_BWD, backend)(dy2d.contiguous(), x2d, bias, dx, dbias)
+    with on_device(x2d):
+        launcher(_BWD, backend)(dy2d.contiguous(), x2d, bias, dx, dbias)
     return dx, dbias
 
 
@@ -223,9 +213,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x2d, bias = ctx.saved_tensors
-    backend = ctx.backend
-    if backend == "cuda":  # no CUDA C++ backward: Triton's if installed, else PyTorch ops
-        backend = "triton" if dispatch.available_backends()["triton"] == "available" else "torch_ops"
+    backend = backward_for_cuda("torch_ops") if ctx.backend == "cuda" else ctx.backend
     dx, dbias = bias_gelu_tanh_bwd(dy, x2d, bias, backend)
     return dx, dbias, None
 
@@ -252,8 +240,8 @@ def bias_gelu_tanh(x: Tensor, bias: Tensor, *, backend: str | None = None) -> Te
         raise ValueError(f"bias: expected shape ({F},) for x of shape {tuple(x.shape)}, "
                          f"got {tuple(bias.shape)}")
     cannot = {}
-    if x.dtype == torch.bfloat16 and not x.is_cuda:
-        cannot["triton"] = "x: the Triton interpreter computes bfloat16 wrongly"
+    if reason := interpreter_bf16_reason(x, "x"):
+        cannot["triton"] = reason
     name = dispatch.resolve(backend, x.device, cannot)
     if name == "torch":
         return reference(x, bias)

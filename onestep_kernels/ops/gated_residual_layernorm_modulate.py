@@ -14,13 +14,13 @@ torch.library registration (fake + autograd) and the public entry point.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
 from ..triton_compat import tl, triton
+from .common import (backward_for_cuda, bn_strides, interpreter_bf16_reason, launcher,
+                     on_device)
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -164,13 +164,8 @@ def triton_configs():
         block *= 2
 
 
-def _bn_strides(t: Tensor) -> tuple[int, int]:
-    """Element strides of a modulation tensor's (B, N) dims; (B, D) broadcasts over N."""
-    return (t.stride(0), 0) if t.dim() == 2 else (t.stride(0), t.stride(1))
-
-
 def _mod_strides(gate: Tensor, shift: Tensor, scale: Tensor) -> list[int]:
-    return [*_bn_strides(gate), *_bn_strides(shift), *_bn_strides(scale)]
+    return [*bn_strides(gate), *bn_strides(shift), *bn_strides(scale)]
 
 
 def _triton_fwd(x, y, gate, shift, scale, res, out, mean, rstd, eps):
@@ -192,8 +187,8 @@ def _triton_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshi
         grads = tuple(torch.empty((B, chunks, D), dtype=torch.float32, device=res.device)
                       for _ in range(3))
     _gated_residual_layernorm_modulate_bwd_kernel[(B, chunks)](
-        dres, dout, res, y, gate, scale, mean, rstd, dx, dy, *grads, N, D, *_bn_strides(gate),
-        *_bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d, PER_TOKEN=per_token,
+        dres, dout, res, y, gate, scale, mean, rstd, dx, dy, *grads, N, D, *bn_strides(gate),
+        *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d, PER_TOKEN=per_token,
         num_warps=num_warps)
     if not per_token:
         for dst, partial in zip((dgate, dshift, dscale), grads):
@@ -219,7 +214,7 @@ def _cpu_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
     code = native.cpu_module.gated_residual_layernorm_modulate_bwd(
         *map(native.ptr, (dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
                           dscale)),
-        B, N, D, [*_bn_strides(gate), 0, 0, *_bn_strides(scale)], int(per_token),
+        B, N, D, [*bn_strides(gate), 0, 0, *bn_strides(scale)], int(per_token),
         native.dtype_code(res), torch.get_num_threads())
     native.check_cpu_status(code, "gated_residual_layernorm_modulate backward")
 
@@ -233,20 +228,30 @@ def _cuda_fwd(x, y, gate, shift, scale, res, out, mean, rstd, eps):
     native.check_cuda_status(code, "gated_residual_layernorm_modulate forward")
 
 
+def _torch_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift, dscale,
+               per_token):
+    """The backward in PyTorch ops (for the cuda backend without Triton)."""
+    f32 = torch.float32
+    g3, s3 = (gate.to(f32), scale.to(f32)) if per_token else (gate[:, None].to(f32),
+                                                              scale[:, None].to(f32))
+    xhat = (res.to(f32) - mean[..., None]) * rstd[..., None]
+    g = dout.to(f32) * (1 + s3)
+    dln = rstd[..., None] * (g - g.mean(-1, keepdim=True)
+                             - xhat * (g * xhat).mean(-1, keepdim=True))
+    dr = dres.to(f32) + dln
+    mod_grads = (dr * y.to(f32), dout.to(f32), dout.to(f32) * xhat)
+    if not per_token:
+        mod_grads = tuple(t.sum(1) for t in mod_grads)
+    dx.copy_(dr)
+    dy.copy_(dr * g3)
+    for dst, src in zip((dgate, dshift, dscale), mod_grads):
+        dst.copy_(src)
+
+
 _FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
-# No CUDA C++ backward yet: the cuda backend runs its backward with the Triton kernel when
-# Triton is installed, else with the PyTorch reference's autograd (see _backward).
-_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd}
-
-
-def _launcher(table: dict, backend: str):
-    if backend not in table:
-        raise ValueError(f"backend: the registered op runs {sorted(table)}, got {backend!r}")
-    return table[backend]
-
-
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+# No CUDA C++ backward yet: the cuda backend's backward runs Triton's kernel when Triton can
+# run, else PyTorch ops (see _backward).
+_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "torch_ops": _torch_bwd}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +270,8 @@ def gated_residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, sh
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if B * N > 0:
-        with _on_device(x):
-            _launcher(_FWD, backend)(x, y, gate, shift, scale, res, out, mean, rstd, eps)
+        with on_device(x):
+            launcher(_FWD, backend)(x, y, gate, shift, scale, res, out, mean, rstd, eps)
     return res, out, mean, rstd
 
 
@@ -287,9 +292,9 @@ def gated_residual_layernorm_modulate_bwd(dres: Tensor, dout: Tensor, res: Tenso
     dx, dy = torch.empty_like(res), torch.empty_like(res)
     dgate, dshift, dscale = (torch.empty(gate.shape, dtype=res.dtype, device=res.device)
                              for _ in range(3))
-    with _on_device(res):
-        _launcher(_BWD, backend)(dres.contiguous(), dout.contiguous(), res, y, gate, scale, mean,
-                                 rstd, dx, dy, dgate, dshift, dscale, per_token)
+    with on_device(res):
+        launcher(_BWD, backend)(dres.contiguous(), dout.contiguous(), res, y, gate, scale, mean,
+                                rstd, dx, dy, dgate, dshift, dscale, per_token)
     return dx, dy, dgate, dshift, dscale
 
 
@@ -309,34 +314,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dres, dout, _dmean, _drstd):
     res, y, gate, scale, mean, rstd = ctx.saved_tensors
-    backend = ctx.backend
-    if backend == "cuda":
-        backend = "triton" if dispatch.available_backends()["triton"] == "available" else ""
-    if backend:
-        grads = gated_residual_layernorm_modulate_bwd(dres, dout, res, y, gate, scale, mean,
-                                                      rstd, backend)
-    else:
-        grads = _reference_backward(dres, dout, res, y, gate, scale, mean, rstd)
-    dx, dy, dgate, dshift, dscale = grads
+    backend = backward_for_cuda("torch_ops") if ctx.backend == "cuda" else ctx.backend
+    dx, dy, dgate, dshift, dscale = gated_residual_layernorm_modulate_bwd(
+        dres, dout, res, y, gate, scale, mean, rstd, backend)
     return dx, dy, dgate, dshift, dscale, None, None
-
-
-def _reference_backward(dres, dout, res, y, gate, scale, mean, rstd):
-    """The backward in PyTorch ops (for the cuda backend without Triton)."""
-    f32 = torch.float32
-    if gate.dim() == 2:
-        g3, s3 = gate[:, None].to(f32), scale[:, None].to(f32)
-    else:
-        g3, s3 = gate.to(f32), scale.to(f32)
-    xhat = (res.to(f32) - mean[..., None]) * rstd[..., None]
-    g = dout.to(f32) * (1 + s3)
-    dln = rstd[..., None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    dr = dres.to(f32) + dln
-    dgate, dshift, dscale = dr * y.to(f32), dout.to(f32), dout.to(f32) * xhat
-    if gate.dim() == 2:
-        dgate, dshift, dscale = (t.sum(1) for t in (dgate, dshift, dscale))
-    dt = res.dtype
-    return dr.to(dt), (dr * g3).to(dt), dgate.to(dt), dshift.to(dt), dscale.to(dt)
 
 
 gated_residual_layernorm_modulate_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -382,8 +363,8 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
     cannot = {}
     if D > MAX_TRITON_D:
         cannot["triton"] = f"x: the triton kernels handle D <= {MAX_TRITON_D}, got D={D}"
-    elif x.dtype == torch.bfloat16 and not x.is_cuda:
-        cannot["triton"] = "x: the Triton interpreter computes bfloat16 wrongly"
+    elif reason := interpreter_bf16_reason(x, "x"):
+        cannot["triton"] = reason
     name = dispatch.resolve(backend, x.device, cannot)
     if name == "torch":
         return reference(x, y, gate, shift, scale, eps)

@@ -13,13 +13,12 @@ implementation and autograd, and the public entry point.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
 from ..triton_compat import tl, triton
+from .common import bn_strides, interpreter_bf16_reason, launcher, on_device
 
 # ---------------------------------------------------------------------------------------------
 # Reference (the oracle, and the `torch` backend)
@@ -149,17 +148,12 @@ def triton_configs():
         block *= 2
 
 
-def _bn_strides(t: Tensor) -> tuple[int, int]:
-    """Element strides of t's (B, N) dimensions; (B, D) modulation broadcasts over N."""
-    return (t.stride(0), 0) if t.dim() == 2 else (t.stride(0), t.stride(1))
-
-
 def _triton_fwd(x, shift, scale, out, mean, rstd, eps):
     B, N, D = x.shape
     block_d, num_warps = _triton_launch_config(D)
     _layernorm_modulate_fwd_kernel[(B * N,)](
-        x, shift, scale, out, mean, rstd, N, D, *_bn_strides(x), *_bn_strides(shift),
-        *_bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
+        x, shift, scale, out, mean, rstd, N, D, *bn_strides(x), *bn_strides(shift),
+        *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def _triton_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
@@ -172,8 +166,8 @@ def _triton_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
         grad_shift = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
         grad_scale = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
     _layernorm_modulate_bwd_kernel[(B, chunks)](
-        dy, x, scale, mean, rstd, dx, grad_shift, grad_scale, N, D, *_bn_strides(x),
-        *_bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
+        dy, x, scale, mean, rstd, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
+        *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
         PER_TOKEN=per_token, num_warps=num_warps)
     if not per_token:
         dshift.copy_(grad_shift.sum(dim=1))
@@ -189,7 +183,7 @@ def _cpu_fwd(x, shift, scale, out, mean, rstd, eps):
     B, N, D = x.shape
     code = native.cpu_module.layernorm_modulate_fwd(
         native.ptr(x), native.ptr(shift), native.ptr(scale), native.ptr(out), native.ptr(mean),
-        native.ptr(rstd), B, N, D, *_bn_strides(x), *_bn_strides(shift), *_bn_strides(scale),
+        native.ptr(rstd), B, N, D, *bn_strides(x), *bn_strides(shift), *bn_strides(scale),
         native.dtype_code(x), eps, torch.get_num_threads())
     native.check_cpu_status(code, "layernorm_modulate forward")
 
@@ -198,8 +192,8 @@ def _cpu_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
     B, N, D = x.shape
     code = native.cpu_module.layernorm_modulate_bwd(
         native.ptr(dy), native.ptr(x), native.ptr(scale), native.ptr(mean), native.ptr(rstd),
-        native.ptr(dx), native.ptr(dshift), native.ptr(dscale), B, N, D, *_bn_strides(x),
-        *_bn_strides(scale), int(per_token), native.dtype_code(x), torch.get_num_threads())
+        native.ptr(dx), native.ptr(dshift), native.ptr(dscale), B, N, D, *bn_strides(x),
+        *bn_strides(scale), int(per_token), native.dtype_code(x), torch.get_num_threads())
     native.check_cpu_status(code, "layernorm_modulate backward")
 
 
@@ -207,7 +201,7 @@ def _cuda_fwd(x, shift, scale, out, mean, rstd, eps):
     B, N, D = x.shape
     code = native.cuda_library().onestep_cuda_layernorm_modulate_fwd(
         native.ptr(x), native.ptr(shift), native.ptr(scale), native.ptr(out), native.ptr(mean),
-        native.ptr(rstd), B, N, D, *_bn_strides(x), *_bn_strides(shift), *_bn_strides(scale),
+        native.ptr(rstd), B, N, D, *bn_strides(x), *bn_strides(shift), *bn_strides(scale),
         native.dtype_code(x), eps, native.cuda_stream(x))
     native.check_cuda_status(code, "layernorm_modulate forward")
 
@@ -216,20 +210,13 @@ def _cuda_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
     B, N, D = x.shape
     code = native.cuda_library().onestep_cuda_layernorm_modulate_bwd(
         native.ptr(dy), native.ptr(x), native.ptr(scale), native.ptr(mean), native.ptr(rstd),
-        native.ptr(dx), native.ptr(dshift), native.ptr(dscale), B, N, D, *_bn_strides(x),
-        *_bn_strides(scale), int(per_token), native.dtype_code(x), native.cuda_stream(x))
+        native.ptr(dx), native.ptr(dshift), native.ptr(dscale), B, N, D, *bn_strides(x),
+        *bn_strides(scale), int(per_token), native.dtype_code(x), native.cuda_stream(x))
     native.check_cuda_status(code, "layernorm_modulate backward")
 
 
 _FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
 _BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "cuda": _cuda_bwd}
-
-
-def _launcher(table: dict, backend: str):
-    if backend not in table:
-        raise ValueError(f"backend: the registered op runs {sorted(table)}, got {backend!r} "
-                         "(the torch backend is the reference, called without the op)")
-    return table[backend]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +233,8 @@ def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if B * N > 0:
-        with _on_device(x):
-            _launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
+        with on_device(x):
+            launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
     return out, mean, rstd
 
 
@@ -266,9 +253,9 @@ def layernorm_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, r
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
     dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
-    with _on_device(x):
-        _launcher(_BWD, backend)(dy.contiguous(), x, scale, mean, rstd, dx, dshift, dscale,
-                                 per_token)
+    with on_device(x):
+        launcher(_BWD, backend)(dy.contiguous(), x, scale, mean, rstd, dx, dshift, dscale,
+                                per_token)
     return dx, dshift, dscale
 
 
@@ -285,8 +272,8 @@ def layernorm_modulate_out(x: Tensor, shift: Tensor, scale: Tensor, eps: float, 
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
     if B * N > 0:
-        with _on_device(x):
-            _launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
+        with on_device(x):
+            launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
 
 
 @layernorm_modulate_out.register_fake
@@ -309,11 +296,6 @@ def _backward(ctx, dout, _dmean, _drstd):
 
 
 layernorm_modulate_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _on_device(x: Tensor):
-    """Launch on x's GPU whatever the current device is."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +339,8 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     cannot = {}
     if D > MAX_TRITON_D:
         cannot["triton"] = f"x: the triton kernels handle D <= {MAX_TRITON_D}, got D={D}"
-    elif x.dtype == torch.bfloat16 and not x.is_cuda:
-        cannot["triton"] = "x: the Triton interpreter computes bfloat16 wrongly"
+    elif reason := interpreter_bf16_reason(x, "x"):
+        cannot["triton"] = reason
     name = dispatch.resolve(backend, x.device, cannot)
     if out is not None:
         _check_out(out, x, shift, scale)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import assert_close_rel
 from test_layernorm_modulate import (BATCH_TOKENS, DIMS, backend_params,  # noqa: F401
-                                     cpu_isa, device)
+                                     backend_device, cpu_isa)
 
 import onestep_kernels as ok
 from onestep_kernels.ops import bias_gelu_tanh as op
@@ -16,7 +16,7 @@ from onestep_kernels.ops import bias_gelu_tanh as op
 @pytest.mark.parametrize("backend,dtype,isa", backend_params())
 def test_matches_float64_reference(backend, dtype, isa, F, B, N, generator, cpu_isa):
     cpu_isa(isa)
-    dev = torch.device("cuda") if backend == "cuda" else (device() if backend == "triton" else torch.device("cpu"))
+    dev = backend_device(backend)
     x = (torch.randn(B, N, F, generator=generator, dtype=torch.float64) * 3).to(dtype)
     bias = torch.randn(F, generator=generator, dtype=torch.float64).to(dtype)
     dy = torch.randn(B, N, F, generator=generator).to(dtype)

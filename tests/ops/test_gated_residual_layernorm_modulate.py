@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close_rel
 from test_layernorm_modulate import (BATCH_TOKENS, DIMS, MODULATION, backend_params,  # noqa: F401
-                                     cpu_isa, device)
+                                     backend_device, cpu_isa)
 
 import onestep_kernels as ok
 from onestep_kernels.ops import gated_residual_layernorm_modulate as op
@@ -31,7 +31,7 @@ def make_inputs(B, N, D, modulation, generator):
 @pytest.mark.parametrize("backend,dtype,isa", backend_params())
 def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, generator, cpu_isa):
     cpu_isa(isa)
-    dev = torch.device("cuda") if backend == "cuda" else (device() if backend == "triton" else torch.device("cpu"))
+    dev = backend_device(backend)
     inputs = [t.to(dtype) for t in make_inputs(B, N, D, modulation, generator)]
     dres = torch.randn(B, N, D, generator=generator).to(dtype)
     dout = torch.randn(B, N, D, generator=generator).to(dtype)
@@ -75,12 +75,13 @@ def test_launchers_write_every_element(backend, dtype, modulation, generator):
 
 @pytest.mark.parametrize("modulation", MODULATION)
 def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
-    """The cuda backend's backward without Triton is _reference_backward: check it on CPU."""
+    """The cuda backend's backward without Triton is the torch_ops launcher: check it on CPU."""
     B, N, D = 3, 21, 70
     inputs = [t.float() for t in make_inputs(B, N, D, modulation, generator)]
     res, _, mean, rstd = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
     dres, dout = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
-    got = op._reference_backward(dres, dout, res, inputs[1], inputs[2], inputs[4], mean, rstd)
+    got = torch.ops.onestep.gated_residual_layernorm_modulate_bwd(
+        dres, dout, res, inputs[1], inputs[2], inputs[4], mean, rstd, "torch_ops")
     ref_in = [t.double().requires_grad_() for t in inputs]
     torch.autograd.backward(list(op.reference(*ref_in)), [dres.double(), dout.double()])
     for name, g, r in zip(NAMES, got, ref_in):

@@ -55,8 +55,12 @@ def make_inputs(B, N, D, modulation, generator):
     return x, shift, scale
 
 
-def device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def backend_device(backend):
+    """Where a backend's test tensors live: cuda on the GPU, cpu/torch on the CPU, triton on
+    the GPU when there is one (else on the CPU through the interpreter)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @pytest.mark.parametrize("modulation", MODULATION)
@@ -65,7 +69,7 @@ def device():
 @pytest.mark.parametrize("backend,dtype,isa", backend_params())
 def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, generator, cpu_isa):
     cpu_isa(isa)
-    dev = torch.device("cuda") if backend == "cuda" else (device() if backend == "triton" else torch.device("cpu"))
+    dev = backend_device(backend)
     x64, shift64, scale64 = make_inputs(B, N, D, modulation, generator)
     dy64 = torch.randn(B, N, D, generator=generator, dtype=torch.float64)
     # The reference sees exactly the values the kernel sees (rounded to dtype).
