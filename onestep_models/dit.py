@@ -187,7 +187,11 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W) latents or images; t: (B,) timesteps, passed to the sinusoidal
-        embedder as given; y: (B,) int64 labels (ignored when num_classes == 0)."""
+        embedder as given; y: (B,) int64 labels (ignored when num_classes == 0). In training
+        mode labels are dropped to the null class with `class_dropout_prob`, as officially."""
+        return self._forward(x, t, y, drop_labels=self.training)
+
+    def _forward(self, x: Tensor, t: Tensor, y: Tensor | None, drop_labels: bool) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],):
@@ -197,7 +201,7 @@ class DiT(nn.Module):
             if y is None or y.shape != (x.shape[0],):
                 raise ValueError(f"y: expected ({x.shape[0]},) labels for a class-conditional "
                                  f"DiT, got {None if y is None else tuple(y.shape)}")
-            c = c + self.y_embedder(y, self.training)
+            c = c + self.y_embedder(y, drop_labels)
         h = (self.x_embedder(x) + self.pos_embed).contiguous()  # tokens as rows of hidden_size
         for block in self.blocks:
             h = block(h, c)
@@ -224,6 +228,25 @@ class DiT(nn.Module):
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
         guided = uncond + cfg_scale * (cond - uncond)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+class FlowDiT(DiT):
+    """A DiT as a flow-matching network f(x, t, y) with t in [0, 1] (onestep's convention,
+    see `onestep_models.flow`): t is multiplied by `time_scale` before the sinusoidal embedder
+    (1000, the range DiT's embedding frequencies were designed for; at t in [0, 1] most of
+    them would barely move), and with `learn_sigma` only the first `in_channels` output
+    channels are returned. Labels are never dropped inside: recipes drop them with their own
+    seeded generator (`flow.drop_labels`) so that a run is reproducible. Same state_dict as
+    `DiT`."""
+
+    def __init__(self, *args, time_scale: float = 1000.0, **kwargs):
+        kwargs.setdefault("learn_sigma", False)
+        super().__init__(*args, **kwargs)
+        self.time_scale = float(time_scale)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        out = self._forward(x, t * self.time_scale, y, drop_labels=False)
+        return out[:, : self.in_channels]
 
 
 def _size(depth: int, hidden_size: int, num_heads: int):
