@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Velocity = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -124,3 +124,28 @@ def drop_labels(y: Tensor, p: float, null_class: int,
         raise ValueError(f"p: expected a probability in [0, 1], got {p}")
     drop = torch.rand(y.shape, generator=generator).to(y.device) < p
     return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+class FlowMatching(nn.Module):
+    """The flow-matching recipe for the trainer (`onestep_models.train`): a velocity net v
+    trained by the CFM loss, labels dropped to the null class `num_classes` with probability
+    `class_dropout` (for classifier-free guidance), sampled by Euler."""
+
+    def __init__(self, v: nn.Module, num_classes: int = 0, class_dropout: float = 0.1,
+                 sample_steps: tuple[int, ...] = (1, 128)):
+        super().__init__()
+        if not 0.0 <= class_dropout <= 1.0:
+            raise ValueError(f"class_dropout: expected a probability, got {class_dropout}")
+        self.v, self.num_classes, self.class_dropout = v, num_classes, class_dropout
+        self.sample_steps = tuple(sample_steps)
+
+    def loss(self, x1: Tensor, y: Tensor | None, rng) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, t = rng.normal(*x1.shape[1:]).to(x1.dtype), rng.uniform().to(x1.dtype)
+        drop = rng.uniform() < self.class_dropout
+        y = None if y is None else torch.where(drop, self.num_classes, y)
+        loss = cfm_loss(self.v, x1, y, x0=x0, t=t)
+        return loss, {}
+
+    def samplers(self) -> dict[str, Callable[[Tensor, Tensor | None], Tensor]]:
+        return {f"flow_euler_{n}step": (lambda x0, y, n=n: euler(self.v, x0, n, y))
+                for n in self.sample_steps}

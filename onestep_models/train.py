@@ -1,0 +1,397 @@
+"""One trainer for every recipe.
+
+A recipe is an `nn.Module` with
+  - `loss(x1, y, rng) -> (loss, logs)`: one step's scalar loss on a (local) batch of data x1
+    with labels y (None when unconditional), drawing all its randomness from `rng`, a
+    `BatchRandom`; `logs` maps names to detached scalar tensors;
+  - `samplers() -> {name: f(x0, y) -> images}`: the ways it generates, used for grids and
+    evaluation (for example Direct Models: 1-step w, 1-step and 128-step Euler of v).
+
+The trainer adds what every recipe needs: AdamW, an EMA copy (used for samples and
+evaluation), checkpoints that survive a crash, exact resume, seeds, bf16 autocast on GPU,
+data parallelism under `torchrun`, a tqdm bar, JSON logs and PNG sample grids.
+
+Reproducibility: the batch order and every random draw of step s come from generators seeded
+by (seed, s), so a resumed run computes exactly what the uninterrupted run would have. Under
+`torchrun` every process draws the randomness of the whole global batch and keeps its own
+rows; gradients are averaged across processes after each backward (an all-reduce of one flat
+buffer; not the `DistributedDataParallel` wrapper, whose forward hooks do not fit recipes that
+call their networks several times per step). So N processes compute the same update as one
+process with the same global batch, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128          # global, over all processes
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0          # linear learning-rate warm-up
+    grad_clip: float = 0.0         # max gradient norm; 0 turns clipping off
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0          # 0: a grid only at the end
+    grid_size: int = 10            # grid_size x grid_size samples per grid
+    amp: bool = True               # bf16 autocast when training on CUDA
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "grid_size")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
+
+
+def _step_seed(seed: int, step: int, stream: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
+
+
+class BatchRandom:
+    """The random draws of one step for a global batch of `size` samples, of which this process
+    owns `rows`. Every process draws the same global numbers (on the CPU, from a generator
+    seeded by the step) and keeps its rows, so the result does not depend on the split."""
+
+    def __init__(self, seed: int, size: int, rows: slice = slice(None),
+                 device: torch.device | str = "cpu"):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.size, self.rows, self.device = size, rows, torch.device(device)
+
+    def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(local B, *shape) standard normal numbers."""
+        out = torch.randn((self.size, *shape), generator=self.generator, dtype=dtype)
+        return out[self.rows].to(self.device)
+
+    def uniform(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        out = torch.rand((self.size, *shape), generator=self.generator, dtype=dtype)
+        return out[self.rows].to(self.device)
+
+
+class EpochSampler:
+    """Batch indices for step s: consecutive slices of an endless sequence of permutations of
+    the dataset, permutation e seeded by (seed, e). Stateless, so resuming is exact."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < 1:
+            raise ValueError("dataset: it is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm: tuple[int, Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(_step_seed(self.seed, epoch, 1))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def indices(self, step: int) -> Tensor:
+        start = step * self.batch_size
+        positions = torch.arange(start, start + self.batch_size)
+        epochs, offsets = positions // self.n, positions % self.n
+        return torch.stack([self._permutation(int(e))[int(o)]
+                            for e, o in zip(epochs, offsets)])
+
+
+def fetch(dataset: Dataset, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(images, labels or None) for dataset indices; TensorDatasets are indexed in one go."""
+    if isinstance(dataset, TensorDataset):
+        items = [t[idx] for t in dataset.tensors]
+    else:
+        pairs = [dataset[int(i)] for i in idx]
+        items = [torch.stack([torch.as_tensor(p[k]) for p in pairs]) for k in range(len(pairs[0]))]
+    return items[0], (items[1] if len(items) > 1 else None)
+
+
+# ---------------------------------------------------------------------------- distributed
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (nccl on GPU, gloo
+    on CPU); nothing outside torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    rank, size = world()
+    if size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, step: int, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer, run_config: dict[str, Any],
+                    keep: int) -> Path:
+    """Write checkpoints/step_XXXXXXXX/ (model and EMA weights as safetensors, optimiser state,
+    config and step) into a temporary directory, then rename it: a crash leaves either the
+    whole checkpoint or none. Keeps the newest `keep`."""
+    from safetensors.torch import save_file
+
+    root = directory / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, module in (("model", model), ("ema", ema)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                  str(tmp / f"{name}.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": run_config}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint under directory (a run directory or its checkpoints/)."""
+    directory = Path(directory)
+    if (directory / "state.json").is_file():
+        return directory
+    root = directory / CHECKPOINT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def load_weights(module: nn.Module, checkpoint: Path, which: str = "ema") -> None:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(checkpoint / f"{which}.safetensors")))
+
+
+# ---------------------------------------------------------------------------- images
+
+def save_grid(images: Tensor, path: str | Path, nrow: int) -> None:
+    """Images in [-1, 1], (B, C, H, W) with C in {1, 3}, tiled nrow per row into a PNG (each
+    image upscaled to at least 32 pixels so that 8x8 digits are visible)."""
+    import numpy as np
+    from einops import rearrange
+    from PIL import Image
+
+    images = images.detach().float().cpu().clamp(-1, 1)
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    scale = max(1, -(-32 // images.shape[-1]))
+    images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    b = images.shape[0]
+    rows = -(-b // nrow)
+    pad = rows * nrow - b
+    if pad:
+        images = torch.cat([images, -torch.ones(pad, *images.shape[1:])])
+    images = torch.nn.functional.pad(images, (1, 1, 1, 1), value=1.0)
+    grid = rearrange(images, "(r n) c h w -> (r h) (n w) c", n=nrow)
+    pixels = ((grid + 1) * 127.5).round().to(torch.uint8).numpy()
+    mode = "L" if pixels.shape[-1] == 1 else "RGB"
+    Image.fromarray(np.ascontiguousarray(pixels.squeeze(-1) if mode == "L" else pixels),
+                    mode=mode).save(path)
+
+
+def grid_inputs(shape: tuple[int, ...], num_classes: int, n: int, seed: int,
+                device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Fixed noise (and labels 0, 1, 2, ... cycling) for sample grids and evaluation."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((n, *shape), generator=g).to(device)
+    y = (torch.arange(n) % num_classes).to(device) if num_classes > 0 else None
+    return x0, y
+
+
+# ---------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """Trains `model` (a recipe) on `dataset`, writing into `out_dir`:
+    checkpoints/, log.jsonl (one line per `log_every` steps), grid_<sampler>.png."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
+                 out_dir: str | Path, run_config: dict[str, Any] | None = None,
+                 num_classes: int = 0, device: str | torch.device | None = None,
+                 progress: bool = True):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        init_distributed(self.device)
+        self.rank, self.world_size = world()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size: {config.batch_size} does not split evenly over "
+                             f"{self.world_size} processes")
+        self.config, self.out_dir = config, Path(out_dir)
+        self.run_config = dict(run_config or {})
+        self.run_config["train"] = dataclasses.asdict(config)
+        self.num_classes, self.progress = num_classes, progress
+        self.dataset = dataset
+        self.model = model.to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.sampler = EpochSampler(len(dataset), config.batch_size, config.seed)
+        self.step = 0
+
+    # -- state
+    def resume(self) -> bool:
+        """Load the newest checkpoint in out_dir, if any; True when one was loaded."""
+        checkpoint = latest_checkpoint(self.out_dir)
+        if checkpoint is None:
+            return False
+        state = read_checkpoint_state(checkpoint)
+        saved = {k: v for k, v in state["config"].items() if k != "train"}
+        current = {k: v for k, v in self.run_config.items() if k != "train"}
+        if json.loads(json.dumps(current)) != saved:
+            raise ValueError(f"out_dir: {self.out_dir} holds a run with another configuration "
+                             f"({saved}); use a new directory")
+        load_weights(self.model, checkpoint, "model")
+        load_weights(self.ema, checkpoint, "ema")
+        self.optimizer.load_state_dict(
+            torch.load(checkpoint / "optimizer.pt", map_location=self.device))
+        self.step = state["step"]
+        return True
+
+    def _lr(self, step: int) -> float:
+        warm = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warm) if warm else self.config.lr
+
+    def _rows(self) -> slice:
+        local = self.config.batch_size // self.world_size
+        return slice(self.rank * local, (self.rank + 1) * local)
+
+    # -- one step
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.config, self.step
+        self.model.train()
+        idx = self.sampler.indices(step)[self._rows()]
+        x1, y = fetch(self.dataset, idx)
+        x1 = x1.to(self.device, torch.float32)
+        y = y.to(self.device) if y is not None and self.num_classes > 0 else None
+        rng = BatchRandom(_step_seed(cfg.seed, step, 2), cfg.batch_size, self._rows(),
+                          self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        use_amp = cfg.amp and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss, logs = self.model.loss(x1, y, rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.params)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            # EMA with the usual warm-up: decay min(d, (1 + s) / (10 + s)) so that early
+            # averages are not dominated by the random initialisation.
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+            for e, b in zip(self.ema.buffers(), self.model.buffers()):
+                e.copy_(b)
+        self.step += 1
+        return {"loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
+
+    # -- outputs
+    def write_grids(self, tag: str = "") -> list[Path]:
+        if self.rank != 0:
+            return []
+        cfg = self.config
+        shape = tuple(self.dataset[0][0].shape)
+        x0, y = grid_inputs(shape, self.num_classes, cfg.grid_size ** 2, cfg.seed + 1,
+                            self.device)
+        paths = []
+        for name, sample in self.ema.samplers().items():
+            path = self.out_dir / f"grid_{name}{tag}.png"
+            save_grid(sample(x0, y), path, cfg.grid_size)
+            paths.append(path)
+        return paths
+
+    def checkpoint(self) -> Path | None:
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.out_dir, self.step, self.model, self.ema,
+                                   self.optimizer, self.run_config,
+                                   self.config.keep_checkpoints)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def fit(self, resume: bool = True) -> dict[str, float]:
+        """Train to `config.steps`, resuming from out_dir's newest checkpoint if asked."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        torch.manual_seed(_step_seed(cfg.seed, self.step, 3))
+        log_path = self.out_dir / "log.jsonl"
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank,
+                   desc="train", dynamic_ncols=True)
+        logs: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.step < cfg.steps:
+            logs = self.train_step()
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                logs.update(step=self.step, lr=self._lr(self.step - 1),
+                            seconds=round(time.perf_counter() - start, 2))
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if self.rank == 0:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(logs) + "\n")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.checkpoint()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.write_grids(f"_step{self.step:08d}")
+        bar.close()
+        self.write_grids()
+        return logs

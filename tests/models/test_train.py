@@ -1,0 +1,149 @@
+"""The trainer: exact resume, crash-safe checkpoints, the sampler and random streams that make
+runs reproducible, grids, and two gloo processes against one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
+
+from onestep_models import recipes, train
+
+TINY_MODEL = dict(input_size=4, patch_size=2, in_channels=1, hidden_size=32, depth=1,
+                  num_heads=2, num_classes=3, class_dropout_prob=0.1, fused=True)
+
+
+def tiny_run(recipe="direct"):
+    return {"recipe": recipe, "data": {"kind": "test"}, "model": dict(TINY_MODEL),
+            "options": recipes.default_options(recipe)}
+
+
+def tiny_data(n=40):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g).clamp(-1, 1),
+                         torch.randint(3, (n,), generator=g))
+
+
+def make_trainer(out, steps, recipe="direct", checkpoint_every=3, batch_size=8):
+    torch.manual_seed(123)  # the same initial weights for every trainer in a test
+    run = tiny_run(recipe)
+    config = train.TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, log_every=1,
+                               checkpoint_every=checkpoint_every, grid_size=2, warmup_steps=2,
+                               grad_clip=1.0)
+    return train.Trainer(recipes.build(run), tiny_data(), config, out, run_config=run,
+                         num_classes=3, device="cpu", progress=False)
+
+
+def weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("recipe", ["direct", "flow"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, recipe):
+    full = make_trainer(tmp_path / "full", 6, recipe)
+    full.fit()
+    # "crash" after step 3 (the checkpoint), then a new process-like trainer resumes
+    part = make_trainer(tmp_path / "part", 3, recipe)
+    part.fit()
+    resumed = make_trainer(tmp_path / "part", 6, recipe)
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    for name in ("model", "ema"):
+        a, b = weights(getattr(full, name)), weights(getattr(resumed, name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}.{k} differs after resume"
+    assert (tmp_path / "full" / f"grid_{next(iter(full.ema.samplers()))}.png").is_file()
+    lines = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_are_complete_or_absent(tmp_path):
+    trainer = make_trainer(tmp_path, 4, checkpoint_every=2)
+    trainer.fit()
+    root = tmp_path / train.CHECKPOINT_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]
+    latest = train.latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000004"
+    state = train.read_checkpoint_state(latest)
+    assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
+    assert set(load_file(latest / "model.safetensors")) == set(trainer.model.state_dict())
+    # a half-written checkpoint (no state.json, a temporary name) is never picked
+    (root / ".tmp_step_00000006_1").mkdir()
+    (root / "step_00000008").mkdir()
+    assert train.latest_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    make_trainer(tmp_path, 2, "direct", checkpoint_every=2).fit()
+    other = make_trainer(tmp_path, 4, "flow")
+    with pytest.raises(ValueError, match="out_dir"):
+        other.resume()
+
+
+def test_epoch_sampler_visits_every_item_once_per_epoch():
+    sampler = train.EpochSampler(10, 4, seed=3)
+    seen = torch.cat([sampler.indices(s) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:])
+    assert torch.equal(train.EpochSampler(10, 4, seed=3).indices(3), sampler.indices(3))
+
+
+def test_batch_random_rows_do_not_depend_on_the_split():
+    whole = train.BatchRandom(7, 6)
+    a, b = train.BatchRandom(7, 6, slice(0, 3)), train.BatchRandom(7, 6, slice(3, 6))
+    n, u = whole.normal(2), whole.uniform()
+    torch.testing.assert_close(torch.cat([a.normal(2), b.normal(2)]), n, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([a.uniform(), b.uniform()]), u, rtol=0, atol=0)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        train.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        train.TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train.TrainConfig(ema_decay=1.0)
+
+
+def test_save_grid(tmp_path):
+    from PIL import Image
+
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    train.save_grid(images, tmp_path / "g.png", nrow=3)
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.size == (3 * 34, 2 * 34) and img.mode == "L"  # 8 px x4 = 32, +2 border
+    with pytest.raises(ValueError, match="images"):
+        train.save_grid(torch.zeros(2, 2, 8, 8), tmp_path / "bad.png", nrow=2)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from models.test_train import make_trainer
+trainer = make_trainer({out!r}, 3, checkpoint_every=3)
+trainer.fit()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path):
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT.format(tests=tests, out=str(tmp_path / "ddp")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--standalone", str(script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = make_trainer(tmp_path / "single", 3, checkpoint_every=3)
+    single.fit()
+    ddp = load_file(train.latest_checkpoint(tmp_path / "ddp") / "model.safetensors")
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
