@@ -6,6 +6,9 @@ Images come as float32 (N, C, H, W) scaled to [-1, 1], labels as int64 (N,).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -29,3 +32,95 @@ def digits(size: int = 8) -> TensorDataset:
                                antialias=size < 8).clamp_(-1.0, 1.0)
     labels = torch.from_numpy(bunch.target).long()
     return TensorDataset(images.contiguous(), labels)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_folder(root: str | Path, size: int, channels: int = 3) -> tuple[TensorDataset, list[str]]:
+    """Images under root/<class name>/*, one class per subfolder (sorted names → labels 0..K-1),
+    resized (shorter side) and centre-cropped to size x size, scaled to [-1, 1]. Returns the
+    dataset (held in memory) and the class names."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 or 3, got {channels}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"root: {root} has no class subfolders (expected root/<class>/<image>)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                scale = size / min(img.size)
+                img = img.resize((max(size, round(img.width * scale)),
+                                  max(size, round(img.height * scale))), Image.BICUBIC)
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+                pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+            images.append(pixels.reshape(size, size, channels).permute(2, 0, 1) / 127.5 - 1.0)
+            labels.append(label)
+    if not images:
+        raise ValueError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return TensorDataset(torch.stack(images), torch.tensor(labels)), classes
+
+
+VAE_SCALE = 0.18215  # Stable Diffusion's latent scale, as in DiT and the Direct Models paper
+
+
+def load_vae(path: str | Path):
+    """A diffusers AutoencoderKL from a local directory (config.json + weights); no download."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"vae: no AutoencoderKL at {path} (expected a directory with "
+                                f"config.json and weights, e.g. a local sd-vae-ft-mse)")
+    return AutoencoderKL.from_pretrained(str(path), local_files_only=True).eval()
+
+
+@torch.no_grad()
+def vae_latents(images: TensorDataset, vae_path: str | Path, cache: str | Path,
+                batch_size: int = 32, device: str | torch.device = "cpu") -> TensorDataset:
+    """Encode images ([-1, 1], 3 channels) once through the VAE: latents = mean of the
+    posterior x 0.18215 (the mean, not a sample, so the cache is deterministic), cached as
+    safetensors at `cache` and reused while the VAE path and the image count match."""
+    from safetensors.torch import load_file, save_file
+
+    cache = Path(cache)
+    x, *rest = images.tensors
+    key = {"vae": str(Path(vae_path).resolve()), "count": str(len(x)),
+           "shape": str(tuple(x.shape[1:]))}
+    if cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as f:
+            if f.metadata() == key:
+                loaded = load_file(str(cache))
+                tensors = [loaded["latents"]] + ([loaded["labels"]] if "labels" in loaded else [])
+                return TensorDataset(*tensors)
+    vae = load_vae(vae_path).to(device)
+    latents = torch.cat([vae.encode(x[i:i + batch_size].to(device)).latent_dist.mean.cpu()
+                         for i in range(0, len(x), batch_size)]) * VAE_SCALE
+    tensors = {"latents": latents.float().contiguous()}
+    if rest:
+        tensors["labels"] = rest[0].contiguous()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=key)
+    tmp.replace(cache)
+    return TensorDataset(*tensors.values())
+
+
+@torch.no_grad()
+def decode_latents(latents: torch.Tensor, vae, batch_size: int = 32) -> torch.Tensor:
+    """Latents (x 0.18215) back to images in [-1, 1]."""
+    out = [vae.decode(latents[i:i + batch_size] / VAE_SCALE).sample.clamp(-1, 1)
+           for i in range(0, len(latents), batch_size)]
+    return torch.cat(out)

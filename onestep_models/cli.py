@@ -1,0 +1,325 @@
+"""The `onestep` command: train, sample, eval and the demo.
+
+    onestep demo --out runs/demo             # Direct Model on the embedded digits, then eval
+    onestep train direct --out runs/d1 --steps 5000 --lr 1e-3
+    onestep sample --ckpt runs/d1 --out samples.png
+    onestep eval --ckpt runs/d1
+
+Bad arguments and missing files end with a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onestep_models import recipes
+from onestep_models.train import (TrainConfig, Trainer, grid_inputs, latest_checkpoint,
+                                  load_weights, read_checkpoint_state, save_grid)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+# The demo's settings: measured to finish (training + evaluation) in well under 10 minutes on
+# 2 CPU cores and to meet the quality bar; see README "Direct Models on digits".
+DEMO = dict(model="tiny", steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, grad_clip=1.0,
+            ema_decay=0.999, dt=0.01, eval_samples=1000)
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+        return value
+    return parse
+
+
+def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
+    p.add_argument("--out", type=Path, required=not demo, default=Path("runs/demo") if demo else None,
+                   help="run directory (checkpoints, logs, grids); an existing run resumes")
+    p.add_argument("--steps", type=_positive(int), default=DEMO["steps"] if demo else 1000)
+    p.add_argument("--batch-size", type=_positive(int), default=DEMO["batch_size"])
+    p.add_argument("--lr", type=_positive(float), default=DEMO["lr"] if demo else 5e-5,
+                   help="AdamW learning rate (the Direct Models paper: 5e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    if demo:
+        p.add_argument("--eval-samples", type=_positive(int), default=DEMO["eval_samples"])
+        return
+    p.add_argument("--data", default="digits",
+                   help="'digits' (embedded) or an image folder (one subfolder per class)")
+    p.add_argument("--size", type=_positive(int), default=None,
+                   help="image side (digits: 8; folders: required)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--vae", type=Path, default=None,
+                   help="local AutoencoderKL directory: train on its cached latents")
+    p.add_argument("--model", default="tiny", choices=list(recipes.MODEL_SIZES))
+    p.add_argument("--unfused", action="store_true", help="reference DiT blocks, not fused")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--grad-clip", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
+    p.add_argument("--checkpoint-every", type=_positive(int), default=500)
+    p.add_argument("--log-every", type=_positive(int), default=50)
+    p.add_argument("--class-dropout", type=float, default=0.1)
+    p.add_argument("--dt", type=float, default=0.01, help="direct: the propagation step")
+    p.add_argument("--no-stop-gradient", action="store_true",
+                   help="direct: the paper's ablation without stop-gradient")
+    p.add_argument("--parametrization", choices=("residual", "plain"), default="residual",
+                   help="direct: phi = x0 + t w (residual) or x0 + w (the paper's ablation)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="onestep", description="One-step image generators on fused DiT kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    train = sub.add_parser("train", help="train a recipe")
+    train.add_argument("recipe", choices=recipes.RECIPES)
+    _add_train_arguments(train, demo=False)
+    demo = sub.add_parser("demo", help="train a Direct Model on digits, then evaluate it")
+    _add_train_arguments(demo, demo=True)
+    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
+    sample.add_argument("--ckpt", type=Path, required=True, help="run or checkpoint directory")
+    sample.add_argument("--out", type=Path, required=True, help="PNG file")
+    sample.add_argument("--sampler", default=None, help="default: the recipe's first")
+    sample.add_argument("--num", type=_positive(int), default=100)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None)
+    ev = sub.add_parser("eval", help="digits-FD, class accuracy, FID and straightness")
+    ev.add_argument("--ckpt", type=Path, required=True, help="run or checkpoint directory")
+    ev.add_argument("--num", type=_positive(int), default=1000, help="samples per sampler")
+    ev.add_argument("--inception", type=Path, default=None,
+                    help="pytorch-fid Inception weights (.pth) for FID on 3-channel images")
+    ev.add_argument("--out", type=Path, default=None, help="default: <run>/metrics.json")
+    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--device", default=None)
+    return parser
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device: expected cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device: cuda asked for, but torch sees no GPU")
+    return torch.device(name)
+
+
+def _run_config(args, recipe: str) -> dict[str, Any]:
+    if args.data == "digits":
+        data = {"kind": "digits", "size": args.size or 8}
+    else:
+        if not Path(args.data).is_dir():
+            raise UsageError(f"--data: no such directory: {args.data}")
+        if args.size is None:
+            raise UsageError("--size: required for an image folder")
+        if args.vae is not None and not (args.vae / "config.json").is_file():
+            raise UsageError(f"--vae: no AutoencoderKL (config.json) in {args.vae}")
+        data = {"kind": "folder", "path": str(Path(args.data).resolve()), "size": args.size,
+                "channels": args.channels, "vae": str(args.vae.resolve()) if args.vae else None}
+    options = recipes.default_options(recipe)
+    options["class_dropout"] = args.class_dropout
+    if recipe == "direct":
+        options.update(dt=args.dt, stop_gradient=not args.no_stop_gradient,
+                       parametrization=args.parametrization)
+    return {"recipe": recipe, "data": data, "options": options, "model_size": args.model,
+            "fused": not args.unfused}
+
+
+def train(run: dict[str, Any], tcfg: TrainConfig, out: Path, device: torch.device,
+          progress: bool) -> Trainer:
+    dataset, num_classes = recipes.load_data(run["data"])
+    run = dict(run)
+    run["model"] = recipes.model_kwargs(run.pop("model_size"), tuple(dataset[0][0].shape),
+                                        num_classes, run.pop("fused"))
+    model = recipes.build(run)
+    trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
+                      device=device, progress=progress)
+    trainer.fit(resume=True)
+    return trainer
+
+
+def load_run(ckpt: Path, device: torch.device):
+    """(EMA recipe module, run config, checkpoint path) from a run or checkpoint directory."""
+    if not ckpt.exists():
+        raise UsageError(f"--ckpt: no such file or directory: {ckpt}")
+    checkpoint = latest_checkpoint(ckpt)
+    if checkpoint is None:
+        raise UsageError(f"--ckpt: no checkpoint (checkpoints/step_*/state.json) under {ckpt}")
+    run = read_checkpoint_state(checkpoint)["config"]
+    model = recipes.build(run)
+    load_weights(model, checkpoint, "ema")
+    return model.to(device).eval(), run, checkpoint
+
+
+def _to_images(run: dict[str, Any], device: torch.device):
+    """Samples → images in [-1, 1]: identity, or the VAE decoder for latent runs."""
+    vae_path = run["data"].get("vae")
+    if not vae_path:
+        return lambda x: x.clamp(-1, 1)
+    from onestep_models.data import decode_latents, load_vae
+
+    vae = load_vae(vae_path).to(device)
+    return lambda x: decode_latents(x, vae)
+
+
+def evaluate(ckpt: Path, num: int, seed: int, device: torch.device,
+             inception: Path | None = None) -> dict[str, Any]:
+    from onestep_models import metrics
+
+    model, run, checkpoint = load_run(ckpt, device)
+    dataset, num_classes = recipes.load_data(run["data"])
+    to_images = _to_images(run, device)
+    x0, y = grid_inputs(tuple(dataset[0][0].shape), num_classes, num, seed, device)
+    is_digits = run["data"]["kind"] == "digits"
+    real = dataset.tensors[0]
+    if run["data"].get("vae"):
+        real = to_images(real.to(device)).cpu()
+    classifier = metrics.load_classifier() if is_digits else None
+    fid = None
+    if inception is not None:
+        from onestep_models.inception import FIDInception
+
+        if not inception.is_file():
+            raise UsageError(f"--inception: no such file: {inception}")
+        fid = FIDInception.from_pytorch_fid(inception).to(device)
+        real_fid = metrics.features(fid, real.to(device))
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "samples": num, "seed": seed,
+                              "samplers": {}}
+    for name, sample in model.samplers().items():
+        start = time.perf_counter()
+        images = to_images(sample(x0, y)).cpu()
+        entry: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2)}
+        if is_digits:
+            entry["digits_fd"] = metrics.digits_fd(images, real, classifier)
+            if y is not None:
+                entry["class_accuracy"] = metrics.class_accuracy(images, y.cpu(), classifier)
+        if fid is not None:
+            entry["fid"] = metrics.frechet_distance(metrics.features(fid, images.to(device)),
+                                                    real_fid)
+        result["samplers"][name] = entry
+    if hasattr(model, "v"):
+        result["straightness_euler128"] = metrics.straightness(model.v, x0, 128, y)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    keys = sorted({k for e in result["samplers"].values() for k in e if k != "seconds"})
+    print(f"{'sampler':<22}" + "".join(f"{k:>16}" for k in keys) + f"{'seconds':>10}")
+    for name, entry in result["samplers"].items():
+        cells = "".join(f"{entry[k]:>16.4g}" if k in entry else f"{'-':>16}" for k in keys)
+        print(f"{name:<22}{cells}{entry['seconds']:>10.2f}")
+    if "straightness_euler128" in result:
+        print(f"straightness of v (128-step Euler path): {result['straightness_euler128']:.4g}")
+
+
+def quality_bar(result: dict[str, Any]) -> dict[str, Any]:
+    """The Direct Models bar on digits: 1-step w's digits-FD at most 1/3 of 1-step Euler flow's;
+    its class accuracy at least 80% of the 128-step flow's."""
+    s = result["samplers"]
+    direct, euler1, euler128 = s["direct_1step"], s["flow_euler_1step"], s["flow_euler_128step"]
+    fd_ratio = direct["digits_fd"] / euler1["digits_fd"]
+    acc_ratio = direct["class_accuracy"] / max(euler128["class_accuracy"], 1e-12)
+    return {"fd_ratio_direct_over_euler1": fd_ratio, "fd_ratio_ok": fd_ratio <= 1 / 3,
+            "accuracy_ratio_direct_over_euler128": acc_ratio, "accuracy_ratio_ok": acc_ratio >= 0.8}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        device = _device(args.device)
+        if args.command in ("train", "demo"):
+            recipe = "direct" if args.command == "demo" else args.recipe
+            if args.command == "demo":
+                tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   warmup_steps=DEMO["warmup_steps"],
+                                   grad_clip=DEMO["grad_clip"], ema_decay=DEMO["ema_decay"],
+                                   seed=args.seed, checkpoint_every=max(1, args.steps // 4),
+                                   log_every=max(1, min(100, args.steps // 10)))
+                run = {"recipe": "direct", "data": {"kind": "digits", "size": 8},
+                       "options": recipes.default_options("direct"), "model_size": DEMO["model"],
+                       "fused": True}
+            else:
+                tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                                   grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed,
+                                   checkpoint_every=args.checkpoint_every,
+                                   log_every=args.log_every)
+                run = _run_config(args, recipe)
+            start = time.perf_counter()
+            trainer = train(run, tcfg, args.out, device, progress=not args.no_progress)
+            if args.command == "demo" and trainer.rank == 0:
+                trained = time.perf_counter() - start
+                result = evaluate(args.out, args.eval_samples, 1, device)
+                result["quality_bar"] = quality_bar(result)
+                result["train_seconds"] = round(trained, 1)
+                result["total_seconds"] = round(time.perf_counter() - start, 1)
+                _write_json(args.out / "metrics.json", result)
+                print_table(result)
+                bar = result["quality_bar"]
+                print(f"direct 1-step FD / Euler 1-step FD = "
+                      f"{bar['fd_ratio_direct_over_euler1']:.3f} (bar: <= 0.333)\n"
+                      f"direct 1-step accuracy / Euler 128-step accuracy = "
+                      f"{bar['accuracy_ratio_direct_over_euler128']:.3f} (bar: >= 0.8)\n"
+                      f"grids and metrics.json in {args.out}; "
+                      f"{result['total_seconds']:.0f} s in all")
+            return 0
+        if args.command == "sample":
+            model, run, _ = load_run(args.ckpt, device)
+            samplers = model.samplers()
+            name = args.sampler or next(iter(samplers))
+            if name not in samplers:
+                raise UsageError(f"--sampler: expected one of {', '.join(samplers)}, got {name!r}")
+            dataset, num_classes = recipes.load_data(run["data"])
+            x0, y = grid_inputs(tuple(dataset[0][0].shape), num_classes, args.num, args.seed,
+                                device)
+            images = _to_images(run, device)(samplers[name](x0, y))
+            save_grid(images, args.out, nrow=max(1, round(args.num ** 0.5)))
+            print(f"{args.num} samples ({name}) written to {args.out}")
+            return 0
+        if args.command == "eval":
+            result = evaluate(args.ckpt, args.num, args.seed, device, args.inception)
+            out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / "metrics.json"
+            _write_json(out, result)
+            print_table(result)
+            print(f"metrics written to {out}")
+            return 0
+    except UsageError as err:
+        print(f"onestep: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"onestep: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
