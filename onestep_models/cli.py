@@ -35,8 +35,8 @@ class Parser(argparse.ArgumentParser):
 
 # The demo's settings: measured to finish (training + evaluation) in well under 10 minutes on
 # 2 CPU cores and to meet the quality bar; see README "Direct Models on digits".
-DEMO = dict(model="tiny", steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, grad_clip=1.0,
-            ema_decay=0.999, dt=0.01, eval_samples=1000)
+DEMO = dict(model="tiny", steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, grad_clip=1.0,
+            ema_decay=0.999, dt=0.05, eval_samples=1000)
 
 
 def _positive(kind):
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=args.seed, checkpoint_every=max(1, args.steps // 4),
                                    log_every=max(1, min(100, args.steps // 10)))
                 run = {"recipe": "direct", "data": {"kind": "digits", "size": 8},
-                       "options": recipes.default_options("direct"), "model_size": DEMO["model"],
+                       "options": {**recipes.default_options("direct"), "dt": DEMO["dt"]},
+                       "model_size": DEMO["model"],
                        "fused": True}
             else:
                 tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -1,5 +1,6 @@
 """Datasets. The embedded default is scikit-learn's handwritten digits: 1,797 real 8x8 grey
-images with labels 0-9, shipped inside the scikit-learn wheel (no download).
+images with labels 0-9, shipped inside the scikit-learn wheel (no download). For real data: an
+image folder (one subfolder per class) and its VAE latents, encoded once and cached.
 
 Images come as float32 (N, C, H, W) scaled to [-1, 1], labels as int64 (N,).
 """

@@ -108,7 +108,7 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
             raise ValueError(f"{name}: expected (N >= 2, D) features, got shape {f.shape}")
     mu_a, mu_b = feat_a.mean(0), feat_b.mean(0)
     cov_a, cov_b = np.cov(feat_a, rowvar=False), np.cov(feat_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # singular product: regularise, as pytorch-fid does
         eps = 1e-6 * np.eye(len(cov_a))
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))

@@ -114,8 +114,11 @@ class EpochSampler:
         start = step * self.batch_size
         positions = torch.arange(start, start + self.batch_size)
         epochs, offsets = positions // self.n, positions % self.n
-        return torch.stack([self._permutation(int(e))[int(o)]
-                            for e, o in zip(epochs, offsets)])
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():  # one or two epochs per batch
+            rows = epochs == epoch
+            out[rows] = self._permutation(epoch)[offsets[rows]]
+        return out
 
 
 def fetch(dataset: Dataset, idx: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -1,7 +1,10 @@
-"""The embedded digits dataset: real images, labels, scaling and resizing."""
+"""Datasets: the embedded digits (real images, labels, scaling, resizing), image folders and
+cached VAE latents (a small randomly initialised AutoencoderKL)."""
 
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from onestep_models.data import DIGITS_CLASSES, digits
 
@@ -29,3 +32,55 @@ def test_resize_keeps_range_and_labels():
 def test_bad_size(size):
     with pytest.raises(ValueError, match="size:"):
         digits(size)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    from onestep_models.data import image_folder
+
+    rng = np.random.default_rng(0)
+    for name, count in (("cat", 2), ("dog", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    dataset, classes = image_folder(tmp_path, 8)
+    images, labels = dataset.tensors
+    assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 1, 1, 1]
+    assert images.shape == (5, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
+    grey, _ = image_folder(tmp_path, 4, channels=1)
+    assert grey.tensors[0].shape == (5, 1, 4, 4)
+    with pytest.raises(FileNotFoundError):
+        image_folder(tmp_path / "missing", 8)
+
+
+@pytest.mark.slow
+def test_vae_latents_cached(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from onestep_models.data import VAE_SCALE, decode_latents, load_vae, vae_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    dataset = TensorDataset(images, torch.arange(5))
+    cache = tmp_path / "latents.safetensors"
+    latents = vae_latents(dataset, tmp_path / "vae", cache, batch_size=2)
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mean * VAE_SCALE
+    torch.testing.assert_close(latents.tensors[0], expected, rtol=1e-4, atol=1e-5)
+    assert latents.tensors[1].tolist() == list(range(5)) and cache.is_file()
+    # the second call reads the cache (the VAE directory is not needed any more)
+    (tmp_path / "vae" / "config.json").rename(tmp_path / "vae" / "moved.json")
+    again = vae_latents(dataset, tmp_path / "vae", cache)
+    assert torch.equal(again.tensors[0], latents.tensors[0])
+    with pytest.raises(FileNotFoundError, match="vae"):
+        load_vae(tmp_path / "vae")
+    (tmp_path / "vae" / "moved.json").rename(tmp_path / "vae" / "config.json")
+    decoded = decode_latents(latents.tensors[0], load_vae(tmp_path / "vae"))
+    assert decoded.shape == images.shape and decoded.abs().max() <= 1
