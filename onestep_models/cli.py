@@ -20,8 +20,15 @@ from typing import Any
 import torch
 
 from onestep_models import recipes
-from onestep_models.train import (TrainConfig, Trainer, grid_inputs, latest_checkpoint,
-                                  load_weights, read_checkpoint_state, save_grid)
+from onestep_models.train import (
+    TrainConfig,
+    Trainer,
+    grid_inputs,
+    latest_checkpoint,
+    load_weights,
+    read_checkpoint_state,
+    save_grid,
+)
 
 
 class UsageError(Exception):
@@ -52,7 +59,8 @@ def _positive(kind):
 
 
 def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
-    p.add_argument("--out", type=Path, required=not demo, default=Path("runs/demo") if demo else None,
+    p.add_argument("--out", type=Path, required=not demo,
+                   default=Path("runs/demo") if demo else None,
                    help="run directory (checkpoints, logs, grids); an existing run resumes")
     p.add_argument("--steps", type=_positive(int), default=DEMO["steps"] if demo else 1000)
     p.add_argument("--batch-size", type=_positive(int), default=DEMO["batch_size"])
@@ -304,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval":
             result = evaluate(args.ckpt, args.num, args.seed, device, args.inception)
-            out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / "metrics.json"
+            run_dir = args.ckpt if args.ckpt.is_dir() else args.ckpt.parent
+            out = args.out or run_dir / "metrics.json"
             _write_json(out, result)
             print_table(result)
             print(f"metrics written to {out}")

@@ -110,7 +110,8 @@ def guided(v: Velocity, cfg_scale: float, null_class: int) -> Velocity:
     def v_cfg(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         if y is None:
             raise ValueError("y: classifier-free guidance needs class labels")
-        out = v(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+        y_null = torch.full_like(y, null_class)
+        out = v(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
         cond, uncond = out.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 

@@ -44,7 +44,8 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
         images, classes = datasets.image_folder(spec["path"], spec["size"],
                                                 spec.get("channels", 3))
         if spec.get("vae"):
-            cache = spec.get("cache") or str(Path(spec["path"]) / f"latents_{spec['size']}.safetensors")
+            default = Path(spec["path"]) / f"latents_{spec['size']}.safetensors"
+            cache = spec.get("cache") or str(default)
             images = datasets.vae_latents(images, spec["vae"], cache)
         return images, len(classes)
     raise ValueError(f"data: unknown kind {kind!r} (expected 'digits' or 'folder')")
