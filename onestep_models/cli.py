@@ -11,7 +11,6 @@ Bad arguments and missing files end with a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from onestep_models.train import (
     load_weights,
     read_checkpoint_state,
     save_grid,
+    write_json_atomic,
 )
 
 
@@ -250,12 +250,6 @@ def quality_bar(result: dict[str, Any]) -> dict[str, Any]:
             "accuracy_ratio_direct_over_euler128": acc_ratio, "accuracy_ratio_ok": acc_ratio >= 0.8}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -287,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["quality_bar"] = quality_bar(result)
                 result["train_seconds"] = round(trained, 1)
                 result["total_seconds"] = round(time.perf_counter() - start, 1)
-                _write_json(args.out / "metrics.json", result)
+                write_json_atomic(args.out / "metrics.json", result)
                 print_table(result)
                 bar = result["quality_bar"]
                 print(f"direct 1-step FD / Euler 1-step FD = "
@@ -314,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(args.ckpt, args.num, args.seed, device, args.inception)
             run_dir = args.ckpt if args.ckpt.is_dir() else args.ckpt.parent
             out = args.out or run_dir / "metrics.json"
-            _write_json(out, result)
+            write_json_atomic(out, result)
             print_table(result)
             print(f"metrics written to {out}")
             return 0

@@ -124,8 +124,7 @@ class DirectModel(nn.Module):
         cfg = self.config
         x0_v, t_v = rng.normal(*x1.shape[1:]), rng.uniform()
         x0, t = rng.normal(*x1.shape[1:]), cfg.dt + (1 - 2 * cfg.dt) * rng.uniform()
-        drop = rng.uniform() < cfg.class_dropout
-        y_v = None if y is None else torch.where(drop, self.num_classes, y)
+        y_v = rng.drop_labels(y, cfg.class_dropout, self.num_classes)
         fm = flow.cfm_loss(self.v, x1, y_v, x0=x0_v.to(x1.dtype), t=t_v.to(x1.dtype))
         prop = propagation_loss(self.w, self.v, x0.to(x1.dtype), t.to(x1.dtype), cfg.dt, y,
                                 stop_gradient=cfg.stop_gradient,

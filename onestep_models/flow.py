@@ -142,8 +142,7 @@ class FlowMatching(nn.Module):
 
     def loss(self, x1: Tensor, y: Tensor | None, rng) -> tuple[Tensor, dict[str, Tensor]]:
         x0, t = rng.normal(*x1.shape[1:]).to(x1.dtype), rng.uniform().to(x1.dtype)
-        drop = rng.uniform() < self.class_dropout
-        y = None if y is None else torch.where(drop, self.num_classes, y)
+        y = rng.drop_labels(y, self.class_dropout, self.num_classes)
         loss = cfm_loss(self.v, x1, y, x0=x0, t=t)
         return loss, {}
 

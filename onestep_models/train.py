@@ -93,6 +93,12 @@ class BatchRandom:
         out = torch.rand((self.size, *shape), generator=self.generator, dtype=dtype)
         return out[self.rows].to(self.device)
 
+    def drop_labels(self, y: Tensor | None, p: float, null_class: int) -> Tensor | None:
+        """Labels replaced by the null class with probability p (class dropout). The draw is
+        made even when y is None so that later draws do not depend on conditioning."""
+        drop = self.uniform() < p
+        return None if y is None else torch.where(drop, null_class, y)
+
 
 class EpochSampler:
     """Batch indices for step s: consecutive slices of an endless sequence of permutations of
@@ -165,17 +171,18 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file and rename it over path (never a half-written file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
 def save_checkpoint(directory: Path, step: int, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, run_config: dict[str, Any],
                     keep: int) -> Path:
-    """Write checkpoints/step_XXXXXXXX/ (model and EMA weights as safetensors, optimiser state,
-    config and step) into a temporary directory, then rename it: a crash leaves either the
+    """Write checkpoints/step_<8-digit step>/ (model and EMA weights as safetensors, optimiser
+    state, config and step) into a temporary directory, then rename it: a crash leaves either the
     whole checkpoint or none. Keeps the newest `keep`."""
     from safetensors.torch import save_file
 
