@@ -86,4 +86,19 @@ int bias_gelu_tanh_bwd(const void* dy, const void* x, const void* bias, void* dx
   return ONESTEP_PICK(bias_gelu_tanh_bwd, dy, x, bias, dx, dbias, R, F, dtype, num_threads);
 }
 
+int attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse, int64_t B,
+                  int64_t H, int64_t N, int64_t NK, int64_t D, const int64_t* strides,
+                  float scale, int dtype, int num_threads) {
+  return ONESTEP_PICK(attention_fwd, q, k, v, out, lse, B, H, N, NK, D, strides, scale, dtype,
+                      num_threads);
+}
+
+int attention_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                  const float* lse, void* dq, void* dk, void* dv, int64_t B, int64_t H, int64_t N,
+                  int64_t NK, int64_t D, const int64_t* strides, float scale, int dtype,
+                  int num_threads) {
+  return ONESTEP_PICK(attention_bwd, dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides,
+                      scale, dtype, num_threads);
+}
+
 }  // namespace onestep::cpu

@@ -22,9 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import checks, dispatch
+from .. import checks, dispatch, native
 from ..triton_compat import tl, triton
-from .common import interpreter_bf16_reason, on_device
+from .common import interpreter_bf16_reason, launcher, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -262,53 +262,93 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration (the triton backend; cpu/torch call SDPA directly)
+# CPU C++ launchers (csrc/cpu/attention.cpp)
+# ---------------------------------------------------------------------------------------------
+
+
+def _qkv_strides(q, k, v) -> list[int]:
+    return [*_strides(q), *_strides(k), *_strides(v)]
+
+
+def _cpu_fwd(q, k, v, scale):
+    B, H, N, Dh = q.shape
+    out = torch.empty((B, H, N, Dh), dtype=q.dtype)
+    lse = torch.empty((B, H, N), dtype=torch.float32)
+    code = native.cpu_module.attention_fwd(
+        native.ptr(q), native.ptr(k), native.ptr(v), native.ptr(out), native.ptr(lse), B, H, N,
+        k.shape[2], Dh, _qkv_strides(q, k, v), scale, native.dtype_code(q),
+        torch.get_num_threads())
+    native.check_cpu_status(code, "attention forward")
+    return out, lse
+
+
+def _cpu_bwd(dout, q, k, v, out, lse, scale):
+    B, H, N, Dh = q.shape
+    dout = dout.contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))  # contiguous
+    code = native.cpu_module.attention_bwd(
+        native.ptr(dout), native.ptr(q), native.ptr(k), native.ptr(v), native.ptr(out),
+        native.ptr(lse), native.ptr(dq), native.ptr(dk), native.ptr(dv), B, H, N, k.shape[2], Dh,
+        _qkv_strides(q, k, v), scale, native.dtype_code(q), torch.get_num_threads())
+    native.check_cpu_status(code, "attention backward")
+    return dq, dk, dv
+
+
+_FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd}
+_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd}
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (the triton and cpu backends; torch calls SDPA directly)
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("onestep::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                  backend: str) -> tuple[Tensor, Tensor]:
     """Returns (out, lse); lse is the fp32 base-2 log-sum-exp of each query's scores."""
     B, H, N, Dh = q.shape
     if B * H * N == 0 or k.shape[2] == 0:
         return (torch.zeros((B, H, N, Dh), dtype=q.dtype, device=q.device),
                 torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
     with on_device(q):
-        return _triton_fwd(q, k, v, scale)
+        return launcher(_FWD, backend)(q, k, v, scale)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, backend):
     B, H, N, Dh = q.shape
     return q.new_empty((B, H, N, Dh)), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("onestep::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                  scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns contiguous (dq, dk, dv)."""
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     with on_device(q):
-        return _triton_bwd(dout, q, k, v, out, lse, scale)
+        return launcher(_BWD, backend)(dout, q, k, v, out, lse, scale)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale):
+def _(dout, q, k, v, out, lse, scale, backend):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    ctx.backend = backend
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -352,6 +392,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
     elif reason := interpreter_bf16_reason(q, "q"):
         cannot["triton"] = reason
     name = dispatch.resolve(backend, q.device, cannot)
-    if name in ("cpu", "torch"):
+    if name == "torch":
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    return attention_fwd(q, k, v, scale)[0]
+    return attention_fwd(q, k, v, scale, name)[0]

@@ -1,11 +1,13 @@
-"""attention: the Triton flash-attention kernels (through the interpreter here) and the SDPA
-backends against a float64 softmax(q k^T) v, forward and all three gradients, including head
-dim 72, single tokens, key counts that differ from query counts, and strided q/k/v views."""
+"""attention: the CPU C++ kernels (both instruction sets), the Triton flash-attention kernels
+(through the interpreter here) and the SDPA backend against a float64 softmax(q k^T) v, forward
+and all three gradients, including head dim 72, single tokens, key counts that differ from
+query counts and cross the C++ backward's key chunks, and strided q/k/v views."""
 
 import pytest
 import torch
 from conftest import assert_close_rel
 from einops import rearrange
+from test_layernorm_modulate import cpu_isa  # noqa: F401
 
 import onestep_kernels as ok
 from onestep_kernels.ops import attention as op
@@ -47,48 +49,83 @@ def test_triton_matches_float64_reference(dtype, Dh, shape, generator):
     check("triton", q, k, v, generator)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+# (B, H, N, Nk): the C++ backward walks keys in chunks of 256 and queries in blocks of 64, the
+# forward queries in blocks of 6; these cross every such boundary with remainders.
+CPU_SHAPES = SHAPES + [(1, 2, 67, 600), (2, 1, 300, 259)]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("Dh", [1, 24, 64, 72, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_sdpa_backends_match_float64_reference(backend, dtype, generator):
-    check(backend, *make(2, 3, 37, 41, 72, dtype, generator), generator)
+def test_cpu_matches_float64_reference(dtype, Dh, shape, isa, generator, cpu_isa):
+    cpu_isa(isa)
+    check("cpu", *make(*shape, Dh, dtype, generator), generator)
 
 
-def test_custom_scale_and_strided_views(generator):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdpa_backend_matches_float64_reference(dtype, generator):
+    check("torch", *make(2, 3, 37, 41, 72, dtype, generator), generator)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_custom_scale_and_strided_views(backend, generator):
     """q, k, v as views of one fused QKV projection, as a DiT block makes them."""
     B, N, H, Dh = 2, 19, 3, 40
     qkv = torch.randn(B, N, 3 * H * Dh, generator=generator)
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=H)
     assert not q.is_contiguous()
-    check("triton", q, k, v, generator, scale=0.3)
+    check(backend, q, k, v, generator, scale=0.3)
 
 
-def test_deterministic_backward(generator):
-    q, k, v = (t.requires_grad_() for t in make(1, 2, 70, 70, 32, torch.float32, generator))
-    dy = torch.randn(1, 2, 70, 32, generator=generator)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_launchers_write_every_element(backend, generator, monkeypatch):
+    """Outputs start as NaN: an element a kernel forgets to write fails the test."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    q, k, v = make(2, 3, 37, 41, 24, torch.float32, generator)
+    out, lse = op._FWD[backend](q, k, v, 0.3)
+    grads = op._BWD[backend](torch.randn_like(out), q, k, v, out, lse, 0.3)
+    for name, t in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, *grads]):
+        assert torch.isfinite(t).all(), name
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_deterministic_backward(backend, generator):
+    """Bitwise equal gradients on a second run and (cpu) with another thread count."""
+    q, k, v = (t.requires_grad_() for t in make(2, 2, 70, 300, 32, torch.float32, generator))
+    dy = torch.randn(2, 2, 70, 32, generator=generator)
     grads = []
-    for _ in range(2):
-        for t in (q, k, v):
-            t.grad = None
-        ok.attention(q, k, v, backend="triton").backward(dy)
+    threads = torch.get_num_threads()
+    for num_threads in (threads, 1 if backend == "cpu" else threads):
+        torch.set_num_threads(num_threads)
+        try:
+            for t in (q, k, v):
+                t.grad = None
+            ok.attention(q, k, v, backend=backend).backward(dy)
+        finally:
+            torch.set_num_threads(threads)
         grads.append([t.grad.clone() for t in (q, k, v)])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 
 
-def test_opcheck(generator):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend, generator):
     q, k, v = (t.requires_grad_() for t in make(1, 2, 9, 11, 32, torch.float32, generator))
-    torch.library.opcheck(torch.ops.onestep.attention_fwd.default, (q, k, v, 0.2))
+    torch.library.opcheck(torch.ops.onestep.attention_fwd.default, (q, k, v, 0.2, backend))
     with torch.no_grad():
-        out, lse = torch.ops.onestep.attention_fwd(q, k, v, 0.2)
+        out, lse = torch.ops.onestep.attention_fwd(q, k, v, 0.2, backend)
     dout = torch.randn(1, 2, 9, 32, generator=generator)
     torch.library.opcheck(torch.ops.onestep.attention_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2))
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.2, backend))
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph(generator):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(backend, generator):
     q, k, v = (t.requires_grad_() for t in make(1, 2, 9, 9, 32, torch.float32, generator))
-    loss = torch.compile(lambda q, k, v: ok.attention(q, k, v, backend="triton").sum(),
+    loss = torch.compile(lambda q, k, v: ok.attention(q, k, v, backend=backend).sum(),
                          fullgraph=True)(q, k, v)
     loss.backward()
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -97,11 +134,14 @@ def test_torch_compile_fullgraph(generator):
         assert_close_rel(t.grad, r.grad, torch.float32, "grad")
 
 
-def test_no_keys_gives_zeros():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_no_keys_gives_zeros(backend):
     q = torch.randn(1, 1, 3, 32, requires_grad=True)
     k = torch.randn(1, 1, 0, 32)
-    out = ok.attention(q, k, k.clone(), backend="triton")
+    out = ok.attention(q, k, k.clone(), backend=backend)
     assert torch.equal(out, torch.zeros(1, 1, 3, 32))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
 
 
 @pytest.mark.parametrize("args,exc,match", [
@@ -124,4 +164,4 @@ def test_backend_limits():
         ok.attention(q, q, q, backend="cuda")
     with pytest.raises(ValueError, match="scale:"):
         ok.attention(q, q, q, scale=-1.0)
-    assert ok.attention(q, q, q).shape == q.shape  # default: SDPA on the CPU
+    assert ok.attention(q, q, q).shape == q.shape  # default on the CPU: the C++ kernel

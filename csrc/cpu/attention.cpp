@@ -1,0 +1,396 @@
+// Non-causal softmax attention on the CPU, forward and backward, computed as small blocked
+// matrix products on packed fp32 panels (the way a BLAS micro-kernel works, so that the
+// products run at close to the FMA units' rate; a loop over the formula would not).
+//
+// q is (B, H, N, D), k and v are (B, H, Nk, D), each with its own (B, H, N) strides and a
+// contiguous last dimension; out, dout, dq, dk, dv are contiguous. lse is the base-2
+// log-sum-exp of each query's scaled scores, (B, H, N) fp32, as the Triton kernels keep it.
+//
+// Forward: one task is a (batch, head) and a range of its queries. It packs K^T and V once as
+// fp32, then for each block of kMR queries computes the whole row of scores S = q K^T * scale
+// (kMR x Nk floats: no N x N matrix), its exact softmax, and P V.
+// Backward: one task is a (batch, head), walking key chunks of kKeyChunk and, inside, query
+// blocks of kQueryBlock: P from the saved lse, dV += P^T dO, dS = P (dO V^T - delta),
+// dK += dS^T Q, dQ += dS K. dQ is accumulated by the task over the chunks in order, so the
+// result does not depend on the thread count (and no atomics). Compiled once per ISA.
+#include <cstdint>
+#include <cstring>
+
+#include <omp.h>
+
+#include "../common/math.h"
+#include "../common/status.h"
+#include "dtype.h"
+#include "kernels.h"
+#include "row.h"
+
+namespace onestep::cpu::ONESTEP_ISA {
+namespace {
+
+// A vector of floats as one value (GCC's vector extension): one AVX register (8 floats) in the
+// avx2 build, one SSE register (4 floats) in the portable one. A micro-tile is kMR rows by two
+// vectors of C held in registers: 12 of the 16 registers, plus two for B and one for A.
+#if defined(__AVX2__)
+constexpr int kVec = 8;
+#else
+constexpr int kVec = 4;
+#endif
+typedef float vec __attribute__((vector_size(kVec * sizeof(float))));
+
+inline vec load_vec(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+
+inline void store_vec(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+constexpr int kMR = 6;
+constexpr int kNR = 2 * kVec;
+constexpr int64_t kQueryBlock = 64;  // backward: query rows per block (inner size of dK, dV)
+constexpr int64_t kKeyChunk = 256;   // backward: keys per chunk (bounds the S and dP panels)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[r][0:kNR] (+)= sum_p A[r * ars + p * aps] * B[p * ldb + 0:kNR], r < MR.
+template <int MR, bool kAccumulate>
+inline void micro_tile(int64_t P, const float* A, int64_t ars, int64_t aps, const float* B,
+                       int64_t ldb, float* C, int64_t ldc) {
+  vec c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = kAccumulate ? load_vec(C + r * ldc) : vec{};
+    c1[r] = kAccumulate ? load_vec(C + r * ldc + kVec) : vec{};
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const vec b0 = load_vec(B + p * ldb);
+    const vec b1 = load_vec(B + p * ldb + kVec);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const float a = A[r * ars + p * aps];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    store_vec(C + r * ldc, c0[r]);
+    store_vec(C + r * ldc + kVec, c1[r]);
+  }
+}
+
+template <int MR, bool kAccumulate>
+inline void row_panel(int64_t cols, int64_t P, const float* A, int64_t ars, int64_t aps,
+                      const float* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t j = 0; j < cols; j += kNR)
+    micro_tile<MR, kAccumulate>(P, A, ars, aps, B + j, ldb, C + j, ldc);
+}
+
+// C (M x cols, row stride ldc) (+)= A (M x P, element (r, p) at A[r * ars + p * aps]) times
+// B (P x cols, row stride ldb). cols is a multiple of kNR (panels are padded to it).
+template <bool kAccumulate>
+void gemm(int64_t M, int64_t cols, int64_t P, const float* A, int64_t ars, int64_t aps,
+          const float* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + kMR <= M; r += kMR)
+    row_panel<kMR, kAccumulate>(cols, P, A + r * ars, ars, aps, B, ldb, C + r * ldc, ldc);
+  const float* At = A + r * ars;
+  float* Ct = C + r * ldc;
+  switch (M - r) {  // the remaining rows, fewer than kMR
+    case 5: row_panel<5, kAccumulate>(cols, P, At, ars, aps, B, ldb, Ct, ldc); break;
+    case 4: row_panel<4, kAccumulate>(cols, P, At, ars, aps, B, ldb, Ct, ldc); break;
+    case 3: row_panel<3, kAccumulate>(cols, P, At, ars, aps, B, ldb, Ct, ldc); break;
+    case 2: row_panel<2, kAccumulate>(cols, P, At, ars, aps, B, ldb, Ct, ldc); break;
+    case 1: row_panel<1, kAccumulate>(cols, P, At, ars, aps, B, ldb, Ct, ldc); break;
+    default: break;
+  }
+}
+
+// ---- packing: strided rows of T into fp32 panels, zero-padded ------------------------------
+
+// dst[i * ld + d] = src row i (times mul) for i < rows, d < D; zeros up to ld and up to
+// rows_padded.
+template <typename T>
+void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t rows_padded, int64_t D,
+               float mul, float* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s = src + i * row_stride;
+    float* o = dst + i * ld;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = to_float(s[d]) * mul;
+    for (int64_t d = D; d < ld; ++d) o[d] = 0.0f;
+  }
+  for (int64_t i = rows; i < rows_padded; ++i) std::memset(dst + i * ld, 0, ld * sizeof(float));
+}
+
+// dst[d * ld + i] = src row i, element d (a transposed panel, keys along the vector), zeros
+// for i in [rows, ld). Eight rows at a time, so that each store is a contiguous run of eight.
+template <typename T>
+void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t D, float* dst,
+                     int64_t ld) {
+  for (int64_t d = 0; d < D; ++d) std::memset(dst + d * ld, 0, ld * sizeof(float));
+  int64_t i0 = 0;
+  for (; i0 + 8 <= rows; i0 += 8) {
+    const T* s = src + i0 * row_stride;
+    for (int64_t d = 0; d < D; ++d) {
+      float* o = dst + d * ld + i0;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) o[i] = to_float(s[i * row_stride + d]);
+    }
+  }
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + i] = to_float(src[i * row_stride + d]);
+}
+
+// e^x for the softmax's x = score - row max <= 0: exp_poly without its upper clamp (x is never
+// positive here) and with arguments below -87 taken as -87 (e^-87 ~ 1.6e-38, a zero weight
+// next to the row's maximum, whose weight is 1). NaN passes through.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int bits = (static_cast<int>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Strides {
+  int64_t qb, qh, qn, kb, kh, kn, vb, vh, vn;
+  explicit Strides(const int64_t* s)
+      : qb(s[0]), qh(s[1]), qn(s[2]), kb(s[3]), kh(s[4]), kn(s[5]), vb(s[6]), vh(s[7]), vn(s[8]) {}
+};
+
+// ---- forward --------------------------------------------------------------------------------
+
+template <typename T>
+int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, int64_t B,
+        int64_t H, int64_t N, int64_t NK, int64_t D, const int64_t* strides, float scale,
+        int num_threads) {
+  const T* q = static_cast<const T*>(q_);
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
+  T* out = static_cast<T*>(out_);
+  const Strides st(strides);
+  const int64_t Dp = round_up(D, kNR), NKp = round_up(NK, kNR);
+  const int64_t BH = B * H;
+  // Enough tasks to keep every thread busy when B * H is small; each re-packs K and V, which
+  // costs NK * D against the task's 4 * rows * NK * D flops.
+  const int64_t blocks = (N + kMR - 1) / kMR;
+  int64_t splits = (4 * static_cast<int64_t>(num_threads) + BH - 1) / BH;
+  splits = splits < 1 ? 1 : (splits > blocks ? blocks : splits);
+  const int64_t blocks_per_split = (blocks + splits - 1) / splits;
+  if (BH == 0 || N == 0) return kOk;
+  int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+  {
+    FloatBuffer kt_buf(D * NKp), v_buf(NK * Dp), q_buf(kMR * Dp), s_buf(kMR * NKp),
+        o_buf(kMR * Dp);
+    const bool ok = !(kt_buf.failed() || v_buf.failed() || q_buf.failed() || s_buf.failed() ||
+                      o_buf.failed());
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    float *kt = kt_buf.data(), *vp = v_buf.data(), *qb = q_buf.data(), *s = s_buf.data(),
+          *ob = o_buf.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < BH * splits; ++task) {
+      if (!ok) continue;
+      const int64_t bh = task / splits, b = bh / H, h = bh % H;
+      const int64_t first = (task % splits) * blocks_per_split * kMR;
+      const int64_t last = min_i64(N, first + blocks_per_split * kMR);
+      if (first >= last) continue;
+      pack_transposed(k + b * st.kb + h * st.kh, st.kn, NK, D, kt, NKp);
+      pack_rows(v + b * st.vb + h * st.vh, st.vn, NK, NK, D, 1.0f, vp, Dp);
+      for (int64_t i0 = first; i0 < last; i0 += kMR) {
+        const int64_t rows = min_i64(kMR, last - i0);
+        const T* q_rows = q + b * st.qb + h * st.qh + i0 * st.qn;
+        pack_rows(q_rows, st.qn, rows, rows, D, scale, qb, Dp);
+        // The next block's queries: strided rows the hardware prefetcher does not foresee.
+        for (int64_t r = kMR; r < min_i64(2 * kMR, last - i0); ++r)
+          for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
+            __builtin_prefetch(q_rows + r * st.qn + d);
+        gemm<false>(rows, NKp, D, qb, Dp, 1, kt, NKp, s, NKp);  // scaled scores
+        float row_max[kMR], row_sum[kMR];
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = s + r * NKp;
+          float m = sr[0];
+#pragma omp simd reduction(max : m)
+          for (int64_t j = 0; j < NK; ++j) m = sr[j] > m ? sr[j] : m;
+          float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+          for (int64_t j = 0; j < NK; ++j) {
+            sr[j] = exp_nonpositive(sr[j] - m);
+            l += sr[j];
+          }
+          row_max[r] = m;
+          row_sum[r] = l;
+        }
+        gemm<false>(rows, Dp, NK, s, NKp, 1, vp, Dp, ob, Dp);  // unnormalised P V
+        for (int64_t r = 0; r < rows; ++r) {
+          const float inv = 1.0f / row_sum[r];
+          T* o = out + (bh * N + i0 + r) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(ob[r * Dp + d] * inv);
+          lse[bh * N + i0 + r] = (row_max[r] + logf(row_sum[r])) * kLog2e;
+        }
+      }
+    }
+  }
+  return failed ? kOutOfMemory : kOk;
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+template <typename T>
+int bwd(const void* dout_, const void* q_, const void* k_, const void* v_, const void* out_,
+        const float* lse, void* dq_, void* dk_, void* dv_, int64_t B, int64_t H, int64_t N,
+        int64_t NK, int64_t D, const int64_t* strides, float scale, int num_threads) {
+  const T* dout = static_cast<const T*>(dout_);
+  const T* q = static_cast<const T*>(q_);
+  const T* k = static_cast<const T*>(k_);
+  const T* v = static_cast<const T*>(v_);
+  const T* out = static_cast<const T*>(out_);
+  T* dq = static_cast<T*>(dq_);
+  T* dk = static_cast<T*>(dk_);
+  T* dv = static_cast<T*>(dv_);
+  const Strides st(strides);
+  const int64_t Dp = round_up(D, kNR);
+  const int64_t KC = min_i64(kKeyChunk, round_up(NK, kNR));  // padded chunk width
+  const int64_t QB = kQueryBlock;
+  if (B * H == 0 || N == 0) return kOk;
+  int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+  {
+    FloatBuffer kt_buf(D * KC), vt_buf(D * KC), kr_buf(KC * Dp), dk_buf(KC * Dp),
+        dv_buf(KC * Dp), q_buf(QB * Dp), do_buf(QB * Dp), p_buf(QB * KC), ds_buf(QB * KC),
+        dq_buf(N * Dp), stat_buf(2 * QB);
+    const bool ok = !(kt_buf.failed() || vt_buf.failed() || kr_buf.failed() ||
+                      dk_buf.failed() || dv_buf.failed() || q_buf.failed() || do_buf.failed() ||
+                      p_buf.failed() || ds_buf.failed() || dq_buf.failed() || stat_buf.failed());
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    }
+    float *kt = kt_buf.data(), *vt = vt_buf.data(), *kr = kr_buf.data(), *dkc = dk_buf.data(),
+          *dvc = dv_buf.data(), *qb = q_buf.data(), *dob = do_buf.data(), *p = p_buf.data(),
+          *ds = ds_buf.data(), *dqa = dq_buf.data();
+    float* lse_nat = stat_buf.data();
+    float* delta = lse_nat == nullptr ? nullptr : lse_nat + QB;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      if (!ok) continue;
+      const int64_t b = bh / H, h = bh % H;
+      const T* qh = q + b * st.qb + h * st.qh;
+      const T* kh = k + b * st.kb + h * st.kh;
+      const T* vh = v + b * st.vb + h * st.vh;
+      std::memset(dqa, 0, N * Dp * sizeof(float));
+      for (int64_t j0 = 0; j0 < NK; j0 += KC) {
+        const int64_t keys = min_i64(KC, NK - j0);
+        const int64_t keys_p = round_up(keys, kNR);
+        pack_transposed(kh + j0 * st.kn, st.kn, keys, D, kt, keys_p);
+        pack_transposed(vh + j0 * st.vn, st.vn, keys, D, vt, keys_p);
+        pack_rows(kh + j0 * st.kn, st.kn, keys, keys, D, 1.0f, kr, Dp);
+        std::memset(dkc, 0, keys * Dp * sizeof(float));
+        std::memset(dvc, 0, keys * Dp * sizeof(float));
+        for (int64_t i0 = 0; i0 < N; i0 += QB) {
+          const int64_t rows = min_i64(QB, N - i0);
+          pack_rows(qh + i0 * st.qn, st.qn, rows, rows, D, 1.0f, qb, Dp);
+          pack_rows(dout + (bh * N + i0) * D, D, rows, rows, D, 1.0f, dob, Dp);
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* o = out + (bh * N + i0 + r) * D;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < D; ++d) acc += dob[r * Dp + d] * to_float(o[d]);
+            delta[r] = acc;  // rowsum(dO * O)
+            lse_nat[r] = lse[bh * N + i0 + r] * kLn2;
+          }
+          gemm<false>(rows, keys_p, D, qb, Dp, 1, kt, keys_p, p, keys_p);    // Q K^T
+          gemm<false>(rows, keys_p, D, dob, Dp, 1, vt, keys_p, ds, keys_p);  // dO V^T
+          for (int64_t r = 0; r < rows; ++r) {
+            float* pr = p + r * keys_p;
+            float* dsr = ds + r * keys_p;
+            const float l = lse_nat[r], dl = delta[r];
+#pragma omp simd
+            for (int64_t j = 0; j < keys; ++j) {
+              pr[j] = exp_poly(pr[j] * scale - l);
+              dsr[j] = pr[j] * (dsr[j] - dl);
+            }
+          }
+          // Columns past `keys` in p and ds are padding: every product below stops at `keys`.
+          gemm<true>(keys, Dp, rows, p, 1, keys_p, dob, Dp, dvc, Dp);        // dV += P^T dO
+          gemm<true>(keys, Dp, rows, ds, 1, keys_p, qb, Dp, dkc, Dp);        // dK += dS^T Q
+          gemm<true>(rows, Dp, keys, ds, keys_p, 1, kr, Dp, dqa + i0 * Dp, Dp);  // dQ += dS K
+        }
+        for (int64_t j = 0; j < keys; ++j) {
+          T* dkr = dk + (bh * NK + j0 + j) * D;
+          T* dvr = dv + (bh * NK + j0 + j) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            dkr[d] = from_float<T>(dkc[j * Dp + d] * scale);
+            dvr[d] = from_float<T>(dvc[j * Dp + d]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < N; ++i) {
+        T* dqr = dq + (bh * N + i) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dqr[d] = from_float<T>(dqa[i * Dp + d] * scale);
+      }
+    }
+  }
+  return failed ? kOutOfMemory : kOk;
+}
+
+bool bad_sizes(int64_t B, int64_t H, int64_t N, int64_t NK, int64_t D) {
+  return B < 0 || H < 0 || N < 0 || NK < 1 || D < 1;
+}
+
+}  // namespace
+
+int attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse, int64_t B,
+                  int64_t H, int64_t N, int64_t NK, int64_t D, const int64_t* strides,
+                  float scale, int dtype, int num_threads) {
+  if (bad_sizes(B, H, N, NK, D)) return kBadSize;
+  switch (dtype) {
+    case kFloat32:
+      return fwd<float>(q, k, v, out, lse, B, H, N, NK, D, strides, scale, num_threads);
+    case kFloat16:
+      return fwd<half_t>(q, k, v, out, lse, B, H, N, NK, D, strides, scale, num_threads);
+    case kBFloat16:
+      return fwd<bfloat16_t>(q, k, v, out, lse, B, H, N, NK, D, strides, scale, num_threads);
+    default: return kBadDtype;
+  }
+}
+
+int attention_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                  const float* lse, void* dq, void* dk, void* dv, int64_t B, int64_t H, int64_t N,
+                  int64_t NK, int64_t D, const int64_t* strides, float scale, int dtype,
+                  int num_threads) {
+  if (bad_sizes(B, H, N, NK, D)) return kBadSize;
+  switch (dtype) {
+    case kFloat32:
+      return bwd<float>(dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides, scale,
+                        num_threads);
+    case kFloat16:
+      return bwd<half_t>(dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides, scale,
+                         num_threads);
+    case kBFloat16:
+      return bwd<bfloat16_t>(dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides,
+                             scale, num_threads);
+    default: return kBadDtype;
+  }
+}
+
+}  // namespace onestep::cpu::ONESTEP_ISA
