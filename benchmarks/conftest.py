@@ -73,6 +73,18 @@ def record(benchmark, allocator_condition):
     return _record
 
 
+def measure_sgemm_ceiling(benchmark, record):
+    """The GEMM rate: a large square SGEMM, 2048^3, into an existing buffer (a test body for
+    each benchmark file that reports GFLOP/s, so that each run has its ceiling)."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2048, 2048, generator=g)
+    w = torch.randn(2048, 2048, generator=g)
+    out = torch.empty(2048, 2048)
+    benchmark.group = "ceiling"
+    benchmark(torch.mm, a, w, out=out)
+    record("ceiling", "SGEMM 2048^3", 2 * 2048**3, "GFLOP/s")
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS or all(r["ms"] != r["ms"] for r in RESULTS):  # none, or --benchmark-disable
         return

@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from conftest import measure_sgemm_ceiling
 
 from onestep_kernels.layers import DiTBlock, FusedDiTBlock
 
@@ -81,11 +82,4 @@ def test_dit_block(benchmark, record, contender, size, mode):
 
 
 def test_sgemm_ceiling(benchmark, record):
-    """The GEMM rate: a large square SGEMM, 2048^3, into an existing buffer."""
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(2048, 2048, generator=g)
-    w = torch.randn(2048, 2048, generator=g)
-    out = torch.empty(2048, 2048)
-    benchmark.group = "ceiling"
-    benchmark(torch.mm, a, w, out=out)
-    record("ceiling", "SGEMM 2048^3", 2 * 2048**3, "GFLOP/s")
+    measure_sgemm_ceiling(benchmark, record)

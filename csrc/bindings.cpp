@@ -15,7 +15,8 @@ using onestep::cpu::gated_residual_layernorm_modulate_fwd;
 using onestep::cpu::layernorm_modulate_bwd;
 using onestep::cpu::layernorm_modulate_fwd;
 using Strides6 = std::array<int64_t, 6>;
-using Strides9 = std::array<int64_t, 9>;
+using Strides12 = std::array<int64_t, 12>;
+using Strides15 = std::array<int64_t, 15>;
 
 template <typename T>
 static T* ptr(uintptr_t p) {
@@ -97,7 +98,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("attention_fwd", [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                             int64_t B, int64_t H, int64_t N, int64_t NK, int64_t D,
-                            Strides9 strides, float scale, int dtype, int num_threads) {
+                            Strides12 strides, float scale, int dtype, int num_threads) {
     py::gil_scoped_release release;
     return onestep::cpu::attention_fwd(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
                                        ptr<void>(out), ptr<float>(lse), B, H, N, NK, D,
@@ -106,7 +107,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("attention_bwd", [](uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                             uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, int64_t B,
-                            int64_t H, int64_t N, int64_t NK, int64_t D, Strides9 strides,
+                            int64_t H, int64_t N, int64_t NK, int64_t D, Strides15 strides,
                             float scale, int dtype, int num_threads) {
     py::gil_scoped_release release;
     return onestep::cpu::attention_bwd(

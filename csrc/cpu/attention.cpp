@@ -2,9 +2,11 @@
 // matrix products on packed fp32 panels (the way a BLAS micro-kernel works, so that the
 // products run at close to the FMA units' rate; a loop over the formula would not).
 //
-// q is (B, H, N, D), k and v are (B, H, Nk, D), each with its own (B, H, N) strides and a
-// contiguous last dimension; out, dout, dq, dk, dv are contiguous. lse is the base-2
-// log-sum-exp of each query's scaled scores, (B, H, N) fp32, as the Triton kernels keep it.
+// q, out, dout are (B, H, N, D), k and v (B, H, Nk, D), each with its own (B, H, N) strides and
+// a contiguous last dimension (so q, k, v can be views of one QKV projection, and out can be
+// laid out as (B, N, H, D), which the projection after attention reads without a copy);
+// dq, dk, dv are contiguous. lse is the base-2 log-sum-exp of each query's scaled scores,
+// (B, H, N) fp32, as the Triton kernels keep it.
 //
 // Forward: one task is a (batch, head) and a range of its queries. It packs K^T and V once as
 // fp32, then for each block of kMR queries computes the whole row of scores S = q K^T * scale
@@ -165,10 +167,18 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Element offset of row n of (b, h) in a (B, H, N, D) tensor with strides s[0..2].
+struct RowStrides {
+  int64_t b, h, n;
+  int64_t row(int64_t bb, int64_t hh, int64_t nn) const { return bb * b + hh * h + nn * n; }
+};
+
+// The launchers' strides array: q, k, v, out, then (backward) dout, three values each.
 struct Strides {
-  int64_t qb, qh, qn, kb, kh, kn, vb, vh, vn;
-  explicit Strides(const int64_t* s)
-      : qb(s[0]), qh(s[1]), qn(s[2]), kb(s[3]), kh(s[4]), kn(s[5]), vb(s[6]), vh(s[7]), vn(s[8]) {}
+  RowStrides q, k, v, out, dout;
+  Strides(const int64_t* s, bool with_dout)
+      : q{s[0], s[1], s[2]}, k{s[3], s[4], s[5]}, v{s[6], s[7], s[8]}, out{s[9], s[10], s[11]},
+        dout{with_dout ? s[12] : 0, with_dout ? s[13] : 0, with_dout ? s[14] : 0} {}
 };
 
 // ---- forward --------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, 
   const T* k = static_cast<const T*>(k_);
   const T* v = static_cast<const T*>(v_);
   T* out = static_cast<T*>(out_);
-  const Strides st(strides);
+  const Strides st(strides, /*with_dout=*/false);
   const int64_t Dp = round_up(D, kNR), NKp = round_up(NK, kNR);
   const int64_t BH = B * H;
   // Enough tasks to keep every thread busy when B * H is small; each re-packs K and V, which
@@ -211,16 +221,16 @@ int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, 
       const int64_t first = (task % splits) * blocks_per_split * kMR;
       const int64_t last = min_i64(N, first + blocks_per_split * kMR);
       if (first >= last) continue;
-      pack_transposed(k + b * st.kb + h * st.kh, st.kn, NK, D, kt, NKp);
-      pack_rows(v + b * st.vb + h * st.vh, st.vn, NK, NK, D, 1.0f, vp, Dp);
+      pack_transposed(k + st.k.row(b, h, 0), st.k.n, NK, D, kt, NKp);
+      pack_rows(v + st.v.row(b, h, 0), st.v.n, NK, NK, D, 1.0f, vp, Dp);
       for (int64_t i0 = first; i0 < last; i0 += kMR) {
         const int64_t rows = min_i64(kMR, last - i0);
-        const T* q_rows = q + b * st.qb + h * st.qh + i0 * st.qn;
-        pack_rows(q_rows, st.qn, rows, rows, D, scale, qb, Dp);
+        const T* q_rows = q + st.q.row(b, h, i0);
+        pack_rows(q_rows, st.q.n, rows, rows, D, scale, qb, Dp);
         // The next block's queries: strided rows the hardware prefetcher does not foresee.
         for (int64_t r = kMR; r < min_i64(2 * kMR, last - i0); ++r)
           for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
-            __builtin_prefetch(q_rows + r * st.qn + d);
+            __builtin_prefetch(q_rows + r * st.q.n + d);
         gemm<false>(rows, NKp, D, qb, Dp, 1, kt, NKp, s, NKp);  // scaled scores
         float row_max[kMR], row_sum[kMR];
         for (int64_t r = 0; r < rows; ++r) {
@@ -240,7 +250,7 @@ int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, 
         gemm<false>(rows, Dp, NK, s, NKp, 1, vp, Dp, ob, Dp);  // unnormalised P V
         for (int64_t r = 0; r < rows; ++r) {
           const float inv = 1.0f / row_sum[r];
-          T* o = out + (bh * N + i0 + r) * D;
+          T* o = out + st.out.row(b, h, i0 + r);
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(ob[r * Dp + d] * inv);
           lse[bh * N + i0 + r] = (row_max[r] + logf(row_sum[r])) * kLog2e;
@@ -265,7 +275,7 @@ int bwd(const void* dout_, const void* q_, const void* k_, const void* v_, const
   T* dq = static_cast<T*>(dq_);
   T* dk = static_cast<T*>(dk_);
   T* dv = static_cast<T*>(dv_);
-  const Strides st(strides);
+  const Strides st(strides, /*with_dout=*/true);
   const int64_t Dp = round_up(D, kNR);
   const int64_t KC = min_i64(kKeyChunk, round_up(NK, kNR));  // padded chunk width
   const int64_t QB = kQueryBlock;
@@ -292,24 +302,24 @@ int bwd(const void* dout_, const void* q_, const void* k_, const void* v_, const
     for (int64_t bh = 0; bh < B * H; ++bh) {
       if (!ok) continue;
       const int64_t b = bh / H, h = bh % H;
-      const T* qh = q + b * st.qb + h * st.qh;
-      const T* kh = k + b * st.kb + h * st.kh;
-      const T* vh = v + b * st.vb + h * st.vh;
+      const T* qh = q + st.q.row(b, h, 0);
+      const T* kh = k + st.k.row(b, h, 0);
+      const T* vh = v + st.v.row(b, h, 0);
       std::memset(dqa, 0, N * Dp * sizeof(float));
       for (int64_t j0 = 0; j0 < NK; j0 += KC) {
         const int64_t keys = min_i64(KC, NK - j0);
         const int64_t keys_p = round_up(keys, kNR);
-        pack_transposed(kh + j0 * st.kn, st.kn, keys, D, kt, keys_p);
-        pack_transposed(vh + j0 * st.vn, st.vn, keys, D, vt, keys_p);
-        pack_rows(kh + j0 * st.kn, st.kn, keys, keys, D, 1.0f, kr, Dp);
+        pack_transposed(kh + j0 * st.k.n, st.k.n, keys, D, kt, keys_p);
+        pack_transposed(vh + j0 * st.v.n, st.v.n, keys, D, vt, keys_p);
+        pack_rows(kh + j0 * st.k.n, st.k.n, keys, keys, D, 1.0f, kr, Dp);
         std::memset(dkc, 0, keys * Dp * sizeof(float));
         std::memset(dvc, 0, keys * Dp * sizeof(float));
         for (int64_t i0 = 0; i0 < N; i0 += QB) {
           const int64_t rows = min_i64(QB, N - i0);
-          pack_rows(qh + i0 * st.qn, st.qn, rows, rows, D, 1.0f, qb, Dp);
-          pack_rows(dout + (bh * N + i0) * D, D, rows, rows, D, 1.0f, dob, Dp);
+          pack_rows(qh + i0 * st.q.n, st.q.n, rows, rows, D, 1.0f, qb, Dp);
+          pack_rows(dout + st.dout.row(b, h, i0), st.dout.n, rows, rows, D, 1.0f, dob, Dp);
           for (int64_t r = 0; r < rows; ++r) {
-            const T* o = out + (bh * N + i0 + r) * D;
+            const T* o = out + st.out.row(b, h, i0 + r);
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
             for (int64_t d = 0; d < D; ++d) acc += dob[r * Dp + d] * to_float(o[d]);

@@ -35,7 +35,7 @@
                          int dtype, int num_threads);                                        \
   int bias_gelu_tanh_bwd(const void* dy, const void* x, const void* bias, void* dx,          \
                          void* dbias, int64_t R, int64_t F, int dtype, int num_threads);     \
-  /* strides: (B, H, N) strides of q, k, v, in that order (9 values); lse base 2 */          \
+  /* strides: (B, H, N) strides of q, k, v, out (12 values), then dout (bwd, 15) */         \
   int attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse,      \
                     int64_t B, int64_t H, int64_t N, int64_t NK, int64_t D,                  \
                     const int64_t* strides, float scale, int dtype, int num_threads);        \

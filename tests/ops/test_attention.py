@@ -78,11 +78,27 @@ def test_custom_scale_and_strided_views(backend, generator):
     check(backend, q, k, v, generator, scale=0.3)
 
 
+def test_cpu_output_merges_heads_without_a_copy(generator):
+    """The cpu kernel writes (B, N, H, Dh) memory, so "b h n d -> b n (h d)" is a view, and a
+    gradient arriving in that layout is read in place."""
+    q, k, v = (t.requires_grad_() for t in make(2, 3, 19, 23, 24, torch.float32, generator))
+    out = ok.attention(q, k, v, backend="cpu")
+    merged = rearrange(out, "b h n d -> b n (h d)")
+    assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
+    dmerged = torch.randn(merged.shape, generator=generator)
+    merged.backward(dmerged)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rearrange(op.reference(*ref_in), "b h n d -> b n (h d)").backward(dmerged.double())
+    for name, t, r in zip("qkv", (q, k, v), ref_in):
+        assert_close_rel(t.grad, r.grad, torch.float32, f"d{name}")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_launchers_write_every_element(backend, generator, monkeypatch):
     """Outputs start as NaN: an element a kernel forgets to write fails the test."""
-    empty = torch.empty
+    empty, new_output = torch.empty, op._new_output
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    monkeypatch.setattr(op, "_new_output", lambda q, b: new_output(q, b).fill_(float("nan")))
     q, k, v = make(2, 3, 37, 41, 24, torch.float32, generator)
     out, lse = op._FWD[backend](q, k, v, 0.3)
     grads = op._BWD[backend](torch.randn_like(out), q, k, v, out, lse, 0.3)
