@@ -7,9 +7,12 @@ from .dispatch import available_backends, use_backend
 from .memory import tune_cpu_allocator
 from .ops.attention import attention
 from .ops.bias_gelu_tanh import bias_gelu_tanh
+from .ops.fused_linear import fused_linear
 from .ops.gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .ops.layernorm_modulate import layernorm_modulate
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "available_backends", "bias_gelu_tanh", "gated_residual_layernorm_modulate", "layernorm_modulate", "tune_cpu_allocator", "use_backend"]
+__all__ = ["attention", "available_backends", "bias_gelu_tanh", "fused_linear",
+           "gated_residual_layernorm_modulate", "layernorm_modulate", "tune_cpu_allocator",
+           "use_backend"]

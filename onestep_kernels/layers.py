@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .ops.attention import attention
 from .ops.bias_gelu_tanh import bias_gelu_tanh
+from .ops.fused_linear import fused_linear
 from .ops.gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
 from .ops.layernorm_modulate import layernorm_modulate
 
@@ -91,11 +92,24 @@ class FusedDiTBlock(DiTBlock):
     Memory-bound steps fused: the first modulated LayerNorm is one op, the attention branch's
     gated residual and the second modulated LayerNorm are one op, fc1's bias and GELU are one
     op, the MLP's gated residual is one `addcmul`. Attention is onestep's (flash attention in
-    Triton on the GPU, reading q, k, v straight from the QKV projection; PyTorch's SDPA on the
-    CPU); the matrix products are PyTorch's.
+    Triton on the GPU, reading q, k, v straight from the QKV projection; onestep's C++ kernel
+    on the CPU); the matrix products are PyTorch's.
+
+    fuse_linears=True folds those steps into the four matrix products instead
+    (`onestep_kernels.fused_linear`: the modulated LayerNorms in the prologues of QKV and fc1,
+    GELU in fc1's epilogue, the gated residuals in the epilogues of proj and fc2), in one
+    Triton kernel each for inference; under autograd, and where Triton does not run, the same
+    steps run as separate ops. Off by default: whether it pays on a GPU is not measured yet.
     """
 
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 mlp_norm_eps: float = LN_EPS, fuse_linears: bool = False):
+        super().__init__(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
+        self.fuse_linears = fuse_linears
+
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if self.fuse_linears:
+            return self._forward_fused_linears(x, c)
         x = x.contiguous()  # the fused ops read rows with unit stride (a no-op when it is)
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
         qkv = self.attn.qkv(layernorm_modulate(x, sh1, sc1, LN_EPS))
@@ -105,3 +119,16 @@ class FusedDiTBlock(DiTBlock):
         x, h = gated_residual_layernorm_modulate(x, attn, g1, sh2, sc2, self.mlp_norm_eps)
         hidden = bias_gelu_tanh(F.linear(h, self.mlp.fc1.weight), self.mlp.fc1.bias)
         return torch.addcmul(x, g2.unsqueeze(1), self.mlp.fc2(hidden))
+
+    def _forward_fused_linears(self, x: Tensor, c: Tensor) -> Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        qkv, proj = self.attn.qkv, self.attn.proj
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        q, k, v = rearrange(fused_linear(x, qkv.weight, qkv.bias, shift=sh1, scale=sc1,
+                                         eps=LN_EPS),
+                            "b n (three h d) -> three b h n d", three=3, h=self.attn.num_heads)
+        attn = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
+        x = fused_linear(attn, proj.weight, proj.bias, gate=g1, residual=x)
+        hidden = fused_linear(x, fc1.weight, fc1.bias, shift=sh2, scale=sc2,
+                              eps=self.mlp_norm_eps, activation="gelu_tanh")
+        return fused_linear(hidden, fc2.weight, fc2.bias, gate=g2, residual=x)

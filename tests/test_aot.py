@@ -50,3 +50,19 @@ def test_every_triton_config_compiles_for_sm80_sm90_without_spills():
     assert result.returncode == 0, report[-5000:]
     assert " 0 failed" in report
     assert "sm_80 " in report and "sm_90 " in report
+
+
+def test_fused_linear_registry_covers_every_variant():
+    import itertools
+
+    from onestep_kernels.ops import fused_linear
+
+    listed = {(c[0].split("[")[1].split(",")[0], c[3]["NORM"], c[3]["GELU"], c[3]["GATED"],
+               c[3]["HAS_BIAS"], c[3]["BLOCK_M"], c[3]["BLOCK_N"], c[3]["BLOCK_K"],
+               c[4]["num_warps"]) for c in fused_linear.triton_configs()}
+    for dtype, name in fused_linear._TRITON_DTYPES.items():
+        cfg = fused_linear._launch_config(dtype)
+        for flags in itertools.product((False, True), repeat=4):
+            key = (name, *flags, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+                   cfg["num_warps"])
+            assert key in listed, (dtype, flags)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import assert_close_rel
 
+from onestep_kernels import use_backend
 from onestep_kernels.layers import DiTBlock, FusedDiTBlock
 
 SHAPES = [(2, 17, 96, 4), (3, 64, 384, 6), (1, 5, 200, 8)]  # (B, N, hidden, heads)
@@ -20,9 +21,11 @@ def randomised(block: torch.nn.Module, generator) -> torch.nn.Module:
     return block
 
 
+@pytest.mark.parametrize("fuse_linears", [False, True], ids=["fused_ops", "fused_linears"])
 @pytest.mark.parametrize("B,N,D,H", SHAPES)
-def test_fused_block_matches_float64_reference(B, N, D, H, generator):
-    fused = randomised(FusedDiTBlock(D, H), generator)
+def test_fused_block_matches_float64_reference(B, N, D, H, fuse_linears, generator):
+    """Training: with fuse_linears the gradients run through the separate ops."""
+    fused = randomised(FusedDiTBlock(D, H, fuse_linears=fuse_linears), generator)
     reference = DiTBlock(D, H).double()
     reference.load_state_dict(fused.state_dict())
     x = torch.randn(B, N, D, generator=generator)
@@ -42,6 +45,20 @@ def test_fused_block_matches_float64_reference(B, N, D, H, generator):
     ref_params = dict(reference.named_parameters())
     for name, p in fused.named_parameters():
         assert_close_rel(p.grad, ref_params[name].grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("B,N,D,H", SHAPES[:2])
+def test_fused_linears_inference_matches_float64_reference(B, N, D, H, generator):
+    """Inference with fuse_linears: the fused-linear Triton kernel (through the interpreter),
+    on the same state_dict as the default block."""
+    fused = randomised(FusedDiTBlock(D, H, fuse_linears=True), generator)
+    reference = DiTBlock(D, H).double()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(B, N, D, generator=generator)
+    c = torch.randn(B, D, generator=generator)
+    with torch.no_grad(), use_backend("triton"):
+        out = fused(x, c)
+    assert_close_rel(out, reference(x.double(), c.double()), torch.float32, "out")
 
 
 def test_state_dict_names_match_the_reference_dit_block():

@@ -2,11 +2,13 @@
 
 from . import attention as attention_op
 from . import bias_gelu_tanh as bias_gelu_tanh_op
+from . import fused_linear as fused_linear_op
 from . import gated_residual_layernorm_modulate as gated_residual_layernorm_modulate_op
 from . import layernorm_modulate as layernorm_modulate_op
 
 # Modules whose triton_configs() the sm_80/sm_90 compile check (onestep_kernels.aot) walks.
 OP_MODULES = (layernorm_modulate_op, gated_residual_layernorm_modulate_op, bias_gelu_tanh_op,
-              attention_op)
+              attention_op, fused_linear_op)
 
-__all__ = ["OP_MODULES", "attention_op", "bias_gelu_tanh_op", "gated_residual_layernorm_modulate_op", "layernorm_modulate_op"]
+__all__ = ["OP_MODULES", "attention_op", "bias_gelu_tanh_op", "fused_linear_op",
+           "gated_residual_layernorm_modulate_op", "layernorm_modulate_op"]

@@ -1,0 +1,335 @@
+"""fused_linear: a linear layer with a DiT block's memory-bound neighbours folded into the
+matrix product, so that the activations between them never go through memory.
+
+    h   = LayerNorm(x) * (1 + scale) + shift     if shift/scale are given (the prologue)
+    u   = h @ weight^T + bias
+    a   = GELU_tanh(u)                           if activation == "gelu_tanh"
+    out = residual + gate * a                    if gate/residual are given (the epilogue)
+
+In a DiT block: QKV = fused_linear(x, W_qkv, b, shift=sh1, scale=sc1); the attention branch's
+residual = fused_linear(attn, W_proj, b, gate=g1, residual=x); the MLP's hidden =
+fused_linear(x, W_fc1, b, shift=sh2, scale=sc2, activation="gelu_tanh") and its residual =
+fused_linear(hidden, W_fc2, b, gate=g2, residual=x).
+
+x is (B, N, K); weight (M_out, K); bias (M_out,); shift, scale (B, K) per sample or (B, N, K)
+per token (one shape for both); gate (B, M_out) or (B, N, M_out); residual (B, N, M_out).
+LayerNorm statistics, products and epilogue in fp32; output in x's dtype.
+
+Backends:
+  triton  one kernel per call (forward only, for inference): each program owns a tile of
+          output rows x columns, first walks its rows once for the LayerNorm statistics
+          (Chan's merge of per-chunk mean and squared deviations), then runs the K loop with the
+          modulation applied to each tile of x before the product, and the bias, GELU and
+          gated residual applied to the accumulator before the one store.
+  torch   the same as separate steps: onestep's layernorm_modulate, F.linear, bias_gelu_tanh,
+          addcmul. Also what runs whenever a gradient is needed (training), on every backend:
+          the fused kernel has no backward.
+No cpu or cuda backend: their matrix products would be PyTorch's anyway (on the CPU, MKL's),
+which is what the torch backend runs.
+
+Whether the fusion pays has not been measured: no GPU has run this kernel (it runs here
+through the Triton interpreter and is compiled for sm_80/sm_90 by onestep_kernels.aot).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import checks, dispatch
+from ..triton_compat import tl, triton
+from .bias_gelu_tanh import bias_gelu_tanh
+from .common import bn_strides, interpreter_bf16_reason, on_device
+from .layernorm_modulate import layernorm_modulate
+
+ACTIVATIONS = (None, "gelu_tanh")
+GELU_K = 0.7978845608028654  # sqrt(2 / pi)
+GELU_C = 0.044715
+
+
+def reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, shift: Tensor | None = None,
+              scale: Tensor | None = None, eps: float = 1e-6, activation: str | None = None,
+              gate: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """The formula in plain PyTorch, in fp32 (fp64 if given fp64); returns x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+
+    def per_row(t):  # (B, C) per sample broadcasts over the tokens
+        return t.to(compute)[:, None] if t.dim() == 2 else t.to(compute)
+
+    h = x.to(compute)
+    if shift is not None:
+        h = F.layer_norm(h, h.shape[-1:], eps=eps) * (1 + per_row(scale)) + per_row(shift)
+    u = F.linear(h, weight.to(compute), None if bias is None else bias.to(compute))
+    if activation == "gelu_tanh":
+        u = F.gelu(u, approximate="tanh")
+    if gate is not None:
+        u = residual.to(compute) + per_row(gate) * u
+    return u.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fused_linear_kernel(
+    X, W, BIAS, SHIFT, SCALE, GATE, RES, OUT,
+    ROWS, TOKENS, K, COLS,
+    sx, sw, sres, shift_sb, shift_sn, scale_sb, scale_sn, gate_sb, gate_sn, eps,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, GATED: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Programs walk the output tiles in groups of GROUP_M row blocks, so that neighbouring
+    # programs share rows of x and columns of weight in L2 (as in Triton's matmul tutorial).
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(ROWS, BLOCK_M)
+    blocks_n = tl.cdiv(COLS, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    # Offsets in int32 (the launcher sends tensors of 2^31 elements or more elsewhere);
+    # pointers are set up once and advanced by BLOCK_K, as in Triton's matmul tutorial.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < ROWS
+    col_ok = cols < COLS
+    b = rows // TOKENS
+    n = rows % TOKENS
+    x_ptrs = X + rows[:, None] * sx + ks[None, :]
+
+    if NORM:  # LayerNorm statistics of the program's rows, merged chunk by chunk (Chan et al.)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            a = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a = a.to(tl.float32)
+            count = tl.sum(k_ok.to(tl.float32), axis=0)
+            done = k0 * 1.0
+            chunk_mean = tl.sum(a, axis=1) / count
+            dev = tl.where(k_ok[None, :], a - chunk_mean[:, None], 0.0)
+            delta = chunk_mean - mean
+            total = done + count
+            mean = mean + delta * (count / total)
+            m2 = m2 + tl.sum(dev * dev, axis=1) + delta * delta * (done * count / total)
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        scale_ptrs = SCALE + (b * scale_sb + n * scale_sn)[:, None] + ks[None, :]
+        shift_ptrs = SHIFT + (b * shift_sb + n * shift_sn)[:, None] + ks[None, :]
+
+    w_ptrs = W + cols[None, :] * sw + ks[:, None]  # a (BLOCK_K, BLOCK_N) tile of weight^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptrs, mask=a_mask, other=0.0)
+        if NORM:
+            scale = tl.load(scale_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            shift = tl.load(shift_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            # (padding columns of a become non-zero here; the weight's padding rows are zeros)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
+            scale_ptrs += BLOCK_K
+            shift_ptrs += BLOCK_K
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(w.dtype), w)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # u * sigmoid(2 z), as in bias_gelu_tanh
+        z = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(-2.0 * z))
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if GATED:
+        gate = tl.load(GATE + (b * gate_sb + n * gate_sn)[:, None] + cols[None, :],
+                       mask=out_mask, other=0.0).to(tl.float32)
+        res = tl.load(RES + rows[:, None] * sres + cols[None, :], mask=out_mask,
+                      other=0.0).to(tl.float32)
+        acc = res + gate * acc
+    tl.store(OUT + rows[:, None] * COLS + cols[None, :], acc.to(OUT.dtype.element_ty),
+             mask=out_mask)
+
+
+def _launch_config(dtype: torch.dtype) -> dict:
+    """Tiles per dtype; fp32 (IEEE products, no tensor cores) takes smaller ones. Checked for
+    spills on sm_80/sm_90 by onestep_kernels.aot; not tuned on a GPU."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8}
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def triton_configs():
+    """Every (kernel, configuration) the launcher can pick, for onestep_kernels.aot."""
+    ints = ("ROWS", "TOKENS", "K", "COLS", "sx", "sw", "sres", "shift_sb", "shift_sn",
+            "scale_sb", "scale_sn", "gate_sb", "gate_sn")
+    for dtype, name in _TRITON_DTYPES.items():
+        cfg = _launch_config(dtype)
+        for norm, gelu, gated, has_bias in itertools.product((False, True), repeat=4):
+            constexprs = {"HAS_BIAS": has_bias, "NORM": norm, "GELU": gelu, "GATED": gated,
+                          "IEEE": dtype == torch.float32,
+                          **{k: v for k, v in cfg.items() if k != "num_warps"}}
+            signature = {**{t: f"*{name}" for t in ("X", "W", "BIAS", "SHIFT", "SCALE", "GATE",
+                                                    "RES", "OUT")},
+                         **{i: "i32" for i in ints}, "eps": "fp32",
+                         **{c: "constexpr" for c in constexprs}}
+            variant = f"norm={int(norm)},gelu={int(gelu)},gated={int(gated)},bias={int(has_bias)}"
+            yield (f"fused_linear[{name},{variant}]", _fused_linear_kernel, signature, constexprs,
+                   {"num_warps": cfg["num_warps"]})
+
+
+def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gelu):
+    B, N, K = x.shape
+    cols = weight.shape[0]
+    out = torch.empty((B, N, cols), dtype=x.dtype, device=x.device)
+    if B * N == 0:
+        return out
+    cfg = _launch_config(x.dtype)
+    x2d = x.reshape(B * N, K)
+    dummy = x2d  # stands in for absent tensors; their loads are compiled out
+    shift_s = bn_strides(shift) if shift is not None else (0, 0)
+    scale_s = bn_strides(scale) if scale is not None else (0, 0)
+    gate_s = bn_strides(gate) if gate is not None else (0, 0)
+    res2d = residual.reshape(B * N, cols) if residual is not None else None
+    grid = (triton.cdiv(B * N, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+    _fused_linear_kernel[grid](
+        x2d, weight, dummy if bias is None else bias, dummy if shift is None else shift,
+        dummy if scale is None else scale, dummy if gate is None else gate,
+        dummy if res2d is None else res2d, out,
+        B * N, N, K, cols, x2d.stride(0), weight.stride(0),
+        0 if res2d is None else res2d.stride(0), *shift_s, *scale_s, *gate_s, eps,
+        HAS_BIAS=bias is not None, NORM=shift is not None, GELU=gelu, GATED=gate is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (forward only: see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("onestep::fused_linear", mutates_args=())
+def fused_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, shift: Tensor | None,
+                    scale: Tensor | None, gate: Tensor | None, residual: Tensor | None,
+                    eps: float, gelu: bool) -> Tensor:
+    with on_device(x):
+        return _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gelu)
+
+
+@fused_linear_op.register_fake
+def _(x, weight, bias, shift, scale, gate, residual, eps, gelu):
+    return x.new_empty((*x.shape[:2], weight.shape[0]))
+
+
+def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual, backend):
+    """The same computation as onestep's separate (differentiable) ops, run on `backend`."""
+    h = x if shift is None else layernorm_modulate(x, shift, scale, eps, backend=backend)
+    if activation == "gelu_tanh":
+        u = F.linear(h, weight)
+        y = bias_gelu_tanh(u, bias if bias is not None else u.new_zeros(u.shape[-1]),
+                           backend=backend)
+    else:
+        y = F.linear(h, weight, bias)
+    if gate is None:
+        return y
+    return torch.addcmul(residual, gate[:, None] if gate.dim() == 2 else gate, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_modulation(name: str, t: Tensor, x: Tensor, width: int, like: str) -> None:
+    checks.tensor(name, t, (2, 3))
+    checks.same_dtype_device(name, t, x, "x")
+    B, N = x.shape[:2]
+    if tuple(t.shape) not in ((B, width), (B, N, width)):
+        raise ValueError(f"{name}: expected shape ({B}, {width}) or ({B}, {N}, {width}) "
+                         f"({like}), got {tuple(t.shape)}")
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                 shift: Tensor | None = None, scale: Tensor | None = None, eps: float = 1e-6,
+                 activation: str | None = None, gate: Tensor | None = None,
+                 residual: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """A linear layer with the modulated LayerNorm before it and GELU and/or a gated residual
+    after it, in one kernel where the backend allows; see the module docstring.
+
+    Args:
+        x: (B, N, K). weight: (M_out, K). bias: (M_out,) or None.
+        shift, scale: both or neither, one shape: (B, K) or (B, N, K).
+        eps: the LayerNorm's epsilon (with shift/scale).
+        activation: None or "gelu_tanh" (applied before the gated residual).
+        gate, residual: both or neither; gate (B, M_out) or (B, N, M_out), residual
+            (B, N, M_out).
+        backend: "triton", "torch" or None (onestep_kernels.dispatch); the cpu and cuda
+            backends have no kernel for this op and fall through to torch.
+    """
+    checks.tensor("x", x, (3,))
+    checks.tensor("weight", weight, (2,))
+    checks.same_dtype_device("weight", weight, x, "x")
+    B, N, K = x.shape
+    if K == 0 or weight.shape[1] != K:
+        raise ValueError(f"weight: expected shape (M_out, {K}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    cols = weight.shape[0]
+    if bias is not None:
+        checks.tensor("bias", bias, (1,))
+        checks.same_dtype_device("bias", bias, x, "x")
+        if bias.shape != (cols,):
+            raise ValueError(f"bias: expected shape ({cols},), got {tuple(bias.shape)}")
+    if (shift is None) != (scale is None):
+        raise ValueError("shift: shift and scale come together (the modulated LayerNorm)")
+    if shift is not None:
+        _check_modulation("shift", shift, x, K, "per sample or per token, over x's features")
+        _check_modulation("scale", scale, x, K, "per sample or per token, over x's features")
+        if scale.shape != shift.shape:
+            raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
+                             f"got {tuple(scale.shape)}")
+        eps = checks.positive_float("eps", eps)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if (gate is None) != (residual is None):
+        raise ValueError("gate: gate and residual come together (the gated residual)")
+    if gate is not None:
+        _check_modulation("gate", gate, x, cols, "per sample or per token, over the outputs")
+        checks.tensor("residual", residual, (3,))
+        checks.same_dtype_device("residual", residual, x, "x")
+        if residual.shape != (B, N, cols):
+            raise ValueError(f"residual: expected shape ({B}, {N}, {cols}), "
+                             f"got {tuple(residual.shape)}")
+
+    tensors = [t for t in (x, weight, bias, shift, scale, gate, residual) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    cannot = {"cpu": "no CPU kernel (the product would be PyTorch's anyway)",
+              "cuda": "no CUDA C++ kernel"}
+    if needs_grad:
+        cannot["triton"] = "the fused kernel is forward-only; gradients need the separate ops"
+    elif max(t.numel() for t in tensors) >= 2**31 or B * N * cols >= 2**31:
+        cannot["triton"] = "x: the kernel's int32 offsets take tensors under 2^31 elements"
+    elif reason := interpreter_bf16_reason(x, "x"):
+        cannot["triton"] = reason
+    name = dispatch.resolve(backend, x.device, cannot)
+    if name == "torch":  # the separate ops on the backend asked for (their defaults if none)
+        return _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual,
+                               backend)
+    contiguous = [None if t is None else t.contiguous() for t in (x, bias, residual)]
+    x, bias, residual = contiguous
+    return fused_linear_op(x, weight.contiguous(), bias, shift, scale, gate, residual, eps,
+                           activation == "gelu_tanh")
