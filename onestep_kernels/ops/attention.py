@@ -10,8 +10,9 @@ Backends:
           fp32 inputs use IEEE products (no TF32), so fp32 results are fp32-accurate.
   cpu     onestep's C++ kernel (csrc/cpu/attention.cpp), forward and backward: blocked FMA
           products on packed fp32 panels, any head dim, fp32/fp16/bf16 (computed in fp32).
-          Measured against PyTorch's SDPA at DiT-S/B shapes (benchmarks/test_attention.py):
-          forward 1.07-1.23x faster, forward + backward level to 1.04x, so it is the default.
+          Measured against PyTorch's SDPA at DiT-S/B shapes (benchmarks/test_attention.py, two
+          runs): forward 1.03-1.16x faster, forward + backward 1.01-1.10x, so it is the
+          default.
   torch   PyTorch's scaled_dot_product_attention (its own CPU flash-attention kernel);
           `reference` below is the explicit formula, the test oracle.
 """
