@@ -46,8 +46,6 @@ from .common import bn_strides, interpreter_bf16_reason, on_device
 from .layernorm_modulate import layernorm_modulate
 
 ACTIVATIONS = (None, "gelu_tanh")
-GELU_K = 0.7978845608028654  # sqrt(2 / pi)
-GELU_C = 0.044715
 
 
 def reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, shift: Tensor | None = None,
@@ -148,7 +146,7 @@ def _fused_linear_kernel(
 
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:  # u * sigmoid(2 z), as in bias_gelu_tanh
+    if GELU:  # u * sigmoid(2 z), z = sqrt(2 / pi) (u + 0.044715 u^3), as in bias_gelu_tanh
         z = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = acc / (1.0 + tl.exp(-2.0 * z))
     out_mask = row_ok[:, None] & col_ok[None, :]
