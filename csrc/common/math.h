@@ -66,10 +66,9 @@ ONESTEP_HD float layernorm_dx(float g, float xhat, float mean_g, float mean_gxha
 constexpr float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluC = 0.044715f;
 
-// Written without branches (selects only) so that loops over it vectorise.
-ONESTEP_HD float exp_poly(float x) {
-  const float lo = -87.3365447505531f, hi = 88.3762626647949f;
-  const float xc = x < lo ? lo : (x > hi ? hi : x);  // NaN compares false and passes through
+// e^x for x already within [-87.34, 88.38] (no clamping, no overflow check): the range
+// reduction and polynomial that exp_poly and the CPU attention's softmax share.
+ONESTEP_HD float exp_in_range(float xc) {
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -87,7 +86,14 @@ ONESTEP_HD float exp_poly(float x) {
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);
 #endif
-  return x > hi ? INFINITY : p * scale;
+  return p * scale;
+}
+
+// Written without branches (selects only) so that loops over it vectorise.
+ONESTEP_HD float exp_poly(float x) {
+  const float lo = -87.3365447505531f, hi = 88.3762626647949f;
+  const float xc = x < lo ? lo : (x > hi ? hi : x);  // NaN compares false and passes through
+  return x > hi ? INFINITY : exp_in_range(xc);
 }
 
 // sigmoid(2 z) for the pre-activation u.

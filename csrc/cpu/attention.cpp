@@ -149,23 +149,7 @@ void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t D, 
 // e^x for the softmax's x = score - row max <= 0: exp_poly without its upper clamp (x is never
 // positive here) and with arguments below -87 taken as -87 (e^-87 ~ 1.6e-38, a zero weight
 // next to the row's maximum, whose weight is 1). NaN passes through.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int bits = (static_cast<int>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+inline float exp_nonpositive(float x) { return exp_in_range(x < -87.0f ? -87.0f : x); }
 
 // Element offset of row n of (b, h) in a (B, H, N, D) tensor with strides s[0..2].
 struct RowStrides {
