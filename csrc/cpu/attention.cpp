@@ -112,11 +112,10 @@ void gemm(int64_t M, int64_t cols, int64_t P, const float* A, int64_t ars, int64
 
 // ---- packing: strided rows of T into fp32 panels, zero-padded ------------------------------
 
-// dst[i * ld + d] = src row i (times mul) for i < rows, d < D; zeros up to ld and up to
-// rows_padded.
+// dst[i * ld + d] = src row i (times mul) for i < rows, d < D; zeros for d in [D, ld).
 template <typename T>
-void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t rows_padded, int64_t D,
-               float mul, float* dst, int64_t ld) {
+void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t D, float mul, float* dst,
+               int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const T* s = src + i * row_stride;
     float* o = dst + i * ld;
@@ -124,7 +123,6 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t rows_padd
     for (int64_t d = 0; d < D; ++d) o[d] = to_float(s[d]) * mul;
     for (int64_t d = D; d < ld; ++d) o[d] = 0.0f;
   }
-  for (int64_t i = rows; i < rows_padded; ++i) std::memset(dst + i * ld, 0, ld * sizeof(float));
 }
 
 // dst[d * ld + i] = src row i, element d (a transposed panel, keys along the vector), zeros
@@ -132,7 +130,8 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t rows_padd
 template <typename T>
 void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t D, float* dst,
                      int64_t ld) {
-  for (int64_t d = 0; d < D; ++d) std::memset(dst + d * ld, 0, ld * sizeof(float));
+  for (int64_t d = 0; d < D; ++d)
+    std::memset(dst + d * ld + rows, 0, (ld - rows) * sizeof(float));
   int64_t i0 = 0;
   for (; i0 + 8 <= rows; i0 += 8) {
     const T* s = src + i0 * row_stride;
@@ -178,13 +177,13 @@ int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, 
   const Strides st(strides, /*with_dout=*/false);
   const int64_t Dp = round_up(D, kNR), NKp = round_up(NK, kNR);
   const int64_t BH = B * H;
+  if (BH == 0 || N == 0) return kOk;
   // Enough tasks to keep every thread busy when B * H is small; each re-packs K and V, which
   // costs NK * D against the task's 4 * rows * NK * D flops.
   const int64_t blocks = (N + kMR - 1) / kMR;
   int64_t splits = (4 * static_cast<int64_t>(num_threads) + BH - 1) / BH;
   splits = splits < 1 ? 1 : (splits > blocks ? blocks : splits);
   const int64_t blocks_per_split = (blocks + splits - 1) / splits;
-  if (BH == 0 || N == 0) return kOk;
   int failed = 0;
 #pragma omp parallel num_threads(num_threads)
   {
@@ -206,11 +205,11 @@ int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, 
       const int64_t last = min_i64(N, first + blocks_per_split * kMR);
       if (first >= last) continue;
       pack_transposed(k + st.k.row(b, h, 0), st.k.n, NK, D, kt, NKp);
-      pack_rows(v + st.v.row(b, h, 0), st.v.n, NK, NK, D, 1.0f, vp, Dp);
+      pack_rows(v + st.v.row(b, h, 0), st.v.n, NK, D, 1.0f, vp, Dp);
       for (int64_t i0 = first; i0 < last; i0 += kMR) {
         const int64_t rows = min_i64(kMR, last - i0);
         const T* q_rows = q + st.q.row(b, h, i0);
-        pack_rows(q_rows, st.q.n, rows, rows, D, scale, qb, Dp);
+        pack_rows(q_rows, st.q.n, rows, D, scale, qb, Dp);
         // The next block's queries: strided rows the hardware prefetcher does not foresee.
         for (int64_t r = kMR; r < min_i64(2 * kMR, last - i0); ++r)
           for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
@@ -295,13 +294,13 @@ int bwd(const void* dout_, const void* q_, const void* k_, const void* v_, const
         const int64_t keys_p = round_up(keys, kNR);
         pack_transposed(kh + j0 * st.k.n, st.k.n, keys, D, kt, keys_p);
         pack_transposed(vh + j0 * st.v.n, st.v.n, keys, D, vt, keys_p);
-        pack_rows(kh + j0 * st.k.n, st.k.n, keys, keys, D, 1.0f, kr, Dp);
+        pack_rows(kh + j0 * st.k.n, st.k.n, keys, D, 1.0f, kr, Dp);
         std::memset(dkc, 0, keys * Dp * sizeof(float));
         std::memset(dvc, 0, keys * Dp * sizeof(float));
         for (int64_t i0 = 0; i0 < N; i0 += QB) {
           const int64_t rows = min_i64(QB, N - i0);
-          pack_rows(qh + i0 * st.q.n, st.q.n, rows, rows, D, 1.0f, qb, Dp);
-          pack_rows(dout + st.dout.row(b, h, i0), st.dout.n, rows, rows, D, 1.0f, dob, Dp);
+          pack_rows(qh + i0 * st.q.n, st.q.n, rows, D, 1.0f, qb, Dp);
+          pack_rows(dout + st.dout.row(b, h, i0), st.dout.n, rows, D, 1.0f, dob, Dp);
           for (int64_t r = 0; r < rows; ++r) {
             const T* o = out + st.out.row(b, h, i0 + r);
             float acc = 0.0f;

@@ -327,7 +327,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     if name == "torch":  # the separate ops on the backend asked for (their defaults if none)
         return _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual,
                                backend)
-    contiguous = [None if t is None else t.contiguous() for t in (x, bias, residual)]
-    x, bias, residual = contiguous
-    return fused_linear_op(x, weight.contiguous(), bias, shift, scale, gate, residual, eps,
-                           activation == "gelu_tanh")
+    bias = None if bias is None else bias.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    return fused_linear_op(x.contiguous(), weight.contiguous(), bias, shift, scale, gate,
+                           residual, eps, activation == "gelu_tanh")

@@ -150,6 +150,16 @@ def test_torch_compile_fullgraph(backend, generator):
         assert_close_rel(t.grad, r.grad, torch.float32, "grad")
 
 
+def test_cpu_launchers_take_an_empty_batch():
+    """Called directly (the op returns early itself), B * H == 0 is a no-op, not a crash."""
+    from onestep_kernels import native
+    t = torch.empty(0, 1, 4, 8)
+    p = t.data_ptr()
+    assert native.cpu_module.attention_fwd(p, p, p, p, p, 0, 1, 4, 4, 8, [0] * 12, 1.0, 0, 2) == 0
+    assert native.cpu_module.attention_bwd(p, p, p, p, p, p, p, p, p, 0, 1, 4, 4, 8, [0] * 15,
+                                           1.0, 0, 2) == 0
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_no_keys_gives_zeros(backend):
     q = torch.randn(1, 1, 3, 32, requires_grad=True)
