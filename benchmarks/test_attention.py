@@ -29,7 +29,7 @@ _compiled = torch.compile(eager, dynamic=False)
 CONTENDERS = {
     "eager": eager,
     "torch.compile": _compiled,
-    "PyTorch SDPA": lambda q, k, v: ok.attention(q, k, v, backend="torch"),
+    "PyTorch SDPA": lambda q, k, v: ok.attention(q, k, v, backend="sdpa"),
     "onestep cpu (C++)": lambda q, k, v: ok.attention(q, k, v, backend="cpu"),
 }
 

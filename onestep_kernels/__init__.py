@@ -3,7 +3,7 @@
 Importing this package touches no GPU and does not need Triton.
 """
 
-from .dispatch import available_backends, use_backend
+from .dispatch import available_backends, backend_choices, use_backend
 from .memory import tune_cpu_allocator
 from .ops.attention import attention
 from .ops.bias_gelu_tanh import bias_gelu_tanh
@@ -13,6 +13,6 @@ from .ops.layernorm_modulate import layernorm_modulate
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "available_backends", "bias_gelu_tanh", "fused_linear",
+__all__ = ["attention", "available_backends", "backend_choices", "bias_gelu_tanh", "fused_linear",
            "gated_residual_layernorm_modulate", "layernorm_modulate", "tune_cpu_allocator",
            "use_backend"]

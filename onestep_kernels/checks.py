@@ -1,7 +1,8 @@
-"""Argument validation shared by the public op entry points.
+"""Argument validation and dtype handling shared by the public op entry points.
 
 Every failure raises TypeError (wrong kind of thing, wrong dtype) or ValueError (wrong shape,
-device or layout) whose message starts with the argument's name.
+device or layout) whose message starts with the argument's name. The checks read only cheap
+tensor attributes: they run once per public call, never inside composed ops.
 """
 
 from __future__ import annotations
@@ -9,19 +10,21 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def tensor(name: str, value, ndims: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
+def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:
+    if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {value.dtype}")
+        raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
+                        f"got {value.dtype}")
     if value.dim() not in ndims:
         shapes = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{name}: expected a {shapes} tensor, got shape {tuple(value.shape)}")
-    if value.dim() > 0 and value.shape[-1] > 1 and value.stride(-1) != 1:
+    if value.dim() > 0 and value.stride(-1) != 1 and value.shape[-1] > 1:
         raise ValueError(
             f"{name}: the last dimension must be contiguous (stride 1), got strides "
             f"{value.stride()}; call .contiguous() first"
@@ -29,11 +32,9 @@ def tensor(name: str, value, ndims: tuple[int, ...]) -> torch.Tensor:
     return value
 
 
-def same_dtype_device(name: str, value: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+def same_device(name: str, value: Tensor, like: Tensor, like_name: str) -> None:
     if value.device != like.device:
         raise ValueError(f"{name}: is on {value.device} but {like_name} is on {like.device}")
-    if value.dtype != like.dtype:
-        raise TypeError(f"{name}: has dtype {value.dtype} but {like_name} has {like.dtype}")
 
 
 def positive_float(name: str, value) -> float:
@@ -42,3 +43,29 @@ def positive_float(name: str, value) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite positive number, got {value}")
     return float(value)
+
+
+# ---- dtypes: mixed inputs and autocast ------------------------------------------------------
+# How an op chooses the dtype it computes in, so that it agrees with its reference expression:
+#   PROMOTE       type promotion over the inputs, as `x + bias` does (autocast leaves it alone);
+#   LAYER_NORM    as F.layer_norm under autocast: float32 under CUDA autocast (torch's CUDA
+#                 autocast list runs layer_norm in fp32; its CPU list does not), else PROMOTE;
+#   LOWER         as SDPA: the autocast dtype under autocast, else PROMOTE.
+PROMOTE, LAYER_NORM, LOWER = "promote", "layer_norm", "lower"
+
+
+def compute_dtype(policy: str, device_type: str, tensors) -> torch.dtype:
+    if policy != PROMOTE and torch.is_autocast_enabled(device_type):
+        if policy == LOWER:
+            return torch.get_autocast_dtype(device_type)
+        if device_type == "cuda":
+            return torch.float32
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None and t.dtype is not dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype is dtype else t.to(dtype)

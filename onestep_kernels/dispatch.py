@@ -1,28 +1,41 @@
-"""Backend choice: ``triton``, ``cuda``, ``cpu`` or ``torch``.
+"""Backend choice. Each op declares its implementations once, as `Backend` records (what they
+run on, which dtypes, which widths, their forward and backward launchers); one resolver reads
+them, and so do the tests' backend matrix, `backend_choices()` and the README's op table.
 
-Precedence: the ``backend=`` argument of a call, then the innermost ``use_backend(...)``
-context, then the ``ONESTEP_BACKEND`` environment variable, then the default for the tensor's
-device: ``cpu`` for CPU tensors (``torch`` if the native module is missing), ``triton`` for
-CUDA tensors (then ``cuda``, then ``torch``). Triton runs CPU tensors only under
-``TRITON_INTERPRET=1`` (slow; for testing), so it is never the default there.
+Precedence for a call: the ``backend=`` argument, then the innermost ``use_backend(...)``
+context, then the ``ONESTEP_BACKEND`` environment variable, then the preference table for the
+tensor's device (`onestep_kernels.preferences`), then the op's records in declaration order.
+The first record on that list that can take the call runs it; a backend named explicitly that
+cannot take it is an error naming its reason. A context or environment choice applies to the
+ops that have a backend of that name and leaves the others on their default. ``torch`` is a
+deprecated alias of each op's PyTorch implementation (``reference``, or ``sdpa`` for attention).
 
-Under ``torch.compile`` the backend is resolved once, when the graph is traced.
+A resolution is cached per (op, request, device, dtype, width, gradient or not), so the hot
+path does one dictionary look-up. Under ``torch.compile`` it happens once, at trace time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 
 from . import native
 from .triton_compat import HAS_TRITON
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
 ENV_VAR = "ONESTEP_BACKEND"
+TORCH_ALIAS = "torch"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALL_DTYPES = FLOAT_DTYPES + (torch.float64,)
+ANY_DEVICE = ("any",)  # the PyTorch expressions run wherever PyTorch does
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
 
 _local = threading.local()
 
@@ -31,94 +44,273 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_unavailable_reason() -> str | None:
-    if not HAS_TRITON:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and not triton_interpret():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
-    return None
-
-
-def unavailable_reason(name: str) -> str | None:
-    """None if backend `name` is usable on this machine, else why not."""
-    if name == "triton":
-        return _triton_unavailable_reason()
-    if name == "cuda":
+@functools.cache
+def _runtime_reason(runtime: str) -> str | None:
+    """None if the software a backend needs is present on this machine, else why not."""
+    if runtime == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed"
+        if not torch.cuda.is_available() and not triton_interpret():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+        return None
+    if runtime == "cuda_library":
         return native.cuda_unavailable_reason()
-    if name == "cpu":
+    if runtime == "cpu_library":
         return native.CPU_IMPORT_ERROR
     return None
 
 
-def available_backends() -> dict[str, str]:
-    """Each backend mapped to "available" or to the reason it is not."""
-    return {name: unavailable_reason(name) or "available" for name in BACKENDS}
+@functools.cache
+def device_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of an op, declared as data.
+
+    runtime: what must be present ("triton", "cuda_library", "cpu_library", "torch").
+    devices: tensor device types it takes (Triton also takes CPU tensors under
+        TRITON_INTERPRET=1, except bfloat16, which the interpreter computes wrongly).
+    expression: for PyTorch backends, the expression that computes the op (autograd
+        differentiates it); kernels have launchers instead.
+    forward/backward: the launchers. backward None with `backward_from` empty: forward only.
+    backward_from: backends whose backward launcher runs this backend's backward, the first
+        one available (for kernels that have no backward of their own).
+    max_width: the largest last dimension (the row, or the head dim) it takes, and per dtype
+        in `max_width_by_dtype`; `min_width` the smallest.
+    call_limit: optional extra rule, f(width, dtype) -> reason or None.
+    """
+
+    name: str
+    runtime: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    expression: Callable | None = None
+    forward: Callable | None = None
+    backward: Callable | None = None
+    backward_from: tuple[str, ...] = ()
+    min_width: int = 1
+    max_width: int | None = None
+    max_width_by_dtype: tuple[tuple[torch.dtype, int], ...] = ()
+    min_capability: tuple[int, int] | None = None
+    summary: str = ""
+
+    @property
+    def is_expression(self) -> bool:
+        """Runs a PyTorch expression (autograd gives the gradients)."""
+        return self.expression is not None
+
+    @property
+    def has_backward(self) -> bool:
+        return self.is_expression or self.backward is not None or bool(self.backward_from)
+
+    def reason(self, device: torch.device, dtype: torch.dtype, width: int, needs_grad: bool,
+               width_name: str = "D") -> str | None:
+        """None if this backend can take such a call, else why not."""
+        reason = _runtime_reason(self.runtime)
+        if reason is not None:
+            return reason
+        on_interpreter = self.runtime == "triton" and device.type == "cpu" and triton_interpret()
+        anywhere = self.devices == ANY_DEVICE
+        if device.type not in self.devices and not on_interpreter and not anywhere:
+            return f"runs {'/'.join(self.devices)} tensors, got {device.type} tensors"
+        if dtype not in self.dtypes:
+            return f"takes {', '.join(_DTYPE_NAMES[d] for d in self.dtypes)}, got {_DTYPE_NAMES.get(dtype, dtype)}"
+        if on_interpreter and dtype == torch.bfloat16:
+            return "the Triton interpreter computes bfloat16 wrongly"
+        limit = dict(self.max_width_by_dtype).get(dtype, self.max_width)
+        if width < self.min_width or (limit is not None and width > limit):
+            top = "" if limit is None else f"..{limit}"
+            return (f"takes {width_name} in {self.min_width}{top} for {_DTYPE_NAMES[dtype]}, "
+                    f"got {width_name}={width}")
+        if needs_grad and not self.has_backward:
+            return "forward only (no backward); gradients need another backend"
+        if self.min_capability is not None and device.type == "cuda":
+            if device_capability(device.index) < self.min_capability:
+                return f"needs compute capability {self.min_capability}"
+        return None
+
+
+class Op:
+    """An op's backends, declared once; resolves a call to one of them."""
+
+    def __init__(self, name: str, backends: list[Backend], *, torch_alias: str = "reference",
+                 width_name: str = "D"):
+        self.name = name
+        self.backends = {b.name: b for b in backends}
+        self.torch_alias = torch_alias
+        self.width_name = width_name
+        self._cache: dict[tuple, Backend] = {}
+        self._backward_cache: dict[tuple, Callable] = {}
+        OPS[name] = self
+
+    def __getitem__(self, name: str) -> Backend:
+        return self.backends[name]
+
+    def reasons(self, device: torch.device, dtype: torch.dtype, width: int,
+                needs_grad: bool) -> dict[str, str | None]:
+        """Every backend mapped to None (can run the call) or the reason it cannot."""
+        return {name: b.reason(device, dtype, width, needs_grad, self.width_name)
+                for name, b in self.backends.items()}
+
+    def resolve(self, backend: str | None, device: torch.device, dtype: torch.dtype, width: int,
+                needs_grad: bool) -> Backend:
+        """The backend that runs a call; ValueError if the one asked for cannot."""
+        requested, source = (backend, "backend") if backend is not None else _requested()
+        if torch.compiler.is_compiling():  # resolved once, outside the traced graph
+            return self.backends[_resolve_name(self.name, requested, source, str(device), dtype,
+                                               width, needs_grad)]
+        key = (requested, source, device, dtype, width, needs_grad)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._resolve(requested, source, device, dtype, width, needs_grad)
+            self._cache[key] = found
+        return found
+
+    def _resolve(self, requested, source, device, dtype, width, needs_grad) -> Backend:
+        if requested and source != "backend":
+            _check_name(requested, source)
+        if requested == TORCH_ALIAS:
+            warnings.warn(f"{source}: the backend name 'torch' is deprecated; for {self.name} "
+                          f"it means {self.torch_alias!r}", DeprecationWarning, stacklevel=4)
+            requested = self.torch_alias
+        if requested:
+            chosen = self.backends.get(requested)
+            if chosen is None and source == "backend":
+                raise ValueError(f"backend: {self.name} has no backend {requested!r}; expected "
+                                 f"one of {tuple(self.backends)}")
+            if chosen is not None:
+                reason = chosen.reason(device, dtype, width, needs_grad, self.width_name)
+                if reason is not None:
+                    raise ValueError(f"{source}: backend {requested!r} cannot run {self.name} "
+                                     f"here: {reason}")
+                return chosen
+        from . import preferences
+
+        order = [n for n in preferences.order(self.name, device) if n in self.backends]
+        order += [n for n in self.backends if n not in order]
+        for name in order:
+            if self.backends[name].reason(device, dtype, width, needs_grad,
+                                          self.width_name) is None:
+                return self.backends[name]
+        reasons = self.reasons(device, dtype, width, needs_grad)
+        raise ValueError(f"{self.name}: no backend can run this call: "
+                         + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+
+    def backward_launcher(self, backend: Backend, device: torch.device) -> Callable:
+        """The launcher that computes `backend`'s backward on `device`."""
+        if backend.backward is not None:
+            return backend.backward
+        key = (backend.name, device.type)
+        found = self._backward_cache.get(key)
+        if found is None:
+            for name in backend.backward_from:
+                other = self.backends[name]
+                if _runtime_reason(other.runtime) is None and other.backward is not None:
+                    found = other.backward
+                    break
+            else:
+                raise RuntimeError(f"{self.name}: no backward for backend {backend.name!r}")
+            self._backward_cache[key] = found
+        return found
+
+    def backward_name(self, backend: Backend) -> str:
+        """Which backward runs for `backend`, in words (for reports)."""
+        if backend.is_expression:
+            return "autograd of the expression"
+        if backend.backward is not None:
+            return "own kernel"
+        if backend.backward_from:
+            return "first available of " + ", ".join(backend.backward_from)
+        return "none (forward only)"
+
+
+# Every op, by name; filled as the op modules are imported.
+OPS: dict[str, Op] = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, requested: str, source: str, device: str, dtype: torch.dtype,
+                  width: int, needs_grad: bool) -> str:
+    return OPS[op]._resolve(requested, source, torch.device(device), dtype, width,
+                            needs_grad).name
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend name some op declares, plus the deprecated alias."""
+    from . import ops  # noqa: F401  (registers the ops)
+
+    names = dict.fromkeys(n for op in OPS.values() for n in op.backends)
+    return (*sorted(names), TORCH_ALIAS)
+
+
+def clear_cache() -> None:
+    """Forget cached resolutions (after changing what is installed, in tests)."""
+    _runtime_reason.cache_clear()
+    for op in OPS.values():
+        op._cache.clear()
+        op._backward_cache.clear()
 
 
 def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS}")
+    if name not in backend_names():
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {backend_names()}")
     return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed onestep ops on backend ``name`` (thread-local, nestable)."""
+    """Run the enclosed onestep ops on backend ``name`` where an op has it (thread-local,
+    nestable); ops without a backend of that name keep their default."""
     _check_name(name, "use_backend")
     stack = _local.__dict__.setdefault("stack", [])
     stack.append(name)
+    _open_contexts[0] += 1
     try:
         yield
     finally:
+        _open_contexts[0] -= 1
         stack.pop()
 
 
-def _supports(name: str, device: torch.device) -> str | None:
-    """None if backend ``name`` can run tensors on ``device``, else why not."""
-    reason = unavailable_reason(name)
-    if reason is not None:
-        return reason
-    if name == "cuda" and device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-    if name == "cpu" and device.type != "cpu":
-        return f"the cpu backend needs CPU tensors, got {device.type} tensors"
-    if name == "triton" and device.type != "cuda" and not triton_interpret():
-        return f"triton needs CUDA tensors (or TRITON_INTERPRET=1), got {device.type} tensors"
-    return None
+_open_contexts = [0]  # use_backend contexts open in any thread: none, no thread-local look-up
 
 
 @torch.compiler.assume_constant_result
-def _requested() -> str:
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    return os.environ.get(ENV_VAR, "")
+def _requested() -> tuple[str, str]:
+    if _open_contexts[0]:
+        stack = getattr(_local, "stack", None)
+        if stack:
+            return stack[-1], "use_backend"
+    return os.environ.get(ENV_VAR, ""), ENV_VAR
 
 
-def resolve(backend: str | None, device: torch.device, cannot: dict[str, str] | None = None) -> str:
-    """The backend that runs an op on ``device``; raises ValueError if it cannot.
+def available_backends() -> dict[str, str]:
+    """Each backend name mapped to "available" or to the reason this machine cannot run it."""
+    from . import ops  # noqa: F401
 
-    ``cannot`` maps backends that cannot take this particular call (a size they do not
-    handle, say) to the reason: asking for one is an error, the default skips it."""
-    cannot = cannot or {}
-    if backend is not None:
-        source = "backend"
-        name = backend
-    else:
-        name = _requested()
-        source = f"use_backend/{ENV_VAR}"
-    if name:
-        _check_name(name, source)
-        reason = cannot.get(name) or _supports(name, device)
-        if reason is not None:
-            raise ValueError(f"{source}: backend {name!r} cannot run here: {reason}")
-        return name
-    return default_backend(device, cannot)
+    report = {}
+    for op in OPS.values():
+        for name, b in op.backends.items():
+            report.setdefault(name, _runtime_reason(b.runtime) or "available")
+    return report
 
 
-def default_backend(device: torch.device, cannot: dict[str, str] | None = None) -> str:
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-    for name in order:
-        if name not in (cannot or {}) and _supports(name, device) is None:
-            return name
-    return "torch"
+def backend_choices(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    width: int = 1152, needs_grad: bool = False) -> dict[str, dict]:
+    """What each op runs on `device` for a call of `dtype` and last dimension `width` (head
+    dim 72 for attention), and why each other backend is not chosen."""
+    from . import ops  # noqa: F401
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    report = {}
+    for op in OPS.values():
+        w = 72 if op.width_name == "head dim" and width == 1152 else width
+        chosen = op.resolve(None, device, dtype, w, needs_grad)
+        report[op.name] = {"chosen": chosen.name,
+                           "backends": {n: r or "can run" for n, r in
+                                        op.reasons(device, dtype, w, needs_grad).items()}}
+    return report

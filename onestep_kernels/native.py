@@ -1,22 +1,29 @@
-"""Loads the compiled kernels and passes tensors to them as raw pointers.
+"""Loads the compiled kernels and passes each launcher its params struct.
 
 - CPU: the pybind11 module ``onestep_kernels._C`` (built by ``pip install -e .``).
 - CUDA: ``libonestep_cuda.so`` beside this file, loaded with ctypes on first use only, so that
   importing onestep_kernels never touches a GPU.
 
-Launchers return a status code; a non-zero code becomes a RuntimeError here.
+Every launcher takes one struct of named fields (csrc/common/params.h). The ctypes mirrors
+here are built from the layout the compiled library reports (names, offsets, types, sizes)
+and checked against ctypes' own layout when first used; a struct is filled by field name,
+and a missing or unknown field is an error. Launchers return a status code; a non-zero code becomes a
+RuntimeError here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_LIBRARY_PATH = Path(__file__).with_name("libonestep_cuda.so")
+CUDA_LAUNCHERS = ("layernorm_modulate_fwd", "layernorm_modulate_bwd",
+                  "gated_residual_layernorm_modulate_fwd", "bias_gelu_tanh_fwd")
 
 try:
     from . import _C as cpu_module
@@ -31,40 +38,111 @@ def dtype_code(tensor: torch.Tensor) -> int:
     return DTYPE_CODES[tensor.dtype]
 
 
-def ptr(tensor: torch.Tensor | None) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
+# ---- params structs -------------------------------------------------------------------------
 
 
-def check_cpu_status(code: int, op: str) -> None:
+_FIELD_TYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float}
+
+
+def params_from_layout(text: str) -> dict[str, type]:
+    """ctypes mirrors of the structs a library describes ("Name size|field:offset:type|...;"),
+    each checked field by field against the library's offsets and size."""
+    structs = {}
+    for entry in filter(None, text.split(";")):
+        head, *fields = entry.split("|")
+        name, size = head.split()
+        parsed = [field.split(":", 2) for field in fields]
+        members = [(f, ctypes.c_void_p if t.endswith("*") else _FIELD_TYPES[t])
+                   for f, _, t in parsed]
+        cls = type(name, (ctypes.Structure,), {"_fields_": members})
+        for field, offset, _ in parsed:
+            if getattr(cls, field).offset != int(offset):
+                raise RuntimeError(f"{name}.{field}: at offset {offset} in the library, "
+                                   f"{getattr(cls, field).offset} in ctypes")
+        if ctypes.sizeof(cls) != int(size):
+            raise RuntimeError(f"{name}: {size} bytes in the library, {ctypes.sizeof(cls)} "
+                               "in ctypes")
+        structs[name] = _keyword_constructor(cls)
+    return structs
+
+
+def _keyword_constructor(cls: type) -> Callable:
+    """cls's constructor with every field a required keyword argument: a missing or misspelt
+    field is a TypeError naming it, never a silent zero (and no slower than positional
+    construction, which is what it does)."""
+    names = ", ".join(name for name, _ in cls._fields_)
+    namespace = {"cls": cls}
+    exec(f"def {cls.__name__}(*, {names}):\n    return cls({names})", namespace)  # noqa: S102
+    make = namespace[cls.__name__]
+    make.struct = cls
+    return make
+
+
+def _cuda_layout(lib: ctypes.CDLL) -> str:
+    size = lib.onestep_cuda_params_layout(None, 0)
+    buf = ctypes.create_string_buffer(size + 1)
+    lib.onestep_cuda_params_layout(buf, size + 1)
+    return buf.value.decode()
+
+
+@functools.cache
+def params_types() -> dict[str, Callable]:
+    """The params mirrors' keyword constructors, from whichever library is built (both
+    describe one header)."""
+    if cpu_module is not None:
+        return params_from_layout(cpu_module.params_layout())
+    lib = cuda_library()
+    if lib is None:
+        raise RuntimeError("no native library is built: run `pip install -e .`")
+    return params_from_layout(_cuda_layout(lib))
+
+
+@functools.cache
+def params_type(name: str) -> Callable:
+    """The keyword constructor of params struct `name`; its ctypes class is `.struct`."""
+    return params_types()[name]
+
+
+# ---- running launchers ------------------------------------------------------------------------
+
+
+def run_cpu(launcher: str, params: ctypes.Structure) -> None:
+    code = getattr(cpu_module, launcher)(ctypes.addressof(params), torch.get_num_threads())
     if code != 0:
-        raise RuntimeError(f"onestep {op} (cpu) failed: {cpu_module.status_string(code)}")
+        raise RuntimeError(f"onestep {launcher} (cpu) failed: {cpu_module.status_string(code)}")
+
+
+def run_cuda(launcher: str, params: ctypes.Structure, tensor: torch.Tensor) -> None:
+    lib = cuda_library()
+    code = getattr(lib, "onestep_cuda_" + launcher)(ctypes.addressof(params),
+                                                    cuda_stream(tensor))
+    if code != 0:
+        detail = lib.onestep_cuda_status_string(code).decode()
+        if detail == "CUDA error":
+            detail += ": " + lib.onestep_cuda_last_error_string().decode()
+        raise RuntimeError(f"onestep {launcher} (cuda) failed: {detail}")
 
 
 @functools.cache
 def cuda_library() -> ctypes.CDLL | None:
-    """The CUDA kernels, or None when they were not built."""
+    """The CUDA kernels, or None when they were not built. Its params layout must be the CPU
+    module's (the same header): a stale build is refused here."""
     if not CUDA_LIBRARY_PATH.exists():
         return None
     lib = ctypes.CDLL(str(CUDA_LIBRARY_PATH))
-    i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.onestep_cuda_status_string.restype = ctypes.c_char_p
-    lib.onestep_cuda_status_string.argtypes = [i32]
+    lib.onestep_cuda_status_string.argtypes = [ctypes.c_int]
     lib.onestep_cuda_last_error_string.restype = ctypes.c_char_p
-    lib.onestep_cuda_layernorm_modulate_fwd.restype = i32
-    lib.onestep_cuda_layernorm_modulate_fwd.argtypes = [vp] * 6 + [i64] * 9 + [i32, f32, vp]
-    lib.onestep_cuda_layernorm_modulate_bwd.restype = i32
-    lib.onestep_cuda_layernorm_modulate_bwd.argtypes = [vp] * 8 + [i64] * 7 + [i32, i32, vp]
-    lib.onestep_cuda_gated_residual_layernorm_modulate_fwd.restype = i32
-    lib.onestep_cuda_gated_residual_layernorm_modulate_fwd.argtypes = (
-        [vp] * 9 + [i64] * 3 + [ctypes.POINTER(i64), i32, f32, vp])
-    lib.onestep_cuda_bias_gelu_tanh_fwd.restype = i32
-    lib.onestep_cuda_bias_gelu_tanh_fwd.argtypes = [vp] * 3 + [i64] * 2 + [i32, vp]
+    lib.onestep_cuda_params_layout.restype = ctypes.c_int
+    lib.onestep_cuda_params_layout.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    for name in CUDA_LAUNCHERS:
+        fn = getattr(lib, "onestep_cuda_" + name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    if cpu_module is not None and _cuda_layout(lib) != cpu_module.params_layout():
+        raise RuntimeError(f"{CUDA_LIBRARY_PATH} was built from another csrc/common/params.h "
+                           "than onestep_kernels._C: rebuild with `pip install -e .`")
     return lib
-
-
-def int64_array(values) -> ctypes.Array:
-    """A C array of int64 for launchers that take a strides pointer."""
-    return (ctypes.c_int64 * len(values))(*values)
 
 
 @functools.cache  # neither the file nor the device count changes during a process
@@ -74,15 +152,6 @@ def cuda_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "built, but torch sees no CUDA device"
     return None
-
-
-def check_cuda_status(code: int, op: str) -> None:
-    if code != 0:
-        lib = cuda_library()
-        detail = lib.onestep_cuda_status_string(code).decode()
-        if detail == "CUDA error":
-            detail += ": " + lib.onestep_cuda_last_error_string().decode()
-        raise RuntimeError(f"onestep {op} (cuda) failed: {detail}")
 
 
 def cuda_stream(tensor: torch.Tensor) -> int:

@@ -40,3 +40,64 @@ def generator(request):
     on every run. ONESTEP_TEST_SEED=<int> mixes in another seed to explore."""
     seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("ONESTEP_TEST_SEED", "0"))
     return torch.Generator().manual_seed(seed)
+
+
+# ---- the backend matrix, read from the ops' own backend records -------------------------------
+
+os.environ.setdefault("ONESTEP_PREFERENCES", "builtin")  # a user's own measurement stays out
+
+from onestep_kernels import dispatch, native  # noqa: E402
+from onestep_kernels.dispatch import OPS  # noqa: E402
+
+TEST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def backend_device(backend: str | dispatch.Backend, op: str | None = None) -> torch.device:
+    """The one place that says where a backend's test tensors live: on the GPU whenever there
+    is one and the backend runs there (Triton compiled, not interpreted), else on the CPU
+    (Triton through the interpreter)."""
+    record = backend if isinstance(backend, dispatch.Backend) else OPS[op][backend]
+    on_gpu = "cuda" in record.devices or record.devices == dispatch.ANY_DEVICE
+    return torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
+
+
+def backend_matrix(op: str, dtypes=TEST_DTYPES):
+    """pytest params (backend, dtype, isa) for every backend the op declares, in every dtype;
+    isa is the CPU instruction set forced for native CPU kernels (both are tested). Backends
+    this machine cannot run are skipped with the reason their record gives; calls a record
+    refuses (a width, the interpreter's bfloat16) are tested to be refused."""
+    cases = []
+    for record in OPS[op].backends.values():
+        missing = dispatch._runtime_reason(record.runtime)
+        device = backend_device(record)
+        for dtype in dtypes:
+            for isa in (("avx2", "base") if record.runtime == "cpu_library" else (None,)):
+                marks = []
+                if missing:
+                    marks.append(pytest.mark.skip(reason=f"{record.name}: {missing}"))
+                elif (record.runtime == "triton" and device.type == "cpu"
+                      and dtype != torch.bfloat16):
+                    marks.append(pytest.mark.slow)  # the interpreter
+                name = f"{record.name}-{isa}" if isa else record.name
+                cases.append(pytest.param(record.name, dtype, isa, marks=marks,
+                                          id=f"{name}-{str(dtype)[6:]}"))
+    return cases
+
+
+def refused(op: str, backend: str, device: torch.device, dtype: torch.dtype, width: int,
+            needs_grad: bool = True) -> str | None:
+    """The reason `backend`'s record gives for not taking such a call, or None."""
+    return OPS[op][backend].reason(device, dtype, width, needs_grad, OPS[op].width_name)
+
+
+@pytest.fixture
+def cpu_isa(monkeypatch):
+    """cpu_isa("avx2" | "base" | None): force the native CPU kernels' instruction set."""
+    def force(isa):
+        if isa == "avx2" and not native.cpu_module.has_avx2_build():
+            pytest.skip("this build has no avx2 variant of the CPU kernels (not an x86-64 host)")
+        if isa is not None:
+            monkeypatch.setenv("ONESTEP_CPU_ISA", isa)
+        if isa == "avx2" and native.cpu_module.active_isa() != "avx2":
+            pytest.skip("this processor lacks AVX2/FMA/F16C")
+    return force

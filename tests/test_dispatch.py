@@ -1,5 +1,6 @@
-"""Backend selection: precedence, availability report, and an import that needs no GPU and
-no Triton."""
+"""Backend selection: the records, the resolver's precedence and errors, the preference table,
+the deprecated alias, the availability report, and an import that needs no GPU and no
+Triton."""
 
 import subprocess
 import sys
@@ -9,50 +10,170 @@ import pytest
 import torch
 
 import onestep_kernels as ok
-from onestep_kernels import dispatch
+from onestep_kernels import dispatch, preferences
+from onestep_kernels.dispatch import OPS
 
 CPU = torch.device("cpu")
+LN = "layernorm_modulate"
+
+
+def resolve(backend=None, op=LN, dtype=torch.float32, width=64, needs_grad=False):
+    return OPS[op].resolve(backend, CPU, dtype, width, needs_grad).name
+
+
+def test_every_op_is_declared_with_a_pytorch_backend():
+    assert set(OPS) == {"layernorm_modulate", "gated_residual_layernorm_modulate",
+                        "bias_gelu_tanh", "attention", "fused_linear"}
+    for op in OPS.values():
+        assert "reference" in op.backends, op.name
+        assert op.torch_alias in op.backends, op.name
+        for record in op.backends.values():
+            assert record.is_expression or record.forward is not None, (op.name, record.name)
+            for name in record.backward_from:
+                assert op.backends[name].backward is not None, (op.name, record.name, name)
 
 
 def test_available_backends_reports_every_backend_with_a_reason():
     report = ok.available_backends()
-    assert set(report) == {"triton", "cuda", "cpu", "torch"}
-    assert report["torch"] == "available"
+    assert set(report) == {"triton", "cuda", "cpu", "reference", "sdpa", "separate"}
+    assert report["reference"] == "available"
     assert report["cpu"] == "available", report["cpu"]
     if not torch.cuda.is_available():
         assert report["cuda"] != "available" and report["cuda"]
 
 
-def test_default_on_cpu_is_the_native_kernel():
-    assert dispatch.resolve(None, CPU) == "cpu"
+def test_backend_choices_name_the_choice_and_every_reason():
+    report = ok.backend_choices("cpu", torch.bfloat16)
+    assert report[LN]["chosen"] == "cpu"
+    assert report["attention"]["chosen"] == "cpu"
+    assert report["fused_linear"]["chosen"] == "separate"
+    assert set(report[LN]["backends"]) == set(OPS[LN].backends)
+    assert report[LN]["backends"]["reference"] == "can run"
+
+
+def test_default_on_cpu_follows_the_preference_table():
+    assert resolve() == "cpu"
+    assert preferences.order(LN, CPU)[0] == "cpu"
+    assert resolve(dtype=torch.float64) == "reference"  # float64 runs the reference
+
+
+def test_gpu_rows_fall_back_to_sm90(monkeypatch):
+    monkeypatch.setattr(preferences, "device_class", lambda device: "sm_120")
+    monkeypatch.setattr(preferences, "device_key", lambda device: "sm_120|a future GPU")
+    gpu = torch.device("cuda", 0)
+    assert preferences.order("attention", gpu) == preferences.TABLE["sm_90"]["attention"]
+    assert preferences.TABLE["sm_90"]["attention"][0] == "sdpa"
+    assert preferences.TABLE["sm_90"]["fused_linear"][0] == "separate"
+
+
+def test_a_measured_order_takes_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONESTEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ONESTEP_PREFERENCES")
+    (tmp_path / "preferences.json").write_text(
+        '{"cpu": {"order": {"layernorm_modulate": ["reference", "cpu"]}}}')
+    preferences._measured.cache_clear()
+    dispatch.clear_cache()
+    try:
+        assert resolve() == "reference"
+    finally:
+        preferences._measured.cache_clear()
+        dispatch.clear_cache()
 
 
 def test_precedence_call_over_context_over_env(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
-    assert dispatch.resolve(None, CPU) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert resolve() == "reference"
     with ok.use_backend("triton"):
-        assert dispatch.resolve(None, CPU) == "triton"
+        assert resolve() == "triton"
         with ok.use_backend("cpu"):
-            assert dispatch.resolve(None, CPU) == "cpu"
-        assert dispatch.resolve("torch", CPU) == "torch"
-    assert dispatch.resolve(None, CPU) == "torch"
+            assert resolve() == "cpu"
+        assert resolve("reference") == "reference"
+    assert resolve() == "reference"
+
+
+def test_a_context_choice_leaves_ops_without_that_backend_alone():
+    with ok.use_backend("sdpa"):
+        assert resolve(op="attention", width=72) == "sdpa"
+        assert resolve() == "cpu"
 
 
 def test_bad_names_and_unusable_backends(monkeypatch):
     with pytest.raises(ValueError, match="use_backend"):
         with ok.use_backend("gpu"):
             pass
+    with pytest.raises(ValueError, match="backend: layernorm_modulate has no backend 'sdpa'"):
+        resolve("sdpa")
     monkeypatch.setenv(dispatch.ENV_VAR, "nope")
     with pytest.raises(ValueError, match="ONESTEP_BACKEND"):
-        dispatch.resolve(None, CPU)
+        resolve()
+    monkeypatch.delenv(dispatch.ENV_VAR)
     with pytest.raises(ValueError, match="cuda"):
-        dispatch.resolve("cuda", CPU)
+        resolve("cuda")
 
 
-def test_cannot_skips_in_default_and_refuses_when_asked():
-    assert dispatch.resolve(None, CPU, {"cpu": "too wide"}) == "torch"
-    with pytest.raises(ValueError, match="too wide"):
-        dispatch.resolve("cpu", CPU, {"cpu": "too wide"})
+def test_a_refused_request_names_its_reason_and_the_default_skips_it():
+    with pytest.raises(ValueError, match=r"'triton' cannot run layernorm_modulate here: takes D"):
+        resolve("triton", width=5000)
+    assert resolve(width=5000) == "cpu"
+    with pytest.raises(ValueError, match="forward only"):
+        resolve("triton", op="fused_linear", needs_grad=True)
+    assert resolve(op="fused_linear", needs_grad=True) == "separate"
+
+
+def test_nothing_fits_lists_every_backends_reason(monkeypatch):
+    op = OPS[LN]
+    monkeypatch.setattr(op, "backends", {n: b for n, b in op.backends.items()
+                                         if n != "reference"})
+    monkeypatch.setattr(op, "_cache", {})
+    with pytest.raises(ValueError) as error:
+        op.resolve(None, CPU, torch.float64, 64, False)
+    message = str(error.value)
+    assert message.startswith("layernorm_modulate: no backend can run this call")
+    for name in ("triton", "cuda", "cpu"):
+        assert f"{name}: " in message, message
+
+
+def test_torch_is_a_deprecated_alias():
+    dispatch.clear_cache()
+    with pytest.warns(DeprecationWarning, match="'torch' is deprecated"):
+        assert resolve("torch") == "reference"
+    with pytest.warns(DeprecationWarning):
+        assert resolve("torch", op="attention", width=72) == "sdpa"
+    with pytest.warns(DeprecationWarning):
+        assert resolve("torch", op="fused_linear") == "separate"
+
+
+def test_a_record_claims_only_what_it_runs():
+    """Every (backend, dtype) a record accepts on this machine computes the op: the forward
+    of each op on tiny inputs, against the reference backend."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g)
+    mods = [torch.randn(2, 32, generator=g) for _ in range(3)]
+    q = torch.randn(1, 2, 3, 16, generator=g)
+    calls = {
+        LN: (lambda b, d: ok.layernorm_modulate(x.to(d), mods[0].to(d), mods[1].to(d),
+                                                backend=b), 32),
+        "gated_residual_layernorm_modulate": (lambda b, d: ok.gated_residual_layernorm_modulate(
+            x.to(d), y.to(d), *(m.to(d) for m in mods), backend=b)[1], 32),
+        "bias_gelu_tanh": (lambda b, d: ok.bias_gelu_tanh(x.to(d), mods[0][0].to(d),
+                                                          backend=b), 32),
+        "attention": (lambda b, d: ok.attention(q.to(d), q.to(d), q.to(d), backend=b), 16),
+        "fused_linear": (lambda b, d: ok.fused_linear(x.to(d), y[0].to(d), backend=b), 32),
+    }
+    checked = 0
+    for name, (call, width) in calls.items():
+        for record in OPS[name].backends.values():
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                if record.reason(CPU, dtype, width, False) is not None:
+                    with pytest.raises(ValueError):
+                        call(record.name, dtype)
+                    continue
+                with torch.no_grad():
+                    out, ref = call(record.name, dtype), call("reference", dtype)
+                assert out.dtype == ref.dtype, (name, record.name, dtype)
+                torch.testing.assert_close(out.double(), ref.double(), rtol=2e-2, atol=2e-2)
+                checked += 1
+    assert checked >= 20
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -60,7 +181,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_import_without_triton_still_gives_cpu_and_torch():
+def test_import_without_triton_still_gives_cpu_and_reference():
     result = run_python("""
         import sys
         class BlockTriton:

@@ -45,13 +45,56 @@ def test_cuda_kernels_have_no_spills_for_sm80_and_sm90():
         assert "STACK:0 " in usage and usage.endswith("LOCAL:0"), f"{name}: {usage}"
 
 
+def ln_params(**changes):
+    fields = dict(x=0, shift=0, scale=0, out=0, mean=0, rstd=0, B=1, N=1, D=8, x_sb=8, x_sn=8,
+                  shift_sb=0, shift_sn=0, scale_sb=0, scale_sn=0, eps=1e-6, dtype=0)
+    return native.params_type("LayerNormModulateFwdParams")(**{**fields, **changes})
+
+
 @pytest.mark.skipif(not native.CUDA_LIBRARY_PATH.exists(), reason=NOT_BUILT)
 def test_cuda_library_loads_and_rejects_bad_arguments_without_a_gpu():
-    lib = native.cuda_library()
-    null = ctypes.c_void_p(0)
+    lib = native.cuda_library()  # its params layout is checked against the CPU module's here
+    run = lib.onestep_cuda_layernorm_modulate_fwd
     # A bad dtype code and a bad size are refused before anything touches the GPU.
-    assert lib.onestep_cuda_layernorm_modulate_fwd(
-        *[null] * 6, 1, 1, 8, 8, 8, 0, 0, 0, 0, 7, 1e-6, null) == 1
-    assert lib.onestep_cuda_layernorm_modulate_fwd(
-        *[null] * 6, 1, 1, 0, 8, 8, 0, 0, 0, 0, 0, 1e-6, null) == 2
+    assert run(ctypes.addressof(ln_params(dtype=7)), None) == 1
+    assert run(ctypes.addressof(ln_params(D=0)), None) == 2
     assert lib.onestep_cuda_status_string(2).decode() == "invalid size or stride"
+    assert native._cuda_layout(lib) == native.cpu_module.params_layout()
+
+
+def test_params_mirrors_match_the_compiled_layout():
+    """Every struct of csrc/common/params.h has a ctypes mirror with the library's offsets,
+    and every launcher the CPU module exports takes one of them."""
+    structs = native.params_types()
+    assert len(structs) == 8
+    layout = native.cpu_module.params_layout()
+    for name, make in structs.items():
+        assert f"{name} {ctypes.sizeof(make.struct)}|" in layout
+    for launcher in ("layernorm_modulate_fwd", "layernorm_modulate_bwd", "attention_fwd",
+                     "attention_bwd", "bias_gelu_tanh_fwd", "bias_gelu_tanh_bwd",
+                     "gated_residual_layernorm_modulate_fwd",
+                     "gated_residual_layernorm_modulate_bwd"):
+        assert callable(getattr(native.cpu_module, launcher))
+
+
+def test_a_layout_mismatch_is_refused():
+    good = "P 16|a:0:int64_t|b:8:float*;"
+    assert ctypes.sizeof(native.params_from_layout(good)["P"].struct) == 16
+    with pytest.raises(RuntimeError, match=r"P\.b: at offset 12"):
+        native.params_from_layout("P 16|a:0:int64_t|b:12:float*;")
+    with pytest.raises(RuntimeError, match="P: 24 bytes in the library"):
+        native.params_from_layout("P 24|a:0:int64_t|b:8:float*;")
+
+
+def test_a_missing_field_is_an_error_not_a_zero():
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'eps'"):
+        fields = dict(x=0, shift=0, scale=0, out=0, mean=0, rstd=0, B=1, N=1, D=8, x_sb=8,
+                      x_sn=8, shift_sb=0, shift_sn=0, scale_sb=0, scale_sn=0, dtype=0)
+        native.params_type("LayerNormModulateFwdParams")(**fields)
+
+
+def test_cpu_launchers_refuse_bad_codes():
+    from onestep_kernels.native import cpu_module
+
+    assert cpu_module.layernorm_modulate_fwd(ctypes.addressof(ln_params(dtype=9)), 1) == 1
+    assert cpu_module.layernorm_modulate_fwd(ctypes.addressof(ln_params(D=0)), 1) == 2

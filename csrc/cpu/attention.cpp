@@ -156,25 +156,29 @@ struct RowStrides {
   int64_t row(int64_t bb, int64_t hh, int64_t nn) const { return bb * b + hh * h + nn * n; }
 };
 
-// The launchers' strides array: q, k, v, out, then (backward) dout, three values each.
+// The (B, H, N) strides of q, k, v, out and (backward) dout, from the launcher's params.
 struct Strides {
   RowStrides q, k, v, out, dout;
-  Strides(const int64_t* s, bool with_dout)
-      : q{s[0], s[1], s[2]}, k{s[3], s[4], s[5]}, v{s[6], s[7], s[8]}, out{s[9], s[10], s[11]},
-        dout{with_dout ? s[12] : 0, with_dout ? s[13] : 0, with_dout ? s[14] : 0} {}
+  explicit Strides(const AttentionFwdParams& p)
+      : q{p.q_sb, p.q_sh, p.q_sn}, k{p.k_sb, p.k_sh, p.k_sn}, v{p.v_sb, p.v_sh, p.v_sn},
+        out{p.out_sb, p.out_sh, p.out_sn}, dout{0, 0, 0} {}
+  explicit Strides(const AttentionBwdParams& p)
+      : q{p.q_sb, p.q_sh, p.q_sn}, k{p.k_sb, p.k_sh, p.k_sn}, v{p.v_sb, p.v_sh, p.v_sn},
+        out{p.out_sb, p.out_sh, p.out_sn}, dout{p.dout_sb, p.dout_sh, p.dout_sn} {}
 };
 
 // ---- forward --------------------------------------------------------------------------------
 
 template <typename T>
-int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, int64_t B,
-        int64_t H, int64_t N, int64_t NK, int64_t D, const int64_t* strides, float scale,
-        int num_threads) {
-  const T* q = static_cast<const T*>(q_);
-  const T* k = static_cast<const T*>(k_);
-  const T* v = static_cast<const T*>(v_);
-  T* out = static_cast<T*>(out_);
-  const Strides st(strides, /*with_dout=*/false);
+int fwd(const AttentionFwdParams& p, int num_threads) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  float* lse = p.lse;
+  const int64_t B = p.B, H = p.H, N = p.N, NK = p.NK, D = p.D;
+  const float scale = p.scale;
+  const Strides st(p);
   const int64_t Dp = round_up(D, kNR), NKp = round_up(NK, kNR);
   const int64_t BH = B * H;
   if (BH == 0 || N == 0) return kOk;
@@ -247,18 +251,19 @@ int fwd(const void* q_, const void* k_, const void* v_, void* out_, float* lse, 
 // ---- backward -------------------------------------------------------------------------------
 
 template <typename T>
-int bwd(const void* dout_, const void* q_, const void* k_, const void* v_, const void* out_,
-        const float* lse, void* dq_, void* dk_, void* dv_, int64_t B, int64_t H, int64_t N,
-        int64_t NK, int64_t D, const int64_t* strides, float scale, int num_threads) {
-  const T* dout = static_cast<const T*>(dout_);
-  const T* q = static_cast<const T*>(q_);
-  const T* k = static_cast<const T*>(k_);
-  const T* v = static_cast<const T*>(v_);
-  const T* out = static_cast<const T*>(out_);
-  T* dq = static_cast<T*>(dq_);
-  T* dk = static_cast<T*>(dk_);
-  T* dv = static_cast<T*>(dv_);
-  const Strides st(strides, /*with_dout=*/true);
+int bwd(const AttentionBwdParams& p, int num_threads) {
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* out = static_cast<const T*>(p.out);
+  const float* lse = p.lse;
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+  const int64_t B = p.B, H = p.H, N = p.N, NK = p.NK, D = p.D;
+  const float scale = p.scale;
+  const Strides st(p);
   const int64_t Dp = round_up(D, kNR);
   const int64_t KC = min_i64(kKeyChunk, round_up(NK, kNR));  // padded chunk width
   const int64_t QB = kQueryBlock;
@@ -346,44 +351,21 @@ int bwd(const void* dout_, const void* q_, const void* k_, const void* v_, const
   return failed ? kOutOfMemory : kOk;
 }
 
-bool bad_sizes(int64_t B, int64_t H, int64_t N, int64_t NK, int64_t D) {
-  return B < 0 || H < 0 || N < 0 || NK < 1 || D < 1;
+template <typename P>
+bool bad_sizes(const P& p) {
+  return p.B < 0 || p.H < 0 || p.N < 0 || p.NK < 1 || p.D < 1;
 }
 
 }  // namespace
 
-int attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse, int64_t B,
-                  int64_t H, int64_t N, int64_t NK, int64_t D, const int64_t* strides,
-                  float scale, int dtype, int num_threads) {
-  if (bad_sizes(B, H, N, NK, D)) return kBadSize;
-  switch (dtype) {
-    case kFloat32:
-      return fwd<float>(q, k, v, out, lse, B, H, N, NK, D, strides, scale, num_threads);
-    case kFloat16:
-      return fwd<half_t>(q, k, v, out, lse, B, H, N, NK, D, strides, scale, num_threads);
-    case kBFloat16:
-      return fwd<bfloat16_t>(q, k, v, out, lse, B, H, N, NK, D, strides, scale, num_threads);
-    default: return kBadDtype;
-  }
+int attention_fwd(const AttentionFwdParams& p, int num_threads) {
+  if (bad_sizes(p)) return kBadSize;
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return fwd<T>(p, num_threads));
 }
 
-int attention_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
-                  const float* lse, void* dq, void* dk, void* dv, int64_t B, int64_t H, int64_t N,
-                  int64_t NK, int64_t D, const int64_t* strides, float scale, int dtype,
-                  int num_threads) {
-  if (bad_sizes(B, H, N, NK, D)) return kBadSize;
-  switch (dtype) {
-    case kFloat32:
-      return bwd<float>(dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides, scale,
-                        num_threads);
-    case kFloat16:
-      return bwd<half_t>(dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides, scale,
-                         num_threads);
-    case kBFloat16:
-      return bwd<bfloat16_t>(dout, q, k, v, out, lse, dq, dk, dv, B, H, N, NK, D, strides,
-                             scale, num_threads);
-    default: return kBadDtype;
-  }
+int attention_bwd(const AttentionBwdParams& p, int num_threads) {
+  if (bad_sizes(p)) return kBadSize;
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return bwd<T>(p, num_threads));
 }
 
 }  // namespace onestep::cpu::ONESTEP_ISA

@@ -20,10 +20,11 @@ namespace {
 constexpr int64_t kRowsPerChunk = 64;
 
 template <typename T>
-int fwd(const void* x_, const void* bias_, void* y_, int64_t R, int64_t F, int num_threads) {
-  const T* x = static_cast<const T*>(x_);
-  const T* bias = static_cast<const T*>(bias_);
-  T* y = static_cast<T*>(y_);
+int fwd(const BiasGeluTanhFwdParams& p, int num_threads) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  const int64_t R = p.R, F = p.F;
   advise_huge_pages(y, R * F * static_cast<int64_t>(sizeof(T)));
   FloatBuffer bias_f(F);  // bias as fp32, converted once
   if (bias_f.failed()) return kOutOfMemory;
@@ -40,13 +41,13 @@ int fwd(const void* x_, const void* bias_, void* y_, int64_t R, int64_t F, int n
 }
 
 template <typename T>
-int bwd(const void* dy_, const void* x_, const void* bias_, void* dx_, void* dbias_, int64_t R,
-        int64_t F, int num_threads) {
-  const T* dy = static_cast<const T*>(dy_);
-  const T* x = static_cast<const T*>(x_);
-  const T* bias = static_cast<const T*>(bias_);
-  T* dx = static_cast<T*>(dx_);
-  T* dbias = static_cast<T*>(dbias_);
+int bwd(const BiasGeluTanhBwdParams& p, int num_threads) {
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* dx = static_cast<T*>(p.dx);
+  T* dbias = static_cast<T*>(p.dbias);
+  const int64_t R = p.R, F = p.F;
   advise_huge_pages(dx, R * F * static_cast<int64_t>(sizeof(T)));
   const int64_t chunks = (R + kRowsPerChunk - 1) / kRowsPerChunk;
   FloatBuffer bias_f(F);
@@ -84,29 +85,17 @@ int bwd(const void* dy_, const void* x_, const void* bias_, void* dx_, void* dbi
 
 }  // namespace
 
-int bias_gelu_tanh_fwd(const void* x, const void* bias, void* y, int64_t R, int64_t F, int dtype,
-                       int num_threads) {
-  if (R < 0 || F <= 0) return kBadSize;
-  if (R == 0) return kOk;
-  num_threads = num_threads < 1 ? 1 : num_threads;
-  switch (dtype) {
-    case kFloat32: return fwd<float>(x, bias, y, R, F, num_threads);
-    case kFloat16: return fwd<half_t>(x, bias, y, R, F, num_threads);
-    case kBFloat16: return fwd<bfloat16_t>(x, bias, y, R, F, num_threads);
-    default: return kBadDtype;
-  }
+int bias_gelu_tanh_fwd(const BiasGeluTanhFwdParams& p, int num_threads) {
+  if (p.R < 0 || p.F <= 0) return kBadSize;
+  if (p.R == 0) return kOk;
+  num_threads = threads_for(num_threads, p.R * p.F);
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return fwd<T>(p, num_threads));
 }
 
-int bias_gelu_tanh_bwd(const void* dy, const void* x, const void* bias, void* dx, void* dbias,
-                       int64_t R, int64_t F, int dtype, int num_threads) {
-  if (R < 0 || F <= 0) return kBadSize;
-  num_threads = num_threads < 1 ? 1 : num_threads;
-  switch (dtype) {
-    case kFloat32: return bwd<float>(dy, x, bias, dx, dbias, R, F, num_threads);
-    case kFloat16: return bwd<half_t>(dy, x, bias, dx, dbias, R, F, num_threads);
-    case kBFloat16: return bwd<bfloat16_t>(dy, x, bias, dx, dbias, R, F, num_threads);
-    default: return kBadDtype;
-  }
+int bias_gelu_tanh_bwd(const BiasGeluTanhBwdParams& p, int num_threads) {
+  if (p.R < 0 || p.F <= 0) return kBadSize;
+  num_threads = threads_for(num_threads, p.R * p.F);
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return bwd<T>(p, num_threads));
 }
 
 }  // namespace onestep::cpu::ONESTEP_ISA

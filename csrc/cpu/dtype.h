@@ -42,3 +42,7 @@ inline bfloat16_t from_float<bfloat16_t>(float v) {
 
 }  // namespace
 }  // namespace onestep::cpu
+
+// The dtype switch of the CPU launchers (common/params.h), with the CPU's 16-bit types.
+#define ONESTEP_CPU_DTYPE_SWITCH(code, T, ...) \
+  ONESTEP_DTYPE_SWITCH(code, T, half_t, bfloat16_t, __VA_ARGS__)

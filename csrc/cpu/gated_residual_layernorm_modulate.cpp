@@ -19,13 +19,6 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 32;  // see layernorm_modulate.cpp: fixed for determinism
 
-// Modulation rows (gate, shift, scale) of token n of sample b.
-struct ModRows {
-  const void* gate;
-  const void* shift;
-  const void* scale;
-};
-
 template <typename T>
 void fwd_row(const T* x, const T* y, const T* gate, const T* shift, const T* scale, T* res,
              T* out, int64_t D, float eps, float* r, float* mean_out, float* rstd_out) {
@@ -90,17 +83,17 @@ void bwd_row(const T* dres, const T* dout, const T* res, const T* y, const T* ga
 }
 
 template <typename T>
-int fwd(const void* x_, const void* y_, const void* gate_, const void* shift_, const void* scale_,
-        void* res_, void* out_, float* mean, float* rstd, int64_t B, int64_t N, int64_t D,
-        const int64_t* mod_strides, float eps, int num_threads) {
-  const T* x = static_cast<const T*>(x_);
-  const T* y = static_cast<const T*>(y_);
-  const T* gate = static_cast<const T*>(gate_);
-  const T* shift = static_cast<const T*>(shift_);
-  const T* scale = static_cast<const T*>(scale_);
-  T* res = static_cast<T*>(res_);
-  T* out = static_cast<T*>(out_);
-  const int64_t rows = B * N;
+int fwd(const GatedResidualFwdParams& p, int num_threads) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* y = static_cast<const T*>(p.y);
+  const T* gate = static_cast<const T*>(p.gate);
+  const T* shift = static_cast<const T*>(p.shift);
+  const T* scale = static_cast<const T*>(p.scale);
+  T* res = static_cast<T*>(p.res);
+  T* out = static_cast<T*>(p.out);
+  float* mean = p.mean;
+  float* rstd = p.rstd;
+  const int64_t N = p.N, D = p.D, rows = p.B * p.N;
   advise_huge_pages(res, rows * D * static_cast<int64_t>(sizeof(T)));
   advise_huge_pages(out, rows * D * static_cast<int64_t>(sizeof(T)));
   FloatBuffer buffers(num_threads * D);  // the fp32 residual row of each thread
@@ -111,38 +104,36 @@ int fwd(const void* x_, const void* y_, const void* gate_, const void* shift_, c
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t b = row / N, n = row % N;
-      fwd_row<T>(x + row * D, y + row * D, gate + b * mod_strides[0] + n * mod_strides[1],
-                 shift + b * mod_strides[2] + n * mod_strides[3],
-                 scale + b * mod_strides[4] + n * mod_strides[5], res + row * D, out + row * D,
-                 D, eps, r, mean + row, rstd + row);
+      fwd_row<T>(x + row * D, y + row * D, gate + b * p.gate_sb + n * p.gate_sn,
+                 shift + b * p.shift_sb + n * p.shift_sn, scale + b * p.scale_sb + n * p.scale_sn,
+                 res + row * D, out + row * D, D, p.eps, r, mean + row, rstd + row);
     }
   }
   return kOk;
 }
 
 template <typename T>
-int bwd(const void* dres_, const void* dout_, const void* res_, const void* y_, const void* gate_,
-        const void* scale_, const float* mean, const float* rstd, void* dx_, void* dy_,
-        void* dgate_, void* dshift_, void* dscale_, int64_t B, int64_t N, int64_t D,
-        const int64_t* mod_strides, bool per_token, int num_threads) {
-  const T* dres = static_cast<const T*>(dres_);
-  const T* dout = static_cast<const T*>(dout_);
-  const T* res = static_cast<const T*>(res_);
-  const T* y = static_cast<const T*>(y_);
-  const T* gate = static_cast<const T*>(gate_);
-  const T* scale = static_cast<const T*>(scale_);
-  T* dx = static_cast<T*>(dx_);
-  T* dy = static_cast<T*>(dy_);
-  T* dgate = static_cast<T*>(dgate_);
-  T* dshift = static_cast<T*>(dshift_);
-  T* dscale = static_cast<T*>(dscale_);
-  const int64_t rows = B * N;
+int bwd(const GatedResidualBwdParams& p, int num_threads) {
+  const T* dres = static_cast<const T*>(p.dres);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* res = static_cast<const T*>(p.res);
+  const T* y = static_cast<const T*>(p.y);
+  const T* gate = static_cast<const T*>(p.gate);
+  const T* scale = static_cast<const T*>(p.scale);
+  const float* mean = p.mean;
+  const float* rstd = p.rstd;
+  T* dx = static_cast<T*>(p.dx);
+  T* dy = static_cast<T*>(p.dy);
+  T* dgate = static_cast<T*>(p.dgate);
+  T* dshift = static_cast<T*>(p.dshift);
+  T* dscale = static_cast<T*>(p.dscale);
+  const int64_t B = p.B, N = p.N, D = p.D, rows = p.B * p.N;
   advise_huge_pages(dx, rows * D * static_cast<int64_t>(sizeof(T)));
   advise_huge_pages(dy, rows * D * static_cast<int64_t>(sizeof(T)));
-  const int64_t g_sb = mod_strides[0], g_sn = mod_strides[1];
-  const int64_t s_sb = mod_strides[4], s_sn = mod_strides[5];
+  const int64_t g_sb = p.gate_sb, g_sn = p.gate_sn;
+  const int64_t s_sb = p.scale_sb, s_sn = p.scale_sn;
 
-  if (per_token) {
+  if (p.per_token) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t b = row / N, n = row % N;
@@ -176,51 +167,17 @@ int bwd(const void* dres_, const void* dout_, const void* res_, const void* y_, 
 
 }  // namespace
 
-int gated_residual_layernorm_modulate_fwd(const void* x, const void* y, const void* gate,
-                                          const void* shift, const void* scale, void* res,
-                                          void* out, float* mean, float* rstd, int64_t B,
-                                          int64_t N, int64_t D, const int64_t* mod_strides,
-                                          int dtype, float eps, int num_threads) {
-  if (B < 0 || N < 0 || D <= 0) return kBadSize;
-  if (B * N == 0) return kOk;
-  num_threads = num_threads < 1 ? 1 : num_threads;
-  switch (dtype) {
-    case kFloat32:
-      return fwd<float>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D, mod_strides,
-                        eps, num_threads);
-    case kFloat16:
-      return fwd<half_t>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D, mod_strides,
-                         eps, num_threads);
-    case kBFloat16:
-      return fwd<bfloat16_t>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D,
-                             mod_strides, eps, num_threads);
-    default:
-      return kBadDtype;
-  }
+int gated_residual_layernorm_modulate_fwd(const GatedResidualFwdParams& p, int num_threads) {
+  if (p.B < 0 || p.N < 0 || p.D <= 0) return kBadSize;
+  if (p.B * p.N == 0) return kOk;
+  num_threads = threads_for(num_threads, p.B * p.N * p.D);
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return fwd<T>(p, num_threads));
 }
 
-int gated_residual_layernorm_modulate_bwd(const void* dres, const void* dout, const void* res,
-                                          const void* y, const void* gate, const void* scale,
-                                          const float* mean, const float* rstd, void* dx,
-                                          void* dy, void* dgate, void* dshift, void* dscale,
-                                          int64_t B, int64_t N, int64_t D,
-                                          const int64_t* mod_strides, int per_token, int dtype,
-                                          int num_threads) {
-  if (B < 0 || N < 0 || D <= 0) return kBadSize;
-  num_threads = num_threads < 1 ? 1 : num_threads;
-  switch (dtype) {
-    case kFloat32:
-      return bwd<float>(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
-                        dscale, B, N, D, mod_strides, per_token != 0, num_threads);
-    case kFloat16:
-      return bwd<half_t>(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
-                         dscale, B, N, D, mod_strides, per_token != 0, num_threads);
-    case kBFloat16:
-      return bwd<bfloat16_t>(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
-                             dscale, B, N, D, mod_strides, per_token != 0, num_threads);
-    default:
-      return kBadDtype;
-  }
+int gated_residual_layernorm_modulate_bwd(const GatedResidualBwdParams& p, int num_threads) {
+  if (p.B < 0 || p.N < 0 || p.D <= 0) return kBadSize;
+  num_threads = threads_for(num_threads, p.B * p.N * p.D);
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return bwd<T>(p, num_threads));
 }
 
 }  // namespace onestep::cpu::ONESTEP_ISA

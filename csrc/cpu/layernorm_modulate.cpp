@@ -90,15 +90,14 @@ void bwd_row(const T* dy, const T* x, const T* scale, float mean, float rstd, T*
 }
 
 template <typename T>
-int fwd(const void* x_, const void* shift_, const void* scale_, void* out_, float* mean,
-        float* rstd, int64_t B, int64_t N, int64_t D, int64_t x_sb, int64_t x_sn,
-        int64_t shift_sb, int64_t shift_sn, int64_t scale_sb, int64_t scale_sn, float eps,
-        int num_threads) {
-  const T* x = static_cast<const T*>(x_);
-  const T* shift = static_cast<const T*>(shift_);
-  const T* scale = static_cast<const T*>(scale_);
-  T* out = static_cast<T*>(out_);
-  const int64_t rows = B * N;
+int fwd(const LayerNormModulateFwdParams& p, int num_threads) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* shift = static_cast<const T*>(p.shift);
+  const T* scale = static_cast<const T*>(p.scale);
+  T* out = static_cast<T*>(p.out);
+  float* mean = p.mean;
+  float* rstd = p.rstd;
+  const int64_t N = p.N, D = p.D, rows = p.B * p.N;
   const int64_t out_bytes = rows * D * static_cast<int64_t>(sizeof(T));
   advise_huge_pages(out, out_bytes);
   const bool streaming = std::is_same_v<T, float> && out_bytes >= kStreamingBytes;
@@ -113,8 +112,8 @@ int fwd(const void* x_, const void* shift_, const void* scale_, void* out_, floa
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / N, n = r % N;
-      fwd_row<T>(x + b * x_sb + n * x_sn, shift + b * shift_sb + n * shift_sn,
-                 scale + b * scale_sb + n * scale_sn, out + r * D, D, eps, buf,
+      fwd_row<T>(x + b * p.x_sb + n * p.x_sn, shift + b * p.shift_sb + n * p.shift_sn,
+                 scale + b * p.scale_sb + n * p.scale_sn, out + r * D, D, p.eps, buf,
                  streaming ? buf : nullptr, mean + r, rstd + r);
     }
     if (streaming) stream_fence();
@@ -123,20 +122,20 @@ int fwd(const void* x_, const void* shift_, const void* scale_, void* out_, floa
 }
 
 template <typename T>
-int bwd(const void* dy_, const void* x_, const void* scale_, const float* mean,
-        const float* rstd, void* dx_, void* dshift_, void* dscale_, int64_t B, int64_t N,
-        int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb, int64_t scale_sn,
-        bool per_token, int num_threads) {
-  const T* dy = static_cast<const T*>(dy_);
-  const T* x = static_cast<const T*>(x_);
-  const T* scale = static_cast<const T*>(scale_);
-  T* dx = static_cast<T*>(dx_);
-  T* dshift = static_cast<T*>(dshift_);
-  T* dscale = static_cast<T*>(dscale_);
-  const int64_t rows = B * N;
+int bwd(const LayerNormModulateBwdParams& p, int num_threads) {
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  const T* scale = static_cast<const T*>(p.scale);
+  const float* mean = p.mean;
+  const float* rstd = p.rstd;
+  T* dx = static_cast<T*>(p.dx);
+  T* dshift = static_cast<T*>(p.dshift);
+  T* dscale = static_cast<T*>(p.dscale);
+  const int64_t B = p.B, N = p.N, D = p.D, rows = p.B * p.N;
+  const int64_t x_sb = p.x_sb, x_sn = p.x_sn, scale_sb = p.scale_sb, scale_sn = p.scale_sn;
   advise_huge_pages(dx, rows * D * static_cast<int64_t>(sizeof(T)));
 
-  if (per_token) {
+  if (p.per_token) {
     advise_huge_pages(dshift, rows * D * static_cast<int64_t>(sizeof(T)));
     advise_huge_pages(dscale, rows * D * static_cast<int64_t>(sizeof(T)));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -170,52 +169,19 @@ int bwd(const void* dy_, const void* x_, const void* scale_, const float* mean,
   return kOk;
 }
 
-bool sizes_ok(int64_t B, int64_t N, int64_t D) { return B >= 0 && N >= 0 && D >= 0; }
-
 }  // namespace
 
-int layernorm_modulate_fwd(const void* x, const void* shift, const void* scale, void* out,
-                           float* mean, float* rstd, int64_t B, int64_t N, int64_t D,
-                           int64_t x_sb, int64_t x_sn, int64_t shift_sb, int64_t shift_sn,
-                           int64_t scale_sb, int64_t scale_sn, int dtype, float eps,
-                           int num_threads) {
-  if (!sizes_ok(B, N, D) || D == 0) return kBadSize;
-  if (B * N == 0) return kOk;
-  num_threads = num_threads < 1 ? 1 : num_threads;
-  switch (dtype) {
-    case kFloat32:
-      return fwd<float>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
-                        shift_sn, scale_sb, scale_sn, eps, num_threads);
-    case kFloat16:
-      return fwd<half_t>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
-                         shift_sn, scale_sb, scale_sn, eps, num_threads);
-    case kBFloat16:
-      return fwd<bfloat16_t>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
-                             shift_sn, scale_sb, scale_sn, eps, num_threads);
-    default:
-      return kBadDtype;
-  }
+int layernorm_modulate_fwd(const LayerNormModulateFwdParams& p, int num_threads) {
+  if (p.B < 0 || p.N < 0 || p.D <= 0) return kBadSize;
+  if (p.B * p.N == 0) return kOk;
+  num_threads = threads_for(num_threads, p.B * p.N * p.D);
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return fwd<T>(p, num_threads));
 }
 
-int layernorm_modulate_bwd(const void* dy, const void* x, const void* scale, const float* mean,
-                           const float* rstd, void* dx, void* dshift, void* dscale, int64_t B,
-                           int64_t N, int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb,
-                           int64_t scale_sn, int per_token, int dtype, int num_threads) {
-  if (!sizes_ok(B, N, D) || D == 0) return kBadSize;
-  num_threads = num_threads < 1 ? 1 : num_threads;
-  switch (dtype) {
-    case kFloat32:
-      return bwd<float>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
-                        scale_sb, scale_sn, per_token != 0, num_threads);
-    case kFloat16:
-      return bwd<half_t>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
-                         scale_sb, scale_sn, per_token != 0, num_threads);
-    case kBFloat16:
-      return bwd<bfloat16_t>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
-                             scale_sb, scale_sn, per_token != 0, num_threads);
-    default:
-      return kBadDtype;
-  }
+int layernorm_modulate_bwd(const LayerNormModulateBwdParams& p, int num_threads) {
+  if (p.B < 0 || p.N < 0 || p.D <= 0) return kBadSize;
+  num_threads = threads_for(num_threads, p.B * p.N * p.D);
+  ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return bwd<T>(p, num_threads));
 }
 
 }  // namespace onestep::cpu::ONESTEP_ISA

@@ -39,6 +39,13 @@ class FloatBuffer {
 
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Threads for `elements` of memory-bound work: OpenMP's fork and join cost a microsecond or
+// two, more than a small call's whole work, so small calls run on one thread.
+constexpr int64_t kSerialElements = int64_t{1} << 15;
+inline int threads_for(int num_threads, int64_t elements) {
+  return elements < kSerialElements || num_threads < 1 ? 1 : num_threads;
+}
+
 // fp32 outputs at least this large are written with streaming (non-temporal) stores: they do
 // not fit in cache for the next op anyway, and streaming skips reading each line before
 // writing it. Below it, ordinary stores leave the output in cache for the consumer.

@@ -1,5 +1,5 @@
 // y = gelu_tanh(x + bias) on the GPU, forward: one thread per element of the (R, F) input,
-// grid-strided. The GELU is csrc/common's (the CPU kernels test it). Never run here (no GPU).
+// grid-strided. The GELU is csrc/common's (the CPU kernels test it).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../common/math.h"
+#include "../common/params.h"
 #include "../common/status.h"
 #include "block_reduce.cuh"
 
@@ -26,26 +27,21 @@ __global__ void __launch_bounds__(256)
 }
 
 template <typename T>
-int fwd(const void* x, const void* bias, void* y, int64_t R, int64_t F, cudaStream_t stream) {
-  const int64_t total = R * F;
+int fwd(const onestep::BiasGeluTanhFwdParams& p, cudaStream_t stream) {
+  const int64_t total = p.R * p.F;
   const int64_t wanted = (total + 255) / 256;
   const unsigned blocks = static_cast<unsigned>(wanted < 65536 ? wanted : 65536);
   bias_gelu_tanh_fwd_kernel<T><<<blocks, 256, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y), total, F);
+      static_cast<const T*>(p.x), static_cast<const T*>(p.bias), static_cast<T*>(p.y), total,
+      p.F);
   return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
 }
 
 }  // namespace
 
-extern "C" int onestep_cuda_bias_gelu_tanh_fwd(const void* x, const void* bias, void* y,
-                                               int64_t R, int64_t F, int dtype, void* stream) {
-  if (R < 0 || F <= 0) return onestep::kBadSize;
-  if (R == 0) return onestep::kOk;
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case onestep::kFloat32: return fwd<float>(x, bias, y, R, F, s);
-    case onestep::kFloat16: return fwd<__half>(x, bias, y, R, F, s);
-    case onestep::kBFloat16: return fwd<__nv_bfloat16>(x, bias, y, R, F, s);
-    default: return onestep::kBadDtype;
-  }
+extern "C" int onestep_cuda_bias_gelu_tanh_fwd(const onestep::BiasGeluTanhFwdParams* p,
+                                               void* stream) {
+  if (p->R < 0 || p->F <= 0) return onestep::kBadSize;
+  if (p->R == 0) return onestep::kOk;
+  ONESTEP_CUDA_DTYPE_SWITCH(p->dtype, T, return fwd<T>(*p, static_cast<cudaStream_t>(stream)));
 }

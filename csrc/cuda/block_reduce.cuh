@@ -8,6 +8,11 @@
 #include <cstdint>
 
 #include "../common/math.h"
+#include "../common/params.h"
+
+// The dtype switch of the CUDA launchers (common/params.h), with CUDA's 16-bit types.
+#define ONESTEP_CUDA_DTYPE_SWITCH(code, T, ...) \
+  ONESTEP_DTYPE_SWITCH(code, T, __half, __nv_bfloat16, __VA_ARGS__)
 
 namespace onestep::cuda {
 

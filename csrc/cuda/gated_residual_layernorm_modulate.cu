@@ -1,7 +1,7 @@
 // r = x + gate * y; out = LayerNorm(r) * (1 + scale) + shift, forward, on the GPU.
 // One block per row: the residual is formed and folded into per-thread Welford states, merged
 // across the block, then a second pass re-forms it (cheaper than staging it in shared memory
-// for every D) and writes both outputs. Compiled for sm_80/sm_90 here, never run (no GPU).
+// for every D) and writes both outputs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../common/math.h"
+#include "../common/params.h"
 #include "../common/status.h"
 #include "block_reduce.cuh"
 
@@ -49,34 +50,20 @@ __global__ void __launch_bounds__(256)
 }
 
 template <typename T>
-int fwd(const void* x, const void* y, const void* gate, const void* shift, const void* scale,
-        void* res, void* out, float* mean, float* rstd, int64_t B, int64_t N, int64_t D,
-        const int64_t* s, float eps, cudaStream_t stream) {
-  grlnmod_fwd_kernel<T><<<static_cast<unsigned>(B * N), threads_for(D), 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(y), static_cast<const T*>(gate),
-      static_cast<const T*>(shift), static_cast<const T*>(scale), static_cast<T*>(res),
-      static_cast<T*>(out), mean, rstd, N, D, s[0], s[1], s[2], s[3], s[4], s[5], eps);
+int fwd(const onestep::GatedResidualFwdParams& p, cudaStream_t stream) {
+  grlnmod_fwd_kernel<T><<<static_cast<unsigned>(p.B * p.N), threads_for(p.D), 0, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.y), static_cast<const T*>(p.gate),
+      static_cast<const T*>(p.shift), static_cast<const T*>(p.scale), static_cast<T*>(p.res),
+      static_cast<T*>(p.out), p.mean, p.rstd, p.N, p.D, p.gate_sb, p.gate_sn, p.shift_sb,
+      p.shift_sn, p.scale_sb, p.scale_sn, p.eps);
   return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
 }
 
 }  // namespace
 
 extern "C" int onestep_cuda_gated_residual_layernorm_modulate_fwd(
-    const void* x, const void* y, const void* gate, const void* shift, const void* scale,
-    void* res, void* out, float* mean, float* rstd, int64_t B, int64_t N, int64_t D,
-    const int64_t* mod_strides, int dtype, float eps, void* stream) {
-  if (B < 0 || N < 0 || D <= 0 || B * N > 0x7fffffffLL) return onestep::kBadSize;
-  if (B * N == 0) return onestep::kOk;
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case onestep::kFloat32:
-      return fwd<float>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D, mod_strides, eps, s);
-    case onestep::kFloat16:
-      return fwd<__half>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D, mod_strides, eps, s);
-    case onestep::kBFloat16:
-      return fwd<__nv_bfloat16>(x, y, gate, shift, scale, res, out, mean, rstd, B, N, D,
-                                mod_strides, eps, s);
-    default:
-      return onestep::kBadDtype;
-  }
+    const onestep::GatedResidualFwdParams* p, void* stream) {
+  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B * p->N > 0x7fffffffLL) return onestep::kBadSize;
+  if (p->B * p->N == 0) return onestep::kOk;
+  ONESTEP_CUDA_DTYPE_SWITCH(p->dtype, T, return fwd<T>(*p, static_cast<cudaStream_t>(stream)));
 }

@@ -3,9 +3,7 @@
 // states are merged across the warp (shuffles) and the block (shared memory), and a second
 // pass writes the output. The per-sample weight gradients are reduced over N by a second
 // kernel with one thread per feature (deterministic: no atomics).
-//
-// Compiled here for sm_80/sm_90 but never run on this machine (no GPU): the arithmetic is the
-// csrc/common code that the CPU kernels test; thread mapping and speed are unverified.
+// The arithmetic is the csrc/common code that the CPU kernels also run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -13,6 +11,7 @@
 #include <cstdint>
 
 #include "../common/math.h"
+#include "../common/params.h"
 #include "../common/status.h"
 #include "block_reduce.cuh"
 
@@ -110,32 +109,30 @@ int launch_status() {
 }
 
 template <typename T>
-int fwd(const void* x, const void* shift, const void* scale, void* out, float* mean, float* rstd,
-        int64_t B, int64_t N, int64_t D, int64_t x_sb, int64_t x_sn, int64_t shift_sb,
-        int64_t shift_sn, int64_t scale_sb, int64_t scale_sn, float eps, cudaStream_t stream) {
-  lnmod_fwd_kernel<T><<<static_cast<unsigned>(B * N), threads_for(D), 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(shift), static_cast<const T*>(scale),
-      static_cast<T*>(out), mean, rstd, N, D, x_sb, x_sn, shift_sb, shift_sn, scale_sb, scale_sn,
-      eps);
+int fwd(const onestep::LayerNormModulateFwdParams& p, cudaStream_t stream) {
+  lnmod_fwd_kernel<T><<<static_cast<unsigned>(p.B * p.N), threads_for(p.D), 0, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.shift), static_cast<const T*>(p.scale),
+      static_cast<T*>(p.out), p.mean, p.rstd, p.N, p.D, p.x_sb, p.x_sn, p.shift_sb, p.shift_sn,
+      p.scale_sb, p.scale_sn, p.eps);
   return launch_status();
 }
 
 template <typename T>
-int bwd(const void* dy, const void* x, const void* scale, const float* mean, const float* rstd,
-        void* dx, void* dshift, void* dscale, int64_t B, int64_t N, int64_t D, int64_t x_sb,
-        int64_t x_sn, int64_t scale_sb, int64_t scale_sn, bool per_token, cudaStream_t stream) {
+int bwd(const onestep::LayerNormModulateBwdParams& p, cudaStream_t stream) {
+  const int64_t B = p.B, N = p.N, D = p.D;
   if (B * N > 0) {
     lnmod_bwd_dx_kernel<T><<<static_cast<unsigned>(B * N), threads_for(D), 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(scale), mean,
-        rstd, static_cast<T*>(dx), static_cast<T*>(dshift), static_cast<T*>(dscale), N, D, x_sb,
-        x_sn, scale_sb, scale_sn, per_token);
+        static_cast<const T*>(p.dy), static_cast<const T*>(p.x), static_cast<const T*>(p.scale),
+        p.mean, p.rstd, static_cast<T*>(p.dx), static_cast<T*>(p.dshift),
+        static_cast<T*>(p.dscale), N, D, p.x_sb, p.x_sn, p.scale_sb, p.scale_sn,
+        p.per_token != 0);
     if (launch_status() != onestep::kOk) return onestep::kCudaError;
   }
-  if (!per_token && B > 0) {
+  if (!p.per_token && B > 0) {
     const dim3 grid(static_cast<unsigned>((D + 255) / 256), static_cast<unsigned>(B));
     lnmod_bwd_dmod_kernel<T><<<grid, 256, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), mean, rstd, static_cast<T*>(dshift),
-        static_cast<T*>(dscale), N, D, x_sb, x_sn);
+        static_cast<const T*>(p.dy), static_cast<const T*>(p.x), p.mean, p.rstd,
+        static_cast<T*>(p.dshift), static_cast<T*>(p.dscale), N, D, p.x_sb, p.x_sn);
   }
   return launch_status();
 }
@@ -148,51 +145,20 @@ const char* onestep_cuda_status_string(int code) { return onestep::status_string
 
 const char* onestep_cuda_last_error_string() { return cudaGetErrorString(cudaPeekAtLastError()); }
 
-int onestep_cuda_layernorm_modulate_fwd(const void* x, const void* shift, const void* scale,
-                                        void* out, float* mean, float* rstd, int64_t B, int64_t N,
-                                        int64_t D, int64_t x_sb, int64_t x_sn, int64_t shift_sb,
-                                        int64_t shift_sn, int64_t scale_sb, int64_t scale_sn,
-                                        int dtype, float eps, void* stream) {
-  if (B < 0 || N < 0 || D <= 0 || B * N > 0x7fffffffLL) return onestep::kBadSize;
-  if (B * N == 0) return onestep::kOk;
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case onestep::kFloat32:
-      return fwd<float>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
-                        shift_sn, scale_sb, scale_sn, eps, s);
-    case onestep::kFloat16:
-      return fwd<__half>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
-                         shift_sn, scale_sb, scale_sn, eps, s);
-    case onestep::kBFloat16:
-      return fwd<__nv_bfloat16>(x, shift, scale, out, mean, rstd, B, N, D, x_sb, x_sn, shift_sb,
-                                shift_sn, scale_sb, scale_sn, eps, s);
-    default:
-      return onestep::kBadDtype;
-  }
+int onestep_cuda_params_layout(char* buf, int cap) { return onestep::describe_params(buf, cap); }
+
+int onestep_cuda_layernorm_modulate_fwd(const onestep::LayerNormModulateFwdParams* p,
+                                        void* stream) {
+  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B * p->N > 0x7fffffffLL) return onestep::kBadSize;
+  if (p->B * p->N == 0) return onestep::kOk;
+  ONESTEP_CUDA_DTYPE_SWITCH(p->dtype, T, return fwd<T>(*p, static_cast<cudaStream_t>(stream)));
 }
 
-int onestep_cuda_layernorm_modulate_bwd(const void* dy, const void* x, const void* scale,
-                                        const float* mean, const float* rstd, void* dx,
-                                        void* dshift, void* dscale, int64_t B, int64_t N,
-                                        int64_t D, int64_t x_sb, int64_t x_sn, int64_t scale_sb,
-                                        int64_t scale_sn, int per_token, int dtype,
+int onestep_cuda_layernorm_modulate_bwd(const onestep::LayerNormModulateBwdParams* p,
                                         void* stream) {
-  if (B < 0 || N < 0 || D <= 0 || B * N > 0x7fffffffLL) return onestep::kBadSize;
-  if (per_token == 0 && B > 65535) return onestep::kBadSize;  // gridDim.y of the reduction
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case onestep::kFloat32:
-      return bwd<float>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
-                        scale_sb, scale_sn, per_token != 0, s);
-    case onestep::kFloat16:
-      return bwd<__half>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb, x_sn,
-                         scale_sb, scale_sn, per_token != 0, s);
-    case onestep::kBFloat16:
-      return bwd<__nv_bfloat16>(dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, x_sb,
-                                x_sn, scale_sb, scale_sn, per_token != 0, s);
-    default:
-      return onestep::kBadDtype;
-  }
+  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B * p->N > 0x7fffffffLL) return onestep::kBadSize;
+  if (p->per_token == 0 && p->B > 65535) return onestep::kBadSize;  // gridDim.y of the reduction
+  ONESTEP_CUDA_DTYPE_SWITCH(p->dtype, T, return bwd<T>(*p, static_cast<cudaStream_t>(stream)));
 }
 
 }  // extern "C"

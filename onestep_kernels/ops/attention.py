@@ -6,15 +6,14 @@ projection). Triton takes head dims 16..128, any (72 included; fp32 up to 64). O
 (B, H, N, Dh) in q's dtype.
 
 Backends:
-  triton  flash attention (online softmax, no N x N matrix in memory), forward and backward;
-          fp32 inputs use IEEE products (no TF32), so fp32 results are fp32-accurate.
-  cpu     onestep's C++ kernel (csrc/cpu/attention.cpp), forward and backward: blocked FMA
-          products on packed fp32 panels, any head dim, fp32/fp16/bf16 (computed in fp32).
-          Measured against PyTorch's SDPA at DiT-S/B shapes (benchmarks/test_attention.py, two
-          runs): forward 1.03-1.16x faster, forward + backward 1.01-1.10x, so it is the
-          default.
-  torch   PyTorch's scaled_dot_product_attention (its own CPU flash-attention kernel);
-          `reference` below is the explicit formula, the test oracle.
+  triton     flash attention (online softmax, no N x N matrix in memory), forward and
+             backward; fp32 inputs use IEEE products (no TF32), so fp32 results are
+             fp32-accurate.
+  cpu        onestep's C++ kernel (csrc/cpu/attention.cpp), forward and backward: blocked FMA
+             products on packed fp32 panels, any head dim, fp32/fp16/bf16 (computed in fp32).
+  sdpa       PyTorch's scaled_dot_product_attention (cuDNN / flash on GPUs).
+  reference  the explicit formula below, the test oracle.
+Which one runs by default on each device is onestep_kernels.preferences' table.
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..dispatch import Backend
 from ..triton_compat import tl, triton
-from .common import interpreter_bf16_reason, launcher, on_device
+from .common import needs_grad, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -277,15 +277,20 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
 # ---------------------------------------------------------------------------------------------
 
 
+def _stride_fields(**tensors) -> dict:
+    """{name}_sb, {name}_sh, {name}_sn for (B, H, N, Dh) tensors."""
+    return {f"{name}_{dim}": t.stride(i) for name, t in tensors.items()
+            for i, dim in enumerate(("sb", "sh", "sn"))}
+
+
 def _cpu_fwd(q, k, v, scale):
     B, H, N, Dh = q.shape
     out = _new_output(q, "cpu")
     lse = torch.empty((B, H, N), dtype=torch.float32)
-    code = native.cpu_module.attention_fwd(
-        native.ptr(q), native.ptr(k), native.ptr(v), native.ptr(out), native.ptr(lse), B, H, N,
-        k.shape[2], Dh, [*_strides(q), *_strides(k), *_strides(v), *_strides(out)], scale,
-        native.dtype_code(q), torch.get_num_threads())
-    native.check_cpu_status(code, "attention forward")
+    native.run_cpu("attention_fwd", native.params_type("AttentionFwdParams")(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+        B=B, H=H, N=N, NK=k.shape[2], D=Dh, **_stride_fields(q=q, k=k, v=v, out=out),
+        scale=scale, dtype=native.dtype_code(q)))
     return out, lse
 
 
@@ -294,21 +299,86 @@ def _cpu_bwd(dout, q, k, v, out, lse, scale):
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))  # contiguous
-    strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout)]
-    code = native.cpu_module.attention_bwd(
-        native.ptr(dout), native.ptr(q), native.ptr(k), native.ptr(v), native.ptr(out),
-        native.ptr(lse), native.ptr(dq), native.ptr(dk), native.ptr(dv), B, H, N, k.shape[2], Dh,
-        strides, scale, native.dtype_code(q), torch.get_num_threads())
-    native.check_cpu_status(code, "attention backward")
+    native.run_cpu("attention_bwd", native.params_type("AttentionBwdParams")(
+        dout=dout.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+        out=out.data_ptr(), lse=lse.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(),
+        dv=dv.data_ptr(), B=B, H=H, N=N, NK=k.shape[2], D=Dh,
+        **_stride_fields(q=q, k=k, v=v, out=out, dout=dout), scale=scale,
+        dtype=native.dtype_code(q)))
     return dq, dk, dv
 
 
-_FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd}
-_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd}
+def _sdpa(q, k, v, scale):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration (the triton and cpu backends; torch calls SDPA directly)
+# Backends (see onestep_kernels.dispatch); the width they are judged by is the head dim
+# ---------------------------------------------------------------------------------------------
+
+OP = dispatch.Op("attention", [
+    Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
+            min_width=MIN_HEAD_DIM, max_width=MAX_HEAD_DIM,
+            max_width_by_dtype=((torch.float32, MAX_HEAD_DIM_FP32),),
+            summary="flash attention (online softmax), fp32 in IEEE products"),
+    Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
+            summary="blocked FMA products on packed fp32 panels"),
+    Backend("sdpa", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES, expression=_sdpa,
+            summary="PyTorch's scaled_dot_product_attention (cuDNN / flash on GPUs)"),
+    Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
+            expression=reference, summary="the formula, scores materialised"),
+], torch_alias="sdpa", width_name="head dim")
+
+
+# ---------------------------------------------------------------------------------------------
+# The inner layer (no validation)
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(backend: Backend, q, k, v, scale):
+    B, H, N, Dh = q.shape
+    if B * H * N == 0 or k.shape[2] == 0:
+        return (_new_output(q, backend.name).zero_(),
+                torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
+    with on_device(q):
+        return backend.forward(q, k, v, scale)
+
+
+def _backward(backend: Backend, dout, q, k, v, out, lse, scale):
+    if q.numel() == 0 or k.numel() == 0:
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    with on_device(q):
+        return OP.backward_launcher(backend, q.device)(dout, q, k, v, out, lse, scale)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, backend):
+        out, lse = _forward(backend, q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.backend = scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*_backward(ctx.backend, dout, q, k, v, out, lse, ctx.scale), None, None)
+
+
+def apply(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Attention on a resolved backend, for validated arguments (one dtype and device, last
+    dimensions contiguous)."""
+    if backend.is_expression:
+        return backend.expression(q, k, v, scale)
+    if torch.compiler.is_compiling():
+        return attention_fwd(q, k, v, scale, backend.name)[0]
+    if needs_grad(q, k, v):
+        return _Attention.apply(q, k, v, scale, backend)
+    return _forward(backend, q, k, v, scale)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (the kernels; what torch.compile traces)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -316,12 +386,7 @@ _BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd}
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
                   backend: str) -> tuple[Tensor, Tensor]:
     """Returns (out, lse); lse is the fp32 base-2 log-sum-exp of each query's scores."""
-    B, H, N, Dh = q.shape
-    if B * H * N == 0 or k.shape[2] == 0:
-        return (_new_output(q, backend).zero_(),
-                torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
-    with on_device(q):
-        return launcher(_FWD, backend)(q, k, v, scale)
+    return _forward(OP[backend], q, k, v, scale)
 
 
 @attention_fwd.register_fake
@@ -334,10 +399,7 @@ def _(q, k, v, scale, backend):
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns contiguous (dq, dk, dv)."""
-    if q.numel() == 0 or k.numel() == 0:
-        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    with on_device(q):
-        return launcher(_BWD, backend)(dout, q, k, v, out, lse, scale)
+    return _backward(OP[backend], dout, q, k, v, out, lse, scale)
 
 
 @attention_bwd.register_fake
@@ -354,13 +416,13 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dout, _dlse):
+def _backward_op(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,18 +435,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
     """softmax(q k^T * scale) v over the token dimension, non-causal; see the module docstring.
 
     Args:
-        q: (B, H, N, Dh); k, v: (B, H, Nk, Dh); float32/float16/bfloat16, one dtype and device.
+        q: (B, H, N, Dh); k, v: (B, H, Nk, Dh); float32/float16/bfloat16/float64 on one
+            device. Mixed dtypes are promoted to a common one; under autocast the op follows
+            SDPA (it runs in the autocast dtype).
         scale: multiplies the scores; default 1 / sqrt(Dh).
-        backend: "triton", "cpu", "torch" or None (onestep_kernels.dispatch); the cuda backend
-            has no attention kernel and falls through.
+        backend: one of the op's backends, or None for the fastest that can take the call.
     """
     checks.tensor("q", q, (4,))
     checks.tensor("k", k, (4,))
     checks.tensor("v", v, (4,))
-    checks.same_dtype_device("k", k, q, "q")
-    checks.same_dtype_device("v", v, q, "q")
+    checks.same_device("k", k, q, "q")
+    checks.same_device("v", v, q, "q")
     B, H, N, Dh = q.shape
-    if k.shape[:2] != (B, H) or k.shape[3] != Dh:
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dh:
         raise ValueError(f"k: expected shape ({B}, {H}, Nk, {Dh}) for q of shape "
                          f"{tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape != k.shape:
@@ -392,15 +455,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
     if Dh == 0:
         raise ValueError(f"q: the head dimension must be positive, got shape {tuple(q.shape)}")
     scale = 1.0 / math.sqrt(Dh) if scale is None else checks.positive_float("scale", scale)
-    cannot = {"cuda": "no CUDA C++ attention kernel"}
-    if not MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM:
-        cannot["triton"] = f"q: the triton kernels take head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {Dh}"
-    elif q.dtype == torch.float32 and Dh > MAX_HEAD_DIM_FP32:
-        cannot["triton"] = (f"q: the triton kernels take float32 head dims up to "
-                            f"{MAX_HEAD_DIM_FP32}, got {Dh}")
-    elif reason := interpreter_bf16_reason(q, "q"):
-        cannot["triton"] = reason
-    name = dispatch.resolve(backend, q.device, cannot)
-    if name == "torch":
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    return attention_fwd(q, k, v, scale, name)[0]
+    dtype = checks.compute_dtype(checks.LOWER, q.device.type, (q, k, v))
+    if not (q.dtype is k.dtype is v.dtype is dtype):
+        q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
+    return apply(OP.resolve(backend, q.device, dtype, Dh, needs_grad(q, k, v)), q, k, v, scale)

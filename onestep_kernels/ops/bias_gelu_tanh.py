@@ -6,7 +6,8 @@ u * sigmoid(2 z) with z = sqrt(2/pi) (u + 0.044715 u^3), the form computed here 
 cancellation in 1 + tanh(z) for negative u). Gradients for x and bias; dbias is summed over
 fixed chunks of rows (deterministic).
 
-Reference, Triton kernels, native launchers, registration and entry point, in that order.
+Reference, Triton kernels, native launchers, backend records, the inner layer, registration
+and entry point, in that order.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..dispatch import Backend
 from ..triton_compat import tl, triton
-from .common import backward_for_cuda, interpreter_bf16_reason, launcher, on_device
+from .common import needs_grad, on_device
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -132,32 +134,31 @@ def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_fwd(x2d, bias, y2d):
+def _fwd_params(x2d, bias, y2d):
     R, F = x2d.shape
-    code = native.cpu_module.bias_gelu_tanh_fwd(native.ptr(x2d), native.ptr(bias),
-                                                native.ptr(y2d), R, F, native.dtype_code(x2d),
-                                                torch.get_num_threads())
-    native.check_cpu_status(code, "bias_gelu_tanh forward")
+    return native.params_type("BiasGeluTanhFwdParams")(
+        x=x2d.data_ptr(), bias=bias.data_ptr(), y=y2d.data_ptr(), R=R, F=F,
+        dtype=native.dtype_code(x2d))
+
+
+def _cpu_fwd(*args):
+    native.run_cpu("bias_gelu_tanh_fwd", _fwd_params(*args))
 
 
 def _cpu_bwd(dy2d, x2d, bias, dx2d, dbias):
     R, F = x2d.shape
-    code = native.cpu_module.bias_gelu_tanh_bwd(
-        native.ptr(dy2d), native.ptr(x2d), native.ptr(bias), native.ptr(dx2d), native.ptr(dbias),
-        R, F, native.dtype_code(x2d), torch.get_num_threads())
-    native.check_cpu_status(code, "bias_gelu_tanh backward")
+    native.run_cpu("bias_gelu_tanh_bwd", native.params_type("BiasGeluTanhBwdParams")(
+        dy=dy2d.data_ptr(), x=x2d.data_ptr(), bias=bias.data_ptr(), dx=dx2d.data_ptr(),
+        dbias=dbias.data_ptr(), R=R, F=F, dtype=native.dtype_code(x2d)))
 
 
-def _cuda_fwd(x2d, bias, y2d):
-    R, F = x2d.shape
-    code = native.cuda_library().onestep_cuda_bias_gelu_tanh_fwd(
-        native.ptr(x2d), native.ptr(bias), native.ptr(y2d), R, F, native.dtype_code(x2d),
-        native.cuda_stream(x2d))
-    native.check_cuda_status(code, "bias_gelu_tanh forward")
+def _cuda_fwd(x2d, *args):
+    native.run_cuda("bias_gelu_tanh_fwd", _fwd_params(x2d, *args), x2d)
 
 
 def _torch_bwd(dy2d, x2d, bias, dx2d, dbias):
-    """Backward in PyTorch ops, for the cuda backend when Triton is missing."""
+    """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
+    Triton is missing)."""
     u = x2d.float() + bias.float()
     s = torch.sigmoid(2 * GELU_K * (u + GELU_C * u ** 3))
     t = s * (1 - s)
@@ -167,22 +168,81 @@ def _torch_bwd(dy2d, x2d, bias, dx2d, dbias):
     dbias.copy_(dx.sum(dim=0))
 
 
-_FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
-_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "torch_ops": _torch_bwd}
+# ---------------------------------------------------------------------------------------------
+# Backends (see onestep_kernels.dispatch)
+# ---------------------------------------------------------------------------------------------
+
+OP = dispatch.Op("bias_gelu_tanh", [
+    Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
+            summary="rows x column blocks"),
+    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd,
+            backward_from=("triton", "reference"), summary="forward only in CUDA C++"),
+    Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
+            summary="OpenMP, vectorised exp"),
+    # The backward launcher serves the cuda backend where Triton is missing.
+    Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
+            expression=reference,
+            backward=_torch_bwd, summary="F.gelu(x + bias)"),
+], width_name="F")
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration (on the (R, F) view)
+# The inner layer, on the (R, F) view (no validation)
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(backend: Backend, x2d, bias):
+    y = torch.empty_like(x2d)
+    if x2d.shape[0] > 0:
+        with on_device(x2d):
+            backend.forward(x2d, bias, y)
+    return y
+
+
+def _backward(backend: Backend, dy2d, x2d, bias):
+    dx, dbias = torch.empty_like(x2d), torch.empty_like(bias)
+    with on_device(x2d):
+        OP.backward_launcher(backend, x2d.device)(dy2d.contiguous(), x2d, bias, dx, dbias)
+    return dx, dbias
+
+
+class _BiasGeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, bias, backend):
+        ctx.save_for_backward(x2d, bias)
+        ctx.backend = backend
+        return _forward(backend, x2d, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, bias = ctx.saved_tensors
+        return (*_backward(ctx.backend, dy, x2d, bias), None)
+
+
+def apply(backend: Backend, x: Tensor, bias: Tensor) -> Tensor:
+    """GELU_tanh(x + bias) on a resolved backend, for validated arguments (one dtype and
+    device; x of any shape, made contiguous if it is not)."""
+    if backend.is_expression:
+        return backend.expression(x, bias)
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    bias = bias.contiguous()
+    if torch.compiler.is_compiling():
+        y = bias_gelu_tanh_fwd(x2d, bias, backend.name)
+    elif needs_grad(x2d, bias):
+        y = _BiasGeluTanh.apply(x2d, bias, backend)
+    else:
+        y = _forward(backend, x2d, bias)
+    return y.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (on the (R, F) view; what torch.compile traces)
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("onestep::bias_gelu_tanh_fwd", mutates_args=())
 def bias_gelu_tanh_fwd(x2d: Tensor, bias: Tensor, backend: str) -> Tensor:
-    y = torch.empty_like(x2d)
-    if x2d.shape[0] > 0:
-        with on_device(x2d):
-            launcher(_FWD, backend)(x2d, bias, y)
-    return y
+    return _forward(OP[backend], x2d, bias)
 
 
 @bias_gelu_tanh_fwd.register_fake
@@ -193,11 +253,7 @@ def _(x2d, bias, backend):
 @torch.library.custom_op("onestep::bias_gelu_tanh_bwd", mutates_args=())
 def bias_gelu_tanh_bwd(dy2d: Tensor, x2d: Tensor, bias: Tensor,
                        backend: str) -> tuple[Tensor, Tensor]:
-    dx = torch.empty_like(x2d)
-    dbias = torch.empty_like(bias)
-    with on_device(x2d):
-        launcher(_BWD, backend)(dy2d.contiguous(), x2d, bias, dx, dbias)
-    return dx, dbias
+    return _backward(OP[backend], dy2d, x2d, bias)
 
 
 @bias_gelu_tanh_bwd.register_fake
@@ -211,14 +267,13 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dy):
+def _backward_op(ctx, dy):
     x2d, bias = ctx.saved_tensors
-    backend = backward_for_cuda("torch_ops") if ctx.backend == "cuda" else ctx.backend
-    dx, dbias = bias_gelu_tanh_bwd(dy, x2d, bias, backend)
+    dx, dbias = bias_gelu_tanh_bwd(dy, x2d, bias, ctx.backend)
     return dx, dbias, None
 
 
-bias_gelu_tanh_fwd.register_autograd(_backward, setup_context=_setup_context)
+bias_gelu_tanh_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,23 +282,22 @@ bias_gelu_tanh_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bias_gelu_tanh(x: Tensor, bias: Tensor, *, backend: str | None = None) -> Tensor:
-    """GELU_tanh(x + bias), fused; x is (..., F), bias (F,). See the module docstring."""
+    """GELU_tanh(x + bias), fused; x is (..., F), bias (F,), on one device. Mixed dtypes are
+    promoted to a common one, as `x + bias` does (also under autocast). See the module
+    docstring."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     checks.tensor("x", x, tuple(range(1, max(x.dim(), 1) + 1)))
     checks.tensor("bias", bias, (1,))
-    checks.same_dtype_device("bias", bias, x, "x")
+    checks.same_device("bias", bias, x, "x")
     F = x.shape[-1]
     if F == 0:
         raise ValueError(f"x: the last dimension (F) must be positive, got shape {tuple(x.shape)}")
-    if bias.shape != (F,):
+    if bias.shape[0] != F:
         raise ValueError(f"bias: expected shape ({F},) for x of shape {tuple(x.shape)}, "
                          f"got {tuple(bias.shape)}")
-    cannot = {}
-    if reason := interpreter_bf16_reason(x, "x"):
-        cannot["triton"] = reason
-    name = dispatch.resolve(backend, x.device, cannot)
-    if name == "torch":
-        return reference(x, bias)
-    x2d = x.reshape(-1, F).contiguous()
-    return bias_gelu_tanh_fwd(x2d, bias.contiguous(), name).view(x.shape)
+    dtype = x.dtype
+    if bias.dtype is not dtype:
+        dtype = torch.promote_types(dtype, bias.dtype)
+        x, bias = checks.cast(x, dtype), checks.cast(bias, dtype)
+    return apply(OP.resolve(backend, x.device, dtype, F, needs_grad(x, bias)), x, bias)

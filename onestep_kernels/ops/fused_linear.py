@@ -16,19 +16,16 @@ per token (one shape for both); gate (B, M_out) or (B, N, M_out); residual (B, N
 LayerNorm statistics, products and epilogue in fp32; output in x's dtype.
 
 Backends:
-  triton  one kernel per call (forward only, for inference): each program owns a tile of
-          output rows x columns, first walks its rows once for the LayerNorm statistics
-          (Chan's merge of per-chunk mean and squared deviations), then runs the K loop with the
-          modulation applied to each tile of x before the product, and the bias, GELU and
-          gated residual applied to the accumulator before the one store.
-  torch   the same as separate steps: onestep's layernorm_modulate, F.linear, bias_gelu_tanh,
-          addcmul. Also what runs whenever a gradient is needed (training), on every backend:
-          the fused kernel has no backward.
-No cpu or cuda backend: their matrix products would be PyTorch's anyway (on the CPU, MKL's),
-which is what the torch backend runs.
-
-Whether the fusion pays has not been measured: no GPU has run this kernel (it runs here
-through the Triton interpreter and is compiled for sm_80/sm_90 by onestep_kernels.aot).
+  triton     one kernel per call (forward only, for inference): each program owns a tile of
+             output rows x columns, first walks its rows once for the LayerNorm statistics
+             (Chan's merge of per-chunk mean and squared deviations), then runs the K loop
+             with the modulation applied to each tile of x before the product, and the bias,
+             GELU and gated residual applied to the accumulator before the one store.
+  separate   the same as separate steps: onestep's layernorm_modulate, F.linear,
+             bias_gelu_tanh, addcmul; what runs whenever a gradient is needed (the fused
+             kernel has no backward).
+  reference  the formula in plain PyTorch.
+No cpu or cuda kernel: their matrix products would be PyTorch's anyway.
 """
 
 from __future__ import annotations
@@ -40,10 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, dispatch
+from ..dispatch import Backend
 from ..triton_compat import tl, triton
-from .bias_gelu_tanh import bias_gelu_tanh
-from .common import bn_strides, interpreter_bf16_reason, on_device
-from .layernorm_modulate import layernorm_modulate
+from . import bias_gelu_tanh as bias_gelu_tanh_op
+from . import layernorm_modulate as layernorm_modulate_op
+from .common import bn_strides, needs_grad, on_device
 
 ACTIVATIONS = (None, "gelu_tanh")
 
@@ -216,8 +214,64 @@ def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gel
     return out
 
 
+def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual):
+    """The same computation as onestep's separate (differentiable) ops on their default
+    backends, and PyTorch's products. Under autocast each step follows it as the reference
+    DiT block's expressions do (the LayerNorm as F.layer_norm, the products in the autocast
+    dtype)."""
+    h = x
+    if shift is not None:
+        dtype = checks.compute_dtype(checks.LAYER_NORM, x.device.type, (x, shift, scale))
+        h, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
+        impl = layernorm_modulate_op.OP.resolve(None, h.device, dtype, h.shape[-1],
+                                                needs_grad(h, shift, scale))
+        h = layernorm_modulate_op.apply(impl, h, shift, scale, eps)
+    if activation == "gelu_tanh":
+        u = F.linear(h, weight)
+        b = u.new_zeros(u.shape[-1]) if bias is None else checks.cast(bias, u.dtype)
+        impl = bias_gelu_tanh_op.OP.resolve(None, u.device, u.dtype, u.shape[-1],
+                                            needs_grad(u, b))
+        y = bias_gelu_tanh_op.apply(impl, u, b)
+    else:
+        y = F.linear(h, weight, bias)
+    if gate is None:
+        return y
+    return torch.addcmul(residual, gate[:, None] if gate.dim() == 2 else gate, y)
+
+
 # ---------------------------------------------------------------------------------------------
-# torch.library registration (forward only: see the module docstring)
+# Backends (see onestep_kernels.dispatch); the width is x's feature count K
+# ---------------------------------------------------------------------------------------------
+
+OP = dispatch.Op("fused_linear", [
+    Backend("triton", "triton", ("cuda",), forward=_triton_fused_linear,
+            summary="one kernel, forward only; tensors under 2^31 elements; not under autocast"),
+    Backend("separate", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
+            expression=_separate_steps,
+            summary="onestep's separate ops and PyTorch's (cuBLAS) products"),
+    Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
+            expression=reference, summary="the formula in PyTorch"),
+], torch_alias="separate", width_name="K")
+
+
+def apply(backend: Backend, x, weight, bias, shift, scale, eps, activation, gate, residual):
+    """fused_linear on a resolved backend, for validated arguments."""
+    if backend.is_expression:
+        return backend.expression(x, weight, bias, shift, scale, eps, activation, gate,
+                                  residual)
+    x = x.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    gelu = activation == "gelu_tanh"
+    if torch.compiler.is_compiling():
+        return fused_linear_op(x, weight, bias, shift, scale, gate, residual, eps, gelu)
+    with on_device(x):
+        return backend.forward(x, weight, bias, shift, scale, gate, residual, eps, gelu)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (the fused kernel, forward only: see the module docstring)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -234,20 +288,6 @@ def _(x, weight, bias, shift, scale, gate, residual, eps, gelu):
     return x.new_empty((*x.shape[:2], weight.shape[0]))
 
 
-def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual, backend):
-    """The same computation as onestep's separate (differentiable) ops, run on `backend`."""
-    h = x if shift is None else layernorm_modulate(x, shift, scale, eps, backend=backend)
-    if activation == "gelu_tanh":
-        u = F.linear(h, weight)
-        y = bias_gelu_tanh(u, bias if bias is not None else u.new_zeros(u.shape[-1]),
-                           backend=backend)
-    else:
-        y = F.linear(h, weight, bias)
-    if gate is None:
-        return y
-    return torch.addcmul(residual, gate[:, None] if gate.dim() == 2 else gate, y)
-
-
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +295,7 @@ def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residu
 
 def _check_modulation(name: str, t: Tensor, x: Tensor, width: int, like: str) -> None:
     checks.tensor(name, t, (2, 3))
-    checks.same_dtype_device(name, t, x, "x")
+    checks.same_device(name, t, x, "x")
     B, N = x.shape[:2]
     if tuple(t.shape) not in ((B, width), (B, N, width)):
         raise ValueError(f"{name}: expected shape ({B}, {width}) or ({B}, {N}, {width}) "
@@ -276,12 +316,14 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         activation: None or "gelu_tanh" (applied before the gated residual).
         gate, residual: both or neither; gate (B, M_out) or (B, N, M_out), residual
             (B, N, M_out).
-        backend: "triton", "torch" or None (onestep_kernels.dispatch); the cpu and cuda
-            backends have no kernel for this op and fall through to torch.
+        backend: "triton" (the fused kernel, inference), "separate" (onestep's separate ops),
+            "reference", or None for the default (onestep_kernels.preferences). Mixed dtypes
+            are promoted to a common one; under autocast the separate ops run, each following
+            autocast.
     """
     checks.tensor("x", x, (3,))
     checks.tensor("weight", weight, (2,))
-    checks.same_dtype_device("weight", weight, x, "x")
+    checks.same_device("weight", weight, x, "x")
     B, N, K = x.shape
     if K == 0 or weight.shape[1] != K:
         raise ValueError(f"weight: expected shape (M_out, {K}) for x of shape {tuple(x.shape)}, "
@@ -289,7 +331,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     cols = weight.shape[0]
     if bias is not None:
         checks.tensor("bias", bias, (1,))
-        checks.same_dtype_device("bias", bias, x, "x")
+        checks.same_device("bias", bias, x, "x")
         if bias.shape != (cols,):
             raise ValueError(f"bias: expected shape ({cols},), got {tuple(bias.shape)}")
     if (shift is None) != (scale is None):
@@ -308,26 +350,26 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     if gate is not None:
         _check_modulation("gate", gate, x, cols, "per sample or per token, over the outputs")
         checks.tensor("residual", residual, (3,))
-        checks.same_dtype_device("residual", residual, x, "x")
+        checks.same_device("residual", residual, x, "x")
         if residual.shape != (B, N, cols):
             raise ValueError(f"residual: expected shape ({B}, {N}, {cols}), "
                              f"got {tuple(residual.shape)}")
 
-    tensors = [t for t in (x, weight, bias, shift, scale, gate, residual) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    cannot = {"cpu": "no CPU kernel (the product would be PyTorch's anyway)",
-              "cuda": "no CUDA C++ kernel"}
-    if needs_grad:
-        cannot["triton"] = "the fused kernel is forward-only; gradients need the separate ops"
-    elif max(t.numel() for t in tensors) >= 2**31 or B * N * cols >= 2**31:
-        cannot["triton"] = "x: the kernel's int32 offsets take tensors under 2^31 elements"
-    elif reason := interpreter_bf16_reason(x, "x"):
-        cannot["triton"] = reason
-    name = dispatch.resolve(backend, x.device, cannot)
-    if name == "torch":  # the separate ops on the backend asked for (their defaults if none)
-        return _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual,
-                               backend)
-    bias = None if bias is None else bias.contiguous()
-    residual = None if residual is None else residual.contiguous()
-    return fused_linear_op(x.contiguous(), weight.contiguous(), bias, shift, scale, gate,
-                           residual, eps, activation == "gelu_tanh")
+    tensors = [x, weight, bias, shift, scale, gate, residual]
+    args = (eps, activation)
+    if torch.is_autocast_enabled(x.device.type):
+        impl = OP.resolve(backend or "separate", x.device, x.dtype, K, needs_grad(*tensors))
+        if not impl.is_expression:
+            raise ValueError(f"backend: {impl.name!r} does not follow autocast; the separate "
+                             "ops do (backend='separate' or None)")
+        return apply(impl, x, weight, bias, shift, scale, *args, gate, residual)
+    dtype = checks.compute_dtype(checks.PROMOTE, x.device.type, tensors)
+    x, weight, bias, shift, scale, gate, residual = (checks.cast(t, dtype) for t in tensors)
+    impl = OP.resolve(backend, x.device, dtype, K, needs_grad(*tensors))
+    if not impl.is_expression and (B * N * cols >= 2**31
+                                   or max(t.numel() for t in tensors if t is not None) >= 2**31):
+        if backend is not None:
+            raise ValueError("x: the fused kernel's int32 offsets take tensors under 2^31 "
+                             "elements")
+        impl = OP["separate"]
+    return apply(impl, x, weight, bias, shift, scale, *args, gate, residual)

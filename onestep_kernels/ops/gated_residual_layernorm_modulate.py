@@ -9,7 +9,7 @@ Returns (residual, out); both carry gradients. Arithmetic in fp32 (the LayerNorm
 residual, before its rounding to the output dtype); outputs in x's dtype.
 
 The op's whole story lives here: reference, Triton kernels and launchers, native launchers,
-torch.library registration (fake + autograd) and the public entry point.
+backend records, the inner layer, torch.library registration and the public entry point.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..dispatch import Backend
 from ..triton_compat import tl, triton
-from .common import (backward_for_cuda, bn_strides, interpreter_bf16_reason, launcher,
-                     on_device)
+from .common import bn_strides, needs_grad, on_device
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -164,21 +164,19 @@ def triton_configs():
         block *= 2
 
 
-def _mod_strides(gate: Tensor, shift: Tensor, scale: Tensor) -> list[int]:
-    return [*bn_strides(gate), *bn_strides(shift), *bn_strides(scale)]
-
-
-def _triton_fwd(x, y, gate, shift, scale, res, out, mean, rstd, eps):
+def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps):
     B, N, D = x.shape
+    mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
     _gated_residual_layernorm_modulate_fwd_kernel[(B * N,)](
-        x, y, gate, shift, scale, res, out, mean, rstd, N, D, *_mod_strides(gate, shift, scale),
-        eps, BLOCK_D=block_d, num_warps=num_warps)
+        x, y, gate, shift, scale, res, out, mean, rstd, N, D, *bn_strides(gate),
+        *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
 
 
-def _triton_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift, dscale,
+def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
                 per_token):
     B, N, D = res.shape
+    mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
     chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
     if per_token:
@@ -200,40 +198,52 @@ def _triton_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshi
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_fwd(x, y, gate, shift, scale, res, out, mean, rstd, eps):
+def _fwd_params(x, y, gate, shift, scale, res, out, stats, eps):
     B, N, D = x.shape
-    code = native.cpu_module.gated_residual_layernorm_modulate_fwd(
-        *map(native.ptr, (x, y, gate, shift, scale, res, out, mean, rstd)), B, N, D,
-        _mod_strides(gate, shift, scale), native.dtype_code(x), eps, torch.get_num_threads())
-    native.check_cpu_status(code, "gated_residual_layernorm_modulate forward")
+    mean = stats.data_ptr()  # stats is (2, B, N): mean, then rstd
+    g_sb, g_sn = bn_strides(gate)
+    sh_sb, sh_sn = bn_strides(shift)
+    sc_sb, sc_sn = bn_strides(scale)
+    return native.params_type("GatedResidualFwdParams")(
+        x=x.data_ptr(), y=y.data_ptr(), gate=gate.data_ptr(), shift=shift.data_ptr(),
+        scale=scale.data_ptr(), res=res.data_ptr(), out=out.data_ptr(), mean=mean,
+        rstd=mean + 4 * B * N, B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn, shift_sb=sh_sb,
+        shift_sn=sh_sn, scale_sb=sc_sb, scale_sn=sc_sn, eps=eps, dtype=native.dtype_code(x))
 
 
-def _cpu_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift, dscale,
+def _cpu_fwd(*args):
+    native.run_cpu("gated_residual_layernorm_modulate_fwd", _fwd_params(*args))
+
+
+def _cpu_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
              per_token):
     B, N, D = res.shape
-    code = native.cpu_module.gated_residual_layernorm_modulate_bwd(
-        *map(native.ptr, (dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift,
-                          dscale)),
-        B, N, D, [*bn_strides(gate), 0, 0, *bn_strides(scale)], int(per_token),
-        native.dtype_code(res), torch.get_num_threads())
-    native.check_cpu_status(code, "gated_residual_layernorm_modulate backward")
+    mean = stats.data_ptr()
+    g_sb, g_sn = bn_strides(gate)
+    sc_sb, sc_sn = bn_strides(scale)
+    native.run_cpu("gated_residual_layernorm_modulate_bwd",
+                   native.params_type("GatedResidualBwdParams")(
+                       dres=dres.data_ptr(), dout=dout.data_ptr(), res=res.data_ptr(),
+                       y=y.data_ptr(), gate=gate.data_ptr(), scale=scale.data_ptr(),
+                       mean=mean, rstd=mean + 4 * B * N, dx=dx.data_ptr(),
+                       dy=dy.data_ptr(), dgate=dgate.data_ptr(), dshift=dshift.data_ptr(),
+                       dscale=dscale.data_ptr(), B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn,
+                       scale_sb=sc_sb, scale_sn=sc_sn, per_token=int(per_token),
+                       dtype=native.dtype_code(res)))
 
 
-def _cuda_fwd(x, y, gate, shift, scale, res, out, mean, rstd, eps):
-    B, N, D = x.shape
-    code = native.cuda_library().onestep_cuda_gated_residual_layernorm_modulate_fwd(
-        *map(native.ptr, (x, y, gate, shift, scale, res, out, mean, rstd)), B, N, D,
-        native.int64_array(_mod_strides(gate, shift, scale)), native.dtype_code(x), eps,
-        native.cuda_stream(x))
-    native.check_cuda_status(code, "gated_residual_layernorm_modulate forward")
+def _cuda_fwd(x, *args):
+    native.run_cuda("gated_residual_layernorm_modulate_fwd", _fwd_params(x, *args), x)
 
 
-def _torch_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshift, dscale,
+def _torch_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
                per_token):
-    """The backward in PyTorch ops (for the cuda backend without Triton)."""
+    """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
+    Triton is missing)."""
     f32 = torch.float32
     g3, s3 = (gate.to(f32), scale.to(f32)) if per_token else (gate[:, None].to(f32),
                                                               scale[:, None].to(f32))
+    mean, rstd = stats[0], stats[1]
     xhat = (res.to(f32) - mean[..., None]) * rstd[..., None]
     g = dout.to(f32) * (1 + s3)
     dln = rstd[..., None] * (g - g.mean(-1, keepdim=True)
@@ -248,79 +258,135 @@ def _torch_bwd(dres, dout, res, y, gate, scale, mean, rstd, dx, dy, dgate, dshif
         dst.copy_(src)
 
 
-_FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
-# No CUDA C++ backward yet: the cuda backend's backward runs Triton's kernel when Triton can
-# run, else PyTorch ops (see _backward).
-_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "torch_ops": _torch_bwd}
+# ---------------------------------------------------------------------------------------------
+# Backends (see onestep_kernels.dispatch)
+# ---------------------------------------------------------------------------------------------
+
+OP = dispatch.Op("gated_residual_layernorm_modulate", [
+    Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
+            max_width=MAX_TRITON_D, summary="a row per program, in registers"),
+    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd,
+            backward_from=("triton", "reference"), summary="forward only in CUDA C++"),
+    Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
+            summary="OpenMP over rows, AVX2 or portable"),
+    # The backward launcher here serves the cuda backend where Triton is missing; the
+    # reference backend itself is differentiated by autograd.
+    Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
+            expression=reference,
+            backward=_torch_bwd, summary="PyTorch ops"),
+])
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration
+# The inner layer (no validation)
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(backend: Backend, x, y, gate, shift, scale, eps):
+    B, N, D = x.shape
+    res, out = torch.empty_like(x), torch.empty_like(x)  # x is contiguous here
+    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)  # mean, rstd
+    if B * N > 0:
+        with on_device(x):
+            backend.forward(x, y, gate, shift, scale, res, out, stats, eps)
+    return res, out, stats
+
+
+def _backward(backend: Backend, dres, dout, res, y, gate, scale, stats):
+    dx, dy = torch.empty_like(res), torch.empty_like(res)
+    dgate, dshift, dscale = (torch.empty(gate.shape, dtype=res.dtype, device=res.device)
+                             for _ in range(3))
+    with on_device(res):
+        OP.backward_launcher(backend, res.device)(
+            dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate,
+            dshift, dscale, gate.dim() == 3)
+    return dx, dy, dgate, dshift, dscale
+
+
+class _GatedResidualLayerNormModulate(torch.autograd.Function):
+    """The eager path with gradients: the launchers called directly."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale, eps, backend):
+        res, out, stats = _forward(backend, x, y, gate, shift, scale, eps)
+        ctx.save_for_backward(res, y, gate, scale, stats)
+        ctx.backend = backend
+        return res, out
+
+    @staticmethod
+    def backward(ctx, dres, dout):
+        res, y, gate, scale, stats = ctx.saved_tensors
+        return (*_backward(ctx.backend, dres, dout, res, y, gate, scale, stats), None, None)
+
+
+def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tensor]:
+    """The op on a resolved backend, for validated arguments (one dtype and device, x and y
+    contiguous)."""
+    if backend.is_expression:
+        return backend.expression(x, y, gate, shift, scale, eps)
+    if torch.compiler.is_compiling():
+        res, out, _ = gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps,
+                                                            backend.name)
+        return res, out
+    if needs_grad(x, y, gate, shift, scale):
+        return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, eps, backend)
+    res, out, _ = _forward(backend, x, y, gate, shift, scale, eps)
+    return res, out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (what torch.compile traces)
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("onestep::gated_residual_layernorm_modulate_fwd", mutates_args=())
 def gated_residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
                                           scale: Tensor, eps: float, backend: str
-                                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (residual, out, mean, rstd); mean/rstd are fp32 (B, N) for the backward."""
-    B, N, D = x.shape
-    res = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    if B * N > 0:
-        with on_device(x):
-            launcher(_FWD, backend)(x, y, gate, shift, scale, res, out, mean, rstd, eps)
-    return res, out, mean, rstd
+                                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (residual, out, stats); stats is fp32 (2, B, N), the rows' mean and rstd,
+    for the backward."""
+    return _forward(OP[backend], x, y, gate, shift, scale, eps)
 
 
 @gated_residual_layernorm_modulate_fwd.register_fake
 def _(x, y, gate, shift, scale, eps, backend):
     B, N, D = x.shape
-    stats = x.new_empty((B, N), dtype=torch.float32)
-    return x.new_empty((B, N, D)), x.new_empty((B, N, D)), stats, torch.empty_like(stats)
+    return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
+            x.new_empty((2, B, N), dtype=torch.float32))
 
 
 @torch.library.custom_op("onestep::gated_residual_layernorm_modulate_bwd", mutates_args=())
 def gated_residual_layernorm_modulate_bwd(dres: Tensor, dout: Tensor, res: Tensor, y: Tensor,
-                                          gate: Tensor, scale: Tensor, mean: Tensor,
-                                          rstd: Tensor, backend: str
+                                          gate: Tensor, scale: Tensor, stats: Tensor,
+                                          backend: str
                                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dy, dgate, dshift, dscale)."""
-    per_token = gate.dim() == 3
-    dx, dy = torch.empty_like(res), torch.empty_like(res)
-    dgate, dshift, dscale = (torch.empty(gate.shape, dtype=res.dtype, device=res.device)
-                             for _ in range(3))
-    with on_device(res):
-        launcher(_BWD, backend)(dres.contiguous(), dout.contiguous(), res, y, gate, scale, mean,
-                                rstd, dx, dy, dgate, dshift, dscale, per_token)
-    return dx, dy, dgate, dshift, dscale
+    """Returns (dx, dy, dgate, dshift, dscale) as `backend`'s backward computes them."""
+    return _backward(OP[backend], dres, dout, res, y, gate, scale, stats)
 
 
 @gated_residual_layernorm_modulate_bwd.register_fake
-def _(dres, dout, res, y, gate, scale, mean, rstd, backend):
+def _(dres, dout, res, y, gate, scale, stats, backend):
     return (res.new_empty(res.shape), res.new_empty(res.shape), res.new_empty(gate.shape),
             res.new_empty(gate.shape), res.new_empty(gate.shape))
 
 
 def _setup_context(ctx, inputs, output):
     _x, y, gate, _shift, scale, _eps, backend = inputs
-    res, _out, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(res, y, gate, scale, mean, rstd)
+    res, _out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(res, y, gate, scale, stats)
     ctx.backend = backend
 
 
-def _backward(ctx, dres, dout, _dmean, _drstd):
-    res, y, gate, scale, mean, rstd = ctx.saved_tensors
-    backend = backward_for_cuda("torch_ops") if ctx.backend == "cuda" else ctx.backend
+def _backward_op(ctx, dres, dout, _dstats):
+    res, y, gate, scale, stats = ctx.saved_tensors
     dx, dy, dgate, dshift, dscale = gated_residual_layernorm_modulate_bwd(
-        dres, dout, res, y, gate, scale, mean, rstd, backend)
+        dres, dout, res, y, gate, scale, stats, ctx.backend)
     return dx, dy, dgate, dshift, dscale, None, None
 
 
-gated_residual_layernorm_modulate_fwd.register_autograd(_backward, setup_context=_setup_context)
+gated_residual_layernorm_modulate_fwd.register_autograd(_backward_op,
+                                                        setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,40 +400,41 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
     """(x + gate * y, LayerNorm(x + gate * y) * (1 + scale) + shift), fused.
 
     Args:
-        x, y: (B, N, D) float32/float16/bfloat16, same dtype and device; made contiguous (a
+        x, y: (B, N, D) float32/float16/bfloat16/float64 on one device; made contiguous (a
             copy only if they are not).
-        gate, shift, scale: all (B, D) or all (B, N, D), x's dtype and device, last dimension
+        gate, shift, scale: all (B, D) or all (B, N, D), on x's device, last dimension
             contiguous; strided views such as ``c.chunk(6, dim=1)`` are read in place.
+            Mixed dtypes are promoted to a common one; under autocast the op follows
+            F.layer_norm (float32 under CUDA autocast).
         eps: added to the variance.
-        backend: "triton", "cuda", "cpu", "torch" or None (see onestep_kernels.dispatch).
+        backend: one of the op's backends, or None for the fastest that can take the call.
     """
     checks.tensor("x", x, (3,))
     checks.tensor("y", y, (3,))
-    for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
-        checks.tensor(name, t, (2, 3))
+    checks.tensor("gate", gate, (2, 3))
+    checks.tensor("shift", shift, (2, 3))
+    checks.tensor("scale", scale, (2, 3))
     for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
-        checks.same_dtype_device(name, t, x, "x")
-    eps = checks.positive_float("eps", eps)
+        checks.same_device(name, t, x, "x")
+    if not isinstance(eps, float) or not 0.0 < eps < float("inf"):
+        eps = checks.positive_float("eps", eps)
     B, N, D = x.shape
     if D == 0:
         raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(x.shape)}")
     if y.shape != x.shape:
         raise ValueError(f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    if tuple(gate.shape) not in ((B, D), (B, N, D)):
+    if gate.shape[0] != B or gate.shape[-1] != D or (gate.dim() == 3 and gate.shape[1] != N):
         raise ValueError(f"gate: expected shape {(B, D)} or {(B, N, D)} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(gate.shape)}")
-    for name, t in (("shift", shift), ("scale", scale)):
-        if t.shape != gate.shape:
-            raise ValueError(f"{name}: expected the shape of gate {tuple(gate.shape)}, "
-                             f"got {tuple(t.shape)}")
-    cannot = {}
-    if D > MAX_TRITON_D:
-        cannot["triton"] = f"x: the triton kernels handle D <= {MAX_TRITON_D}, got D={D}"
-    elif reason := interpreter_bf16_reason(x, "x"):
-        cannot["triton"] = reason
-    name = dispatch.resolve(backend, x.device, cannot)
-    if name == "torch":
-        return reference(x, y, gate, shift, scale, eps)
-    res, out, _, _ = gated_residual_layernorm_modulate_fwd(x.contiguous(), y.contiguous(), gate,
-                                                           shift, scale, eps, name)
-    return res, out
+    if shift.shape != gate.shape:
+        raise ValueError(f"shift: expected the shape of gate {tuple(gate.shape)}, "
+                         f"got {tuple(shift.shape)}")
+    if scale.shape != gate.shape:
+        raise ValueError(f"scale: expected the shape of gate {tuple(gate.shape)}, "
+                         f"got {tuple(scale.shape)}")
+    tensors = (x, y, gate, shift, scale)
+    dtype = checks.compute_dtype(checks.LAYER_NORM, x.device.type, tensors)
+    if not (x.dtype is y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype):
+        x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)
+    impl = OP.resolve(backend, x.device, dtype, D, needs_grad(x, y, gate, shift, scale))
+    return apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps)

@@ -7,8 +7,9 @@ x is (B, N, D); shift and scale are (B, D) (one vector per sample, as in DiT) or
 contains NaN or inf gives NaN in that row of the output and leaves other rows alone.
 
 This file holds the op's whole story: the reference, the Triton kernels and launchers, the
-native (CPU C++ / CUDA C++) launchers, the torch.library registration with its fake
-implementation and autograd, and the public entry point.
+native (CPU C++ / CUDA C++) launchers, the backend records, the inner layer (eager calls go
+straight to the launchers), the torch.library registration that torch.compile traces, and the
+public entry point.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..dispatch import Backend
 from ..triton_compat import tl, triton
-from .common import bn_strides, interpreter_bf16_reason, launcher, on_device
+from .common import bn_strides, needs_grad, on_device
 
 # ---------------------------------------------------------------------------------------------
-# Reference (the oracle, and the `torch` backend)
+# Reference (the oracle, and the `reference` backend)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -148,16 +150,18 @@ def triton_configs():
         block *= 2
 
 
-def _triton_fwd(x, shift, scale, out, mean, rstd, eps):
+def _triton_fwd(x, shift, scale, out, stats, eps):
     B, N, D = x.shape
+    mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
     _layernorm_modulate_fwd_kernel[(B * N,)](
         x, shift, scale, out, mean, rstd, N, D, *bn_strides(x), *bn_strides(shift),
         *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
 
 
-def _triton_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
+def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token):
     B, N, D = x.shape
+    mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
     chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
     if per_token:
@@ -179,88 +183,148 @@ def _triton_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_fwd(x, shift, scale, out, mean, rstd, eps):
+def _fwd_params(x, shift, scale, out, stats, eps):
     B, N, D = x.shape
-    code = native.cpu_module.layernorm_modulate_fwd(
-        native.ptr(x), native.ptr(shift), native.ptr(scale), native.ptr(out), native.ptr(mean),
-        native.ptr(rstd), B, N, D, *bn_strides(x), *bn_strides(shift), *bn_strides(scale),
-        native.dtype_code(x), eps, torch.get_num_threads())
-    native.check_cpu_status(code, "layernorm_modulate forward")
+    mean = stats.data_ptr()  # stats is (2, B, N): mean, then rstd
+    x_sb, x_sn, _ = x.stride()
+    shift_sb, shift_sn = bn_strides(shift)
+    scale_sb, scale_sn = bn_strides(scale)
+    return native.params_type("LayerNormModulateFwdParams")(
+        x=x.data_ptr(), shift=shift.data_ptr(), scale=scale.data_ptr(), out=out.data_ptr(),
+        mean=mean, rstd=mean + 4 * B * N, B=B, N=N, D=D, x_sb=x_sb, x_sn=x_sn,
+        shift_sb=shift_sb, shift_sn=shift_sn, scale_sb=scale_sb, scale_sn=scale_sn, eps=eps,
+        dtype=native.dtype_code(x))
 
 
-def _cpu_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
+def _bwd_params(dy, x, scale, stats, dx, dshift, dscale, per_token):
     B, N, D = x.shape
-    code = native.cpu_module.layernorm_modulate_bwd(
-        native.ptr(dy), native.ptr(x), native.ptr(scale), native.ptr(mean), native.ptr(rstd),
-        native.ptr(dx), native.ptr(dshift), native.ptr(dscale), B, N, D, *bn_strides(x),
-        *bn_strides(scale), int(per_token), native.dtype_code(x), torch.get_num_threads())
-    native.check_cpu_status(code, "layernorm_modulate backward")
+    mean = stats.data_ptr()
+    x_sb, x_sn, _ = x.stride()
+    scale_sb, scale_sn = bn_strides(scale)
+    return native.params_type("LayerNormModulateBwdParams")(
+        dy=dy.data_ptr(), x=x.data_ptr(), scale=scale.data_ptr(), mean=mean,
+        rstd=mean + 4 * B * N, dx=dx.data_ptr(), dshift=dshift.data_ptr(),
+        dscale=dscale.data_ptr(), B=B, N=N, D=D, x_sb=x_sb, x_sn=x_sn, scale_sb=scale_sb,
+        scale_sn=scale_sn, per_token=int(per_token), dtype=native.dtype_code(x))
 
 
-def _cuda_fwd(x, shift, scale, out, mean, rstd, eps):
-    B, N, D = x.shape
-    code = native.cuda_library().onestep_cuda_layernorm_modulate_fwd(
-        native.ptr(x), native.ptr(shift), native.ptr(scale), native.ptr(out), native.ptr(mean),
-        native.ptr(rstd), B, N, D, *bn_strides(x), *bn_strides(shift), *bn_strides(scale),
-        native.dtype_code(x), eps, native.cuda_stream(x))
-    native.check_cuda_status(code, "layernorm_modulate forward")
+def _cpu_fwd(*args):
+    native.run_cpu("layernorm_modulate_fwd", _fwd_params(*args))
 
 
-def _cuda_bwd(dy, x, scale, mean, rstd, dx, dshift, dscale, per_token):
-    B, N, D = x.shape
-    code = native.cuda_library().onestep_cuda_layernorm_modulate_bwd(
-        native.ptr(dy), native.ptr(x), native.ptr(scale), native.ptr(mean), native.ptr(rstd),
-        native.ptr(dx), native.ptr(dshift), native.ptr(dscale), B, N, D, *bn_strides(x),
-        *bn_strides(scale), int(per_token), native.dtype_code(x), native.cuda_stream(x))
-    native.check_cuda_status(code, "layernorm_modulate backward")
+def _cpu_bwd(*args):
+    native.run_cpu("layernorm_modulate_bwd", _bwd_params(*args))
 
 
-_FWD = {"triton": _triton_fwd, "cpu": _cpu_fwd, "cuda": _cuda_fwd}
-_BWD = {"triton": _triton_bwd, "cpu": _cpu_bwd, "cuda": _cuda_bwd}
+def _cuda_fwd(x, *args):
+    native.run_cuda("layernorm_modulate_fwd", _fwd_params(x, *args), x)
+
+
+def _cuda_bwd(dy, x, *args):
+    native.run_cuda("layernorm_modulate_bwd", _bwd_params(dy, x, *args), x)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration
+# Backends: what each implementation takes, declared once (see onestep_kernels.dispatch)
+# ---------------------------------------------------------------------------------------------
+
+OP = dispatch.Op("layernorm_modulate", [
+    Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
+            max_width=MAX_TRITON_D, summary="a row per program, in registers"),
+    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd, backward=_cuda_bwd,
+            summary="a thread block per row, Welford merge"),
+    Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
+            summary="OpenMP over rows, AVX2 or portable"),
+    Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
+            expression=reference,
+            summary="F.layer_norm and PyTorch ops"),
+])
+
+
+# ---------------------------------------------------------------------------------------------
+# The inner layer: no validation (the public function and composed ops have done it)
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(backend: Backend, x, shift, scale, eps, out=None):
+    B, N, D = x.shape
+    if out is None:
+        out = torch.empty_like(x) if x.is_contiguous() else torch.empty(
+            (B, N, D), dtype=x.dtype, device=x.device)
+    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)  # mean, rstd
+    if B * N > 0:
+        with on_device(x):
+            backend.forward(x, shift, scale, out, stats, eps)
+    return out, stats
+
+
+def _backward(backend: Backend, dout, x, scale, stats):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
+    dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
+    with on_device(x):
+        OP.backward_launcher(backend, x.device)(dout.contiguous(), x, scale, stats, dx, dshift,
+                                                dscale, scale.dim() == 3)
+    return dx, dshift, dscale
+
+
+class _LayerNormModulate(torch.autograd.Function):
+    """The eager path with gradients: the launchers called directly (no op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps, backend):
+        out, stats = _forward(backend, x, shift, scale, eps)
+        ctx.save_for_backward(x, scale, stats)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, scale, stats = ctx.saved_tensors
+        return (*_backward(ctx.backend, dout, x, scale, stats), None, None)
+
+
+def apply(backend: Backend, x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """layernorm_modulate on a resolved backend, for arguments already validated (one dtype,
+    one device, x's last dimension contiguous). Eager calls go straight to the launchers;
+    under torch.compile the registered op below is traced instead."""
+    if backend.is_expression:
+        return backend.expression(x, shift, scale, eps)
+    if torch.compiler.is_compiling():
+        return layernorm_modulate_fwd(x, shift, scale, eps, backend.name)[0]
+    if needs_grad(x, shift, scale):
+        return _LayerNormModulate.apply(x, shift, scale, eps, backend)
+    return _forward(backend, x, shift, scale, eps)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: what torch.compile traces and opcheck checks (same launchers)
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("onestep::layernorm_modulate_fwd", mutates_args=())
 def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, mean, rstd); mean and rstd are fp32 (B, N), kept for the backward."""
-    B, N, D = x.shape
-    out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    if B * N > 0:
-        with on_device(x):
-            launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
-    return out, mean, rstd
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (out, stats); stats is fp32 (2, B, N), the rows' mean and rstd, kept for the
+    backward."""
+    return _forward(OP[backend], x, shift, scale, eps)
 
 
 @layernorm_modulate_fwd.register_fake
 def _(x, shift, scale, eps, backend):
     B, N, D = x.shape
-    stats = x.new_empty((B, N), dtype=torch.float32)
-    return x.new_empty((B, N, D)), stats, torch.empty_like(stats)
+    return x.new_empty((B, N, D)), x.new_empty((2, B, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("onestep::layernorm_modulate_bwd", mutates_args=())
-def layernorm_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+def layernorm_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, stats: Tensor,
                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dshift, dscale); dshift and dscale have scale's shape."""
-    per_token = scale.dim() == 3
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
-    dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
-    with on_device(x):
-        launcher(_BWD, backend)(dy.contiguous(), x, scale, mean, rstd, dx, dshift, dscale,
-                                per_token)
-    return dx, dshift, dscale
+    return _backward(OP[backend], dy, x, scale, stats)
 
 
 @layernorm_modulate_bwd.register_fake
-def _(dy, x, scale, mean, rstd, backend):
+def _(dy, x, scale, stats, backend):
     return x.new_empty(x.shape), x.new_empty(scale.shape), x.new_empty(scale.shape)
 
 
@@ -268,12 +332,7 @@ def _(dy, x, scale, mean, rstd, backend):
 def layernorm_modulate_out(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str,
                            out: Tensor) -> None:
     """Forward into a caller's buffer (inference: no autograd)."""
-    B, N, _ = x.shape
-    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    if B * N > 0:
-        with on_device(x):
-            launcher(_FWD, backend)(x, shift, scale, out, mean, rstd, eps)
+    _forward(OP[backend], x, shift, scale, eps, out)
 
 
 @layernorm_modulate_out.register_fake
@@ -283,19 +342,19 @@ def _(x, shift, scale, eps, backend, out):
 
 def _setup_context(ctx, inputs, output):
     x, _shift, scale, _eps, backend = inputs
-    _out, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, scale, mean, rstd)
+    _out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, scale, stats)
     ctx.backend = backend
 
 
-def _backward(ctx, dout, _dmean, _drstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = layernorm_modulate_bwd(dout, x, scale, mean, rstd, ctx.backend)
+def _backward_op(ctx, dout, _dstats):
+    x, scale, stats = ctx.saved_tensors
+    dx, dshift, dscale = layernorm_modulate_bwd(dout, x, scale, stats, ctx.backend)
     return dx, dshift, dscale, None, None
 
 
-layernorm_modulate_fwd.register_autograd(_backward, setup_context=_setup_context)
+layernorm_modulate_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,59 +367,62 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     """LayerNorm(x) * (1 + scale) + shift, fused; see the module docstring.
 
     Args:
-        x: (B, N, D) float32, float16 or bfloat16; the last dimension must have stride 1
-            (other strides are read as they are, without a copy).
-        shift, scale: (B, D) per-sample or (B, N, D) per-token modulation, same dtype and
-            device as x, same shape as each other, last dimension contiguous (views such as
-            ``c.chunk(6, dim=1)`` are read in place).
+        x: (B, N, D) float32, float16, bfloat16 or float64 (float64 runs the reference); the
+            last dimension must have stride 1 (other strides are read as they are).
+        shift, scale: (B, D) per-sample or (B, N, D) per-token modulation, on x's device, same
+            shape as each other, last dimension contiguous (views such as
+            ``c.chunk(6, dim=1)`` are read in place). Mixed dtypes are promoted to a common
+            one; under autocast the op follows F.layer_norm (float32 under CUDA autocast).
         eps: added to the variance.
-        backend: "triton", "cuda", "cpu" or "torch"; None picks as onestep_kernels.dispatch
-            describes.
-        out: optional contiguous (B, N, D) buffer of x's dtype and device to write into and
-            return; for inference (an error if gradients are needed). Reusing one buffer
-            avoids the page faults of a fresh large allocation (see onestep_kernels.memory).
+        backend: one of the op's backends (onestep_kernels.dispatch); None picks the fastest
+            that can take the call.
+        out: optional contiguous (B, N, D) buffer of the result's dtype and x's device to
+            write into and return; for inference (an error if gradients are needed). Reusing
+            one buffer avoids the page faults of a fresh large allocation.
     """
     checks.tensor("x", x, (3,))
     checks.tensor("shift", shift, (2, 3))
     checks.tensor("scale", scale, (2, 3))
-    checks.same_dtype_device("shift", shift, x, "x")
-    checks.same_dtype_device("scale", scale, x, "x")
-    eps = checks.positive_float("eps", eps)
+    checks.same_device("shift", shift, x, "x")
+    checks.same_device("scale", scale, x, "x")
+    if not isinstance(eps, float) or not 0.0 < eps < float("inf"):
+        eps = checks.positive_float("eps", eps)
     B, N, D = x.shape
     if D == 0:
         raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(x.shape)}")
-    expected = [(B, D), (B, N, D)]
-    if tuple(shift.shape) not in expected:
-        raise ValueError(f"shift: expected shape {expected[0]} or {expected[1]} for x of shape "
+    if shift.shape[0] != B or shift.shape[-1] != D or (shift.dim() == 3 and shift.shape[1] != N):
+        raise ValueError(f"shift: expected shape {(B, D)} or {(B, N, D)} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(shift.shape)}")
     if scale.shape != shift.shape:
         raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
                          f"got {tuple(scale.shape)}")
-    cannot = {}
-    if D > MAX_TRITON_D:
-        cannot["triton"] = f"x: the triton kernels handle D <= {MAX_TRITON_D}, got D={D}"
-    elif reason := interpreter_bf16_reason(x, "x"):
-        cannot["triton"] = reason
-    name = dispatch.resolve(backend, x.device, cannot)
-    if out is not None:
-        _check_out(out, x, shift, scale)
-        if name == "torch":
-            return out.copy_(reference(x, shift, scale, eps))
-        layernorm_modulate_out(x, shift, scale, eps, name, out)
-        return out
-    if name == "torch":
-        return reference(x, shift, scale, eps)
-    return layernorm_modulate_fwd(x, shift, scale, eps, name)[0]
+    dtype = checks.compute_dtype(checks.LAYER_NORM, x.device.type, (x, shift, scale))
+    if not (x.dtype is shift.dtype is scale.dtype is dtype):
+        x, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
+    grad = needs_grad(x, shift, scale)
+    impl = OP.resolve(backend, x.device, dtype, D, grad)
+    if out is None:
+        return apply(impl, x, shift, scale, eps)
+    _check_out(out, x, shift, scale, grad)
+    if impl.is_expression:
+        return out.copy_(impl.expression(x, shift, scale, eps))
+    if torch.compiler.is_compiling():
+        layernorm_modulate_out(x, shift, scale, eps, impl.name, out)
+    else:
+        _forward(impl, x, shift, scale, eps, out)
+    return out
 
 
-def _check_out(out, x: Tensor, shift: Tensor, scale: Tensor) -> None:
+def _check_out(out, x: Tensor, shift: Tensor, scale: Tensor, grad: bool) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-    checks.same_dtype_device("out", out, x, "x")
+    checks.same_device("out", out, x, "x")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out: has dtype {out.dtype} but the result has {x.dtype}")
     if out.shape != x.shape or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous tensor of shape {tuple(x.shape)}, got shape "
                          f"{tuple(out.shape)} with strides {out.stride()}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, shift, scale, out)):
+    if grad or (torch.is_grad_enabled() and out.requires_grad):
         raise ValueError("out: writing into a buffer does not record gradients; call without "
                          "out=, or under torch.no_grad()")
     if out.data_ptr() in (x.data_ptr(), shift.data_ptr(), scale.data_ptr()) and out.numel():

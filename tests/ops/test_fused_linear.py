@@ -100,7 +100,7 @@ def test_kernel_writes_every_element(generator, monkeypatch):
 def test_gradients_never_reach_the_forward_only_kernel(generator):
     args = make("qkv", SHAPES[0], False, torch.float32, generator)
     x = args.pop("x").requires_grad_()
-    with pytest.raises(ValueError, match="forward-only"):
+    with pytest.raises(ValueError, match="forward only"):
         ok.fused_linear(x, **args, backend="triton")
     ok.fused_linear(x, **args).sum().backward()  # the default takes the separate ops
     assert x.grad is not None
@@ -132,7 +132,7 @@ def test_empty_tokens():
     ({"x": torch.randn(2, 8)}, ValueError, "x:"),
     ({"weight": torch.randn(4, 9)}, ValueError, "weight:"),
     ({"bias": torch.randn(5)}, ValueError, "bias:"),
-    ({"bias": torch.randn(4).half()}, TypeError, "bias:"),
+    ({"bias": torch.randn(4).int()}, TypeError, "bias:"),
     ({"shift": torch.randn(2, 8)}, ValueError, "shift:"),
     ({"shift": torch.randn(2, 7), "scale": torch.randn(2, 7)}, ValueError, "shift:"),
     ({"shift": torch.randn(2, 8), "scale": torch.randn(2, 3, 8)}, ValueError, "scale:"),

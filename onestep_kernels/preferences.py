@@ -1,0 +1,201 @@
+"""The default backend of each op on each kind of device: fastest first, as measured.
+
+`TABLE` maps a device class ("cpu", or "sm_<major><minor>" for a CUDA GPU) to each op's
+backends in order of measured speed; the resolver (onestep_kernels.dispatch) takes the first
+one that can run a call, then the op's remaining backends. A GPU whose architecture has no row
+uses the sm_90 row. A measurement made on the user's own device takes precedence over the
+table: it is stored per device in $ONESTEP_CACHE_DIR/preferences.json (default
+~/.cache/onestep/); ONESTEP_PREFERENCES=builtin ignores it.
+
+    python -m onestep_kernels.preferences --measure [--device cuda]   # measure, store, print
+
+Where the rows come from (re-measure with the command above and update them with the date):
+- sm_90: one NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16, DiT-XL/2 shapes
+  (B=128, N=256, D=1152; attention B=32, H=16, N=256, Dh=72), 2026-11-24 (issue 10's table).
+  layernorm_modulate: Triton 659 GB/s, eager PyTorch 480, CUDA C++ 385.
+  gated_residual_layernorm_modulate: Triton 1137, CUDA C++ 917, eager 611.
+  bias_gelu_tanh: eager 918, Triton 868, CUDA C++ 685.
+  attention: SDPA (cuDNN) 136 TFLOP/s, Triton 28. fused_linear: not measured, so the separate
+  ops (cuBLAS products) lead and the fused kernel runs only when asked for.
+- cpu: 2-core AMD EPYC VM (AVX2), torch 2.13.0, fp32, 2026-11-24 (README, "Benchmarks"):
+  onestep's C++ kernels ahead of eager PyTorch for the row ops and of SDPA for attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TABLE: dict[str, dict[str, tuple[str, ...]]] = {
+    "sm_90": {
+        "layernorm_modulate": ("triton", "reference", "cuda"),
+        "gated_residual_layernorm_modulate": ("triton", "cuda", "reference"),
+        "bias_gelu_tanh": ("reference", "triton", "cuda"),
+        "attention": ("sdpa", "triton", "reference"),
+        "fused_linear": ("separate", "reference", "triton"),
+    },
+    "cpu": {
+        "layernorm_modulate": ("cpu", "reference"),
+        "gated_residual_layernorm_modulate": ("cpu", "reference"),
+        "bias_gelu_tanh": ("cpu", "reference"),
+        "attention": ("cpu", "sdpa", "reference"),
+        "fused_linear": ("separate", "reference"),
+    },
+}
+FALLBACK_GPU_CLASS = "sm_90"
+
+
+def device_class(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    from .dispatch import device_capability
+
+    major, minor = device_capability(device.index)
+    return f"sm_{major}{minor}"
+
+
+def cache_path() -> Path:
+    root = os.environ.get("ONESTEP_CACHE_DIR") or Path.home() / ".cache" / "onestep"
+    return Path(root) / "preferences.json"
+
+
+def device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device_class(device)}|{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+@functools.cache
+def _measured(key: str) -> dict[str, tuple[str, ...]]:
+    """The user's own measurement for a device, if there is one."""
+    if os.environ.get("ONESTEP_PREFERENCES") == "builtin":
+        return {}
+    try:
+        stored = json.loads(cache_path().read_text())
+        return {op: tuple(order) for op, order in stored[key]["order"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def order(op: str, device: torch.device) -> tuple[str, ...]:
+    """`op`'s backends for `device`, fastest first (as measured; may be empty)."""
+    measured = _measured(device_key(device)).get(op)
+    if measured:
+        return measured
+    cls = device_class(device)
+    row = TABLE.get(cls) or (TABLE[FALLBACK_GPU_CLASS] if device.type == "cuda" else {})
+    return row.get(op, ())
+
+
+# ---- measuring on the user's device ---------------------------------------------------------
+
+
+def _shapes(device: torch.device) -> dict:
+    if device.type == "cuda":  # DiT-XL/2 in bf16
+        return {"dtype": torch.bfloat16, "B": 32, "N": 256, "D": 1152, "H": 16, "F": 4608}
+    return {"dtype": torch.float32, "B": 4, "N": 256, "D": 384, "H": 6, "F": 1536}
+
+
+def _calls(device: torch.device) -> dict:
+    """op -> (function(backend), description): one representative forward per op."""
+    import onestep_kernels as ok
+
+    s = _shapes(device)
+    B, N, D, H, F, dtype = s["B"], s["N"], s["D"], s["H"], s["F"], s["dtype"]
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, device=device).to(dtype)
+
+    x, y, mods = rand(B, N, D), rand(B, N, D), rand(B, 6 * D).chunk(6, dim=1)
+    u, bias = rand(B * N, F), rand(F)
+    q, k, v = (rand(B, H, N, D // H) for _ in range(3))
+    w = rand(3 * D, D) * D ** -0.5
+    return {
+        "layernorm_modulate": lambda b: ok.layernorm_modulate(x, mods[0], mods[1], backend=b),
+        "gated_residual_layernorm_modulate":
+            lambda b: ok.gated_residual_layernorm_modulate(x, y, *mods[2:5], backend=b),
+        "bias_gelu_tanh": lambda b: ok.bias_gelu_tanh(u, bias, backend=b),
+        "attention": lambda b: ok.attention(q, k, v, backend=b),
+        "fused_linear": lambda b: ok.fused_linear(x, w, shift=mods[0], scale=mods[1], backend=b),
+    }
+
+
+def _time(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100) * 1e-3
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(device: torch.device) -> dict:
+    """Times every backend that can run each op's representative call on `device`."""
+    from .dispatch import OPS
+
+    results = {}
+    with torch.no_grad():
+        for op_name, call in _calls(device).items():
+            op = OPS[op_name]
+            timings = {}
+            for name in op.backends:
+                try:
+                    timings[name] = _time(lambda: call(name), device)
+                except ValueError:  # this backend cannot take the call here
+                    continue
+            results[op_name] = timings
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true",
+                        help="time every backend on this device and store the order")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not args.measure:
+        for op in TABLE["cpu"]:
+            print(f"{op}: {', '.join(order(op, device))}")
+        return 0
+    timings = measure(device)
+    key = device_key(device)
+    entry = {"order": {op: sorted(t, key=t.get) for op, t in timings.items()},
+             "seconds": timings, "dtype": str(_shapes(device)["dtype"]),
+             "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    path = cache_path()
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    stored[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stored, indent=1))
+    tmp.replace(path)
+    _measured.cache_clear()
+    for op, t in timings.items():
+        print(f"{op}: " + ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in sorted(t.items(),
+                                                                            key=lambda i: i[1])))
+    print(f"stored for {key} in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
