@@ -13,36 +13,55 @@ checkpoints load into either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .ops.attention import attention
-from .ops.bias_gelu_tanh import bias_gelu_tanh
-from .ops.fused_linear import fused_linear
-from .ops.gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
-from .ops.layernorm_modulate import layernorm_modulate
+from . import checks
+from .ops import attention as attention_op
+from .ops import bias_gelu_tanh as bias_gelu_tanh_op
+from .ops import fused_linear as fused_linear_op
+from .ops import gated_residual_layernorm_modulate as gated_op
+from .ops import layernorm_modulate as layernorm_modulate_op
+from .ops.common import needs_grad
 
 LN_EPS = 1e-6
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with the reference's parameters: qkv (with bias) and proj."""
+    """Multi-head self-attention with the reference's parameters: qkv (with bias) and proj.
+    `fused=False` runs PyTorch's SDPA (the reference); `fused=True` runs onestep's attention
+    op on q, k, v views of the QKV projection."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, fused: bool = False):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide hidden_size {hidden_size}")
         self.num_heads = num_heads
+        self.fused = fused
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3,
-                            h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)
+        qkv = self.qkv(x)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if self.fused:
+            out = _attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """onestep's attention on views of one projection (one dtype, validated by construction)."""
+    dtype = checks.compute_dtype(checks.LOWER, q.device.type, (q,))
+    q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
+    Dh = q.shape[-1]
+    impl = attention_op.OP.resolve(None, q.device, dtype, Dh, needs_grad(q, k, v))
+    return attention_op.apply(impl, q, k, v, Dh ** -0.5)
 
 
 class Mlp(nn.Module):
@@ -59,6 +78,101 @@ class Mlp(nn.Module):
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """A bare nn.Linear that nothing observes or wraps (no hooks, adapters, parametrizations):
+    only then may its product be fused with what surrounds it."""
+    return (type(module) is nn.Linear and not module._forward_hooks
+            and not module._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
+def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor], Tensor],
+                      fc1: nn.Module, fc2: nn.Module, *, eps: float = LN_EPS,
+                      mlp_norm_eps: float = LN_EPS, fuse_linears: bool = False) -> Tensor:
+    """One adaLN-Zero DiT block on onestep's fused ops, for any module that has one:
+
+        (sh1, sc1, g1, sh2, sc2, g2) = modulation.chunk(6)
+        x = x + g1 * attention(LN(x) * (1 + sc1) + sh1)
+        x = x + g2 * fc2(GELU_tanh(fc1(LN(x) * (1 + sc2) + sh2)))
+
+    x: (B, N, D). modulation: (B, 6 D), the adaLN projection of the conditioning.
+    attention: the attention branch, from the modulated tokens to its output before the gate
+        (onestep's `Attention`, diffusers' `attn1`, ...). fc1, fc2: the MLP's linear modules.
+    eps, mlp_norm_eps: the two LayerNorms' epsilons.
+    fuse_linears: fold the LayerNorms, GELU and gated residuals into the four products with
+        `fused_linear` where its default backend is the fused kernel (inference) and every
+        linear is a bare nn.Linear.
+
+    The modules are called as modules, so hooks, adapters (LoRA) and casting wrappers on them
+    apply; what lies between them is fused. fc1's bias joins the GELU in one op only when fc1
+    is a bare nn.Linear. The arguments are validated here once; the ops inside run their
+    inner layers. Under autocast the steps follow the reference block's expressions.
+    """
+    if isinstance(x, Tensor):
+        x = x.contiguous()  # the fused ops read rows with unit stride (free when it is)
+    checks.tensor("x", x, (3,))
+    checks.tensor("modulation", modulation, (2,))
+    checks.same_device("modulation", modulation, x, "x")
+    B, N, D = x.shape
+    if modulation.shape != (B, 6 * D):
+        raise ValueError(f"modulation: expected shape {(B, 6 * D)} for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(modulation.shape)}")
+    if fuse_linears and isinstance(attention, Attention):
+        fused = _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps)
+        if fused is not None:
+            return fused
+    device = x.device
+    dtype = checks.compute_dtype(checks.LAYER_NORM, device.type, (x, modulation))
+    x = checks.cast(x, dtype)
+    sh1, sc1, g1, sh2, sc2, g2 = checks.cast(modulation, dtype).chunk(6, dim=1)
+    grad = needs_grad(x, modulation)
+
+    impl = layernorm_modulate_op.OP.resolve(None, device, dtype, D, grad)
+    h = layernorm_modulate_op.apply(impl, x, sh1, sc1, eps)
+    branch = checks.cast(attention(h), dtype).contiguous()
+    impl = gated_op.OP.resolve(None, device, dtype, D, grad or branch.requires_grad)
+    x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps)
+    if _plain_linear(fc1):
+        u = F.linear(h, fc1.weight)
+        bias = checks.cast(fc1.bias, u.dtype)  # as the Linear's own bias would be (autocast)
+        impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1],
+                                            needs_grad(u, bias))
+        hidden = bias_gelu_tanh_op.apply(impl, u, bias)
+    else:
+        hidden = F.gelu(fc1(h), approximate="tanh")
+    return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
+
+
+def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps):
+    """The block as four fused_linear calls, or None where the fused kernel would not run."""
+    qkv, proj = attention.qkv, attention.proj
+    linears = (qkv, proj, fc1, fc2)
+    if not all(_plain_linear(m) for m in linears) or torch.is_autocast_enabled(x.device.type):
+        return None
+    tensors = [x, modulation] + [p for m in linears for p in (m.weight, m.bias)]
+    if any(t.dtype != x.dtype for t in tensors):
+        return None
+    impl = fused_linear_op.OP.resolve(None, x.device, x.dtype, x.shape[-1], needs_grad(*tensors))
+    if impl.is_expression:
+        return None
+
+    def linear(inp, module, **kwargs):
+        args = {"shift": None, "scale": None, "activation": None, "gate": None,
+                "residual": None, **kwargs}
+        return fused_linear_op.apply(impl, inp, module.weight, module.bias, args["shift"],
+                                     args["scale"], eps if module is qkv else mlp_norm_eps,
+                                     args["activation"], args["gate"], args["residual"])
+
+    sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=1)
+    q, k, v = rearrange(linear(x, qkv, shift=sh1, scale=sc1),
+                        "b n (three h d) -> three b h n d", three=3, h=attention.num_heads)
+    attn = rearrange(_attention(q, k, v), "b h n d -> b n (h d)")
+    x = linear(attn, proj, gate=g1, residual=x)
+    hidden = linear(x, fc1, shift=sh2, scale=sc2, activation="gelu_tanh")
+    return linear(hidden, fc2, gate=g2, residual=x)
 
 
 class DiTBlock(nn.Module):
@@ -87,48 +201,29 @@ class DiTBlock(nn.Module):
 
 
 class FusedDiTBlock(DiTBlock):
-    """DiTBlock on onestep's fused ops; same parameters, same results within tolerance.
+    """DiTBlock on onestep's fused ops (`dit_block_forward`); same parameters, same results
+    within tolerance.
 
     Memory-bound steps fused: the first modulated LayerNorm is one op, the attention branch's
     gated residual and the second modulated LayerNorm are one op, fc1's bias and GELU are one
-    op, the MLP's gated residual is one `addcmul`. Attention is onestep's (flash attention in
-    Triton on the GPU, reading q, k, v straight from the QKV projection; onestep's C++ kernel
-    on the CPU); the matrix products are PyTorch's.
+    op, the MLP's gated residual is one `addcmul`. Attention is onestep's attention op on q,
+    k, v views of the QKV projection (its default backend: PyTorch's SDPA on GPUs, onestep's
+    C++ kernel on the CPU); the matrix products are PyTorch's, through the Linear modules.
 
     fuse_linears=True folds those steps into the four matrix products instead
     (`onestep_kernels.fused_linear`: the modulated LayerNorms in the prologues of QKV and fc1,
-    GELU in fc1's epilogue, the gated residuals in the epilogues of proj and fc2), in one
-    Triton kernel each for inference; under autograd, and where Triton does not run, the same
-    steps run as separate ops. Off by default: whether it pays on a GPU is not measured yet.
+    GELU in fc1's epilogue, the gated residuals in the epilogues of proj and fc2) where
+    fused_linear's default backend is its fused kernel; elsewhere (its default everywhere
+    until a GPU measures that it pays, and always with gradients) the default path runs.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  mlp_norm_eps: float = LN_EPS, fuse_linears: bool = False):
         super().__init__(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
+        self.attn.fused = True
         self.fuse_linears = fuse_linears
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        if self.fuse_linears:
-            return self._forward_fused_linears(x, c)
-        x = x.contiguous()  # the fused ops read rows with unit stride (a no-op when it is)
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        qkv = self.attn.qkv(layernorm_modulate(x, sh1, sc1, LN_EPS))
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3,
-                            h=self.attn.num_heads)
-        attn = self.attn.proj(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
-        x, h = gated_residual_layernorm_modulate(x, attn, g1, sh2, sc2, self.mlp_norm_eps)
-        hidden = bias_gelu_tanh(F.linear(h, self.mlp.fc1.weight), self.mlp.fc1.bias)
-        return torch.addcmul(x, g2.unsqueeze(1), self.mlp.fc2(hidden))
-
-    def _forward_fused_linears(self, x: Tensor, c: Tensor) -> Tensor:
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        qkv, proj = self.attn.qkv, self.attn.proj
-        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        q, k, v = rearrange(fused_linear(x, qkv.weight, qkv.bias, shift=sh1, scale=sc1,
-                                         eps=LN_EPS),
-                            "b n (three h d) -> three b h n d", three=3, h=self.attn.num_heads)
-        attn = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
-        x = fused_linear(attn, proj.weight, proj.bias, gate=g1, residual=x)
-        hidden = fused_linear(x, fc1.weight, fc1.bias, shift=sh2, scale=sc2,
-                              eps=self.mlp_norm_eps, activation="gelu_tanh")
-        return fused_linear(hidden, fc2.weight, fc2.bias, gate=g2, residual=x)
+        return dit_block_forward(x, self.adaLN_modulation(c), self.attn, self.mlp.fc1,
+                                 self.mlp.fc2, eps=LN_EPS, mlp_norm_eps=self.mlp_norm_eps,
+                                 fuse_linears=self.fuse_linears)

@@ -22,6 +22,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from onestep_kernels import layernorm_modulate
 from onestep_kernels.layers import LN_EPS, DiTBlock, FusedDiTBlock
 
 
@@ -109,16 +110,19 @@ class LabelEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    """Modulated LayerNorm, then the linear projection to patches; `fused` runs the norm as
+    onestep's layernorm_modulate."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int,
+                 fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor, fused: bool) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        if fused:
-            from onestep_kernels import layernorm_modulate
-
+        if self.fused:
             x = layernorm_modulate(x.contiguous(), shift, scale, LN_EPS)
         else:
             x = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=LN_EPS)
@@ -151,7 +155,7 @@ class DiT(nn.Module):
         block = FusedDiTBlock if fused else DiTBlock
         self.blocks = nn.ModuleList(block(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
                                     for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, fused)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -205,7 +209,7 @@ class DiT(nn.Module):
         h = (self.x_embedder(x) + self.pos_embed).contiguous()  # tokens as rows of hidden_size
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c, self.fused))
+        return self.unpatchify(self.final_layer(h, c))
 
     @classmethod
     def from_diffusers(cls, model, fused: bool = True) -> "DiT":

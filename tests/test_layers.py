@@ -79,3 +79,61 @@ def test_fused_block_under_torch_compile(generator):
 def test_bad_heads():
     with pytest.raises(ValueError, match="num_heads"):
         FusedDiTBlock(100, 3)
+
+
+def test_hooks_and_adapters_on_the_linears_apply(generator):
+    """A forward hook on each Linear (as LoRA adapters and casting wrappers use) changes the
+    fused block's output exactly as it changes the reference block's."""
+    B, N, D, H = 2, 9, 64, 4
+    fused = randomised(FusedDiTBlock(D, H), generator)
+    reference = DiTBlock(D, H).double()
+    reference.load_state_dict(fused.state_dict())
+
+    def adapter(module, inputs, output):
+        return output + 0.1 * inputs[0].sum(-1, keepdim=True)
+
+    for block in (fused, reference):
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            block.get_submodule(name).register_forward_hook(adapter)
+    x = torch.randn(B, N, D, generator=generator)
+    c = torch.randn(B, D, generator=generator)
+    with torch.no_grad():
+        out, ref = fused(x, c), reference(x.double(), c.double())
+        unhooked = DiTBlock(D, H).double()
+        unhooked.load_state_dict(fused.state_dict())
+        assert rel(unhooked(x.double(), c.double()), ref) > 1e-2  # the hooks matter
+    assert_close_rel(out, ref, torch.float32, "hooked out")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_the_block_validates_its_input_once(generator, monkeypatch):
+    """FusedDiTBlock.forward checks x and the modulation at its entry; the ops inside run
+    their inner layers and validate nothing again."""
+    from onestep_kernels import checks
+
+    block = randomised(FusedDiTBlock(64, 4), generator)
+    x, c = torch.randn(2, 9, 64, generator=generator), torch.randn(2, 64, generator=generator)
+    seen = []
+    original = checks.tensor
+    monkeypatch.setattr(checks, "tensor", lambda name, *a: seen.append(name) or original(name, *a))
+    for grad in (False, True):
+        seen.clear()
+        with torch.set_grad_enabled(grad):
+            block(x, c)
+        assert seen == ["x", "modulation"], seen
+
+
+def test_dit_block_forward_rejects_bad_input_by_name(generator):
+    from onestep_kernels.layers import dit_block_forward
+
+    block = FusedDiTBlock(64, 4)
+    args = (block.attn, block.mlp.fc1, block.mlp.fc2)
+    with pytest.raises(ValueError, match="modulation:"):
+        dit_block_forward(torch.randn(2, 9, 64), torch.randn(2, 6 * 63), *args)
+    with pytest.raises(ValueError, match="x:"):
+        dit_block_forward(torch.randn(9, 64), torch.randn(2, 6 * 64), *args)
+    with pytest.raises(TypeError, match="x:"):
+        dit_block_forward("tokens", torch.randn(2, 6 * 64), *args)

@@ -15,12 +15,9 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bias_gelu_tanh import bias_gelu_tanh
-from ..ops.gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
-from ..ops.layernorm_modulate import layernorm_modulate
+from ..layers import dit_block_forward
 
 
 def _check_block(block: nn.Module, name: str) -> None:
@@ -52,19 +49,20 @@ def _fused_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = 
                    encoder_attention_mask: Tensor | None = None, timestep: Tensor | None = None,
                    cross_attention_kwargs: dict | None = None,
                    class_labels: Tensor | None = None, added_cond_kwargs: dict | None = None):
-    """BasicTransformerBlock.forward for ada_norm_zero on onestep's fused ops."""
-    x = hidden_states.contiguous()
+    """BasicTransformerBlock.forward for ada_norm_zero on onestep's fused ops: the block's own
+    modules (attn1, the feed-forward's Linears) are called as modules, so adapters on them
+    (LoRA through peft, hooks) apply."""
     norm1 = self.norm1
-    emb = norm1.linear(norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)))
-    sh1, sc1, g1, sh2, sc2, g2 = emb.chunk(6, dim=1)
-    h = layernorm_modulate(x, sh1, sc1, norm1.norm.eps)
+    emb = norm1.linear(norm1.silu(norm1.emb(timestep, class_labels,
+                                            hidden_dtype=hidden_states.dtype)))
     kwargs = dict(cross_attention_kwargs or {})
     kwargs.pop("scale", None)
-    attn = self.attn1(h, attention_mask=attention_mask, **kwargs)
-    x, h = gated_residual_layernorm_modulate(x, attn, g1, sh2, sc2, self.norm3.eps)
-    fc1, fc2 = self.ff.net[0].proj, self.ff.net[2]
-    hidden = bias_gelu_tanh(F.linear(h, fc1.weight), fc1.bias)
-    return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
+
+    def attention(h: Tensor) -> Tensor:
+        return self.attn1(h, attention_mask=attention_mask, **kwargs)
+
+    return dit_block_forward(hidden_states, emb, attention, self.ff.net[0].proj, self.ff.net[2],
+                             eps=norm1.norm.eps, mlp_norm_eps=self.norm3.eps)
 
 
 def fuse(model: nn.Module) -> nn.Module:

@@ -78,3 +78,21 @@ def test_from_diffusers_refuses_per_block_embedders(generator):
     model = make_model(generator, shared_embedder=False)
     with pytest.raises(ValueError, match="block 1's timestep/label embedder differs"):
         dit_state_dict(model)
+
+
+def test_fuse_keeps_adapters_on_the_feed_forward(generator):
+    """fc1 (ff.net[0].proj) and fc2 are called as modules: a hook on them, as a LoRA adapter
+    installs, changes the fused model's output as it changes diffusers' own."""
+    model = make_model(generator)
+    x, t, y = inputs(generator)
+
+    def adapter(module, args, output):
+        return output * 1.5 + 0.05
+
+    for block in model.transformer_blocks:
+        block.ff.net[0].proj.register_forward_hook(adapter)
+        block.ff.net[2].register_forward_hook(adapter)
+    with torch.no_grad():
+        ref = model(x, timestep=t, class_labels=y).sample
+        out = fuse(model)(x, timestep=t, class_labels=y).sample
+    assert_close_rel(out, ref.double(), torch.float32, "fused output with adapters")

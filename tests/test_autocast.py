@@ -1,0 +1,138 @@
+"""Every op and FusedDiTBlock under autocast and with mixed input dtypes: the same dtype and
+values as their reference expressions (CPU bf16 autocast here; CUDA in the GPU suite)."""
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from test_layers import randomised
+
+import onestep_kernels as ok
+from onestep_kernels.layers import DiTBlock, FusedDiTBlock
+from onestep_kernels.ops import attention as attention_op
+from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op
+from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
+from onestep_kernels.ops import layernorm_modulate as layernorm_op
+
+BF16 = torch.bfloat16
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=BF16)
+
+
+def cases(generator):
+    """op name -> (onestep call, reference expression, fp32 inputs)."""
+    def r(*shape):
+        return torch.randn(shape, generator=generator)
+
+    return {
+        "layernorm_modulate": (ok.layernorm_modulate, layernorm_op.reference,
+                               [r(2, 7, 48), r(2, 48), r(2, 48)]),
+        "gated_residual_layernorm_modulate": (
+            ok.gated_residual_layernorm_modulate, gated_op.reference,
+            [r(2, 7, 48), r(2, 7, 48), r(2, 48), r(2, 48), r(2, 48)]),
+        "bias_gelu_tanh": (ok.bias_gelu_tanh, bias_gelu_op.reference, [r(5, 48), r(48)]),
+        "attention": (ok.attention, torch.nn.functional.scaled_dot_product_attention,
+                      [r(1, 2, 9, 32), r(1, 2, 9, 32), r(1, 2, 9, 32)]),
+    }
+
+
+def outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate",
+                                "bias_gelu_tanh", "attention"])
+@pytest.mark.parametrize("half_inputs", ["none", "modulation"])
+def test_ops_follow_autocast_like_their_references(op, half_inputs, generator):
+    """Under autocast, with fp32 inputs or some of them in bf16 (as adaLN's Linear gives), the
+    op returns the reference's dtype and values, forward and backward."""
+    fn, reference, inputs = cases(generator)[op]
+    if half_inputs == "modulation":
+        inputs = [inputs[0]] + [t.to(BF16) for t in inputs[1:]]
+    ours = [t.clone().requires_grad_() for t in inputs]
+    theirs = [t.clone().requires_grad_() for t in inputs]
+    with autocast():
+        out = outputs(fn(*ours))
+        ref = outputs(reference(*theirs))
+    assert [o.dtype for o in out] == [r.dtype for r in ref]
+    torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+    torch.autograd.backward(ref, [torch.ones_like(r) for r in ref])
+    low = any(t.dtype == BF16 for t in [*out, *inputs])
+    for o, r in zip(out, ref):
+        assert_close_rel(o.float(), r.double(), BF16 if low else torch.float32, f"{op} out")
+    for a, b in zip(ours, theirs):
+        assert a.grad.dtype == b.grad.dtype
+        assert_close_rel(a.grad.float(), b.grad.double(), BF16, f"{op} grad")
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate",
+                                "bias_gelu_tanh", "attention"])
+def test_mixed_dtypes_are_promoted(op, generator):
+    """Without autocast, inputs of several float dtypes compute in their promoted dtype."""
+    fn, reference, inputs = cases(generator)[op]
+    mixed = [inputs[0]] + [t.to(BF16) for t in inputs[1:]]
+    out = outputs(fn(*mixed))
+    ref = outputs(reference(*(t.double() for t in mixed)))
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.float32
+        assert_close_rel(o, r, torch.float32, f"{op} promoted")
+
+
+def test_float64_runs_the_reference(generator):
+    x, shift, scale = (torch.randn(s, generator=generator, dtype=torch.float64)
+                       for s in ((2, 3, 16), (2, 16), (2, 16)))
+    out = ok.layernorm_modulate(x, shift, scale)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, layernorm_op.reference(x, shift, scale))
+
+
+def test_fused_block_follows_autocast_like_the_reference_block(generator):
+    B, N, D, H = 2, 16, 64, 4
+    fused = randomised(FusedDiTBlock(D, H), generator)
+    reference = DiTBlock(D, H)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(B, N, D, generator=generator)
+    c = torch.randn(B, D, generator=generator)
+    results = []
+    for block in (fused, reference):
+        xi = x.clone().requires_grad_()
+        with autocast():
+            out = block(xi, c)
+        out.float().square().sum().backward()
+        results.append((out, xi.grad, {n: p.grad for n, p in block.named_parameters()}))
+    (out, dx, grads), (ref, ref_dx, ref_grads) = results
+    assert out.dtype == ref.dtype == torch.float32
+    assert_close_rel(out, ref.double(), BF16, "out")
+    assert_close_rel(dx, ref_dx.double(), BF16, "dx")
+    for name, g in grads.items():
+        assert g.dtype == ref_grads[name].dtype, name
+        assert_close_rel(g, ref_grads[name].double(), BF16, f"d{name}")
+
+
+def test_fused_flow_dit_trains_a_step_under_autocast(generator):
+    """What the trainer does on a GPU by default (bf16 autocast around the loss), on the CPU:
+    a fused FlowDiT's loss and every gradient are finite and close to the unfused model's."""
+    from onestep_models.dit import FlowDiT
+
+    torch.manual_seed(0)
+    models = [FlowDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2,
+                      num_heads=4, num_classes=10, fused=fused) for fused in (True, False)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        randomised(model, generator)
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(4, 1, 8, 8, generator=generator)
+    t = torch.rand(4, generator=generator)
+    y = torch.randint(0, 10, (4,), generator=generator)
+    grads = []
+    for model in models:
+        with autocast():
+            loss = model(x, t, y).float().square().mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.isfinite(grads[0][name]).all(), name
+        assert_close_rel(grads[0][name], grads[1][name].double(), BF16, name)
