@@ -116,7 +116,8 @@ class Backend:
         if device.type not in self.devices and not on_interpreter and not anywhere:
             return f"runs {'/'.join(self.devices)} tensors, got {device.type} tensors"
         if dtype not in self.dtypes:
-            return f"takes {', '.join(_DTYPE_NAMES[d] for d in self.dtypes)}, got {_DTYPE_NAMES.get(dtype, dtype)}"
+            names = ", ".join(_DTYPE_NAMES[d] for d in self.dtypes)
+            return f"takes {names}, got {_DTYPE_NAMES.get(dtype, dtype)}"
         if on_interpreter and dtype == torch.bfloat16:
             return "the Triton interpreter computes bfloat16 wrongly"
         limit = dict(self.max_width_by_dtype).get(dtype, self.max_width)

@@ -7,8 +7,8 @@
 Every launcher takes one struct of named fields (csrc/common/params.h). The ctypes mirrors
 here are built from the layout the compiled library reports (names, offsets, types, sizes)
 and checked against ctypes' own layout when first used; a struct is filled by field name,
-and a missing or unknown field is an error. Launchers return a status code; a non-zero code becomes a
-RuntimeError here.
+and a missing or unknown field is an error. Launchers return a status code; a non-zero code
+becomes a RuntimeError here.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def test_available_backends_reports_every_backend_with_a_reason():
 def test_backend_choices_name_the_choice_and_every_reason():
     report = ok.backend_choices("cpu", torch.bfloat16)
     assert report[LN]["chosen"] == "cpu"
-    assert report["attention"]["chosen"] == "cpu"
+    assert report["attention"]["chosen"] == "sdpa"
     assert report["fused_linear"]["chosen"] == "separate"
     assert set(report[LN]["backends"]) == set(OPS[LN].backends)
     assert report[LN]["backends"]["reference"] == "can run"
@@ -70,7 +70,8 @@ def test_a_measured_order_takes_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("ONESTEP_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("ONESTEP_PREFERENCES")
     (tmp_path / "preferences.json").write_text(
-        '{"cpu": {"order": {"layernorm_modulate": ["reference", "cpu"]}}}')
+        '{"%s": {"order": {"layernorm_modulate": ["reference", "cpu"]}}}'
+        % preferences.device_key(CPU))
     preferences._measured.cache_clear()
     dispatch.clear_cache()
     try:

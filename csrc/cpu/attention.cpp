@@ -360,11 +360,13 @@ bool bad_sizes(const P& p) {
 
 int attention_fwd(const AttentionFwdParams& p, int num_threads) {
   if (bad_sizes(p)) return kBadSize;
+  num_threads = threads_for(num_threads, p.B * p.H * p.N * p.NK);
   ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return fwd<T>(p, num_threads));
 }
 
 int attention_bwd(const AttentionBwdParams& p, int num_threads) {
   if (bad_sizes(p)) return kBadSize;
+  num_threads = threads_for(num_threads, p.B * p.H * p.N * p.NK);
   ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return bwd<T>(p, num_threads));
 }
 

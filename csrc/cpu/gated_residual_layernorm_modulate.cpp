@@ -22,27 +22,24 @@ constexpr int64_t kRowsPerChunk = 32;  // see layernorm_modulate.cpp: fixed for 
 template <typename T>
 void fwd_row(const T* x, const T* y, const T* gate, const T* shift, const T* scale, T* res,
              T* out, int64_t D, float eps, float* r, float* mean_out, float* rstd_out) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < D; ++d) {
-    r[d] = to_float(gate[d]) * to_float(y[d]) + to_float(x[d]);
-    sum += r[d];
-  }
-  const float mean = sum / static_cast<float>(D);
-  float m2 = 0.0f;
-#pragma omp simd reduction(+ : m2)
-  for (int64_t d = 0; d < D; ++d) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) r[d] = to_float(gate[d]) * to_float(y[d]) + to_float(x[d]);
+  const float mean = static_cast<float>(blocked_sum(D, [r](int64_t d) { return r[d]; }) /
+                                        static_cast<double>(D));
+  const double m2 = blocked_sum(D, [r, mean](int64_t d) {
     const float diff = r[d] - mean;
-    m2 += diff * diff;
-  }
-  const float rstd = layernorm_rstd(m2 / static_cast<float>(D), eps);
+    return diff * diff;
+  });
+  const float rstd = layernorm_rstd(static_cast<float>(m2 / static_cast<double>(D)), eps);
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     res[d] = from_float<T>(r[d]);
     out[d] = from_float<T>(modulate((r[d] - mean) * rstd, to_float(shift[d]), to_float(scale[d])));
   }
-  *mean_out = mean;
-  *rstd_out = rstd;
+  if (mean_out != nullptr) {  // statistics are kept for a backward only
+    *mean_out = mean;
+    *rstd_out = rstd;
+  }
 }
 
 // One row of the backward. dres is the gradient flowing into the residual output directly;
@@ -52,15 +49,11 @@ template <typename T, bool kPerToken>
 void bwd_row(const T* dres, const T* dout, const T* res, const T* y, const T* gate,
              const T* scale, float mean, float rstd, T* dx, T* dy, int64_t D, float* acc_gate,
              float* acc_shift, float* acc_scale, T* dgate, T* dshift, T* dscale) {
-  float sum_g = 0.0f, sum_gx = 0.0f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t d = 0; d < D; ++d) {
-    const float g = to_float(dout[d]) * (1.0f + to_float(scale[d]));
-    sum_g += g;
-    sum_gx += g * (to_float(res[d]) - mean) * rstd;
-  }
-  const float mean_g = sum_g / static_cast<float>(D);
-  const float mean_gx = sum_gx / static_cast<float>(D);
+  const auto g = [=](int64_t d) { return to_float(dout[d]) * (1.0f + to_float(scale[d])); };
+  const float mean_g = static_cast<float>(blocked_sum(D, g) / static_cast<double>(D));
+  const float mean_gx = static_cast<float>(
+      blocked_sum(D, [=](int64_t d) { return g(d) * (to_float(res[d]) - mean) * rstd; }) /
+      static_cast<double>(D));
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const float doutf = to_float(dout[d]);
@@ -106,7 +99,8 @@ int fwd(const GatedResidualFwdParams& p, int num_threads) {
       const int64_t b = row / N, n = row % N;
       fwd_row<T>(x + row * D, y + row * D, gate + b * p.gate_sb + n * p.gate_sn,
                  shift + b * p.shift_sb + n * p.shift_sn, scale + b * p.scale_sb + n * p.scale_sn,
-                 res + row * D, out + row * D, D, p.eps, r, mean + row, rstd + row);
+                 res + row * D, out + row * D, D, p.eps, r, mean ? mean + row : nullptr,
+                 rstd ? rstd + row : nullptr);
     }
   }
   return kOk;

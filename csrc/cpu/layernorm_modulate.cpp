@@ -32,17 +32,13 @@ template <typename T>
 void fwd_row(const T* x, const T* shift, const T* scale, T* out, int64_t D, float eps,
              float* buf, float* stage, float* mean_out, float* rstd_out) {
   const float* xf = row_as_float(x, D, buf);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < D; ++d) sum += xf[d];
-  const float mean = sum / static_cast<float>(D);
-  float m2 = 0.0f;
-#pragma omp simd reduction(+ : m2)
-  for (int64_t d = 0; d < D; ++d) {
+  const float mean = static_cast<float>(blocked_sum(D, [xf](int64_t d) { return xf[d]; }) /
+                                        static_cast<double>(D));
+  const double m2 = blocked_sum(D, [xf, mean](int64_t d) {
     const float diff = xf[d] - mean;
-    m2 += diff * diff;
-  }
-  const float rstd = layernorm_rstd(m2 / static_cast<float>(D), eps);
+    return diff * diff;
+  });
+  const float rstd = layernorm_rstd(static_cast<float>(m2 / static_cast<double>(D)), eps);
   T* dst = out;
   if constexpr (std::is_same_v<T, float>) {
     if (stage != nullptr) dst = stage;
@@ -54,8 +50,10 @@ void fwd_row(const T* x, const T* shift, const T* scale, T* out, int64_t D, floa
   if constexpr (std::is_same_v<T, float>) {
     if (stage != nullptr) stream_row(out, stage, D);
   }
-  *mean_out = mean;
-  *rstd_out = rstd;
+  if (mean_out != nullptr) {  // statistics are kept for a backward only
+    *mean_out = mean;
+    *rstd_out = rstd;
+  }
 }
 
 // One row of the backward. Writes dx; adds dy and dy * xhat into acc_shift / acc_scale
@@ -63,16 +61,11 @@ void fwd_row(const T* x, const T* shift, const T* scale, T* out, int64_t D, floa
 template <typename T, bool kPerToken>
 void bwd_row(const T* dy, const T* x, const T* scale, float mean, float rstd, T* dx, int64_t D,
              float* acc_shift, float* acc_scale, T* dshift, T* dscale) {
-  float sum_g = 0.0f, sum_gx = 0.0f;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-  for (int64_t d = 0; d < D; ++d) {
-    const float g = to_float(dy[d]) * (1.0f + to_float(scale[d]));
-    const float xhat = (to_float(x[d]) - mean) * rstd;
-    sum_g += g;
-    sum_gx += g * xhat;
-  }
-  const float mean_g = sum_g / static_cast<float>(D);
-  const float mean_gx = sum_gx / static_cast<float>(D);
+  const auto g = [=](int64_t d) { return to_float(dy[d]) * (1.0f + to_float(scale[d])); };
+  const auto xhat = [=](int64_t d) { return (to_float(x[d]) - mean) * rstd; };
+  const float mean_g = static_cast<float>(blocked_sum(D, g) / static_cast<double>(D));
+  const float mean_gx = static_cast<float>(
+      blocked_sum(D, [=](int64_t d) { return g(d) * xhat(d); }) / static_cast<double>(D));
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const float dyf = to_float(dy[d]);
@@ -114,7 +107,7 @@ int fwd(const LayerNormModulateFwdParams& p, int num_threads) {
       const int64_t b = r / N, n = r % N;
       fwd_row<T>(x + b * p.x_sb + n * p.x_sn, shift + b * p.shift_sb + n * p.shift_sn,
                  scale + b * p.scale_sb + n * p.scale_sn, out + r * D, D, p.eps, buf,
-                 streaming ? buf : nullptr, mean + r, rstd + r);
+                 streaming ? buf : nullptr, mean ? mean + r : nullptr, rstd ? rstd + r : nullptr);
     }
     if (streaming) stream_fence();
   }

@@ -67,6 +67,26 @@ inline void stream_fence() {
 #endif
 }
 
+// Sums over a row: fp32 SIMD partial sums over blocks of kSumBlock elements, the blocks'
+// totals added in double. A plain running sum over a row of D values loses about D * eps of
+// relative accuracy (2e-4 at D = 2^20, 5e-3 for values around 1000 at D = 65536); this keeps
+// the LayerNorm statistics within PyTorch's accuracy at any width for the cost of one double
+// addition per block.
+constexpr int64_t kSumBlock = 256;
+
+template <typename Term>
+inline double blocked_sum(int64_t D, Term term) {
+  double total = 0.0;
+  for (int64_t d0 = 0; d0 < D; d0 += kSumBlock) {
+    const int64_t d1 = min_i64(D, d0 + kSumBlock);
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t d = d0; d < d1; ++d) part += term(d);
+    total += static_cast<double>(part);
+  }
+  return total;
+}
+
 // Returns the row as floats: the input itself for fp32, else converted into `buf`.
 template <typename T>
 inline const float* row_as_float(const T* row, int64_t D, float* buf) {

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(256)
     store(res + row * D + d, r);
     store(out + row * D + d, onestep::modulate((r - mu) * rs, load(shr + d), load(scr + d)));
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && mean != nullptr) {  // kept for a backward only
     mean[row] = mu;
     rstd[row] = rs;
   }

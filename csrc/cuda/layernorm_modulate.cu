@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(256)
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     store(outr + d, onestep::modulate((load(xr + d) - mu) * rs, load(shr + d), load(scr + d)));
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && mean != nullptr) {  // kept for a backward only
     mean[row] = mu;
     rstd[row] = rs;
   }

@@ -231,8 +231,8 @@ def _new_output(q: Tensor, backend: str) -> Tensor:
     laid out as (B, N, H, Dh), so that merging the heads afterwards is a free view."""
     B, H, N, Dh = q.shape
     if backend == "cpu":
-        return q.new_empty((B, N, H, Dh)).permute(0, 2, 1, 3)
-    return q.new_empty((B, H, N, Dh))
+        return torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -277,20 +277,17 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def _stride_fields(**tensors) -> dict:
-    """{name}_sb, {name}_sh, {name}_sn for (B, H, N, Dh) tensors."""
-    return {f"{name}_{dim}": t.stride(i) for name, t in tensors.items()
-            for i, dim in enumerate(("sb", "sh", "sn"))}
-
-
 def _cpu_fwd(q, k, v, scale):
     B, H, N, Dh = q.shape
     out = _new_output(q, "cpu")
     lse = torch.empty((B, H, N), dtype=torch.float32)
+    (q_sb, q_sh, q_sn, _), (k_sb, k_sh, k_sn, _) = q.stride(), k.stride()
+    (v_sb, v_sh, v_sn, _), (o_sb, o_sh, o_sn, _) = v.stride(), out.stride()
     native.run_cpu("attention_fwd", native.params_type("AttentionFwdParams")(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
-        B=B, H=H, N=N, NK=k.shape[2], D=Dh, **_stride_fields(q=q, k=k, v=v, out=out),
-        scale=scale, dtype=native.dtype_code(q)))
+        B=B, H=H, N=N, NK=k.shape[2], D=Dh, q_sb=q_sb, q_sh=q_sh, q_sn=q_sn, k_sb=k_sb,
+        k_sh=k_sh, k_sn=k_sn, v_sb=v_sb, v_sh=v_sh, v_sn=v_sn, out_sb=o_sb, out_sh=o_sh,
+        out_sn=o_sn, scale=scale, dtype=native.dtype_code(q)))
     return out, lse
 
 
@@ -299,11 +296,15 @@ def _cpu_bwd(dout, q, k, v, out, lse, scale):
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))  # contiguous
+    (q_sb, q_sh, q_sn, _), (k_sb, k_sh, k_sn, _) = q.stride(), k.stride()
+    (v_sb, v_sh, v_sn, _), (o_sb, o_sh, o_sn, _) = v.stride(), out.stride()
+    d_sb, d_sh, d_sn, _ = dout.stride()
     native.run_cpu("attention_bwd", native.params_type("AttentionBwdParams")(
         dout=dout.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
         out=out.data_ptr(), lse=lse.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(),
-        dv=dv.data_ptr(), B=B, H=H, N=N, NK=k.shape[2], D=Dh,
-        **_stride_fields(q=q, k=k, v=v, out=out, dout=dout), scale=scale,
+        dv=dv.data_ptr(), B=B, H=H, N=N, NK=k.shape[2], D=Dh, q_sb=q_sb, q_sh=q_sh, q_sn=q_sn,
+        k_sb=k_sb, k_sh=k_sh, k_sn=k_sn, v_sb=v_sb, v_sh=v_sh, v_sn=v_sn, out_sb=o_sb,
+        out_sh=o_sh, out_sn=o_sn, dout_sb=d_sb, dout_sh=d_sh, dout_sn=d_sn, scale=scale,
         dtype=native.dtype_code(q)))
     return dq, dk, dv
 

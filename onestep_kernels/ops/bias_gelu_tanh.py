@@ -224,15 +224,15 @@ def apply(backend: Backend, x: Tensor, bias: Tensor) -> Tensor:
     device; x of any shape, made contiguous if it is not)."""
     if backend.is_expression:
         return backend.expression(x, bias)
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    bias = bias.contiguous()
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2d, bias = x2d.contiguous(), bias.contiguous()
     if torch.compiler.is_compiling():
         y = bias_gelu_tanh_fwd(x2d, bias, backend.name)
     elif needs_grad(x2d, bias):
         y = _BiasGeluTanh.apply(x2d, bias, backend)
     else:
         y = _forward(backend, x2d, bias)
-    return y.view(x.shape)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,6 +166,8 @@ def triton_configs():
 
 def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps):
     B, N, D = x.shape
+    if stats is None:  # the kernel stores them either way
+        stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
     mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
     _gated_residual_layernorm_modulate_fwd_kernel[(B * N,)](
@@ -200,14 +202,17 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, d
 
 def _fwd_params(x, y, gate, shift, scale, res, out, stats, eps):
     B, N, D = x.shape
-    mean = stats.data_ptr()  # stats is (2, B, N): mean, then rstd
+    mean = rstd = 0  # no statistics kept (inference)
+    if stats is not None:  # (2, B, N): mean, then rstd
+        mean = stats.data_ptr()
+        rstd = mean + 4 * B * N
     g_sb, g_sn = bn_strides(gate)
     sh_sb, sh_sn = bn_strides(shift)
     sc_sb, sc_sn = bn_strides(scale)
     return native.params_type("GatedResidualFwdParams")(
         x=x.data_ptr(), y=y.data_ptr(), gate=gate.data_ptr(), shift=shift.data_ptr(),
         scale=scale.data_ptr(), res=res.data_ptr(), out=out.data_ptr(), mean=mean,
-        rstd=mean + 4 * B * N, B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn, shift_sb=sh_sb,
+        rstd=rstd, B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn, shift_sb=sh_sb,
         shift_sn=sh_sn, scale_sb=sc_sb, scale_sn=sc_sn, eps=eps, dtype=native.dtype_code(x))
 
 
@@ -282,10 +287,11 @@ OP = dispatch.Op("gated_residual_layernorm_modulate", [
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(backend: Backend, x, y, gate, shift, scale, eps):
+def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
     B, N, D = x.shape
     res, out = torch.empty_like(x), torch.empty_like(x)  # x is contiguous here
-    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)  # mean, rstd
+    # The rows' mean and rstd, for the backward; inference needs none.
+    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device) if keep_stats else None
     if B * N > 0:
         with on_device(x):
             backend.forward(x, y, gate, shift, scale, res, out, stats, eps)
@@ -330,7 +336,7 @@ def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tens
         return res, out
     if needs_grad(x, y, gate, shift, scale):
         return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, eps, backend)
-    res, out, _ = _forward(backend, x, y, gate, shift, scale, eps)
+    res, out, _ = _forward(backend, x, y, gate, shift, scale, eps, keep_stats=False)
     return res, out
 
 

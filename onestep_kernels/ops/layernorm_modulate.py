@@ -152,6 +152,8 @@ def triton_configs():
 
 def _triton_fwd(x, shift, scale, out, stats, eps):
     B, N, D = x.shape
+    if stats is None:  # the kernel stores them either way
+        stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
     mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
     _layernorm_modulate_fwd_kernel[(B * N,)](
@@ -185,13 +187,16 @@ def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token):
 
 def _fwd_params(x, shift, scale, out, stats, eps):
     B, N, D = x.shape
-    mean = stats.data_ptr()  # stats is (2, B, N): mean, then rstd
+    mean = rstd = 0  # no statistics kept (inference)
+    if stats is not None:  # (2, B, N): mean, then rstd
+        mean = stats.data_ptr()
+        rstd = mean + 4 * B * N
     x_sb, x_sn, _ = x.stride()
     shift_sb, shift_sn = bn_strides(shift)
     scale_sb, scale_sn = bn_strides(scale)
     return native.params_type("LayerNormModulateFwdParams")(
         x=x.data_ptr(), shift=shift.data_ptr(), scale=scale.data_ptr(), out=out.data_ptr(),
-        mean=mean, rstd=mean + 4 * B * N, B=B, N=N, D=D, x_sb=x_sb, x_sn=x_sn,
+        mean=mean, rstd=rstd, B=B, N=N, D=D, x_sb=x_sb, x_sn=x_sn,
         shift_sb=shift_sb, shift_sn=shift_sn, scale_sb=scale_sb, scale_sn=scale_sn, eps=eps,
         dtype=native.dtype_code(x))
 
@@ -246,12 +251,13 @@ OP = dispatch.Op("layernorm_modulate", [
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(backend: Backend, x, shift, scale, eps, out=None):
+def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
     B, N, D = x.shape
     if out is None:
         out = torch.empty_like(x) if x.is_contiguous() else torch.empty(
             (B, N, D), dtype=x.dtype, device=x.device)
-    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)  # mean, rstd
+    # The rows' mean and rstd, for the backward; inference needs none.
+    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device) if keep_stats else None
     if B * N > 0:
         with on_device(x):
             backend.forward(x, shift, scale, out, stats, eps)
@@ -294,7 +300,7 @@ def apply(backend: Backend, x: Tensor, shift: Tensor, scale: Tensor, eps: float)
         return layernorm_modulate_fwd(x, shift, scale, eps, backend.name)[0]
     if needs_grad(x, shift, scale):
         return _LayerNormModulate.apply(x, shift, scale, eps, backend)
-    return _forward(backend, x, shift, scale, eps)[0]
+    return _forward(backend, x, shift, scale, eps, keep_stats=False)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +338,7 @@ def _(dy, x, scale, stats, backend):
 def layernorm_modulate_out(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str,
                            out: Tensor) -> None:
     """Forward into a caller's buffer (inference: no autograd)."""
-    _forward(OP[backend], x, shift, scale, eps, out)
+    _forward(OP[backend], x, shift, scale, eps, out, keep_stats=False)
 
 
 @layernorm_modulate_out.register_fake
@@ -409,7 +415,7 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     if torch.compiler.is_compiling():
         layernorm_modulate_out(x, shift, scale, eps, impl.name, out)
     else:
-        _forward(impl, x, shift, scale, eps, out)
+        _forward(impl, x, shift, scale, eps, out, keep_stats=False)
     return out
 
 

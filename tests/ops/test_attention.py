@@ -199,4 +199,4 @@ def test_backend_limits():
         ok.attention(q, q, q, backend="cuda")
     with pytest.raises(ValueError, match="scale:"):
         ok.attention(q, q, q, scale=-1.0)
-    assert ok.attention(q, q, q).shape == q.shape  # default on the CPU: the C++ kernel
+    assert ok.attention(q, q, q).shape == q.shape  # default on the CPU: SDPA

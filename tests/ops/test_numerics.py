@@ -1,0 +1,74 @@
+"""LayerNorm statistics at any width: every backend's error stays within twice PyTorch's own
+fp32 error (against float64) at D = 2^20 and with inputs offset by 1000 (the widths each
+backend declares; Triton's rows stop at 4096), forward and backward."""
+
+import pytest
+import torch
+from conftest import rel_error
+
+import onestep_kernels as ok
+from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
+from onestep_kernels.ops import layernorm_modulate as layernorm_op
+
+# (name, D, offset): a very wide row, and a wide row far from zero.
+CASES = [("wide", 2**20, 0.0), ("offset", 65536, 1000.0)]
+BACKENDS = [("cpu", "avx2"), ("cpu", "base"), ("reference", None),
+            pytest.param("triton", None, marks=pytest.mark.slow)]
+
+
+def inputs(D, offset, generator, rows=2):
+    x = torch.randn(1, rows, D, generator=generator, dtype=torch.float64) + offset
+    shift = torch.randn(1, D, generator=generator, dtype=torch.float64)
+    scale = torch.randn(1, D, generator=generator, dtype=torch.float64) * 0.5
+    return x, shift, scale
+
+
+def check(ours, torch_own, exact, what):
+    """Our fp32 error at most twice PyTorch's fp32 error, plus float32's own rounding."""
+    err, own = rel_error(ours, exact), rel_error(torch_own, exact)
+    assert err <= 2 * own + 1e-6, f"{what}: error {err:.3g} vs PyTorch's {own:.3g}"
+
+
+@pytest.mark.parametrize("case,D,offset", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_layernorm_modulate_statistics(backend, isa, case, D, offset, generator, cpu_isa):
+    cpu_isa(isa)
+    if backend == "triton":
+        D = layernorm_op.MAX_TRITON_D
+    x64, shift64, scale64 = inputs(D, offset, generator)
+    dy64 = torch.randn(x64.shape, generator=generator, dtype=torch.float64)
+    ins32 = [t.float() for t in (x64, shift64, scale64)]
+    exact_in = [t.double().requires_grad_() for t in ins32]  # the values the kernels see
+    exact = layernorm_op.reference(*exact_in)
+    exact.backward(dy64.float().double())
+    own_in = [t.clone().requires_grad_() for t in ins32]
+    own = layernorm_op.reference(*own_in)  # PyTorch in fp32
+    own.backward(dy64.float())
+    ours_in = [t.clone().requires_grad_() for t in ins32]
+    ours = ok.layernorm_modulate(*ours_in, backend=backend)
+    ours.backward(dy64.float())
+    check(ours, own, exact, "out")
+    check(ours_in[0].grad, own_in[0].grad, exact_in[0].grad, "dx")
+    check(ours_in[2].grad, own_in[2].grad, exact_in[2].grad, "dscale")
+
+
+@pytest.mark.parametrize("case,D,offset", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend,isa", BACKENDS)
+def test_gated_residual_statistics(backend, isa, case, D, offset, generator, cpu_isa):
+    cpu_isa(isa)
+    if backend == "triton":
+        D = gated_op.MAX_TRITON_D
+    x64, shift64, scale64 = inputs(D, offset, generator)
+    y64 = torch.randn(x64.shape, generator=generator, dtype=torch.float64)
+    gate64 = torch.randn(shift64.shape, generator=generator, dtype=torch.float64)
+    ins32 = [t.float() for t in (x64, y64, gate64, shift64, scale64)]
+    exact_in = [t.double().requires_grad_() for t in ins32]
+    own_in = [t.clone().requires_grad_() for t in ins32]
+    ours_in = [t.clone().requires_grad_() for t in ins32]
+    results = [gated_op.reference(*exact_in), gated_op.reference(*own_in),
+               ok.gated_residual_layernorm_modulate(*ours_in, backend=backend)]
+    for res, out in results:
+        (res.sum() + (out * out.detach()).sum()).backward()
+    (_, exact), (_, own), (_, ours) = results
+    check(ours, own, exact, "out")
+    check(ours_in[0].grad, own_in[0].grad, exact_in[0].grad, "dx")
