@@ -1,9 +1,11 @@
 """Compile-only check of every Triton kernel configuration for sm_80 and sm_90 (no GPU needed).
 
 Each configuration that an op's launcher can pick (listed by `triton_configs()` in the op
-modules of onestep_kernels.ops.OP_MODULES) is compiled with `triton.compile` for a GPUTarget,
-and its PTX is assembled by the ptxas shipped in the Triton wheel with `-v`; a configuration
-with spill stores, or one that fails to compile, is reported.
+modules of onestep_kernels.ops.OP_MODULES, as `kernel_config.KernelConfig`s: the kernel, the element type of
+its data, its constexprs and warps) is compiled with `triton.compile` for a GPUTarget, with the
+signature derived from the kernel's own parameters, and its PTX is assembled by the ptxas
+shipped in the Triton wheel with `-v`; a configuration with spill stores, or one that fails to
+compile, is reported.
 
     python -m onestep_kernels.aot [--arch 80 90] [--jobs 2]
 
@@ -59,15 +61,14 @@ def compile_one(index: int, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, kernel, signature, constexprs, options = list(configs())[index]
-    result = Result(name, arch)
+    config = list(configs())[index]
+    result = Result(config.name, arch)
     try:
-        # In the kernel's parameter order, whatever order the registry wrote it in.
-        signature = {arg: signature[arg] for arg in kernel.arg_names}
         compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            ASTSource(fn=config.kernel, signature=config.signature(),
+                      constexprs=config.constexprs),
             target=GPUTarget("cuda", arch, 32),
-            options=options,
+            options={"num_warps": config.num_warps},
         )
         result.shared_bytes = int(compiled.metadata.shared)
         ptx = compiled.asm["ptx"]

@@ -207,14 +207,14 @@ class FusedDiTBlock(DiTBlock):
     Memory-bound steps fused: the first modulated LayerNorm is one op, the attention branch's
     gated residual and the second modulated LayerNorm are one op, fc1's bias and GELU are one
     op, the MLP's gated residual is one `addcmul`. Attention is onestep's attention op on q,
-    k, v views of the QKV projection (its default backend: PyTorch's SDPA on GPUs, onestep's
-    C++ kernel on the CPU); the matrix products are PyTorch's, through the Linear modules.
+    k, v views of the QKV projection, on its default backend (onestep_kernels.preferences);
+    the matrix products are PyTorch's, through the Linear modules.
 
     fuse_linears=True folds those steps into the four matrix products instead
     (`onestep_kernels.fused_linear`: the modulated LayerNorms in the prologues of QKV and fc1,
     GELU in fc1's epilogue, the gated residuals in the epilogues of proj and fc2) where
-    fused_linear's default backend is its fused kernel; elsewhere (its default everywhere
-    until a GPU measures that it pays, and always with gradients) the default path runs.
+    fused_linear's default backend (onestep_kernels.preferences) is its fused kernel and no
+    gradient is needed; elsewhere the default path runs.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,

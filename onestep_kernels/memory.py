@@ -2,8 +2,8 @@
 
 By default glibc serves blocks over 32 MB with mmap and returns them to the OS on free, so every
 new activation of that size (a (32, 256, 1152) fp32 tensor is 37.7 MB) pays page faults on
-first touch: on the development VMs a copy into a fresh tensor ran at ~5 GB/s against ~50 GB/s
-into a reused one. Raising the mmap and trim thresholds keeps such blocks in the heap for
+first touch, several times the cost of the copy itself (README, "CPU performance notes").
+Raising the mmap and trim thresholds keeps such blocks in the heap for
 reuse. The cost: freed memory up to `trim_threshold` stays with the process instead of going
 back to the OS. Equivalent environment setting, applied before Python starts:
 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824

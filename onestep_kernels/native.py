@@ -22,8 +22,6 @@ import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 CUDA_LIBRARY_PATH = Path(__file__).with_name("libonestep_cuda.so")
-CUDA_LAUNCHERS = ("layernorm_modulate_fwd", "layernorm_modulate_bwd",
-                  "gated_residual_layernorm_modulate_fwd", "bias_gelu_tanh_fwd")
 
 try:
     from . import _C as cpu_module
@@ -114,8 +112,7 @@ def run_cpu(launcher: str, params: ctypes.Structure) -> None:
 
 def run_cuda(launcher: str, params: ctypes.Structure, tensor: torch.Tensor) -> None:
     lib = cuda_library()
-    code = getattr(lib, "onestep_cuda_" + launcher)(ctypes.addressof(params),
-                                                    cuda_stream(tensor))
+    code = _cuda_function(launcher)(ctypes.addressof(params), cuda_stream(tensor))
     if code != 0:
         detail = lib.onestep_cuda_status_string(code).decode()
         if detail == "CUDA error":
@@ -135,14 +132,19 @@ def cuda_library() -> ctypes.CDLL | None:
     lib.onestep_cuda_last_error_string.restype = ctypes.c_char_p
     lib.onestep_cuda_params_layout.restype = ctypes.c_int
     lib.onestep_cuda_params_layout.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    for name in CUDA_LAUNCHERS:
-        fn = getattr(lib, "onestep_cuda_" + name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     if cpu_module is not None and _cuda_layout(lib) != cpu_module.params_layout():
         raise RuntimeError(f"{CUDA_LIBRARY_PATH} was built from another csrc/common/params.h "
                            "than onestep_kernels._C: rebuild with `pip install -e .`")
     return lib
+
+
+@functools.cache
+def _cuda_function(launcher: str):
+    """The CUDA library's `onestep_cuda_<launcher>(const Params*, stream)`."""
+    fn = getattr(cuda_library(), "onestep_cuda_" + launcher)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    return fn
 
 
 @functools.cache  # neither the file nor the device count changes during a process

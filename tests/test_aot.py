@@ -18,7 +18,7 @@ ROW_OPS = [m for m in OP_MODULES if hasattr(m, "_triton_launch_config")]
 @pytest.mark.parametrize("module", ROW_OPS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_registry_covers_every_launch_config(module):
     """Each row width the launchers accept maps to a listed (block, num_warps) configuration."""
-    listed = {(c[3].get("BLOCK_D", c[3].get("BLOCK_F")), c[4]["num_warps"])
+    listed = {(c.constexprs.get("BLOCK_D", c.constexprs.get("BLOCK_F")), c.num_warps)
               for c in module.triton_configs()}
     for D in range(1, getattr(module, "MAX_TRITON_D", 8192) + 1):
         assert module._triton_launch_config(D) in listed, D
@@ -30,14 +30,28 @@ def test_attention_registry_covers_every_launch_config():
 
     from onestep_kernels.ops import attention
 
-    listed = {(c[0].split("[")[1].split(",")[0], c[3]["BLOCK_M"], c[3]["BLOCK_N"],
-               c[3]["BLOCK_D"], c[4]["num_warps"]) for c in attention.triton_configs()}
+    listed = {(c.dtype, c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
+               c.constexprs["BLOCK_D"], c.num_warps) for c in attention.triton_configs()}
     for dtype, name in attention._TRITON_DTYPES.items():
         top = attention.MAX_HEAD_DIM_FP32 if dtype == torch.float32 else attention.MAX_HEAD_DIM
         for head_dim in range(attention.MIN_HEAD_DIM, top + 1):
             cfg = attention._launch_config(head_dim, dtype)
             key = (name, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"])
             assert key in listed, (dtype, head_dim)
+
+
+def test_signatures_are_derived_from_the_kernels():
+    """Every kernel parameter gets a type: pointers of the config's dtype (fp32 where named),
+    int32 sizes and strides, float scalars, and the constexprs."""
+    from onestep_kernels import aot
+
+    for config in aot.configs():  # (K is attention's key pointer, never a size)
+        signature = config.signature()
+        assert list(signature) == list(config.kernel.arg_names), config.name
+        named = set(config.fp32) & set(signature)
+        assert named <= {a for a, t in signature.items() if t == "*fp32"}, config.name
+        assert {a for a, t in signature.items() if t == "constexpr"} == set(config.constexprs)
+        assert any(t == f"*{config.dtype}" for t in signature.values()), config.name
 
 
 @pytest.mark.slow
@@ -57,9 +71,9 @@ def test_fused_linear_registry_covers_every_variant():
 
     from onestep_kernels.ops import fused_linear
 
-    listed = {(c[0].split("[")[1].split(",")[0], c[3]["NORM"], c[3]["GELU"], c[3]["GATED"],
-               c[3]["HAS_BIAS"], c[3]["BLOCK_M"], c[3]["BLOCK_N"], c[3]["BLOCK_K"],
-               c[4]["num_warps"]) for c in fused_linear.triton_configs()}
+    listed = {(c.dtype, c.constexprs["NORM"], c.constexprs["GELU"], c.constexprs["GATED"],
+               c.constexprs["HAS_BIAS"], c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
+               c.constexprs["BLOCK_K"], c.num_warps) for c in fused_linear.triton_configs()}
     for dtype, name in fused_linear._TRITON_DTYPES.items():
         cfg = fused_linear._launch_config(dtype)
         for flags in itertools.product((False, True), repeat=4):

@@ -54,7 +54,7 @@ def ln_params(**changes):
 @pytest.mark.skipif(not native.CUDA_LIBRARY_PATH.exists(), reason=NOT_BUILT)
 def test_cuda_library_loads_and_rejects_bad_arguments_without_a_gpu():
     lib = native.cuda_library()  # its params layout is checked against the CPU module's here
-    run = lib.onestep_cuda_layernorm_modulate_fwd
+    run = native._cuda_function("layernorm_modulate_fwd")
     # A bad dtype code and a bad size are refused before anything touches the GPU.
     assert run(ctypes.addressof(ln_params(dtype=7)), None) == 1
     assert run(ctypes.addressof(ln_params(D=0)), None) == 2

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..kernel_config import KernelConfig
 from ..dispatch import Backend
 from ..triton_compat import tl, triton
 from .common import needs_grad, on_device
@@ -204,25 +205,17 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 def triton_configs():
     """Every (kernel, configuration) the launchers can pick, for onestep_kernels.aot."""
-    ints = ("sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "H", "N", "NK",
-            "HEAD_DIM")
-    kernels = (("fwd", _attention_fwd_kernel, ("Q", "K", "V", "O"), ("LSE",)),
-               ("bwd_dkdv", _attention_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"),
-                ("LSE", "DELTA")),
-               ("bwd_dq", _attention_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"),
-                ("LSE", "DELTA")))
+    kernels = (("fwd", _attention_fwd_kernel), ("bwd_dkdv", _attention_bwd_dkdv_kernel),
+               ("bwd_dq", _attention_bwd_dq_kernel))
     for dtype, name in _TRITON_DTYPES.items():
         block_d = 16
         while block_d <= (MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM):
             cfg = _launch_config(block_d, dtype)
             constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                           "BLOCK_D": cfg["BLOCK_D"], "IEEE": dtype == torch.float32}
-            for kname, kernel, tensors, stats in kernels:
-                signature = {**{t: f"*{name}" for t in tensors}, **{s: "*fp32" for s in stats},
-                             **{i: "i32" for i in ints}, "scale": "fp32",
-                             **{c: "constexpr" for c in constexprs}}
-                yield (f"attention_{kname}[{name},BLOCK_D={block_d}]", kernel, signature,
-                       constexprs, {"num_warps": cfg["num_warps"]})
+            for kname, kernel in kernels:
+                yield KernelConfig(f"attention_{kname}[{name},BLOCK_D={block_d}]", kernel, name,
+                                   constexprs, cfg["num_warps"], fp32=("LSE", "DELTA"))
             block_d *= 2
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..kernel_config import KernelConfig
 from ..dispatch import Backend
 from ..triton_compat import tl, triton
 from .common import needs_grad, on_device
@@ -96,17 +97,13 @@ def triton_configs():
     """Every configuration the launchers can pick, for onestep_kernels.aot."""
     block = 16
     while block <= MAX_BLOCK_F:
-        options = {"num_warps": _num_warps(block)}
         for dtype in ("fp32", "fp16", "bf16"):
-            p = f"*{dtype}"
             constexprs = {"ROWS": ROWS_PER_PROGRAM, "BLOCK_F": block}
-            yield (f"bias_gelu_tanh_fwd[{dtype},BLOCK_F={block}]", _bias_gelu_tanh_fwd_kernel,
-                   {"X": p, "BIAS": p, "Y": p, "R": "i32", "F": "i32", "ROWS": "constexpr",
-                    "BLOCK_F": "constexpr"}, constexprs, options)
-            yield (f"bias_gelu_tanh_bwd[{dtype},BLOCK_F={block}]", _bias_gelu_tanh_bwd_kernel,
-                   {"DY": p, "X": p, "BIAS": p, "DX": p, "DBIAS_PARTIAL": "*fp32", "R": "i32",
-                    "F": "i32", "ROWS": "constexpr", "BLOCK_F": "constexpr"},
-                   constexprs, options)
+            yield KernelConfig(f"bias_gelu_tanh_fwd[{dtype},BLOCK_F={block}]",
+                               _bias_gelu_tanh_fwd_kernel, dtype, constexprs, _num_warps(block))
+            yield KernelConfig(f"bias_gelu_tanh_bwd[{dtype},BLOCK_F={block}]",
+                               _bias_gelu_tanh_bwd_kernel, dtype, constexprs, _num_warps(block),
+                               fp32=("DBIAS_PARTIAL",))
         block *= 2
 
 

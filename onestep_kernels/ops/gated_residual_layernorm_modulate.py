@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..kernel_config import KernelConfig
 from ..dispatch import Backend
 from ..triton_compat import tl, triton
+from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
 # ---------------------------------------------------------------------------------------------
@@ -65,13 +67,11 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0).to(tl.float32)
     r = x + gate * y
-    mean = tl.sum(r, axis=0) / D
-    diff = tl.where(mask, r - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    mean, rstd, centred = core.row_statistics(r, mask, D, eps)
     shift = tl.load(SHIFT + b * shift_sb + n * shift_sn + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(RES + row * D + cols, r.to(RES.dtype.element_ty), mask=mask)
-    out = diff * rstd * (1.0 + scale) + shift
+    out = core.modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -99,12 +99,10 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
-        xhat = tl.where(mask, (res - mean) * rstd, 0.0)
+        xhat = core.normalised(res, mask, mean, rstd)
         g = dout * (1.0 + scale.to(tl.float32))
-        mean_g = tl.sum(g, axis=0) / D
-        mean_gx = tl.sum(g * xhat, axis=0) / D
         dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        dr = dres + rstd * (g - mean_g - xhat * mean_gx)
+        dr = dres + core.layernorm_input_grad(g, xhat, rstd, D)
         y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0)
         tl.store(DX + row * D + cols, dr.to(DX.dtype.element_ty), mask=mask)
@@ -134,33 +132,23 @@ def _triton_launch_config(D: int) -> tuple[int, int]:
 
 
 def triton_configs():
-    """Every configuration the launchers can pick, for onestep_kernels.aot:
-    (name, kernel, signature, constexprs, compile options)."""
-    ints = ("N", "D", "gate_sb", "gate_sn", "scale_sb", "scale_sn")
+    """Every configuration the launchers can pick, for onestep_kernels.aot."""
     block = 16
     while block <= MAX_TRITON_D:
         _, num_warps = _triton_launch_config(block)
         for dtype in ("fp32", "fp16", "bf16"):
-            p = f"*{dtype}"
-            fwd_sig = {**{k: p for k in ("X", "Y", "GATE", "SHIFT", "SCALE", "RES", "OUT")},
-                       "MEAN": "*fp32", "RSTD": "*fp32",
-                       **{k: "i32" for k in ints + ("shift_sb", "shift_sn")},
-                       "eps": "fp32", "BLOCK_D": "constexpr"}
-            yield (f"gated_residual_layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
-                   _gated_residual_layernorm_modulate_fwd_kernel, fwd_sig, {"BLOCK_D": block},
-                   {"num_warps": num_warps})
+            yield KernelConfig(
+                f"gated_residual_layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
+                _gated_residual_layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
+                num_warps, fp32=("MEAN", "RSTD"))
             for per_token in (False, True):
-                grad = p if per_token else "*fp32"
-                bwd_sig = {**{k: p for k in ("DRES", "DOUT", "RES", "Y", "GATE", "SCALE")},
-                           "MEAN": "*fp32", "RSTD": "*fp32", "DX": p, "DY": p,
-                           "DGATE": grad, "DSHIFT": grad, "DSCALE": grad,
-                           **{k: "i32" for k in ints},
-                           "ROWS": "constexpr", "BLOCK_D": "constexpr", "PER_TOKEN": "constexpr"}
-                yield (f"gated_residual_layernorm_modulate_bwd[{dtype},BLOCK_D={block},"
-                       f"PER_TOKEN={per_token}]",
-                       _gated_residual_layernorm_modulate_bwd_kernel, bwd_sig,
-                       {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
-                       {"num_warps": num_warps})
+                partial_sums = () if per_token else ("DGATE", "DSHIFT", "DSCALE")
+                yield KernelConfig(
+                    f"gated_residual_layernorm_modulate_bwd[{dtype},BLOCK_D={block},"
+                    f"PER_TOKEN={per_token}]",
+                    _gated_residual_layernorm_modulate_bwd_kernel, dtype,
+                    {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
+                    num_warps, fp32=("MEAN", "RSTD", *partial_sums))
         block *= 2
 
 

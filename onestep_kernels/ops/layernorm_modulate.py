@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
+from ..kernel_config import KernelConfig
 from ..dispatch import Backend
 from ..triton_compat import tl, triton
+from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
 # ---------------------------------------------------------------------------------------------
@@ -60,12 +62,10 @@ def _layernorm_modulate_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(X + b * x_sb + n * x_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    diff = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    mean, rstd, centred = core.row_statistics(x, mask, D, eps)
     shift = tl.load(SHIFT + b * shift_sb + n * shift_sn + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    out = diff * rstd * (1.0 + scale) + shift
+    out = core.modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -94,11 +94,8 @@ def _layernorm_modulate_bwd_kernel(
         scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        g = dy * (1.0 + scale.to(tl.float32))
-        mean_g = tl.sum(g, axis=0) / D
-        mean_gx = tl.sum(g * xhat, axis=0) / D
-        dx = rstd * (g - mean_g - xhat * mean_gx)
+        xhat = core.normalised(x, mask, mean, rstd)
+        dx = core.layernorm_input_grad(dy * (1.0 + scale.to(tl.float32)), xhat, rstd, D)
         tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if PER_TOKEN:
             tl.store(DSHIFT + row * D + cols, dy.to(DSHIFT.dtype.element_ty), mask=mask)
@@ -122,31 +119,21 @@ def _triton_launch_config(D: int) -> tuple[int, int]:
 
 def triton_configs():
     """Every kernel configuration the launchers below can pick, for the sm_80/sm_90 compile
-    check in onestep_kernels.aot: (name, kernel, signature, constexprs, compile options)."""
-    pointer = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+    check in onestep_kernels.aot."""
     block = 16
     while block <= MAX_TRITON_D:
         _, num_warps = _triton_launch_config(block)
-        for dtype, p in pointer.items():
-            fwd_sig = {"X": p, "SHIFT": p, "SCALE": p, "OUT": p, "MEAN": "*fp32", "RSTD": "*fp32",
-                       **{k: "i32" for k in ("N", "D", "x_sb", "x_sn", "shift_sb", "shift_sn",
-                                             "scale_sb", "scale_sn")},
-                       "eps": "fp32", "BLOCK_D": "constexpr"}
-            yield (f"layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
-                   _layernorm_modulate_fwd_kernel, fwd_sig, {"BLOCK_D": block},
-                   {"num_warps": num_warps})
+        for dtype in ("fp32", "fp16", "bf16"):
+            yield KernelConfig(f"layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
+                               _layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
+                               num_warps, fp32=("MEAN", "RSTD"))
             for per_token in (False, True):
-                grad = p if per_token else "*fp32"
-                bwd_sig = {"DY": p, "X": p, "SCALE": p, "MEAN": "*fp32", "RSTD": "*fp32",
-                           "DX": p, "DSHIFT": grad, "DSCALE": grad,
-                           **{k: "i32" for k in ("N", "D", "x_sb", "x_sn", "scale_sb",
-                                                 "scale_sn")},
-                           "ROWS": "constexpr", "BLOCK_D": "constexpr", "PER_TOKEN": "constexpr"}
-                constexprs = {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block,
-                              "PER_TOKEN": per_token}
-                yield (f"layernorm_modulate_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token}]",
-                       _layernorm_modulate_bwd_kernel, bwd_sig, constexprs,
-                       {"num_warps": num_warps})
+                partial_sums = () if per_token else ("DSHIFT", "DSCALE")
+                yield KernelConfig(
+                    f"layernorm_modulate_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token}]",
+                    _layernorm_modulate_bwd_kernel, dtype,
+                    {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
+                    num_warps, fp32=("MEAN", "RSTD", *partial_sums))
         block *= 2
 
 

@@ -1,0 +1,37 @@
+"""The record of one Triton kernel configuration that a launcher can pick, for the compile
+check in onestep_kernels.aot; each op's `triton_configs()` yields them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# The kernels' naming convention, from which signatures are derived: upper-case parameters
+# are pointers except these sizes; lower-case ones are int32 strides except these floats.
+SIZE_NAMES = ("N", "D", "H", "NK", "HEAD_DIM", "R", "F", "ROWS", "TOKENS", "KSIZE", "COLS")
+FLOAT_SCALARS = ("eps", "scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One configuration a launcher can pick. `dtype` ("fp32", "fp16", "bf16") is the element
+    type of the data pointers; `fp32` names the pointers that are fp32 whatever it is
+    (statistics, partial sums)."""
+
+    name: str
+    kernel: Any
+    dtype: str
+    constexprs: dict
+    num_warps: int
+    fp32: tuple[str, ...] = ()
+
+    def signature(self) -> dict[str, str]:
+        signature = {}
+        for arg in self.kernel.arg_names:
+            if arg in self.constexprs:
+                signature[arg] = "constexpr"
+            elif arg.isupper() and arg not in SIZE_NAMES:
+                signature[arg] = "*fp32" if arg in self.fp32 else f"*{self.dtype}"
+            else:
+                signature[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
+        return signature
