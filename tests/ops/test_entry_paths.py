@@ -68,3 +68,45 @@ def test_attention(backend, generator):
         inputs)
     for a, b in zip(eager[0] + eager[1], op[0] + op[1]):
         assert torch.equal(a, b)
+
+
+BAD_CALLS = {
+    "layernorm_modulate": [
+        lambda: ok.layernorm_modulate(torch.randn(2, 3, 8), torch.randn(2, 7), torch.randn(2, 7)),
+        lambda: ok.layernorm_modulate(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8),
+                                      eps=-1.0),
+        lambda: ok.layernorm_modulate(torch.randn(2, 8, 3).transpose(1, 2), torch.randn(2, 3),
+                                      torch.randn(2, 3))],
+    "gated_residual_layernorm_modulate": [
+        lambda: ok.gated_residual_layernorm_modulate(
+            torch.randn(2, 3, 8), torch.randn(2, 4, 8), *[torch.randn(2, 8)] * 3),
+        lambda: ok.gated_residual_layernorm_modulate(
+            torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8),
+            torch.randn(2, 8), torch.randn(2, 8))],
+    "bias_gelu_tanh": [lambda: ok.bias_gelu_tanh(torch.randn(3, 8), torch.randn(7)),
+                       lambda: ok.bias_gelu_tanh(torch.randn(3, 8).int(), torch.randn(8))],
+    "attention": [lambda: ok.attention(*[torch.randn(1, 2, 3, 8)] * 2, torch.randn(1, 2, 4, 8)),
+                  lambda: ok.attention(*[torch.randn(1, 2, 3, 8)] * 3, scale=0.0)],
+}
+
+
+@pytest.mark.parametrize("op", list(BAD_CALLS))
+def test_bad_arguments_never_reach_a_kernel(op, monkeypatch):
+    """Every public entry point refuses bad arguments before any backend's launcher runs:
+    with every launcher replaced by a tripwire, each call raises the argument error."""
+    import dataclasses
+
+    from onestep_kernels.dispatch import OPS
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a kernel was reached")
+
+    records = OPS[op].backends
+    for name, record in list(records.items()):
+        if record.forward is not None:
+            monkeypatch.setitem(records, name, dataclasses.replace(record, forward=tripwire))
+    monkeypatch.setattr(OPS[op], "_cache", {})
+    for call in BAD_CALLS[op]:
+        with pytest.raises((ValueError, TypeError)) as error:
+            call()
+        assert ": " in str(error.value) and "kernel was reached" not in str(error.value)
