@@ -248,7 +248,10 @@ def backend_names() -> tuple[str, ...]:
 
 def clear_cache() -> None:
     """Forget cached resolutions (after changing what is installed, in tests)."""
+    from . import preferences
+
     _runtime_reason.cache_clear()
+    preferences._measured.cache_clear()
     for op in OPS.values():
         op._cache.clear()
         op._backward_cache.clear()
@@ -299,9 +302,10 @@ def available_backends() -> dict[str, str]:
 
 
 def backend_choices(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    width: int = 1152, needs_grad: bool = False) -> dict[str, dict]:
-    """What each op runs on `device` for a call of `dtype` and last dimension `width` (head
-    dim 72 for attention), and why each other backend is not chosen."""
+                    width: int = 1152, head_dim: int = 72,
+                    needs_grad: bool = False) -> dict[str, dict]:
+    """What each op runs on `device` for a call of `dtype` with rows of `width` (attention:
+    `head_dim`), and why each other backend is not chosen."""
     from . import ops  # noqa: F401
 
     device = torch.device(device)
@@ -309,7 +313,7 @@ def backend_choices(device: str | torch.device = "cpu", dtype: torch.dtype = tor
         device = torch.device("cuda", torch.cuda.current_device())
     report = {}
     for op in OPS.values():
-        w = 72 if op.width_name == "head dim" and width == 1152 else width
+        w = head_dim if op.width_name == "head dim" else width
         chosen = op.resolve(None, device, dtype, w, needs_grad)
         report[op.name] = {"chosen": chosen.name,
                            "backends": {n: r or "can run" for n, r in

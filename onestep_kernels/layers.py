@@ -120,6 +120,8 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     if modulation.shape != (B, 6 * D):
         raise ValueError(f"modulation: expected shape {(B, 6 * D)} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(modulation.shape)}")
+    eps = checks.positive_float("eps", eps)
+    mlp_norm_eps = checks.positive_float("mlp_norm_eps", mlp_norm_eps)
     if fuse_linears and isinstance(attention, Attention):
         fused = _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps)
         if fused is not None:
@@ -135,7 +137,7 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     branch = checks.cast(attention(h), dtype).contiguous()
     impl = gated_op.OP.resolve(None, device, dtype, D, grad or branch.requires_grad)
     x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps)
-    if _plain_linear(fc1):
+    if _plain_linear(fc1) and fc1.bias is not None:
         u = F.linear(h, fc1.weight)
         bias = checks.cast(fc1.bias, u.dtype)  # as the Linear's own bias would be (autocast)
         impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1],

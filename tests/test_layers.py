@@ -137,3 +137,22 @@ def test_dit_block_forward_rejects_bad_input_by_name(generator):
         dit_block_forward(torch.randn(9, 64), torch.randn(2, 6 * 64), *args)
     with pytest.raises(TypeError, match="x:"):
         dit_block_forward("tokens", torch.randn(2, 6 * 64), *args)
+    with pytest.raises(ValueError, match="mlp_norm_eps:"):
+        dit_block_forward(torch.randn(2, 9, 64), torch.randn(2, 6 * 64), *args, mlp_norm_eps=0.0)
+
+
+def test_dit_block_forward_takes_an_fc1_without_bias(generator):
+    from onestep_kernels.layers import dit_block_forward
+
+    block = randomised(FusedDiTBlock(64, 4), generator)
+    fc1 = torch.nn.Linear(64, 256, bias=False)
+    x, m = torch.randn(2, 9, 64, generator=generator), torch.randn(2, 6 * 64, generator=generator)
+    out = dit_block_forward(x, m, block.attn, fc1, block.mlp.fc2)
+    reference = DiTBlock(64, 4).double()
+    reference.load_state_dict(block.state_dict())
+    reference.mlp.fc1 = torch.nn.Linear(64, 256, bias=False).double()
+    with torch.no_grad():
+        reference.mlp.fc1.weight.copy_(fc1.weight)
+        reference.adaLN_modulation = torch.nn.Identity()
+        ref = reference(x.double(), m.double())
+    assert_close_rel(out, ref, torch.float32, "out")
