@@ -80,13 +80,15 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+_module = nn.modules.module  # holds the global hook registries
+
+
 def _plain_linear(module: nn.Module) -> bool:
     """A bare nn.Linear that nothing observes or wraps (no hooks, adapters, parametrizations):
     only then may its product be fused with what surrounds it."""
     return (type(module) is nn.Linear and not module._forward_hooks
-            and not module._forward_pre_hooks
-            and not nn.modules.module._global_forward_hooks
-            and not nn.modules.module._global_forward_pre_hooks)
+            and not module._forward_pre_hooks and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks)
 
 
 def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor], Tensor],
