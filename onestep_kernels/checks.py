@@ -54,8 +54,13 @@ def positive_float(name: str, value) -> float:
 PROMOTE, LAYER_NORM, LOWER = "promote", "layer_norm", "lower"
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device type (meta has no autocast)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def compute_dtype(policy: str, device_type: str, tensors) -> torch.dtype:
-    if policy != PROMOTE and torch.is_autocast_enabled(device_type):
+    if policy != PROMOTE and autocast_enabled(device_type):
         if policy == LOWER:
             return torch.get_autocast_dtype(device_type)
         if device_type == "cuda":

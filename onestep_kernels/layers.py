@@ -154,7 +154,7 @@ def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps
     """The block as four fused_linear calls, or None where the fused kernel would not run."""
     qkv, proj = attention.qkv, attention.proj
     linears = (qkv, proj, fc1, fc2)
-    if not all(_plain_linear(m) for m in linears) or torch.is_autocast_enabled(x.device.type):
+    if not all(_plain_linear(m) for m in linears) or checks.autocast_enabled(x.device.type):
         return None
     tensors = [x, modulation] + [p for m in linears for p in (m.weight, m.bias)]
     if any(t.dtype != x.dtype for t in tensors):

@@ -72,9 +72,12 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0,
                            freq_shift: int = 0) -> Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32)
+        # Built on t's device (no host tensor, no copy: a forward can be captured in a CUDA
+        # graph), in fp32 whatever the model's dtype.
+        freqs = torch.exp(-math.log(max_period)
+                          * torch.arange(half, dtype=torch.float32, device=t.device)
                           / (half - freq_shift))
-        args = t[:, None].float() * freqs.to(t.device)[None]
+        args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)

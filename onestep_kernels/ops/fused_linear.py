@@ -353,7 +353,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
 
     tensors = [x, weight, bias, shift, scale, gate, residual]
     args = (eps, activation)
-    if torch.is_autocast_enabled(x.device.type):
+    if checks.autocast_enabled(x.device.type):
         impl = OP.resolve(backend or "separate", x.device, x.dtype, K, needs_grad(*tensors))
         if not impl.is_expression:
             raise ValueError(f"backend: {impl.name!r} does not follow autocast; the separate "

@@ -128,3 +128,33 @@ def test_bad_input(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         small()(**args)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_makes_no_host_tensor(fused):
+    """A forward on the meta device touches no CPU tensor: no host-to-device copy and no
+    host-side constant is built per call, which CUDA-graph capture forbids."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from onestep_models.dit import FlowDiT
+
+    host_ops = []
+
+    class FlagHostTensors(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    host_ops.append(str(func))
+            return out
+
+    model = FlowDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                    num_heads=4, num_classes=10, fused=fused).to("meta")
+    x = torch.empty(2, 4, 8, 8, device="meta")
+    t = torch.empty(2, device="meta")
+    y = torch.zeros(2, dtype=torch.long, device="meta")
+    with torch.no_grad(), FlagHostTensors():
+        out = model(x, t, y)
+    assert out.shape == (2, 4, 8, 8)
+    assert host_ops == [], host_ops
