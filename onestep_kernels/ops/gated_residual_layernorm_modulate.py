@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import checks, dispatch, native
 from ..kernel_config import KernelConfig
 from ..dispatch import Backend
-from ..triton_compat import tl, triton
+from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
@@ -152,19 +152,19 @@ def triton_configs():
         block *= 2
 
 
-def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps):
+def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
     B, N, D = x.shape
     if stats is None:  # the kernel stores them either way
         stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
     mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
-    _gated_residual_layernorm_modulate_fwd_kernel[(B * N,)](
+    launch(_gated_residual_layernorm_modulate_fwd_kernel)[(B * N,)](
         x, y, gate, shift, scale, res, out, mean, rstd, N, D, *bn_strides(gate),
         *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
-                per_token):
+                per_token, launch=direct):
     B, N, D = res.shape
     mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
@@ -174,7 +174,7 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, d
     else:
         grads = tuple(torch.empty((B, chunks, D), dtype=torch.float32, device=res.device)
                       for _ in range(3))
-    _gated_residual_layernorm_modulate_bwd_kernel[(B, chunks)](
+    launch(_gated_residual_layernorm_modulate_bwd_kernel)[(B, chunks)](
         dres, dout, res, y, gate, scale, mean, rstd, dx, dy, *grads, N, D, *bn_strides(gate),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d, PER_TOKEN=per_token,
         num_warps=num_warps)
@@ -319,8 +319,11 @@ def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tens
     if backend.is_expression:
         return backend.expression(x, y, gate, shift, scale, eps)
     if torch.compiler.is_compiling():
-        res, out, _ = gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps,
-                                                            backend.name)
+        if backend.runtime == "triton" and x.is_cuda:  # inductor launches the kernels itself
+            res, out, _ = gated_residual_layernorm_modulate_triton(x, y, gate, shift, scale, eps)
+        else:
+            res, out, _ = gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps,
+                                                                backend.name)
         return res, out
     if needs_grad(x, y, gate, shift, scale):
         return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, eps, backend)
@@ -381,6 +384,53 @@ def _backward_op(ctx, dres, dout, _dstats):
 
 gated_residual_layernorm_modulate_fwd.register_autograd(_backward_op,
                                                         setup_context=_setup_context)
+
+
+# The Triton backend as triton_ops: under torch.compile on a GPU, inductor sees the kernels
+# (wrap_triton) and launches them from its generated code.
+
+
+@triton_op("onestep::gated_residual_layernorm_modulate_triton", mutates_args=())
+def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
+                                             scale: Tensor, eps: float
+                                             ) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, D = x.shape
+    res = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
+    if B * N > 0:
+        _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=wrap_triton)
+    return res, out, stats
+
+
+@triton_op("onestep::gated_residual_layernorm_modulate_triton_bwd", mutates_args=())
+def gated_residual_layernorm_modulate_triton_bwd(
+        dres: Tensor, dout: Tensor, res: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
+        stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx = torch.empty(res.shape, dtype=res.dtype, device=res.device)
+    dy = torch.empty(res.shape, dtype=res.dtype, device=res.device)
+    dgate, dshift, dscale = (torch.empty(gate.shape, dtype=res.dtype, device=res.device)
+                             for _ in range(3))
+    _triton_bwd(dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate,
+                dshift, dscale, gate.dim() == 3, launch=wrap_triton)
+    return dx, dy, dgate, dshift, dscale
+
+
+def _setup_triton_context(ctx, inputs, output):
+    _x, y, gate, _shift, scale, _eps = inputs
+    res, _out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(res, y, gate, scale, stats)
+
+
+def _backward_triton_op(ctx, dres, dout, _dstats):
+    res, y, gate, scale, stats = ctx.saved_tensors
+    return (*gated_residual_layernorm_modulate_triton_bwd(dres, dout, res, y, gate, scale,
+                                                          stats), None)
+
+
+gated_residual_layernorm_modulate_triton.register_autograd(_backward_triton_op,
+                                                           setup_context=_setup_triton_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import checks, dispatch, native
 from ..kernel_config import KernelConfig
 from ..dispatch import Backend
-from ..triton_compat import tl, triton
+from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
@@ -137,18 +137,18 @@ def triton_configs():
         block *= 2
 
 
-def _triton_fwd(x, shift, scale, out, stats, eps):
+def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
     B, N, D = x.shape
     if stats is None:  # the kernel stores them either way
         stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
     mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
-    _layernorm_modulate_fwd_kernel[(B * N,)](
+    launch(_layernorm_modulate_fwd_kernel)[(B * N,)](
         x, shift, scale, out, mean, rstd, N, D, *bn_strides(x), *bn_strides(shift),
         *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
 
 
-def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token):
+def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token, launch=direct):
     B, N, D = x.shape
     mean, rstd = stats[0], stats[1]
     block_d, num_warps = _triton_launch_config(D)
@@ -158,7 +158,7 @@ def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token):
     else:
         grad_shift = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
         grad_scale = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
-    _layernorm_modulate_bwd_kernel[(B, chunks)](
+    launch(_layernorm_modulate_bwd_kernel)[(B, chunks)](
         dy, x, scale, mean, rstd, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
         PER_TOKEN=per_token, num_warps=num_warps)
@@ -284,6 +284,8 @@ def apply(backend: Backend, x: Tensor, shift: Tensor, scale: Tensor, eps: float)
     if backend.is_expression:
         return backend.expression(x, shift, scale, eps)
     if torch.compiler.is_compiling():
+        if backend.runtime == "triton" and x.is_cuda:  # inductor launches the kernels itself
+            return layernorm_modulate_triton(x, shift, scale, eps)[0]
         return layernorm_modulate_fwd(x, shift, scale, eps, backend.name)[0]
     if needs_grad(x, shift, scale):
         return _LayerNormModulate.apply(x, shift, scale, eps, backend)
@@ -348,6 +350,47 @@ def _backward_op(ctx, dout, _dstats):
 
 
 layernorm_modulate_fwd.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+# The Triton backend as triton_ops: under torch.compile on a GPU, inductor sees the kernels
+# (wrap_triton) and launches them from its generated code, with no Python op in between.
+
+
+@triton_op("onestep::layernorm_modulate_triton", mutates_args=())
+def layernorm_modulate_triton(x: Tensor, shift: Tensor, scale: Tensor,
+                              eps: float) -> tuple[Tensor, Tensor]:
+    B, N, D = x.shape
+    out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
+    if B * N > 0:
+        _triton_fwd(x, shift, scale, out, stats, eps, launch=wrap_triton)
+    return out, stats
+
+
+@triton_op("onestep::layernorm_modulate_triton_bwd", mutates_args=())
+def layernorm_modulate_triton_bwd(dy: Tensor, x: Tensor, scale: Tensor,
+                                  stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
+    dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
+    _triton_bwd(dy.contiguous(), x, scale, stats, dx, dshift, dscale, scale.dim() == 3,
+                launch=wrap_triton)
+    return dx, dshift, dscale
+
+
+def _setup_triton_context(ctx, inputs, output):
+    x, _shift, scale, _eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, scale, output[1])
+
+
+def _backward_triton_op(ctx, dout, _dstats):
+    x, scale, stats = ctx.saved_tensors
+    return (*layernorm_modulate_triton_bwd(dout, x, scale, stats), None)
+
+
+layernorm_modulate_triton.register_autograd(_backward_triton_op,
+                                            setup_context=_setup_triton_context)
 
 
 # ---------------------------------------------------------------------------------------------

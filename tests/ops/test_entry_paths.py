@@ -110,3 +110,52 @@ def test_bad_arguments_never_reach_a_kernel(op, monkeypatch):
         with pytest.raises((ValueError, TypeError)) as error:
             call()
         assert ": " in str(error.value) and "kernel was reached" not in str(error.value)
+
+
+# ---- the Triton backend as triton_ops (what inductor launches under torch.compile on a GPU) ----
+
+NO_GPU_TRITON_OP = ("on the CPU a triton_op cannot pass opcheck or torch.compile under the "
+                    "interpreter (fake tensors meet CPU storage); runs on a CUDA machine")
+
+
+@pytest.mark.slow
+def test_triton_ops_agree_with_the_eager_triton_path(generator):
+    """Called eagerly (the interpreter here, the GPU there), the triton_ops give exactly what
+    the eager Triton path gives, outputs and gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ln = [torch.randn(2, 5, 40, generator=generator).to(device),
+          torch.randn(2, 40, generator=generator).to(device),
+          torch.randn(2, 40, generator=generator).to(device)]
+    eager, op = both_paths(
+        lambda x, sh, sc: ok.layernorm_modulate(x, sh, sc, backend="triton"),
+        lambda x, sh, sc: torch.ops.onestep.layernorm_modulate_triton(x, sh, sc, 1e-6)[0], ln)
+    for a, b in zip(eager[0] + eager[1], op[0] + op[1]):
+        assert torch.equal(a, b)
+    gated = [torch.randn(2, 5, 40, generator=generator).to(device) for _ in range(2)] + \
+        [torch.randn(2, 40, generator=generator).to(device) for _ in range(3)]
+    eager, op = both_paths(
+        lambda *a: ok.gated_residual_layernorm_modulate(*a, backend="triton"),
+        lambda *a: tuple(torch.ops.onestep.gated_residual_layernorm_modulate_triton(
+            *a, 1e-6)[:2]), gated)
+    for a, b in zip(eager[0] + eager[1], op[0] + op[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU_TRITON_OP)
+def test_triton_ops_opcheck_and_compile(generator):
+    x, shift, scale = (torch.randn(s, generator=generator).cuda().requires_grad_()
+                       for s in ((2, 7, 64), (2, 64), (2, 64)))
+    torch.library.opcheck(torch.ops.onestep.layernorm_modulate_triton.default,
+                          (x, shift, scale, 1e-6))
+    y = torch.randn(2, 7, 64, generator=generator).cuda().requires_grad_()
+    torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_triton.default,
+                          (x, y, shift, shift, scale, 1e-6))
+    compiled = torch.compile(lambda *a: ok.layernorm_modulate(*a, backend="triton").sum(),
+                             fullgraph=True)
+    loss = compiled(x, shift, scale)
+    loss.backward()
+    ref_in = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
+    from onestep_kernels.ops import layernorm_modulate as op
+    op.reference(*ref_in).sum().backward()
+    for t, r in zip((x, shift, scale), ref_in):
+        torch.testing.assert_close(t.grad.double(), r.grad, rtol=1e-4, atol=1e-4)
