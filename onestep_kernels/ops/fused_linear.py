@@ -352,13 +352,12 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                              f"got {tuple(residual.shape)}")
 
     tensors = [x, weight, bias, shift, scale, gate, residual]
-    args = (eps, activation)
     if checks.autocast_enabled(x.device.type):
         impl = OP.resolve(backend or "separate", x.device, x.dtype, K, needs_grad(*tensors))
         if not impl.is_expression:
             raise ValueError(f"backend: {impl.name!r} does not follow autocast; the separate "
                              "ops do (backend='separate' or None)")
-        return apply(impl, x, weight, bias, shift, scale, *args, gate, residual)
+        return apply(impl, x, weight, bias, shift, scale, eps, activation, gate, residual)
     dtype = checks.compute_dtype(checks.PROMOTE, x.device.type, tensors)
     x, weight, bias, shift, scale, gate, residual = (checks.cast(t, dtype) for t in tensors)
     impl = OP.resolve(backend, x.device, dtype, K, needs_grad(*tensors))
@@ -368,4 +367,4 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
             raise ValueError("x: the fused kernel's int32 offsets take tensors under 2^31 "
                              "elements")
         impl = OP["separate"]
-    return apply(impl, x, weight, bias, shift, scale, *args, gate, residual)
+    return apply(impl, x, weight, bias, shift, scale, eps, activation, gate, residual)
