@@ -8,7 +8,6 @@ from test_layers import randomised
 
 import onestep_kernels as ok
 from onestep_kernels.layers import DiTBlock, FusedDiTBlock
-from onestep_kernels.ops import attention as attention_op
 from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op
 from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
 from onestep_kernels.ops import layernorm_modulate as layernorm_op

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
-from ..kernel_config import KernelConfig
 from ..dispatch import Backend
+from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from .common import needs_grad, on_device
 

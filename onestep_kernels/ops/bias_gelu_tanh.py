@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
-from ..kernel_config import KernelConfig
 from ..dispatch import Backend
+from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from .common import needs_grad, on_device
 
@@ -178,8 +178,7 @@ OP = dispatch.Op("bias_gelu_tanh", [
             summary="OpenMP, vectorised exp"),
     # The backward launcher serves the cuda backend where Triton is missing.
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
-            expression=reference,
-            backward=_torch_bwd, summary="F.gelu(x + bias)"),
+            expression=reference, backward=_torch_bwd, summary="F.gelu(x + bias)"),
 ], width_name="F")
 
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import checks, dispatch
-from ..kernel_config import KernelConfig
 from ..dispatch import Backend
+from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from . import bias_gelu_tanh as bias_gelu_tanh_op
 from . import layernorm_core as core

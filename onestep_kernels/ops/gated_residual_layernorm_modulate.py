@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
-from ..kernel_config import KernelConfig
 from ..dispatch import Backend
+from ..kernel_config import KernelConfig
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
@@ -265,8 +265,7 @@ OP = dispatch.Op("gated_residual_layernorm_modulate", [
     # The backward launcher here serves the cuda backend where Triton is missing; the
     # reference backend itself is differentiated by autograd.
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
-            expression=reference,
-            backward=_torch_bwd, summary="PyTorch ops"),
+            expression=reference, backward=_torch_bwd, summary="PyTorch ops"),
 ])
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native
-from ..kernel_config import KernelConfig
 from ..dispatch import Backend
+from ..kernel_config import KernelConfig
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
