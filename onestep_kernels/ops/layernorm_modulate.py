@@ -228,8 +228,7 @@ OP = dispatch.Op("layernorm_modulate", [
     Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
             summary="OpenMP over rows, AVX2 or portable"),
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
-            expression=reference,
-            summary="F.layer_norm and PyTorch ops"),
+            expression=reference, summary="F.layer_norm and PyTorch ops"),
 ])
 
 
