@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .dispatch import ALL_DTYPES as FLOAT_DTYPES  # what some backend of every op takes
 
 
 def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:

@@ -156,26 +156,24 @@ def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps
     linears = (qkv, proj, fc1, fc2)
     if not all(_plain_linear(m) for m in linears) or checks.autocast_enabled(x.device.type):
         return None
-    tensors = [x, modulation] + [p for m in linears for p in (m.weight, m.bias)]
+    tensors = [x, modulation] + [p for m in linears for p in (m.weight, m.bias) if p is not None]
     if any(t.dtype != x.dtype for t in tensors):
         return None
     impl = fused_linear_op.OP.resolve(None, x.device, x.dtype, x.shape[-1], needs_grad(*tensors))
     if impl.is_expression:
         return None
 
-    def linear(inp, module, **kwargs):
-        args = {"shift": None, "scale": None, "activation": None, "gate": None,
-                "residual": None, **kwargs}
-        return fused_linear_op.apply(impl, inp, module.weight, module.bias, args["shift"],
-                                     args["scale"], eps if module is qkv else mlp_norm_eps,
-                                     args["activation"], args["gate"], args["residual"])
+    def linear(inp, module, shift=None, scale=None, norm_eps=eps, activation=None, gate=None,
+               residual=None):
+        return fused_linear_op.apply(impl, inp, module.weight, module.bias, shift, scale,
+                                     norm_eps, activation, gate, residual)
 
     sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=1)
     q, k, v = rearrange(linear(x, qkv, shift=sh1, scale=sc1),
                         "b n (three h d) -> three b h n d", three=3, h=attention.num_heads)
     attn = rearrange(_attention(q, k, v), "b h n d -> b n (h d)")
     x = linear(attn, proj, gate=g1, residual=x)
-    hidden = linear(x, fc1, shift=sh2, scale=sc2, activation="gelu_tanh")
+    hidden = linear(x, fc1, shift=sh2, scale=sc2, norm_eps=mlp_norm_eps, activation="gelu_tanh")
     return linear(hidden, fc2, gate=g2, residual=x)
 
 

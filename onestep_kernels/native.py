@@ -42,9 +42,10 @@ def dtype_code(tensor: torch.Tensor) -> int:
 _FIELD_TYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float}
 
 
-def params_from_layout(text: str) -> dict[str, type]:
-    """ctypes mirrors of the structs a library describes ("Name size|field:offset:type|...;"),
-    each checked field by field against the library's offsets and size."""
+def params_from_layout(text: str) -> dict[str, Callable]:
+    """Keyword constructors of ctypes mirrors of the structs a library describes
+    ("Name size|field:offset:type|...;"), each checked field by field against the library's
+    offsets and size."""
     structs = {}
     for entry in filter(None, text.split(";")):
         head, *fields = entry.split("|")
