@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from onestep_kernels.cuda_graph import graph_networks
 from onestep_models import recipes
 from onestep_models.train import (
     TrainConfig,
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=_positive(int), default=100)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
+    sample.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, call the networks eagerly instead of replaying CUDA graphs")
     ev = sub.add_parser("eval", help="digits-FD, class accuracy, FID and straightness")
     ev.add_argument("--ckpt", type=Path, required=True, help="run or checkpoint directory")
     ev.add_argument("--num", type=_positive(int), default=1000, help="samples per sampler")
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sample":
             model, run, _ = load_run(args.ckpt, device)
+            graph_networks(model, enabled=device.type == "cuda" and not args.no_cuda_graph)
             samplers = model.samplers()
             name = args.sampler or next(iter(samplers))
             if name not in samplers:

@@ -70,6 +70,15 @@ class TrainConfig:
             raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
 
 
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A host tensor on `device`. To a GPU it goes through pinned memory without waiting, so
+    the reproducible draws made on the CPU overlap the previous step's kernels (PyTorch's
+    pinned-memory cache keeps the buffer alive until the copy is done)."""
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype) if dtype is not None else t.to(device)
+
+
 def _step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63)
 
@@ -87,11 +96,11 @@ class BatchRandom:
     def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(local B, *shape) standard normal numbers."""
         out = torch.randn((self.size, *shape), generator=self.generator, dtype=dtype)
-        return out[self.rows].to(self.device)
+        return to_device(out[self.rows], self.device)
 
     def uniform(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         out = torch.rand((self.size, *shape), generator=self.generator, dtype=dtype)
-        return out[self.rows].to(self.device)
+        return to_device(out[self.rows], self.device)
 
     def drop_labels(self, y: Tensor | None, p: float, null_class: int) -> Tensor | None:
         """Labels replaced by the null class with probability p (class dropout). The draw is
@@ -254,10 +263,12 @@ def save_grid(images: Tensor, path: str | Path, nrow: int) -> None:
 
 def grid_inputs(shape: tuple[int, ...], num_classes: int, n: int, seed: int,
                 device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """Fixed noise (and labels 0, 1, 2, ... cycling) for sample grids and evaluation."""
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn((n, *shape), generator=g).to(device)
-    y = (torch.arange(n) % num_classes).to(device) if num_classes > 0 else None
+    """Fixed noise (and labels 0, 1, 2, ... cycling) for sample grids and evaluation, drawn
+    on `device` (no host-to-device copy; the noise depends on the device's generator)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.randn((n, *shape), generator=g, device=device)
+    y = torch.arange(n, device=device) % num_classes if num_classes > 0 else None
     return x0, y
 
 
@@ -323,8 +334,8 @@ class Trainer:
         self.model.train()
         idx = self.sampler.indices(step)[self._rows()]
         x1, y = fetch(self.dataset, idx)
-        x1 = x1.to(self.device, torch.float32)
-        y = y.to(self.device) if y is not None and self.num_classes > 0 else None
+        x1 = to_device(x1, self.device, torch.float32)
+        y = to_device(y, self.device) if y is not None and self.num_classes > 0 else None
         rng = BatchRandom(_step_seed(cfg.seed, step, 2), cfg.batch_size, self._rows(),
                           self.device)
         for group in self.optimizer.param_groups:

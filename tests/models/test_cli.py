@@ -30,6 +30,9 @@ def test_train_sample_eval(tmp_path, capsys):
                             str(tmp_path / "s.png"), "--num", "9",
                             "--sampler", "flow_euler_1step")
     assert code == 0 and (tmp_path / "s.png").is_file(), err
+    code, stdout, err = run(capsys, "sample", "--ckpt", str(out), "--out",
+                            str(tmp_path / "eager.png"), "--num", "9", "--no-cuda-graph")
+    assert code == 0 and (tmp_path / "eager.png").is_file(), err
     code, stdout, err = run(capsys, "eval", "--ckpt", str(out), "--num", "20")
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())

@@ -137,6 +137,7 @@ def test_forward_makes_no_host_tensor(fused):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
+    from onestep_models import direct, flow
     from onestep_models.dit import FlowDiT
 
     host_ops = []
@@ -156,5 +157,8 @@ def test_forward_makes_no_host_tensor(fused):
     y = torch.zeros(2, dtype=torch.long, device="meta")
     with torch.no_grad(), FlagHostTensors():
         out = model(x, t, y)
-    assert out.shape == (2, 4, 8, 8)
+        # and the sampling loops around it, as `onestep sample` runs them
+        euler = flow.euler(model, x, 2, y)
+        one_step = direct.sample(model, x, y)
+    assert out.shape == euler.shape == one_step.shape == (2, 4, 8, 8)
     assert host_ops == [], host_ops
