@@ -192,6 +192,16 @@ def main(argv=None) -> int:
         for op in TABLE["cpu"]:
             print(f"{op}: {', '.join(order(op, device))}")
         return 0
+    entry = measure_and_store(device)
+    for op, t in entry["seconds"].items():
+        print(f"{op}: " + ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in sorted(t.items(),
+                                                                            key=lambda i: i[1])))
+    print(f"stored for {device_key(device)} in {cache_path()}")
+    return 0
+
+
+def measure_and_store(device: torch.device) -> dict:
+    """Time every backend here and store the order for this device; returns the entry."""
     timings = measure(device)
     key = device_key(device)
     entry = {"order": {op: sorted(t, key=t.get) for op, t in timings.items()},
@@ -208,11 +218,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(stored, indent=1))
     tmp.replace(path)
     _measured.cache_clear()
-    for op, t in timings.items():
-        print(f"{op}: " + ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in sorted(t.items(),
-                                                                            key=lambda i: i[1])))
-    print(f"stored for {key} in {path}")
-    return 0
+    return entry
 
 
 if __name__ == "__main__":

@@ -1,0 +1,661 @@
+"""The whole GPU pass in one command: build, benchmarks against their ceilings, tests,
+preference table; JSON plus a markdown table.
+
+    python -m onestep_kernels.gpu_check --out gpu_results               # everything, in order
+    python -m onestep_kernels.gpu_check --out gpu_results --only block,dit
+    python -m onestep_kernels.gpu_check --out smoke --smoke             # plumbing, on the CPU
+
+Steps run in the order of ROWS, most important first, and stop starting new ones when the
+time budget (`--budget-s`, 540 s) is spent; `--only` picks some. Results from several calls
+into one directory merge (a row's new result replaces its old one). Without CUDA (and without
+`--smoke`) it says so and exits 0.
+
+Benchmark rows are bf16 at DiT-XL/2 shapes (width 1152, 16 heads of 72, N=256 tokens). Every
+contender of a row is timed in the same process as the row's ceilings: the device copy rate
+(a read and a write per byte) and a bf16 GEMM. Times are medians over CUDA-event-timed calls
+after warm-up. A contender that fails records its error instead of stopping the pass. Each
+row lists the issue's targets it covers with the measured value and whether it is met.
+
+`--smoke` runs every benchmark row on the CPU in fp32 at tiny shapes without torch.compile:
+numbers that mean nothing, plumbing that the test suite checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Setting:
+    device: torch.device
+    dtype: torch.dtype
+    D: int            # width
+    H: int            # heads
+    N: int            # tokens
+    batches: tuple    # (training/throughput batch, large batch)
+    latency_batches: tuple
+    mb_batch: int     # batch of the memory-bound rows
+    attention_shapes: tuple  # (B, H, N, Dh)
+    dit: str          # DiT_models name
+    dit_input: int    # latent side
+    copy_mib: int
+    gemm: int
+    compile: bool
+
+    @property
+    def Dh(self) -> int:
+        return self.D // self.H
+
+
+def gpu_setting() -> Setting:
+    return Setting(torch.device("cuda"), torch.bfloat16, 1152, 16, 256, (32, 128), (1, 8), 128,
+                   ((32, 16, 256, 72), (32, 12, 256, 64), (8, 16, 1024, 72), (4, 16, 4096, 64)),
+                   "DiT-XL/2", 32, 512, 8192, True)
+
+
+def smoke_setting() -> Setting:
+    return Setting(torch.device("cpu"), torch.float32, 64, 4, 16, (2, 3), (1,), 3,
+                   ((2, 4, 16, 16), (1, 2, 24, 8)), "DiT-S/8", 16, 8, 128, False)
+
+
+# ---------------------------------------------------------------------------- timing
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable, device: torch.device, target_s: float = 0.15) -> float:
+    """Median seconds per call of fn, after warm-up; each call timed alone (CUDA events)."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - start, 1e-7)
+    reps = int(min(200, max(5, target_s / once)))
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) * 1e-3)
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin_s)
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable, device: torch.device) -> int | None:
+    """Peak memory allocated during fn beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+class Row:
+    """The records of one row: contenders' times and rates, and the targets they meet."""
+
+    def __init__(self, name: str, setting: Setting, ceilings: dict):
+        self.name, self.s, self.ceilings = name, setting, ceilings
+        self.records: list[dict] = []
+        self.targets: list[dict] = []
+        self.out = Path(".")
+        self.deadline = float("inf")  # perf_counter() time after which no new work starts
+
+    def time(self, case: str, contender: str, fn: Callable, *, amount: float = 0.0,
+             unit: str = "", memory: bool = False) -> float | None:
+        entry = {"case": case, "contender": contender}
+        try:
+            seconds = timeit(fn, self.s.device)
+            entry["ms"] = round(seconds * 1e3, 4)
+            if amount:
+                entry[unit] = round(amount / seconds / 1e9, 1)
+                ceiling = self.ceilings.get(unit)
+                if ceiling:
+                    entry["of_ceiling"] = round(amount / seconds / 1e9 / ceiling, 3)
+            peak = peak_bytes(fn, self.s.device) if memory else None
+            if peak is not None:
+                entry["peak_mib"] = round(peak / 2**20, 1)
+        except Exception as err:  # noqa: BLE001 - one contender's failure is a result
+            entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            seconds = None
+        self.records.append(entry)
+        return seconds
+
+    def target(self, what: str, value: float | None, bound: float, at_least: bool = True) -> None:
+        met = None if value is None else (value >= bound if at_least else value <= bound)
+        self.targets.append({"target": what, "value": None if value is None else round(value, 3),
+                             "bound": bound, "met": met})
+
+    def add(self, **entry) -> None:
+        self.records.append(entry)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def _compiled(fn: Callable, setting: Setting, **kwargs) -> Callable | None:
+    return torch.compile(fn, **kwargs) if setting.compile else None
+
+
+def _rand(setting: Setting, *shape: int, scale: float = 1.0, grad: bool = False):
+    t = (torch.randn(shape, device=setting.device) * scale).to(setting.dtype)
+    return t.requires_grad_(grad)
+
+
+# ---------------------------------------------------------------------------- rows
+
+def row_ceilings(row: Row) -> None:
+    s = row.s
+    n = s.copy_mib * 2**20 // 4
+    src, dst = torch.randn(n, device=s.device), torch.empty(n, device=s.device)
+    seconds = row.time("device copy", "copy_", lambda: dst.copy_(src), amount=8 * n, unit="GB/s")
+    a, b = _rand(s, s.gemm, s.gemm), _rand(s, s.gemm, s.gemm)
+    gemm = row.time(f"GEMM {s.gemm}^3", "torch.mm", lambda: torch.mm(a, b),
+                    amount=2 * s.gemm**3, unit="GFLOP/s")
+    if seconds:
+        row.ceilings["GB/s"] = 8 * n / seconds / 1e9
+    if gemm:
+        row.ceilings["GFLOP/s"] = 2 * s.gemm**3 / gemm / 1e9
+
+
+def _blocks(s: Setting):
+    from .layers import DiTBlock, FusedDiTBlock
+
+    torch.manual_seed(0)
+    reference = DiTBlock(s.D, s.H)
+    with torch.no_grad():
+        for p in reference.parameters():  # adaLN-Zero's zero init would skip the branches
+            p.normal_(0, 0.02)
+    reference = reference.to(s.device, s.dtype)
+    fused = FusedDiTBlock(s.D, s.H).to(s.device, s.dtype)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+def _roofline_forward(row: Row, B: int, reference) -> float | None:
+    """The block forward if its matrix products ran at cuBLAS's speed, its attention at
+    SDPA's, and its memory-bound steps moved their bytes at the copy rate (bias+GELU folded
+    into fc1): LN-modulate 2, gated residual + LN-modulate 4, the MLP's gated residual 3
+    rows of B*N*D elements."""
+    s = row.s
+    x, c = _rand(s, B * s.N, s.D), _rand(s, B, s.D)
+    q = _rand(s, B, s.H, s.N, s.Dh)
+    a, m = reference.attn, reference.mlp
+    u = _rand(s, B * s.N, m.fc1.out_features)
+    parts = [lambda: F.linear(x, a.qkv.weight, a.qkv.bias), lambda: F.linear(x, a.proj.weight,
+             a.proj.bias), lambda: F.linear(x, m.fc1.weight, m.fc1.bias),
+             lambda: F.linear(u, m.fc2.weight, m.fc2.bias),
+             lambda: F.linear(c, reference.adaLN_modulation[1].weight),
+             lambda: F.scaled_dot_product_attention(q, q, q)]
+    times = [timeit(p, s.device) for p in parts]
+    copy_rate = row.ceilings.get("GB/s")
+    if copy_rate is None:
+        return None
+    moved = 9 * B * s.N * s.D * x.element_size()
+    total = sum(times) + moved / (copy_rate * 1e9)
+    row.add(case=f"B={B} forward", contender="roofline", ms=round(total * 1e3, 4),
+            parts_ms=[round(t * 1e3, 4) for t in times])
+    return total
+
+
+def row_block(row: Row) -> None:
+    s = row.s
+    reference, fused = _blocks(s)
+    contenders = {"eager": reference, "onestep": fused}
+    if s.compile:
+        contenders["torch.compile"] = torch.compile(copy.deepcopy(reference))
+        contenders["onestep + torch.compile"] = torch.compile(copy.deepcopy(fused))
+    for B in s.batches:
+        x, c = _rand(s, B, s.N, s.D), _rand(s, B, s.D)
+        forward = {}
+        with torch.no_grad():
+            for name, block in contenders.items():
+                forward[name] = row.time(f"B={B} forward", name, lambda b=block: b(x, c))
+        roof = _roofline_forward(row, B, reference)
+        xg = x.clone().requires_grad_()
+        training = {}
+        for name, block in contenders.items():
+            def step(b=block):
+                b.zero_grad(set_to_none=True)
+                b(xg, c).sum().backward()
+            training[name] = row.time(f"B={B} forward+backward", name, step, memory=True)
+        ours = forward["onestep"]
+        row.target(f"block fwd B={B}: speed-up over eager >= 1.25",
+                   _ratio(forward["eager"], ours), 1.25)
+        row.target(f"block fwd B={B}: speed-up over torch.compile >= 1.05",
+                   _ratio(forward.get("torch.compile"), ours), 1.05)
+        row.target(f"block fwd B={B}: time / roofline <= 1.2", _ratio(ours, roof), 1.2,
+                   at_least=False)
+        row.target(f"block fwd B={B}: onestep+compile / onestep eager time <= 1.0",
+                   _ratio(forward.get("onestep + torch.compile"), ours), 1.0, at_least=False)
+        row.target(f"block fwd+bwd B={B}: speed-up over eager >= 1.15",
+                   _ratio(training["eager"], training["onestep"]), 1.15)
+        row.target(f"block fwd+bwd B={B}: speed-up over torch.compile >= 1.0",
+                   _ratio(training.get("torch.compile"), training["onestep"]), 1.0)
+        peaks = {r["contender"]: r.get("peak_mib") for r in row.records
+                 if r["case"] == f"B={B} forward+backward"}
+        row.target(f"block fwd+bwd B={B}: peak memory / eager's <= 1.0",
+                   _ratio(peaks.get("onestep"), peaks.get("eager")), 1.0, at_least=False)
+
+
+def _dit(s: Setting, fused: bool):
+    from onestep_models.dit import DiT_models
+
+    torch.manual_seed(0)
+    model = DiT_models[s.dit](input_size=s.dit_input, num_classes=1000, fused=fused)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.to(s.device, s.dtype).eval()
+
+
+def row_dit(row: Row) -> None:
+    """DiT forward throughput at the training batch, and one-step latency at small batches."""
+    from .cuda_graph import CUDAGraphed
+
+    s = row.s
+    reference, fused = _dit(s, False), _dit(s, True)
+    fused.load_state_dict(reference.state_dict())
+    graphed = CUDAGraphed(fused)
+    compiled = _compiled(copy.deepcopy(reference), s)
+    compiled_graph = _compiled(copy.deepcopy(reference), s, mode="reduce-overhead")
+    results = {}
+    for B in (s.batches[0], *s.latency_batches):
+        x = _rand(s, B, 4, s.dit_input, s.dit_input)
+        t = torch.rand(B, device=s.device).to(s.dtype) * 999
+        y = torch.randint(0, 1000, (B,), device=s.device)
+        contenders = {"eager": reference, "onestep": fused, "onestep + CUDA graph": graphed}
+        if B == s.batches[0]:
+            contenders["torch.compile"] = compiled
+        else:
+            contenders['torch.compile(mode="reduce-overhead")'] = compiled_graph
+        for name, model in contenders.items():
+            if model is None:
+                continue
+            with torch.no_grad():
+                results[B, name] = row.time(f"{s.dit} B={B} forward", name,
+                                            lambda m=model: m(x, t, y))
+    B = s.batches[0]
+    row.target(f"{s.dit} fwd B={B}: speed-up over eager >= 1.2",
+               _ratio(results.get((B, "eager")), results.get((B, "onestep"))), 1.2)
+    row.target(f"{s.dit} fwd B={B}: speed-up over torch.compile >= 1.05",
+               _ratio(results.get((B, "torch.compile")), results.get((B, "onestep"))), 1.05)
+    for B in s.latency_batches:
+        row.target(f"{s.dit} B={B} latency: CUDA graph / compile(reduce-overhead) <= 1.0",
+                   _ratio(results.get((B, "onestep + CUDA graph")),
+                          results.get((B, 'torch.compile(mode="reduce-overhead")'))), 1.0,
+                   at_least=False)
+
+
+def _memory_bound_cases(s: Setting):
+    """(name, eager expression, onestep call taking backend, inputs, rows of elements moved
+    forward, backward)."""
+    import onestep_kernels as ok
+
+    B, N, D = s.mb_batch, s.N, s.D
+    x, y = _rand(s, B, N, D, grad=True), _rand(s, B, N, D, grad=True)
+    mods = [_rand(s, B, D, scale=0.1, grad=True) for _ in range(3)]
+    u, bias = _rand(s, B * N, 4 * D, grad=True), _rand(s, 4 * D, grad=True)
+
+    def modulate(h, shift, scale):
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+    def ln_mod(x, shift, scale):
+        return modulate(F.layer_norm(x, (D,), eps=1e-6), shift, scale)
+
+    def gated(x, y, gate, shift, scale):
+        r = x + gate[:, None] * y
+        return r, ln_mod(r, shift, scale)
+
+    def bias_gelu(u, b):
+        return F.gelu(u + b, approximate="tanh")
+
+    return [
+        ("layernorm_modulate", ln_mod, lambda be: lambda *a: ok.layernorm_modulate(*a, backend=be),
+         (x, mods[0], mods[1]), 2 * B * N * D, 3 * B * N * D),
+        ("gated_residual_layernorm_modulate", gated,
+         lambda be: lambda *a: ok.gated_residual_layernorm_modulate(*a, backend=be),
+         (x, y, *mods), 4 * B * N * D, 6 * B * N * D),
+        ("bias_gelu_tanh", bias_gelu, lambda be: lambda *a: ok.bias_gelu_tanh(*a, backend=be),
+         (u, bias), 2 * B * N * 4 * D, 3 * B * N * 4 * D),
+    ]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def row_memory_bound(row: Row) -> None:
+    from .dispatch import OPS
+
+    s = row.s
+    for name, eager, onestep, inputs, fwd_elems, bwd_elems in _memory_bound_cases(s):
+        size = inputs[0].element_size()
+        contenders = {"eager": eager}
+        if s.compile:
+            contenders["torch.compile"] = torch.compile(eager)
+        for backend in OPS[name].backends:
+            try:  # the backends that can take this call here, beside the eager expression
+                OPS[name].resolve(backend, s.device, s.dtype, inputs[0].shape[-1], True)
+            except ValueError:
+                continue
+            if backend != "reference":
+                contenders[backend] = onestep(backend)
+        fwd, bwd = {}, {}
+        for contender, fn in contenders.items():
+            with torch.no_grad():
+                fwd[contender] = row.time(f"{name} fwd", contender, lambda f=fn: f(*inputs),
+                                          amount=fwd_elems * size, unit="GB/s")
+            try:
+                outs = fn(*inputs)
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                grads = [torch.randn_like(o) for o in outs]
+            except Exception:  # noqa: BLE001 - recorded by the forward row already
+                continue
+            bwd[contender] = row.time(
+                f"{name} bwd", contender,
+                lambda o=outs, g=grads: torch.autograd.grad(o, inputs, g, retain_graph=True),
+                amount=bwd_elems * size, unit="GB/s")
+        copy_rate = row.ceilings.get("GB/s")
+        for kind, times, elems in (("fwd", fwd, fwd_elems), ("bwd", bwd, bwd_elems)):
+            ours = [(t, c) for c, t in times.items() if t and c not in ("eager", "torch.compile")]
+            if not ours:
+                row.target(f"{name} {kind}: an onestep backend ran", None, 1.0)
+                continue
+            best = min(ours)
+            rate = elems * size / best[0] / 1e9
+            row.target(f"{name} {kind} ({best[1]}): share of the copy rate >= 0.85",
+                       _ratio(rate, copy_rate), 0.85)
+            row.target(f"{name} {kind} ({best[1]}): speed-up over torch.compile >= 1.2",
+                       _ratio(times.get("torch.compile"), best[0]), 1.2)
+
+
+def row_attention(row: Row) -> None:
+    import onestep_kernels as ok
+
+    s = row.s
+    for B, H, N, Dh in s.attention_shapes:
+        q, k, v = (_rand(s, B, H, N, Dh, grad=True) for _ in range(3))
+        flops = 4 * B * H * N * N * Dh
+        case = f"({B}, {H}, {N}, {Dh})"
+        times = {}
+        for name in ("sdpa", "triton"):
+            if name == "triton" and s.device.type == "cpu":
+                continue
+            call = (lambda: F.scaled_dot_product_attention(q, k, v)) if name == "sdpa" else (
+                lambda: ok.attention(q, k, v, backend="triton"))
+            with torch.no_grad():
+                times[name, "fwd"] = row.time(f"{case} fwd", name, call, amount=flops,
+                                              unit="GFLOP/s")
+            times[name, "fwd+bwd"] = row.time(f"{case} fwd+bwd", name,
+                                              lambda c=call: c().sum().backward(),
+                                              amount=3.5 * flops, unit="GFLOP/s")
+        for kind in ("fwd", "fwd+bwd"):
+            row.target(f"attention {case} {kind}: triton / SDPA speed >= 0.8",
+                       _ratio(times.get(("sdpa", kind)), times.get(("triton", kind))), 0.8)
+
+
+def row_fused_linear(row: Row) -> None:
+    import onestep_kernels as ok
+
+    s = row.s
+    B = s.batches[0]
+    x = _rand(s, B, s.N, s.D)
+    shift, scale = _rand(s, B, s.D, scale=0.1), _rand(s, B, s.D, scale=0.1)
+    w, b = _rand(s, 3 * s.D, s.D, scale=s.D ** -0.5), _rand(s, 3 * s.D)
+    flops = 2 * B * s.N * s.D * 3 * s.D
+    times = {}
+    with torch.no_grad():
+        for backend in ("separate", "triton"):
+            if backend == "triton" and s.device.type == "cpu":
+                continue
+            times[backend] = row.time(
+                f"QKV with LN-modulate prologue, B={B}", backend,
+                lambda be=backend: ok.fused_linear(x, w, b, shift=shift, scale=scale,
+                                                   backend=be),
+                amount=flops, unit="GFLOP/s")
+    row.target(f"fused_linear QKV B={B}: speed-up over cuBLAS + separate ops >= 1.0",
+               _ratio(times.get("separate"), times.get("triton")), 1.0)
+
+
+def row_host(row: Row) -> None:
+    """Host time per call on tiny tensors: onestep's ops on their default backend beside
+    `x + 1` and F.layer_norm."""
+    import onestep_kernels as ok
+
+    s = row.s
+    x = torch.randn(2, 4, 8, device=s.device)
+    shift, scale, gate = (torch.randn(2, 8, device=s.device) for _ in range(3))
+    u, b = torch.randn(8, 8, device=s.device), torch.randn(8, device=s.device)
+    q = torch.randn(1, 1, 4, 8, device=s.device)
+    calls = {"x + 1": lambda: x + 1, "F.layer_norm": lambda: F.layer_norm(x, (8,)),
+             "layernorm_modulate": lambda: ok.layernorm_modulate(x, shift, scale),
+             "gated_residual_layernorm_modulate":
+                 lambda: ok.gated_residual_layernorm_modulate(x, x, gate, shift, scale),
+             "bias_gelu_tanh": lambda: ok.bias_gelu_tanh(u, b),
+             "attention": lambda: ok.attention(q, q, q)}
+    with torch.no_grad():
+        for name, call in calls.items():
+            for _ in range(20):
+                call()
+            _sync(s.device)
+            start = time.perf_counter()
+            for _ in range(200):
+                call()
+            host = (time.perf_counter() - start) / 200
+            _sync(s.device)
+            row.add(case="host time per call, tiny tensors", contender=name,
+                    us=round(host * 1e6, 2))
+
+
+def row_tests(row: Row) -> None:
+    """The test suite on this machine's GPU (pytest-xdist when installed)."""
+    out = row.out / "tests.xml"
+    command = [sys.executable, "-m", "pytest", "-q", f"--junitxml={out}", "-p",
+               "no:cacheprovider"]
+    if row.s.device.type == "cpu":
+        command += ["tests/test_cuda_graph.py"]  # the smoke run checks the plumbing only
+    else:
+        try:
+            import xdist  # noqa: F401
+
+            command += ["-n", str(min(8, os.cpu_count() or 1))]
+        except ImportError:
+            pass
+        command += ["tests"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=row.deadline - time.perf_counter())
+        tail, code = done.stdout.strip().splitlines()[-3:], done.returncode
+    except subprocess.TimeoutExpired:
+        tail, code = ["timed out"], None
+    row.add(case="pytest", contender=" ".join(command[3:]), exit_code=code, summary=tail,
+            seconds=round(time.perf_counter() - start, 1))
+    row.target("GPU test suite passes (exit code 0)", None if code is None else float(code == 0),
+               1.0)
+
+
+def row_preferences(row: Row) -> None:
+    """Time every backend of every op here and store the order (onestep_kernels.preferences)."""
+    from . import preferences
+
+    device = row.s.device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    timings = preferences.measure_and_store(device)["seconds"]
+    for op, by_backend in timings.items():
+        for backend, seconds in sorted(by_backend.items(), key=lambda i: i[1]):
+            row.add(case=op, contender=backend, ms=round(seconds * 1e3, 4))
+
+
+ROWS: dict[str, Callable[[Row], None]] = {
+    "ceilings": row_ceilings, "block": row_block, "dit": row_dit,
+    "memory_bound": row_memory_bound, "attention": row_attention,
+    "fused_linear": row_fused_linear, "host": row_host, "preferences": row_preferences,
+    "tests": row_tests,
+}
+
+
+# ---------------------------------------------------------------------------- the pass
+
+def build(out: Path) -> dict:
+    """pip install -e . for this GPU's architecture (ONESTEP_CUDA_ARCHS)."""
+    major, minor = torch.cuda.get_device_capability()
+    env = dict(os.environ, ONESTEP_CUDA_ARCHS=f"{major}{minor}")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-build-isolation", "-e", str(REPO)], env=env,
+                          capture_output=True, text=True)
+    (out / "build.log").write_text(done.stdout + done.stderr)
+    return {"arch": f"sm_{major}{minor}", "exit_code": done.returncode,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def environment(setting: Setting) -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "dtype": str(setting.dtype).replace("torch.", "")}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if setting.device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = "cpu (smoke: numbers mean nothing)"
+    return info
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"# onestep GPU pass — {env.get('device')}", "",
+             f"{env.get('date')}; torch {env.get('torch')}, Triton {env.get('triton')}, "
+             f"{env.get('dtype')}; `python -m onestep_kernels.gpu_check`", ""]
+    for name in ROWS:
+        if name not in results["rows"]:
+            continue
+        row = results["rows"][name]
+        lines += [f"## {name}", "", "| case | contender | ms | rate | of ceiling | other |",
+                  "|---|---|---|---|---|---|"]
+        for r in row["records"]:
+            rate = next((f"{r[u]} {u}" for u in ("GB/s", "GFLOP/s") if u in r), "")
+            other = {k: v for k, v in r.items()
+                     if k not in ("case", "contender", "ms", "GB/s", "GFLOP/s", "of_ceiling")}
+            lines.append(f"| {r.get('case', '')} | {r.get('contender', '')} | {r.get('ms', '')} "
+                         f"| {rate} | {r.get('of_ceiling', '')} | "
+                         f"{json.dumps(other) if other else ''} |")
+        if row["targets"]:
+            lines += ["", "| target | value | met |", "|---|---|---|"]
+            for t in row["targets"]:
+                met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+                lines.append(f"| {t['target']} | {t['value']} | {met} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(names: list[str], out: Path, setting: Setting, budget_s: float,
+        do_build: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_check.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {"rows": {}}
+    results["environment"] = environment(setting)
+    deadline = time.perf_counter() + budget_s
+    if do_build:
+        results["build"] = build(out)
+        print(f"build: {results['build']}", flush=True)
+    ceilings = dict(results.get("ceilings", {}))
+    for name in names:
+        if time.perf_counter() > deadline:
+            print(f"{name}: skipped, the time budget is spent", flush=True)
+            continue
+        row = Row(name, setting, ceilings)
+        row.out, row.deadline = out, deadline
+        start = time.perf_counter()
+        try:
+            ROWS[name](row)
+            error = None
+        except Exception:  # noqa: BLE001 - the pass goes on; the row records why it stopped
+            error = traceback.format_exc(limit=3)
+        results["rows"][name] = {"records": row.records, "targets": row.targets,
+                                 "seconds": round(time.perf_counter() - start, 1),
+                                 "error": error}
+        results["ceilings"] = ceilings
+        print(f"{name}: {len(row.records)} records in {results['rows'][name]['seconds']} s"
+              + (f"; stopped: {error.splitlines()[-1]}" if error else ""), flush=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)  # after every row: a pass cut short keeps what it measured
+        (out / "gpu_check.md").write_text(markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="results directory")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated rows among: {', '.join(ROWS)}")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="start no new row after this many seconds")
+    parser.add_argument("--no-build", action="store_true", help="use the installed build")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run the rows on the CPU at tiny shapes (plumbing check)")
+    args = parser.parse_args(argv)
+    names = list(ROWS) if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"--only: unknown rows {unknown}; expected some of {', '.join(ROWS)}")
+    if args.smoke:
+        setting = smoke_setting()
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing to do (--smoke checks the plumbing "
+              "on the CPU)")
+        return 0
+    else:
+        setting = gpu_setting()
+    if "ceilings" not in names and not args.smoke:
+        names.insert(0, "ceilings")  # every rate is read against ceilings of the same run
+    results = run(names, args.out, setting, args.budget_s,
+                  do_build=not args.no_build and not args.smoke)
+    print(f"results: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
+    failed = [name for name in names if results["rows"].get(name, {}).get("error")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

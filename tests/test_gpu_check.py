@@ -1,0 +1,59 @@
+"""The one-command GPU pass: without CUDA it says so and exits 0; its plumbing (rows, records,
+targets, JSON that merges across calls, the markdown table) runs on the CPU with --smoke."""
+
+import json
+
+import pytest
+import torch
+
+from onestep_kernels import gpu_check
+
+
+def test_without_cuda_it_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_row_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path), "--only", "ceilings,nonsense"])
+    assert exit_info.value.code == 2
+
+
+def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    rows = ["ceilings", "block", "dit", "memory_bound", "attention", "host"]
+    assert gpu_check.main(["--out", str(out), "--smoke", "--only", ",".join(rows)]) == 0
+    assert gpu_check.main(["--out", str(out), "--smoke", "--only", "fused_linear"]) == 0
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert set(results["rows"]) == {*rows, "fused_linear"}
+    for name, row in results["rows"].items():
+        assert row["error"] is None, (name, row["error"])
+        assert row["records"], name
+        for record in row["records"]:
+            assert "error" not in record, (name, record)
+    ceilings = results["ceilings"]
+    assert ceilings["GB/s"] > 0 and ceilings["GFLOP/s"] > 0
+    block = results["rows"]["block"]
+    contenders = {(r["case"], r["contender"]) for r in block["records"]}
+    assert ("B=2 forward", "onestep") in contenders and ("B=2 forward", "roofline") in contenders
+    targets = {t["target"]: t for t in block["targets"]}
+    measured = targets["block fwd B=2: speed-up over eager >= 1.25"]
+    assert measured["value"] > 0 and measured["met"] in (True, False)
+    assert targets["block fwd B=2: speed-up over torch.compile >= 1.05"]["met"] is None
+    table = (out / "gpu_check.md").read_text()
+    assert "## memory_bound" in table and "## fused_linear" in table
+    assert "layernorm_modulate fwd | cpu |" in table
+
+
+def test_a_failing_row_is_recorded_and_the_pass_goes_on(tmp_path, monkeypatch):
+    def broken(row):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(gpu_check.ROWS, "host", broken)
+    assert gpu_check.main(["--out", str(tmp_path), "--smoke", "--only", "host,ceilings"]) == 1
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "boom" in results["rows"]["host"]["error"]
+    assert results["rows"]["ceilings"]["error"] is None
