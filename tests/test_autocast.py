@@ -1,9 +1,10 @@
 """Every op and FusedDiTBlock under autocast and with mixed input dtypes: the same dtype and
-values as their reference expressions (CPU bf16 autocast here; CUDA in the GPU suite)."""
+values as their reference expressions (CPU bf16 autocast without a GPU; CUDA bf16 autocast
+on CUDA tensors with one)."""
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, backend_device
 from test_layers import randomised
 
 import onestep_kernels as ok
@@ -13,16 +14,17 @@ from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
 from onestep_kernels.ops import layernorm_modulate as layernorm_op
 
 BF16 = torch.bfloat16
+DEVICE = backend_device("triton", "layernorm_modulate")  # the GPU when there is one
 
 
 def autocast():
-    return torch.autocast("cpu", dtype=BF16)
+    return torch.autocast(DEVICE.type, dtype=BF16)
 
 
 def cases(generator):
     """op name -> (onestep call, reference expression, fp32 inputs)."""
     def r(*shape):
-        return torch.randn(shape, generator=generator)
+        return torch.randn(shape, generator=generator).to(DEVICE)
 
     return {
         "layernorm_modulate": (ok.layernorm_modulate, layernorm_op.reference,
@@ -72,7 +74,7 @@ def test_mixed_dtypes_are_promoted(op, generator):
     fn, reference, inputs = cases(generator)[op]
     mixed = [inputs[0]] + [t.to(BF16) for t in inputs[1:]]
     out = outputs(fn(*mixed))
-    ref = outputs(reference(*(t.double() for t in mixed)))
+    ref = outputs(reference(*(t.cpu().double() for t in mixed)))
     for o, r in zip(out, ref):
         assert o.dtype == torch.float32
         assert_close_rel(o, r, torch.float32, f"{op} promoted")
@@ -88,11 +90,11 @@ def test_float64_runs_the_reference(generator):
 
 def test_fused_block_follows_autocast_like_the_reference_block(generator):
     B, N, D, H = 2, 16, 64, 4
-    fused = randomised(FusedDiTBlock(D, H), generator)
-    reference = DiTBlock(D, H)
+    fused = randomised(FusedDiTBlock(D, H), generator).to(DEVICE)
+    reference = DiTBlock(D, H).to(DEVICE)
     reference.load_state_dict(fused.state_dict())
-    x = torch.randn(B, N, D, generator=generator)
-    c = torch.randn(B, D, generator=generator)
+    x = torch.randn(B, N, D, generator=generator).to(DEVICE)
+    c = torch.randn(B, D, generator=generator).to(DEVICE)
     results = []
     for block in (fused, reference):
         xi = x.clone().requires_grad_()
@@ -121,9 +123,10 @@ def test_fused_flow_dit_trains_a_step_under_autocast(generator):
     for model in models:
         randomised(model, generator)
     models[1].load_state_dict(models[0].state_dict())
-    x = torch.randn(4, 1, 8, 8, generator=generator)
-    t = torch.rand(4, generator=generator)
-    y = torch.randint(0, 10, (4,), generator=generator)
+    models = [model.to(DEVICE) for model in models]
+    x = torch.randn(4, 1, 8, 8, generator=generator).to(DEVICE)
+    t = torch.rand(4, generator=generator).to(DEVICE)
+    y = torch.randint(0, 10, (4,), generator=generator).to(DEVICE)
     grads = []
     for model in models:
         with autocast():

@@ -17,6 +17,16 @@ CPU = torch.device("cpu")
 LN = "layernorm_modulate"
 
 
+@pytest.fixture(autouse=True)
+def resolver_as_without_a_gpu(monkeypatch):
+    """These tests resolve calls on CPU tensors (nothing runs), with Triton taking CPU
+    tensors through the interpreter as on the machines without a GPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
+
+
 def resolve(backend=None, op=LN, dtype=torch.float32, width=64, needs_grad=False):
     return OPS[op].resolve(backend, CPU, dtype, width, needs_grad).name
 

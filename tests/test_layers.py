@@ -5,12 +5,13 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, backend_device
 
 from onestep_kernels import use_backend
 from onestep_kernels.layers import DiTBlock, FusedDiTBlock
 
 SHAPES = [(2, 17, 96, 4), (3, 64, 384, 6), (1, 5, 200, 8)]  # (B, N, hidden, heads)
+DEVICE = backend_device("triton", "layernorm_modulate")  # the GPU when there is one
 
 
 def randomised(block: torch.nn.Module, generator) -> torch.nn.Module:
@@ -28,13 +29,14 @@ def test_fused_block_matches_float64_reference(B, N, D, H, fuse_linears, generat
     fused = randomised(FusedDiTBlock(D, H, fuse_linears=fuse_linears), generator)
     reference = DiTBlock(D, H).double()
     reference.load_state_dict(fused.state_dict())
+    fused.to(DEVICE)
     x = torch.randn(B, N, D, generator=generator)
     c = torch.randn(B, D, generator=generator)
     dy = torch.randn(B, N, D, generator=generator)
 
-    x1, c1 = x.clone().requires_grad_(), c.clone().requires_grad_()
+    x1, c1 = (t.to(DEVICE, copy=True).requires_grad_() for t in (x, c))
     out = fused(x1, c1)
-    out.backward(dy)
+    out.backward(dy.to(DEVICE))
     x2, c2 = x.double().requires_grad_(), c.double().requires_grad_()
     ref = reference(x2, c2)
     ref.backward(dy.double())
@@ -54,10 +56,11 @@ def test_fused_linears_inference_matches_float64_reference(B, N, D, H, generator
     fused = randomised(FusedDiTBlock(D, H, fuse_linears=True), generator)
     reference = DiTBlock(D, H).double()
     reference.load_state_dict(fused.state_dict())
+    fused.to(DEVICE)
     x = torch.randn(B, N, D, generator=generator)
     c = torch.randn(B, D, generator=generator)
     with torch.no_grad(), use_backend("triton"):
-        out = fused(x, c)
+        out = fused(x.to(DEVICE), c.to(DEVICE))
     assert_close_rel(out, reference(x.double(), c.double()), torch.float32, "out")
 
 

@@ -45,6 +45,16 @@ def test_cuda_kernels_have_no_spills_for_sm80_and_sm90():
         assert "STACK:0 " in usage and usage.endswith("LOCAL:0"), f"{name}: {usage}"
 
 
+@pytest.mark.skipif(not native.CUDA_LIBRARY_PATH.exists(), reason=NOT_BUILT)
+def test_cuda_library_embeds_ptx_for_newer_gpus():
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither in the triton wheel nor on PATH)")
+    listing = subprocess.run([tool, "--list-ptx", str(native.CUDA_LIBRARY_PATH)],
+                             capture_output=True, text=True, check=True).stdout
+    assert re.search(r"sm_\d+\.ptx|compute_\d+", listing), listing[:2000]
+
+
 def ln_params(**changes):
     fields = dict(x=0, shift=0, scale=0, out=0, mean=0, rstd=0, B=1, N=1, D=8, x_sb=8, x_sn=8,
                   shift_sb=0, shift_sn=0, scale_sb=0, scale_sn=0, eps=1e-6, dtype=0)

@@ -41,8 +41,9 @@ def test_matches_float64_reference(backend, dtype, isa, F, B, N, generator, cpu_
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_launchers_write_every_element(backend, dtype, generator):
     R, F = 70, 300
-    x = torch.randn(R, F, generator=generator).to(dtype)
-    bias = torch.randn(F, generator=generator).to(dtype)
+    dev = backend_device(backend, "bias_gelu_tanh")
+    x = torch.randn(R, F, generator=generator).to(dev, dtype)
+    bias = torch.randn(F, generator=generator).to(dev, dtype)
     record = op.OP[backend]
     if record.forward is not None:
         y = torch.full_like(x, float("nan"))
@@ -59,9 +60,11 @@ def test_extreme_values(backend):
     NaN stays NaN."""
     x = torch.tensor([[-1e30, -1e6, -60.0, -8.0, 0.0, 8.0, 60.0, 1e6, 1e30, float("nan")]])
     bias = torch.zeros(x.shape[1])
-    xg = x.clone().requires_grad_()
-    out = ok.bias_gelu_tanh(xg, bias, backend=backend)
+    dev = backend_device(backend, "bias_gelu_tanh")
+    xg = x.to(dev, copy=True).requires_grad_()
+    out = ok.bias_gelu_tanh(xg, bias.to(dev), backend=backend)
     out.sum().backward()
+    out, xg = out.detach().cpu(), xg.cpu()
     finite = ~torch.isnan(x)
     assert torch.isnan(out[~finite]).all() and torch.isnan(xg.grad[~finite]).all()
     ref = op.reference(x.double(), bias.double()).float()
@@ -74,9 +77,10 @@ def test_extreme_values(backend):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_dbias_is_deterministic(backend, generator):
-    x = torch.randn(300, 130, generator=generator, requires_grad=True)
-    bias = torch.randn(130, generator=generator, requires_grad=True)
-    dy = torch.randn(300, 130, generator=generator)
+    x, bias, dy = (t.to(backend_device(backend, "bias_gelu_tanh")) for t in (
+        torch.randn(300, 130, generator=generator), torch.randn(130, generator=generator),
+        torch.randn(300, 130, generator=generator)))
+    x, bias = x.requires_grad_(), bias.requires_grad_()
     grads = []
     for _ in range(2):
         bias.grad = None
@@ -87,12 +91,13 @@ def test_dbias_is_deterministic(backend, generator):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend, generator):
-    x = torch.randn(6, 40, generator=generator, requires_grad=True)
-    bias = torch.randn(40, generator=generator, requires_grad=True)
+    dev = backend_device(backend, "bias_gelu_tanh")
+    x = torch.randn(6, 40, generator=generator).to(dev).requires_grad_()
+    bias = torch.randn(40, generator=generator).to(dev).requires_grad_()
     torch.library.opcheck(torch.ops.onestep.bias_gelu_tanh_fwd.default, (x, bias, backend))
     torch.library.opcheck(torch.ops.onestep.bias_gelu_tanh_bwd.default,
-                          (torch.randn(6, 40, generator=generator), x.detach(), bias.detach(),
-                           backend))
+                          (torch.randn(6, 40, generator=generator).to(dev), x.detach(),
+                           bias.detach(), backend))
 
 
 @pytest.mark.slow

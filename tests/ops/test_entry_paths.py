@@ -6,6 +6,8 @@ so outputs and gradients must be identical."""
 import pytest
 import torch
 
+from conftest import to_backend
+
 import onestep_kernels as ok
 
 BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.slow)]
@@ -25,8 +27,9 @@ def both_paths(eager_call, op_call, inputs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layernorm_modulate(backend, generator):
-    inputs = [torch.randn(2, 5, 40, generator=generator), torch.randn(2, 40, generator=generator),
-              torch.randn(2, 40, generator=generator)]
+    inputs = to_backend(backend, "layernorm_modulate", torch.randn(2, 5, 40, generator=generator),
+                        torch.randn(2, 40, generator=generator),
+                        torch.randn(2, 40, generator=generator))
     eager, op = both_paths(
         lambda x, sh, sc: ok.layernorm_modulate(x, sh, sc, backend=backend),
         lambda x, sh, sc: torch.ops.onestep.layernorm_modulate_fwd(x, sh, sc, 1e-6, backend)[0],
@@ -37,8 +40,8 @@ def test_layernorm_modulate(backend, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gated_residual_layernorm_modulate(backend, generator):
-    inputs = [torch.randn(2, 5, 40, generator=generator) for _ in range(2)] + \
-        [torch.randn(2, 5, 40, generator=generator) for _ in range(3)]
+    inputs = to_backend(backend, "gated_residual_layernorm_modulate",
+                        *(torch.randn(2, 5, 40, generator=generator) for _ in range(5)))
     eager, op = both_paths(
         lambda *a: ok.gated_residual_layernorm_modulate(*a, backend=backend),
         lambda *a: tuple(torch.ops.onestep.gated_residual_layernorm_modulate_fwd(
@@ -50,7 +53,8 @@ def test_gated_residual_layernorm_modulate(backend, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_gelu_tanh(backend, generator):
-    inputs = [torch.randn(10, 48, generator=generator), torch.randn(48, generator=generator)]
+    inputs = to_backend(backend, "bias_gelu_tanh", torch.randn(10, 48, generator=generator),
+                        torch.randn(48, generator=generator))
     eager, op = both_paths(
         lambda x, b: ok.bias_gelu_tanh(x, b, backend=backend),
         lambda x, b: torch.ops.onestep.bias_gelu_tanh_fwd(x, b, backend),
@@ -61,7 +65,8 @@ def test_bias_gelu_tanh(backend, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention(backend, generator):
-    inputs = [torch.randn(1, 2, 9, 32, generator=generator) for _ in range(3)]
+    inputs = to_backend(backend, "attention",
+                        *(torch.randn(1, 2, 9, 32, generator=generator) for _ in range(3)))
     eager, op = both_paths(
         lambda q, k, v: ok.attention(q, k, v, backend=backend),
         lambda q, k, v: torch.ops.onestep.attention_fwd(q, k, v, 32 ** -0.5, backend)[0],

@@ -4,7 +4,7 @@ each way a DiT block uses it, per-sample and per-token modulation, awkward sizes
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, backend_device
 
 import onestep_kernels as ok
 from onestep_kernels.ops import fused_linear as op
@@ -18,6 +18,7 @@ VARIANTS = {
     "plain_no_bias": (False, None, False, False),
 }
 SHAPES = [(2, 37, 72, 100), (1, 5, 300, 33), (3, 1, 17, 130)]  # (B, N, K, M_out)
+DEVICE = backend_device("triton", "fused_linear")  # the GPU when there is one
 
 
 def make(variant, shape, per_token, dtype, generator):
@@ -26,7 +27,8 @@ def make(variant, shape, per_token, dtype, generator):
     B, N, K, M = shape
 
     def rand(*size, mul=1.0, add=0.0):
-        return (torch.randn(size, generator=generator, dtype=torch.float64) * mul + add).to(dtype)
+        out = torch.randn(size, generator=generator, dtype=torch.float64) * mul + add
+        return out.to(DEVICE, dtype)
 
     args = {"x": rand(B, N, K, add=0.5), "weight": rand(M, K, mul=K ** -0.5),
             "bias": rand(M) if has_bias else None, "activation": activation}
@@ -39,7 +41,7 @@ def make(variant, shape, per_token, dtype, generator):
 
 
 def reference64(args):
-    return op.reference(**{k: v.double() if isinstance(v, torch.Tensor) else v
+    return op.reference(**{k: v.cpu().double() if isinstance(v, torch.Tensor) else v
                            for k, v in args.items()})
 
 
@@ -63,11 +65,11 @@ def test_torch_backend_forward_and_gradients(dtype, variant, per_token, generato
     args = make(variant, SHAPES[0], per_token, dtype, generator)
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     test_in = {k: v.clone().requires_grad_() for k, v in tensors.items()}
-    ref_in = {k: v.double().requires_grad_() for k, v in tensors.items()}
+    ref_in = {k: v.cpu().double().requires_grad_() for k, v in tensors.items()}
     out = ok.fused_linear(**{**args, **test_in})  # a gradient is needed: never the kernel
     ref = op.reference(**{**args, **ref_in})
     dy = torch.randn(ref.shape, generator=generator).to(dtype)
-    out.backward(dy)
+    out.backward(dy.to(out.device))
     ref.backward(dy.double())
     assert_close_rel(out, ref, dtype, "out")
     for name in tensors:
@@ -77,10 +79,10 @@ def test_torch_backend_forward_and_gradients(dtype, variant, per_token, generato
 def test_modulation_views_read_in_place(generator):
     """shift/scale/gate as c.chunk(...) views, as a DiT block makes them."""
     B, N, K = 2, 9, 40
-    x = torch.randn(B, N, K, generator=generator)
-    weight = torch.randn(K, K, generator=generator) / K ** 0.5
-    shift, scale, gate = torch.randn(B, 3 * K, generator=generator).chunk(3, dim=1)
-    residual = torch.randn(B, N, K, generator=generator)
+    x = torch.randn(B, N, K, generator=generator).to(DEVICE)
+    weight = torch.randn(K, K, generator=generator).to(DEVICE) / K ** 0.5
+    shift, scale, gate = torch.randn(B, 3 * K, generator=generator).to(DEVICE).chunk(3, dim=1)
+    residual = torch.randn(B, N, K, generator=generator).to(DEVICE)
     assert not shift.is_contiguous()
     args = dict(x=x, weight=weight, shift=shift, scale=scale, gate=gate, residual=residual)
     with torch.no_grad():
@@ -122,9 +124,9 @@ def test_torch_compile_fullgraph(generator):
 
 
 def test_empty_tokens():
-    x = torch.randn(2, 0, 8)
+    x = torch.randn(2, 0, 8, device=DEVICE)
     with torch.no_grad():
-        out = ok.fused_linear(x, torch.randn(4, 8), backend="triton")
+        out = ok.fused_linear(x, torch.randn(4, 8, device=DEVICE), backend="triton")
     assert out.shape == (2, 0, 4)
 
 

@@ -56,10 +56,12 @@ def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, gen
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_launchers_write_every_element(backend, dtype, modulation, generator):
     B, N, D = 2, 35, 120
-    x, y, gate, shift, scale = (t.to(dtype) for t in make_inputs(B, N, D, modulation, generator))
+    dev = backend_device(backend, "gated_residual_layernorm_modulate")
+    x, y, gate, shift, scale = (t.to(dev, dtype)
+                                for t in make_inputs(B, N, D, modulation, generator))
     nan = float("nan")
     res, out = torch.full_like(x, nan), torch.full_like(x, nan)
-    stats = torch.full((2, B, N), nan)
+    stats = torch.full((2, B, N), nan, device=dev)
     op.OP[backend].forward(x, y, gate, shift, scale, res, out, stats, 1e-6)
     for t in (res, out, stats):
         assert torch.isfinite(t).all()
@@ -92,16 +94,17 @@ def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_strided_modulation_and_determinism(backend, generator):
     B, N, D = 3, 70, 96
-    c = torch.randn(B, 6 * D, generator=generator)
+    dev = backend_device(backend, "gated_residual_layernorm_modulate")
+    c = torch.randn(B, 6 * D, generator=generator).to(dev)
     gate, shift, scale = c.chunk(6, dim=1)[2:5]
-    x, y = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
+    x, y = (torch.randn(B, N, D, generator=generator).to(dev) for _ in range(2))
     runs = []
-    for _ in range(2):
-        ins = [t.clone().requires_grad_() for t in (x, y, gate, shift, scale)]
+    for _ in range(2):  # detach() keeps the views' strides
+        ins = [t.detach().requires_grad_() for t in (x, y, gate, shift, scale)]
         res, out = ok.gated_residual_layernorm_modulate(*ins, backend=backend)
         (res.square().sum() + out.sum()).backward()
         runs.append([res.detach(), out.detach()] + [t.grad for t in ins])
-    ref = op.reference(*(t.double() for t in (x, y, gate, shift, scale)))
+    ref = op.reference(*(t.cpu().double() for t in (x, y, gate, shift, scale)))
     assert_close_rel(runs[0][1], ref[1], torch.float32, "out")
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -110,13 +113,15 @@ def test_strided_modulation_and_determinism(backend, generator):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("modulation", MODULATION)
 def test_opcheck(backend, modulation, generator):
-    inputs = [t.float().requires_grad_() for t in make_inputs(2, 5, 40, modulation, generator)]
+    dev = backend_device(backend, "gated_residual_layernorm_modulate")
+    inputs = [t.to(dev, torch.float32).requires_grad_()
+              for t in make_inputs(2, 5, 40, modulation, generator)]
     torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_fwd.default,
                           (*inputs, 1e-6, backend))
     with torch.no_grad():
         res, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(
             *inputs, 1e-6, backend)
-    d = [torch.randn(2, 5, 40, generator=generator) for _ in range(2)]
+    d = [torch.randn(2, 5, 40, generator=generator).to(dev) for _ in range(2)]
     torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_bwd.default,
                           (*d, res, inputs[1].detach(), inputs[2].detach(), inputs[4].detach(),
                            stats, backend))

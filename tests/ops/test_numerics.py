@@ -4,7 +4,7 @@ backend declares; Triton's rows stop at 4096), forward and backward."""
 
 import pytest
 import torch
-from conftest import rel_error
+from conftest import backend_device, rel_error
 
 import onestep_kernels as ok
 from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
@@ -44,9 +44,10 @@ def test_layernorm_modulate_statistics(backend, isa, case, D, offset, generator,
     own_in = [t.clone().requires_grad_() for t in ins32]
     own = layernorm_op.reference(*own_in)  # PyTorch in fp32
     own.backward(dy64.float())
-    ours_in = [t.clone().requires_grad_() for t in ins32]
+    dev = backend_device(backend, "layernorm_modulate")
+    ours_in = [t.to(dev).requires_grad_() for t in ins32]
     ours = ok.layernorm_modulate(*ours_in, backend=backend)
-    ours.backward(dy64.float())
+    ours.backward(dy64.float().to(dev))
     check(ours, own, exact, "out")
     check(ours_in[0].grad, own_in[0].grad, exact_in[0].grad, "dx")
     check(ours_in[2].grad, own_in[2].grad, exact_in[2].grad, "dscale")
@@ -64,7 +65,8 @@ def test_gated_residual_statistics(backend, isa, case, D, offset, generator, cpu
     ins32 = [t.float() for t in (x64, y64, gate64, shift64, scale64)]
     exact_in = [t.double().requires_grad_() for t in ins32]
     own_in = [t.clone().requires_grad_() for t in ins32]
-    ours_in = [t.clone().requires_grad_() for t in ins32]
+    ours_in = [t.to(backend_device(backend, "gated_residual_layernorm_modulate")).requires_grad_()
+               for t in ins32]
     results = [gated_op.reference(*exact_in), gated_op.reference(*own_in),
                ok.gated_residual_layernorm_modulate(*ours_in, backend=backend)]
     for res, out in results:
