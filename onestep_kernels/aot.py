@@ -8,6 +8,7 @@ shipped in the Triton wheel with `-v`; a configuration with spill stores, or one
 compile, is reported.
 
     python -m onestep_kernels.aot [--arch 80 90] [--jobs 2]
+    python -m onestep_kernels.aot --vectors      # 128-bit accesses in the memory-bound kernels
 
 exits non-zero on any failure. Run it without TRITON_INTERPRET (the test suite does so in a
 subprocess), since the interpreter replaces the compiler.
@@ -56,20 +57,30 @@ def configs():
         yield from module.triton_configs()
 
 
-def compile_one(index: int, arch: int) -> Result:
+def compile_config(config, arch: int, aligned: bool = False):
+    """triton.compile of one configuration for sm_<arch>. `aligned`: every pointer, size and
+    stride divisible by 16, as Triton's JIT specialises them at DiT shapes (widths 384..1152,
+    256 tokens), which is what lets it emit vector loads."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = config.signature()
+    attrs = {}
+    if aligned:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in
+                 enumerate(signature.items()) if kind.startswith("*") or kind == "i32"}
+    return triton.compile(
+        ASTSource(fn=config.kernel, signature=signature, constexprs=config.constexprs,
+                  attrs=attrs),
+        target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+
+
+def compile_one(index: int, arch: int) -> Result:
     config = list(configs())[index]
     result = Result(config.name, arch)
     try:
-        compiled = triton.compile(
-            ASTSource(fn=config.kernel, signature=config.signature(),
-                      constexprs=config.constexprs),
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": config.num_warps},
-        )
+        compiled = compile_config(config, arch)
         result.shared_bytes = int(compiled.metadata.shared)
         ptx = compiled.asm["ptx"]
         sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
@@ -91,6 +102,54 @@ def compile_one(index: int, arch: int) -> Result:
     return result
 
 
+# ---- vector width of the memory-bound kernels -------------------------------------------------
+
+# The memory-bound kernels, the row blocks DiT widths use (384..1152 → 512..2048; the MLP's
+# 4x width → bias_gelu_tanh's 1024-wide column block), and how many scalar accesses each
+# kernel makes per row besides the row itself (the LayerNorm statistics: two stores forward,
+# two loads backward).
+VECTOR_KERNELS = {"layernorm_modulate": 2, "gated_residual_layernorm_modulate": 2,
+                  "bias_gelu_tanh": 0}
+DIT_BLOCKS = (512, 1024, 2048)
+
+
+def global_accesses(ptx: str) -> list[int]:
+    """Bits moved by each global load and store instruction in a PTX listing."""
+    bits = []
+    for op in re.findall(r"\b(?:ld|st)\.global\S*", ptx):
+        lanes = re.search(r"\.v(\d)", op)
+        width = re.findall(r"\.[bfsu](\d+)\b", op)
+        bits.append((int(lanes.group(1)) if lanes else 1) * int(width[-1]))
+    return bits
+
+
+def vector_configs():
+    for config in configs():
+        op = config.name.split("[")[0].rsplit("_", 1)[0]
+        block = config.constexprs.get("BLOCK_D", config.constexprs.get("BLOCK_F"))
+        if op in VECTOR_KERNELS and block in DIT_BLOCKS:
+            yield config, VECTOR_KERNELS[op]
+
+
+def vector_check_one(index: int) -> tuple[str, str]:
+    """(name, problem or ""): every global access of the sm_90 PTX is 128 bits wide except
+    the kernel's per-row scalars (`scalars` of them)."""
+    return vector_problem(*list(vector_configs())[index])
+
+
+def vector_problem(config, scalars: int) -> tuple[str, str]:
+    try:
+        bits = global_accesses(compile_config(config, 90, aligned=True).asm["ptx"])
+    except Exception as error:  # reported per configuration
+        return config.name, f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    narrow = [b for b in bits if b != 128]
+    share = sum(b for b in bits if b == 128) / max(1, sum(bits))
+    summary = f"{len(bits) - len(narrow)}/{len(bits)} accesses 128-bit ({share:.0%} of bits)"
+    if len(narrow) > scalars or not bits:
+        return config.name, f"{summary}; narrow: {sorted(narrow)} (allowed: {scalars} scalars)"
+    return config.name, ""
+
+
 def run(archs=ARCHS, jobs: int = 2) -> list[Result]:
     count = len(list(configs()))
     tasks = [(i, arch) for i in range(count) for arch in archs]
@@ -102,10 +161,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--vectors", action="store_true",
+                        help="instead: check that the memory-bound kernels' sm_90 PTX at DiT "
+                             "widths moves 128-bit vectors")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the compile check needs the real compiler", file=sys.stderr)
         return 2
+    if args.vectors:
+        count = len(list(vector_configs()))
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            checked = list(pool.map(vector_check_one, range(count)))
+        for name, problem in checked:
+            print(f"sm_90 {name}: {problem or 'ok'}")
+        failed = sum(1 for _, problem in checked if problem)
+        print(f"{count - failed} passed, {failed} failed")
+        return 1 if failed else 0
     results = run(args.arch, args.jobs)
     for r in results:
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "SPILLS")

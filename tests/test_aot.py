@@ -4,6 +4,7 @@ sm_80/sm_90 without spills, and the registry covers what the launchers pick."""
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -12,17 +13,35 @@ from onestep_kernels.ops import OP_MODULES
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 
-ROW_OPS = [m for m in OP_MODULES if hasattr(m, "_triton_launch_config")]
+ROW_OPS = [m for m in OP_MODULES if hasattr(m, "_warps")]
 
 
 @pytest.mark.parametrize("module", ROW_OPS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_registry_covers_every_launch_config(module):
-    """Each row width the launchers accept maps to a listed (block, num_warps) configuration."""
-    listed = {(c.constexprs.get("BLOCK_D", c.constexprs.get("BLOCK_F")), c.num_warps)
+    """For each row width and dtype, every warp count autotune may pick (and the first, which
+    the interpreter runs) is a listed (dtype, block, warps) configuration."""
+    from onestep_kernels import tuning
+
+    listed = {(c.dtype, c.constexprs.get("BLOCK_D", c.constexprs.get("BLOCK_F")), c.num_warps)
               for c in module.triton_configs()}
     for D in range(1, getattr(module, "MAX_TRITON_D", 8192) + 1):
-        assert module._triton_launch_config(D) in listed, D
+        block = module._block(D)
+        for dtype, size in tuning.ELEMENT_BYTES.items():
+            for warps in module._warps(block, size):
+                assert (dtype, block, warps) in listed, (D, dtype, warps)
 
+
+def test_warp_options_move_whole_vectors_within_the_register_budget():
+    from onestep_kernels import tuning
+
+    rows = tuning.ROW_WARPS
+    assert tuning.warps_options(2048, 2, 16, rows) == (8, 4)   # 8 or 16 bf16 per thread
+    assert tuning.warps_options(2048, 2, 8, rows) == (8,)
+    assert tuning.warps_options(4096, 4, 16, rows) == (8,)     # 16 warps would spill
+    assert tuning.warps_options(2048, 4, 16, rows) == (8, 4)
+    assert tuning.warps_options(1024, 2, 16) == (4, 2)
+    assert tuning.warps_options(256, 2, 8, rows) == (2,)       # no whole vector: most per thread
+    assert tuning.warps_options(16, 2, 16) == (1,)
 
 
 def test_attention_registry_covers_every_launch_config():
@@ -80,3 +99,25 @@ def test_fused_linear_registry_covers_every_variant():
             key = (name, *flags, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
                    cfg["num_warps"])
             assert key in listed, (dtype, flags)
+
+
+@pytest.mark.slow
+def test_memory_bound_kernels_move_128_bit_vectors_at_dit_widths():
+    """The sm_90 PTX of every memory-bound configuration at DiT widths moves its rows in
+    128-bit loads and stores; and the check catches a configuration that does not (8 warps
+    over a 1024-wide bf16 block: 4 elements, 64 bits, per thread)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-m", "onestep_kernels.aot", "--vectors"],
+                            capture_output=True, text=True, env=env, timeout=1200)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0 and " 0 failed" in report, report[-5000:]
+    narrow = textwrap.dedent("""
+        import dataclasses
+        from onestep_kernels import aot
+        config = next(c for c in aot.configs() if c.name.startswith("bias_gelu_tanh_fwd[bf16,BLOCK_F=1024"))
+        print(aot.vector_problem(dataclasses.replace(config, num_warps=8), 0)[1])
+    """)
+    result = subprocess.run([sys.executable, "-c", narrow], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert "narrow: [64" in result.stdout, result.stdout + result.stderr[-3000:]

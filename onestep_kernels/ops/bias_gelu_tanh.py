@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import checks, dispatch, native
+from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
@@ -79,50 +79,50 @@ def _bias_gelu_tanh_bwd_kernel(DY, X, BIAS, DX, DBIAS_PARTIAL, R, F, ROWS: tl.co
     tl.store(DBIAS_PARTIAL + c * F + cols, acc, mask=mask)
 
 
-def _block_f(F: int) -> int:
+def _block(F: int) -> int:
     return min(MAX_BLOCK_F, max(16, triton.next_power_of_2(F)))
 
 
-def _num_warps(block_f: int) -> int:
-    return 4 if block_f <= 512 else 8
-
-
-def _triton_launch_config(F: int) -> tuple[int, int]:
-    """(BLOCK_F, num_warps) for rows of F features (any F: wide rows take several programs)."""
-    block_f = _block_f(F)
-    return block_f, _num_warps(block_f)
+def _warps(block_f: int, element_bytes: int) -> tuple[int, ...]:
+    """Elementwise: up to 16 elements per thread, at least one 16-byte vector."""
+    return tuning.warps_options(block_f, element_bytes, 16)
 
 
 def triton_configs():
-    """Every configuration the launchers can pick, for onestep_kernels.aot."""
+    """Every configuration the launchers can pick (each block, dtype and warp count autotune
+    may choose), for onestep_kernels.aot."""
     block = 16
     while block <= MAX_BLOCK_F:
         for dtype in ("fp32", "fp16", "bf16"):
             constexprs = {"ROWS": ROWS_PER_PROGRAM, "BLOCK_F": block}
-            yield KernelConfig(f"bias_gelu_tanh_fwd[{dtype},BLOCK_F={block}]",
-                               _bias_gelu_tanh_fwd_kernel, dtype, constexprs, _num_warps(block))
-            yield KernelConfig(f"bias_gelu_tanh_bwd[{dtype},BLOCK_F={block}]",
-                               _bias_gelu_tanh_bwd_kernel, dtype, constexprs, _num_warps(block),
-                               fp32=("DBIAS_PARTIAL",))
+            for warps in _warps(block, tuning.ELEMENT_BYTES[dtype]):
+                yield KernelConfig(f"bias_gelu_tanh_fwd[{dtype},BLOCK_F={block},warps={warps}]",
+                                   _bias_gelu_tanh_fwd_kernel, dtype, constexprs, warps)
+                yield KernelConfig(f"bias_gelu_tanh_bwd[{dtype},BLOCK_F={block},warps={warps}]",
+                                   _bias_gelu_tanh_bwd_kernel, dtype, constexprs, warps,
+                                   fp32=("DBIAS_PARTIAL",))
         block *= 2
 
 
 def _triton_fwd(x2d, bias, y2d):
     R, F = x2d.shape
-    block_f, num_warps = _triton_launch_config(F)
+    block_f = _block(F)
+    kernel, options = tuning.select(_bias_gelu_tanh_fwd_kernel,
+                                    _warps(block_f, x2d.element_size()), ("F",))
     grid = (triton.cdiv(R, ROWS_PER_PROGRAM), triton.cdiv(F, block_f))
-    _bias_gelu_tanh_fwd_kernel[grid](x2d, bias, y2d, R, F, ROWS=ROWS_PER_PROGRAM,
-                                     BLOCK_F=block_f, num_warps=num_warps)
+    kernel[grid](x2d, bias, y2d, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
 
 
 def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
     R, F = x2d.shape
-    block_f, num_warps = _triton_launch_config(F)
+    block_f = _block(F)
+    kernel, options = tuning.select(_bias_gelu_tanh_bwd_kernel,
+                                    _warps(block_f, x2d.element_size()), ("F",))
     chunks = triton.cdiv(R, ROWS_PER_PROGRAM)
     partial = torch.empty((chunks, F), dtype=torch.float32, device=x2d.device)
-    _bias_gelu_tanh_bwd_kernel[(chunks, triton.cdiv(F, block_f))](
+    kernel[(chunks, triton.cdiv(F, block_f))](
         dy2d, x2d, bias, dx2d, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f,
-        num_warps=num_warps)
+        **options)
     dbias.copy_(partial.sum(dim=0))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import checks, dispatch, native
+from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
@@ -124,31 +124,38 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         tl.store(DSCALE + part + cols, acc_scale, mask=mask)
 
 
-def _triton_launch_config(D: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps): at most 8 row elements per thread (16, layernorm_modulate's
-    rule, spilled in the backward at BLOCK_D=2048)."""
-    block_d = max(16, triton.next_power_of_2(D))
-    return block_d, min(16, max(4, block_d // 256))
+# Elements of a row per thread at most: past 8 the backward (more row-sized values live
+# than layernorm_modulate's) spills at BLOCK_D=2048 (onestep_kernels.aot finds it).
+MAX_PER_THREAD = 8
+
+
+def _block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _warps(block_d: int, element_bytes: int) -> tuple[int, ...]:
+    return tuning.warps_options(block_d, element_bytes, MAX_PER_THREAD, tuning.ROW_WARPS)
 
 
 def triton_configs():
-    """Every configuration the launchers can pick, for onestep_kernels.aot."""
+    """Every configuration the launchers can pick (each block, dtype and warp count autotune
+    may choose), for onestep_kernels.aot."""
     block = 16
     while block <= MAX_TRITON_D:
-        _, num_warps = _triton_launch_config(block)
         for dtype in ("fp32", "fp16", "bf16"):
-            yield KernelConfig(
-                f"gated_residual_layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
-                _gated_residual_layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
-                num_warps, fp32=("MEAN", "RSTD"))
-            for per_token in (False, True):
-                partial_sums = () if per_token else ("DGATE", "DSHIFT", "DSCALE")
+            for warps in _warps(block, tuning.ELEMENT_BYTES[dtype]):
                 yield KernelConfig(
-                    f"gated_residual_layernorm_modulate_bwd[{dtype},BLOCK_D={block},"
-                    f"PER_TOKEN={per_token}]",
-                    _gated_residual_layernorm_modulate_bwd_kernel, dtype,
-                    {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
-                    num_warps, fp32=("MEAN", "RSTD", *partial_sums))
+                    f"gated_residual_layernorm_modulate_fwd[{dtype},BLOCK_D={block},warps={warps}]",
+                    _gated_residual_layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
+                    warps, fp32=("MEAN", "RSTD"))
+                for per_token in (False, True):
+                    partial_sums = () if per_token else ("DGATE", "DSHIFT", "DSCALE")
+                    yield KernelConfig(
+                        f"gated_residual_layernorm_modulate_bwd[{dtype},BLOCK_D={block},"
+                        f"PER_TOKEN={per_token},warps={warps}]",
+                        _gated_residual_layernorm_modulate_bwd_kernel, dtype,
+                        {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
+                        warps, fp32=("MEAN", "RSTD", *partial_sums))
         block *= 2
 
 
@@ -157,27 +164,31 @@ def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
     if stats is None:  # the kernel stores them either way
         stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
     mean, rstd = stats[0], stats[1]
-    block_d, num_warps = _triton_launch_config(D)
-    launch(_gated_residual_layernorm_modulate_fwd_kernel)[(B * N,)](
+    block_d = _block(D)
+    kernel, options = tuning.select(_gated_residual_layernorm_modulate_fwd_kernel,
+                                    _warps(block_d, x.element_size()), ("D",))
+    launch(kernel)[(B * N,)](
         x, y, gate, shift, scale, res, out, mean, rstd, N, D, *bn_strides(gate),
-        *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
+        *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, **options)
 
 
 def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
                 per_token, launch=direct):
     B, N, D = res.shape
     mean, rstd = stats[0], stats[1]
-    block_d, num_warps = _triton_launch_config(D)
+    block_d = _block(D)
+    kernel, options = tuning.select(_gated_residual_layernorm_modulate_bwd_kernel,
+                                    _warps(block_d, res.element_size()), ("D",))
     chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
     if per_token:
         grads = (dgate, dshift, dscale)
     else:
         grads = tuple(torch.empty((B, chunks, D), dtype=torch.float32, device=res.device)
                       for _ in range(3))
-    launch(_gated_residual_layernorm_modulate_bwd_kernel)[(B, chunks)](
+    launch(kernel)[(B, chunks)](
         dres, dout, res, y, gate, scale, mean, rstd, dx, dy, *grads, N, D, *bn_strides(gate),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d, PER_TOKEN=per_token,
-        num_warps=num_warps)
+        **options)
     if not per_token:
         for dst, partial in zip((dgate, dshift, dscale), grads):
             dst.copy_(partial.sum(dim=1))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import checks, dispatch, native
+from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
@@ -109,31 +109,37 @@ def _layernorm_modulate_bwd_kernel(
         tl.store(DSCALE + part + cols, acc_scale, mask=mask)
 
 
-def _triton_launch_config(D: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) for a row of D elements: at most 16 elements of a row per thread,
-    which keeps the backward (seven row-sized fp32 values live) free of spills."""
-    block_d = max(16, triton.next_power_of_2(D))
-    num_warps = min(32, max(4, block_d // 512))
-    return block_d, num_warps
+# Elements of a row per thread at most: the backward keeps seven row-sized fp32 values live
+# and spills past 16 (onestep_kernels.aot finds it).
+MAX_PER_THREAD = 16
+
+
+def _block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _warps(block_d: int, element_bytes: int) -> tuple[int, ...]:
+    return tuning.warps_options(block_d, element_bytes, MAX_PER_THREAD, tuning.ROW_WARPS)
 
 
 def triton_configs():
-    """Every kernel configuration the launchers below can pick, for the sm_80/sm_90 compile
-    check in onestep_kernels.aot."""
+    """Every kernel configuration the launchers below can pick (each block, dtype and warp
+    count autotune may choose), for the sm_80/sm_90 compile check in onestep_kernels.aot."""
     block = 16
     while block <= MAX_TRITON_D:
-        _, num_warps = _triton_launch_config(block)
         for dtype in ("fp32", "fp16", "bf16"):
-            yield KernelConfig(f"layernorm_modulate_fwd[{dtype},BLOCK_D={block}]",
-                               _layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
-                               num_warps, fp32=("MEAN", "RSTD"))
-            for per_token in (False, True):
-                partial_sums = () if per_token else ("DSHIFT", "DSCALE")
-                yield KernelConfig(
-                    f"layernorm_modulate_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token}]",
-                    _layernorm_modulate_bwd_kernel, dtype,
-                    {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
-                    num_warps, fp32=("MEAN", "RSTD", *partial_sums))
+            for warps in _warps(block, tuning.ELEMENT_BYTES[dtype]):
+                yield KernelConfig(f"layernorm_modulate_fwd[{dtype},BLOCK_D={block},warps={warps}]",
+                                   _layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
+                                   warps, fp32=("MEAN", "RSTD"))
+                for per_token in (False, True):
+                    partial_sums = () if per_token else ("DSHIFT", "DSCALE")
+                    yield KernelConfig(
+                        f"layernorm_modulate_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
+                        f"warps={warps}]",
+                        _layernorm_modulate_bwd_kernel, dtype,
+                        {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
+                        warps, fp32=("MEAN", "RSTD", *partial_sums))
         block *= 2
 
 
@@ -142,26 +148,30 @@ def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
     if stats is None:  # the kernel stores them either way
         stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
     mean, rstd = stats[0], stats[1]
-    block_d, num_warps = _triton_launch_config(D)
-    launch(_layernorm_modulate_fwd_kernel)[(B * N,)](
+    block_d = _block(D)
+    kernel, options = tuning.select(_layernorm_modulate_fwd_kernel,
+                                    _warps(block_d, x.element_size()), ("D",))
+    launch(kernel)[(B * N,)](
         x, shift, scale, out, mean, rstd, N, D, *bn_strides(x), *bn_strides(shift),
-        *bn_strides(scale), eps, BLOCK_D=block_d, num_warps=num_warps)
+        *bn_strides(scale), eps, BLOCK_D=block_d, **options)
 
 
 def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token, launch=direct):
     B, N, D = x.shape
     mean, rstd = stats[0], stats[1]
-    block_d, num_warps = _triton_launch_config(D)
+    block_d = _block(D)
+    kernel, options = tuning.select(_layernorm_modulate_bwd_kernel,
+                                    _warps(block_d, x.element_size()), ("D",))
     chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
     if per_token:
         grad_shift, grad_scale = dshift, dscale
     else:
         grad_shift = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
         grad_scale = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
-    launch(_layernorm_modulate_bwd_kernel)[(B, chunks)](
+    launch(kernel)[(B, chunks)](
         dy, x, scale, mean, rstd, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
-        PER_TOKEN=per_token, num_warps=num_warps)
+        PER_TOKEN=per_token, **options)
     if not per_token:
         dshift.copy_(grad_shift.sum(dim=1))
         dscale.copy_(grad_scale.sum(dim=1))

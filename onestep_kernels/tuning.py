@@ -1,0 +1,54 @@
+"""Launch settings of the memory-bound Triton kernels, tuned on the user's GPU.
+
+A memory-bound kernel reaches the copy rate when every thread moves whole 16-byte vectors
+(128-bit loads and stores) and there are enough threads to cover the row; a row kept in
+registers also bounds the elements per thread (past it the backward spills). `warps_options`
+lists the warp counts that satisfy both for a block of a row; on a GPU `select` wraps the
+kernel in `triton.autotune` over them, keyed on the row width (and, by Triton, the dtypes), so
+each width is timed once on the GPU it runs on. Under TRITON_INTERPRET=1 autotune cannot run
+(it needs a driver), so the first option is launched. Every option is in the compile-check
+registry (`triton_configs()` of each op, `python -m onestep_kernels.aot`), and
+tests/test_vector_width.py reads the sm_90 PTX of each at DiT widths for 128-bit accesses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .dispatch import triton_interpret
+from .triton_compat import triton
+
+WARPS = (32, 16, 8, 4, 2, 1)
+# A row kept in registers: one warp per row spilled at 16 elements per thread, and 16 warps
+# cap a thread at 128 registers, which spilled at BLOCK_D=4096 (onestep_kernels.aot).
+ROW_WARPS = (8, 4, 2)
+VECTOR_BYTES = 16
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def warps_options(block: int, element_bytes: int, max_per_thread: int,
+                  candidates: tuple[int, ...] = WARPS) -> tuple[int, ...]:
+    """Warp counts among `candidates` for a program over `block` elements, most warps first:
+    each thread holds at least one 16-byte vector and at most `max_per_thread` elements. Where
+    no count gives a whole vector (small blocks), the one with the most elements per thread."""
+    vector = VECTOR_BYTES // element_bytes
+    within = [w for w in candidates if block // (32 * w) <= max_per_thread] or [max(candidates)]
+    whole = tuple(w for w in within if block // (32 * w) >= vector)
+    return whole or (min(within),)
+
+
+_AUTOTUNED: dict[tuple, Any] = {}
+
+
+def select(kernel, options: tuple[int, ...], key: tuple[str, ...]) -> tuple[Any, dict]:
+    """(what to launch, extra launch keywords): the kernel with the first option's warps where
+    autotune cannot run or there is one option; else an autotuner over `options` keyed on the
+    kernel arguments named in `key` (one per kernel, options and key, built once)."""
+    if len(options) == 1 or triton_interpret():
+        return kernel, {"num_warps": options[0]}
+    cache_key = (kernel, options, key)
+    tuner = _AUTOTUNED.get(cache_key)
+    if tuner is None:
+        configs = [triton.Config({}, num_warps=w) for w in options]
+        tuner = _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(key))(kernel)
+    return tuner, {}
