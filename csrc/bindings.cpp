@@ -1,9 +1,10 @@
-// pybind11 module onestep_kernels._C: the CPU launchers, each taking the address of its params
-// struct (common/params.h, filled by onestep_kernels/native.py) and a thread count. No logic:
+// pybind11 module onestep_kernels._C: the CPU launchers, each taking the bytes of its params
+// struct (common/params.h, packed by onestep_kernels/native.py) and a thread count. No logic:
 // validation lives in Python, the kernels in csrc/cpu.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "common/params.h"
@@ -25,9 +26,15 @@ PYBIND11_MODULE(_C, m) {
   });
 
 #define ONESTEP_BIND(name, Params)                                                   \
-  m.def(#name, [](uintptr_t params, int num_threads) {                               \
+  m.def(#name, [](py::bytes packed, int num_threads) {                               \
+    char* data = nullptr;                                                            \
+    Py_ssize_t size = 0;                                                             \
+    PyBytes_AsStringAndSize(packed.ptr(), &data, &size);                             \
+    if (size != static_cast<Py_ssize_t>(sizeof(onestep::Params))) return int(onestep::kBadParams); \
+    onestep::Params params;                                                          \
+    std::memcpy(&params, data, sizeof(params));                                      \
     py::gil_scoped_release release;                                                  \
-    return onestep::cpu::name(*reinterpret_cast<const onestep::Params*>(params), num_threads); \
+    return onestep::cpu::name(params, num_threads);                                  \
   });
   ONESTEP_LAUNCHERS(ONESTEP_BIND)
 #undef ONESTEP_BIND

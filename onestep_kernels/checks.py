@@ -21,10 +21,12 @@ def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
                         f"got {value.dtype}")
-    if value.dim() not in ndims:
+    dim = value.dim()
+    if dim not in ndims:
         shapes = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"{name}: expected a {shapes} tensor, got shape {tuple(value.shape)}")
-    if value.dim() > 0 and value.stride(-1) != 1 and value.shape[-1] > 1:
+    # (is_contiguous() is the cheaper question, and the usual answer)
+    if dim > 0 and not value.is_contiguous() and value.stride(-1) != 1 and value.shape[-1] > 1:
         raise ValueError(
             f"{name}: the last dimension must be contiguous (stride 1), got strides "
             f"{value.stride()}; call .contiguous() first"
@@ -59,12 +61,20 @@ def autocast_enabled(device_type: str) -> bool:
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
-def compute_dtype(policy: str, device_type: str, tensors) -> torch.dtype:
-    if policy != PROMOTE and autocast_enabled(device_type):
-        if policy == LOWER:
-            return torch.get_autocast_dtype(device_type)
-        if device_type == "cuda":
-            return torch.float32
+# Whether any autocast is on: one cheap call before asking about a device (whose type string
+# costs more than the question).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def compute_dtype(policy: str, tensors) -> torch.dtype:
+    """The dtype an op computes in, by `policy`, for tensors on one device (the first's)."""
+    if policy != PROMOTE and _any_autocast():
+        device_type = tensors[0].device.type
+        if autocast_enabled(device_type):
+            if policy == LOWER:
+                return torch.get_autocast_dtype(device_type)
+            if device_type == "cuda":
+                return torch.float32
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         if t is not None and t.dtype is not dtype:

@@ -287,7 +287,21 @@ def _requested() -> tuple[str, str]:
         stack = getattr(_local, "stack", None)
         if stack:
             return stack[-1], "use_backend"
-    return os.environ.get(ENV_VAR, ""), ENV_VAR
+    return _environment_backend(), ENV_VAR
+
+
+# os.environ.get costs about a microsecond (it encodes the key); its mapping's raw dict, when
+# CPython has one, answers the same question in a tenth of that.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if isinstance(_ENV_DATA, dict):
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)
+
+    def _environment_backend() -> str:
+        value = _ENV_DATA.get(_ENV_KEY)
+        return "" if value is None else os.environ.decodevalue(value)
+else:
+    def _environment_backend() -> str:
+        return os.environ.get(ENV_VAR, "")
 
 
 def available_backends() -> dict[str, str]:

@@ -57,7 +57,7 @@ class Attention(nn.Module):
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """onestep's attention on views of one projection (one dtype, validated by construction)."""
-    dtype = checks.compute_dtype(checks.LOWER, q.device.type, (q,))
+    dtype = checks.compute_dtype(checks.LOWER, (q,))
     q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
     Dh = q.shape[-1]
     impl = attention_op.OP.resolve(None, q.device, dtype, Dh, needs_grad(q, k, v))
@@ -129,7 +129,7 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
         if fused is not None:
             return fused
     device = x.device
-    dtype = checks.compute_dtype(checks.LAYER_NORM, device.type, (x, modulation))
+    dtype = checks.compute_dtype(checks.LAYER_NORM, (x, modulation))
     x = checks.cast(x, dtype)
     sh1, sc1, g1, sh2, sc2, g2 = checks.cast(modulation, dtype).chunk(6, dim=1)
     grad = needs_grad(x, modulation)

@@ -4,17 +4,18 @@
 - CUDA: ``libonestep_cuda.so`` beside this file, loaded with ctypes on first use only, so that
   importing onestep_kernels never touches a GPU.
 
-Every launcher takes one struct of named fields (csrc/common/params.h). The ctypes mirrors
-here are built from the layout the compiled library reports (names, offsets, types, sizes)
-and checked against ctypes' own layout when first used; a struct is filled by field name,
-and a missing or unknown field is an error. Launchers return a status code; a non-zero code
-becomes a RuntimeError here.
+Every launcher takes one struct of named fields (csrc/common/params.h). Its bytes are packed
+here (`struct.Struct`, the cheapest way Python has to build them) from the layout the compiled
+library reports (names, offsets, types, sizes), checked field by field against a ctypes mirror
+of the same layout when first used; a struct is filled by field name, and a missing or unknown
+field is an error. Launchers return a status code; a non-zero code becomes a RuntimeError here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,12 +41,13 @@ def dtype_code(tensor: torch.Tensor) -> int:
 
 
 _FIELD_TYPES = {"int64_t": ctypes.c_int64, "int32_t": ctypes.c_int32, "float": ctypes.c_float}
+_PACK_CODES = {"int64_t": "q", "int32_t": "i", "float": "f"}  # pointers: "Q"
 
 
 def params_from_layout(text: str) -> dict[str, Callable]:
-    """Keyword constructors of ctypes mirrors of the structs a library describes
-    ("Name size|field:offset:type|...;"), each checked field by field against the library's
-    offsets and size."""
+    """Keyword constructors of the structs a library describes ("Name size|field:offset:type|
+    ...;"): each returns the struct's bytes, packed at the library's offsets, which a ctypes
+    mirror of the struct (`.struct`) confirms field by field, with the size."""
     structs = {}
     for entry in filter(None, text.split(";")):
         head, *fields = entry.split("|")
@@ -61,17 +63,29 @@ def params_from_layout(text: str) -> dict[str, Callable]:
         if ctypes.sizeof(cls) != int(size):
             raise RuntimeError(f"{name}: {size} bytes in the library, {ctypes.sizeof(cls)} "
                                "in ctypes")
-        structs[name] = _keyword_constructor(cls)
+        structs[name] = _keyword_packer(cls, _pack_format(name, parsed, int(size)))
     return structs
 
 
-def _keyword_constructor(cls: type) -> Callable:
-    """cls's constructor with every field a required keyword argument: a missing or misspelt
-    field is a TypeError naming it, never a silent zero (and no slower than positional
-    construction, which is what it does)."""
+def _pack_format(name: str, parsed: list, size: int) -> struct.Struct:
+    """A struct.Struct that writes each field at its offset (explicit padding, standard sizes)."""
+    fmt, position = "=", 0
+    for _field, offset, kind in parsed:
+        code = "Q" if kind.endswith("*") else _PACK_CODES[kind]
+        fmt += "x" * (int(offset) - position) + code
+        position = int(offset) + struct.calcsize("=" + code)
+    packer = struct.Struct(fmt + "x" * (size - position))
+    if packer.size != size:
+        raise RuntimeError(f"{name}: packs to {packer.size} bytes, expected {size}")
+    return packer
+
+
+def _keyword_packer(cls: type, packer: struct.Struct) -> Callable:
+    """The struct's constructor with every field a required keyword argument (a missing or
+    misspelt field is a TypeError naming it, never a silent zero), returning its bytes."""
     names = ", ".join(name for name, _ in cls._fields_)
-    namespace = {"cls": cls}
-    exec(f"def {cls.__name__}(*, {names}):\n    return cls({names})", namespace)  # noqa: S102
+    namespace = {"pack": packer.pack}
+    exec(f"def {cls.__name__}(*, {names}):\n    return pack({names})", namespace)  # noqa: S102
     make = namespace[cls.__name__]
     make.struct = cls
     return make
@@ -105,15 +119,15 @@ def params_type(name: str) -> Callable:
 # ---- running launchers ------------------------------------------------------------------------
 
 
-def run_cpu(launcher: str, params: ctypes.Structure) -> None:
-    code = getattr(cpu_module, launcher)(ctypes.addressof(params), torch.get_num_threads())
+def run_cpu(launcher: str, params: bytes) -> None:
+    code = getattr(cpu_module, launcher)(params, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"onestep {launcher} (cpu) failed: {cpu_module.status_string(code)}")
 
 
-def run_cuda(launcher: str, params: ctypes.Structure, tensor: torch.Tensor) -> None:
+def run_cuda(launcher: str, params: bytes, tensor: torch.Tensor) -> None:
     lib = cuda_library()
-    code = _cuda_function(launcher)(ctypes.addressof(params), cuda_stream(tensor))
+    code = _cuda_function(launcher)(params, cuda_stream(tensor))
     if code != 0:
         detail = lib.onestep_cuda_status_string(code).decode()
         if detail == "CUDA error":

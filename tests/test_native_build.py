@@ -66,8 +66,8 @@ def test_cuda_library_loads_and_rejects_bad_arguments_without_a_gpu():
     lib = native.cuda_library()  # its params layout is checked against the CPU module's here
     run = native._cuda_function("layernorm_modulate_fwd")
     # A bad dtype code and a bad size are refused before anything touches the GPU.
-    assert run(ctypes.addressof(ln_params(dtype=7)), None) == 1
-    assert run(ctypes.addressof(ln_params(D=0)), None) == 2
+    assert run(ln_params(dtype=7), None) == 1
+    assert run(ln_params(D=0), None) == 2
     assert lib.onestep_cuda_status_string(2).decode() == "invalid size or stride"
     assert native._cuda_layout(lib) == native.cpu_module.params_layout()
 
@@ -85,6 +85,26 @@ def test_params_mirrors_match_the_compiled_layout():
                      "gated_residual_layernorm_modulate_fwd",
                      "gated_residual_layernorm_modulate_bwd"):
         assert callable(getattr(native.cpu_module, launcher))
+
+
+def test_packed_params_are_the_structs_bytes():
+    """The packed bytes equal ctypes' own struct filled with the same values, field by field
+    (random values, every struct), and a buffer of the wrong size is refused."""
+    import random
+
+    rng = random.Random(0)
+    for name, make in native.params_types().items():
+        values = {}
+        for field, kind in make.struct._fields_:
+            if kind is ctypes.c_float:
+                values[field] = ctypes.c_float(rng.uniform(-1, 1)).value
+            elif kind is ctypes.c_void_p:
+                values[field] = rng.randrange(2**47)
+            else:
+                bits = 8 * ctypes.sizeof(kind) - 1
+                values[field] = rng.randrange(-2**bits, 2**bits)
+        assert make(**values) == bytes(make.struct(**values)), name
+    assert native.cpu_module.layernorm_modulate_fwd(ln_params()[:-4], 1) == 5
 
 
 def test_a_layout_mismatch_is_refused():
@@ -106,5 +126,5 @@ def test_a_missing_field_is_an_error_not_a_zero():
 def test_cpu_launchers_refuse_bad_codes():
     from onestep_kernels.native import cpu_module
 
-    assert cpu_module.layernorm_modulate_fwd(ctypes.addressof(ln_params(dtype=9)), 1) == 1
-    assert cpu_module.layernorm_modulate_fwd(ctypes.addressof(ln_params(D=0)), 1) == 2
+    assert cpu_module.layernorm_modulate_fwd(ln_params(dtype=9), 1) == 1
+    assert cpu_module.layernorm_modulate_fwd(ln_params(D=0), 1) == 2

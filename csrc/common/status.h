@@ -10,6 +10,7 @@ enum Status : int {
   kBadSize = 2,       // a size or stride is negative or inconsistent
   kCudaError = 3,     // a CUDA runtime call or kernel launch failed
   kOutOfMemory = 4,   // a host workspace could not be allocated
+  kBadParams = 5,     // a params buffer of the wrong size for its struct
 };
 
 // Dtype codes shared with onestep_kernels/native.py.
@@ -22,6 +23,7 @@ inline const char* status_string(int code) {
     case kBadSize: return "invalid size or stride";
     case kCudaError: return "CUDA error";
     case kOutOfMemory: return "out of host memory";
+    case kBadParams: return "params buffer of the wrong size";
     default: return "unknown status code";
   }
 }

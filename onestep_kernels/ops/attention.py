@@ -224,8 +224,8 @@ def _new_output(q: Tensor, backend: str) -> Tensor:
     laid out as (B, N, H, Dh), so that merging the heads afterwards is a free view."""
     B, H, N, Dh = q.shape
     if backend == "cpu":
-        return torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
-    return torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
+        return q.new_empty((B, N, H, Dh)).transpose(1, 2)
+    return q.new_empty((B, H, N, Dh))
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -237,7 +237,7 @@ def _triton_fwd(q, k, v, scale):
     NK = k.shape[2]
     cfg = _launch_config(Dh, q.dtype)
     out = _new_output(q, "triton")
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    lse = q.new_empty((B, H, N), dtype=torch.float32)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
@@ -252,9 +252,9 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     cfg = _launch_config(Dh, q.dtype)
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), (B, H, N)
-    dq = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, NK, Dh), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, H, NK, Dh), dtype=q.dtype, device=q.device)
+    dq = q.new_empty((B, H, N, Dh))
+    dk = q.new_empty((B, H, NK, Dh))
+    dv = q.new_empty((B, H, NK, Dh))
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                   IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
     strides = (*_strides(q), *_strides(k), *_strides(v))
@@ -449,7 +449,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
     if Dh == 0:
         raise ValueError(f"q: the head dimension must be positive, got shape {tuple(q.shape)}")
     scale = 1.0 / math.sqrt(Dh) if scale is None else checks.positive_float("scale", scale)
-    dtype = checks.compute_dtype(checks.LOWER, q.device.type, (q, k, v))
+    dtype = checks.compute_dtype(checks.LOWER, (q, k, v))
     if not (q.dtype is k.dtype is v.dtype is dtype):
         q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
     return apply(OP.resolve(backend, q.device, dtype, Dh, needs_grad(q, k, v)), q, k, v, scale)

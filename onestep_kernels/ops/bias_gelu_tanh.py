@@ -119,7 +119,7 @@ def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
     kernel, options = tuning.select(_bias_gelu_tanh_bwd_kernel,
                                     _warps(block_f, x2d.element_size()), ("F",))
     chunks = triton.cdiv(R, ROWS_PER_PROGRAM)
-    partial = torch.empty((chunks, F), dtype=torch.float32, device=x2d.device)
+    partial = x2d.new_empty((chunks, F), dtype=torch.float32)
     kernel[(chunks, triton.cdiv(F, block_f))](
         dy2d, x2d, bias, dx2d, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f,
         **options)

@@ -187,7 +187,7 @@ def triton_configs():
 def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gelu):
     B, N, K = x.shape
     cols = weight.shape[0]
-    out = torch.empty((B, N, cols), dtype=x.dtype, device=x.device)
+    out = x.new_empty((B, N, cols))
     if B * N == 0:
         return out
     cfg = _launch_config(x.dtype)
@@ -217,7 +217,7 @@ def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residu
     dtype)."""
     h = x
     if shift is not None:
-        dtype = checks.compute_dtype(checks.LAYER_NORM, x.device.type, (x, shift, scale))
+        dtype = checks.compute_dtype(checks.LAYER_NORM, (x, shift, scale))
         h, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
         impl = layernorm_modulate_op.OP.resolve(None, h.device, dtype, h.shape[-1],
                                                 needs_grad(h, shift, scale))
@@ -358,7 +358,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
             raise ValueError(f"backend: {impl.name!r} does not follow autocast; the separate "
                              "ops do (backend='separate' or None)")
         return apply(impl, x, weight, bias, shift, scale, eps, activation, gate, residual)
-    dtype = checks.compute_dtype(checks.PROMOTE, x.device.type, tensors)
+    dtype = checks.compute_dtype(checks.PROMOTE, tensors)
     x, weight, bias, shift, scale, gate, residual = (checks.cast(t, dtype) for t in tensors)
     impl = OP.resolve(backend, x.device, dtype, K, needs_grad(*tensors))
     if not impl.is_expression and (B * N * cols >= 2**31

@@ -162,7 +162,7 @@ def triton_configs():
 def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
     B, N, D = x.shape
     if stats is None:  # the kernel stores them either way
-        stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
+        stats = x.new_empty((2, B, N), dtype=torch.float32)
     mean, rstd = stats[0], stats[1]
     block_d = _block(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_fwd_kernel,
@@ -183,7 +183,7 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, d
     if per_token:
         grads = (dgate, dshift, dscale)
     else:
-        grads = tuple(torch.empty((B, chunks, D), dtype=torch.float32, device=res.device)
+        grads = tuple(res.new_empty((B, chunks, D), dtype=torch.float32)
                       for _ in range(3))
     launch(kernel)[(B, chunks)](
         dres, dout, res, y, gate, scale, mean, rstd, dx, dy, *grads, N, D, *bn_strides(gate),
@@ -289,7 +289,7 @@ def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
     B, N, D = x.shape
     res, out = torch.empty_like(x), torch.empty_like(x)  # x is contiguous here
     # The rows' mean and rstd, for the backward; inference needs none.
-    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device) if keep_stats else None
+    stats = x.new_empty((2, B, N), dtype=torch.float32) if keep_stats else None
     if B * N > 0:
         with on_device(x):
             backend.forward(x, y, gate, shift, scale, res, out, stats, eps)
@@ -298,7 +298,7 @@ def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
 
 def _backward(backend: Backend, dres, dout, res, y, gate, scale, stats):
     dx, dy = torch.empty_like(res), torch.empty_like(res)
-    dgate, dshift, dscale = (torch.empty(gate.shape, dtype=res.dtype, device=res.device)
+    dgate, dshift, dscale = (res.new_empty(gate.shape)
                              for _ in range(3))
     with on_device(res):
         OP.backward_launcher(backend, res.device)(
@@ -405,9 +405,9 @@ def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor,
                                              scale: Tensor, eps: float
                                              ) -> tuple[Tensor, Tensor, Tensor]:
     B, N, D = x.shape
-    res = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
+    res = x.new_empty((B, N, D))
+    out = x.new_empty((B, N, D))
+    stats = x.new_empty((2, B, N), dtype=torch.float32)
     if B * N > 0:
         _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=wrap_triton)
     return res, out, stats
@@ -417,9 +417,9 @@ def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor,
 def gated_residual_layernorm_modulate_triton_bwd(
         dres: Tensor, dout: Tensor, res: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
         stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx = torch.empty(res.shape, dtype=res.dtype, device=res.device)
-    dy = torch.empty(res.shape, dtype=res.dtype, device=res.device)
-    dgate, dshift, dscale = (torch.empty(gate.shape, dtype=res.dtype, device=res.device)
+    dx = res.new_empty(res.shape)
+    dy = res.new_empty(res.shape)
+    dgate, dshift, dscale = (res.new_empty(gate.shape)
                              for _ in range(3))
     _triton_bwd(dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate,
                 dshift, dscale, gate.dim() == 3, launch=wrap_triton)
@@ -487,7 +487,7 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
         raise ValueError(f"scale: expected the shape of gate {tuple(gate.shape)}, "
                          f"got {tuple(scale.shape)}")
     tensors = (x, y, gate, shift, scale)
-    dtype = checks.compute_dtype(checks.LAYER_NORM, x.device.type, tensors)
+    dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
     if not (x.dtype is y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype):
         x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)
     impl = OP.resolve(backend, x.device, dtype, D, needs_grad(x, y, gate, shift, scale))

@@ -146,7 +146,7 @@ def triton_configs():
 def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
     B, N, D = x.shape
     if stats is None:  # the kernel stores them either way
-        stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
+        stats = x.new_empty((2, B, N), dtype=torch.float32)
     mean, rstd = stats[0], stats[1]
     block_d = _block(D)
     kernel, options = tuning.select(_layernorm_modulate_fwd_kernel,
@@ -166,8 +166,8 @@ def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token, launch=direc
     if per_token:
         grad_shift, grad_scale = dshift, dscale
     else:
-        grad_shift = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
-        grad_scale = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
+        grad_shift = x.new_empty((B, chunks, D), dtype=torch.float32)
+        grad_scale = x.new_empty((B, chunks, D), dtype=torch.float32)
     launch(kernel)[(B, chunks)](
         dy, x, scale, mean, rstd, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
@@ -253,7 +253,7 @@ def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
         out = torch.empty_like(x) if x.is_contiguous() else torch.empty(
             (B, N, D), dtype=x.dtype, device=x.device)
     # The rows' mean and rstd, for the backward; inference needs none.
-    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device) if keep_stats else None
+    stats = x.new_empty((2, B, N), dtype=torch.float32) if keep_stats else None
     if B * N > 0:
         with on_device(x):
             backend.forward(x, shift, scale, out, stats, eps)
@@ -261,9 +261,9 @@ def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
 
 
 def _backward(backend: Backend, dout, x, scale, stats):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
-    dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
+    dx = x.new_empty(x.shape)
+    dshift = x.new_empty(scale.shape)
+    dscale = x.new_empty(scale.shape)
     with on_device(x):
         OP.backward_launcher(backend, x.device)(dout.contiguous(), x, scale, stats, dx, dshift,
                                                 dscale, scale.dim() == 3)
@@ -369,8 +369,8 @@ layernorm_modulate_fwd.register_autograd(_backward_op, setup_context=_setup_cont
 def layernorm_modulate_triton(x: Tensor, shift: Tensor, scale: Tensor,
                               eps: float) -> tuple[Tensor, Tensor]:
     B, N, D = x.shape
-    out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    stats = torch.empty((2, B, N), dtype=torch.float32, device=x.device)
+    out = x.new_empty((B, N, D))
+    stats = x.new_empty((2, B, N), dtype=torch.float32)
     if B * N > 0:
         _triton_fwd(x, shift, scale, out, stats, eps, launch=wrap_triton)
     return out, stats
@@ -379,9 +379,9 @@ def layernorm_modulate_triton(x: Tensor, shift: Tensor, scale: Tensor,
 @triton_op("onestep::layernorm_modulate_triton_bwd", mutates_args=())
 def layernorm_modulate_triton_bwd(dy: Tensor, x: Tensor, scale: Tensor,
                                   stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dshift = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
-    dscale = torch.empty(scale.shape, dtype=x.dtype, device=x.device)
+    dx = x.new_empty(x.shape)
+    dshift = x.new_empty(scale.shape)
+    dscale = x.new_empty(scale.shape)
     _triton_bwd(dy.contiguous(), x, scale, stats, dx, dshift, dscale, scale.dim() == 3,
                 launch=wrap_triton)
     return dx, dshift, dscale
@@ -441,7 +441,7 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     if scale.shape != shift.shape:
         raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
                          f"got {tuple(scale.shape)}")
-    dtype = checks.compute_dtype(checks.LAYER_NORM, x.device.type, (x, shift, scale))
+    dtype = checks.compute_dtype(checks.LAYER_NORM, (x, shift, scale))
     if not (x.dtype is shift.dtype is scale.dtype is dtype):
         x, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
     grad = needs_grad(x, shift, scale)
