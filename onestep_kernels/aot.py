@@ -73,7 +73,8 @@ def compile_config(config, arch: int, aligned: bool = False):
     return triton.compile(
         ASTSource(fn=config.kernel, signature=signature, constexprs=config.constexprs,
                   attrs=attrs),
-        target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def compile_one(index: int, arch: int) -> Result:
@@ -150,9 +151,9 @@ def vector_problem(config, scalars: int) -> tuple[str, str]:
     return config.name, ""
 
 
-def run(archs=ARCHS, jobs: int = 2) -> list[Result]:
-    count = len(list(configs()))
-    tasks = [(i, arch) for i in range(count) for arch in archs]
+def run(archs=ARCHS, jobs: int = 2, only: str = "") -> list[Result]:
+    names = [c.name for c in configs()]
+    tasks = [(i, arch) for i, name in enumerate(names) if name.startswith(only) for arch in archs]
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(compile_one, *zip(*tasks)))
 
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--only", default="", help="configurations whose name starts so")
     parser.add_argument("--vectors", action="store_true",
                         help="instead: check that the memory-bound kernels' sm_90 PTX at DiT "
                              "widths moves 128-bit vectors")
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         failed = sum(1 for _, problem in checked if problem)
         print(f"{count - failed} passed, {failed} failed")
         return 1 if failed else 0
-    results = run(args.arch, args.jobs)
+    results = run(args.arch, args.jobs, args.only)
     for r in results:
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "SPILLS")
         print(f"sm_{r.arch} {r.name}: registers={r.registers} spill_stores={r.spill_stores} "

@@ -24,6 +24,7 @@ class KernelConfig:
     constexprs: dict
     num_warps: int
     fp32: tuple[str, ...] = ()
+    num_stages: int = 3  # Triton's default on NVIDIA GPUs
 
     def signature(self) -> dict[str, str]:
         signature = {}

@@ -8,7 +8,8 @@ kernel in `triton.autotune` over them, keyed on the row width (and, by Triton, t
 each width is timed once on the GPU it runs on. Under TRITON_INTERPRET=1 autotune cannot run
 (it needs a driver), so the first option is launched. Every option is in the compile-check
 registry (`triton_configs()` of each op, `python -m onestep_kernels.aot`), and
-tests/test_vector_width.py reads the sm_90 PTX of each at DiT widths for 128-bit accesses.
+`python -m onestep_kernels.aot --vectors` reads the sm_90 PTX of each at DiT widths for
+128-bit accesses. `select_tiles` does the same for kernels that tune tile shapes (attention).
 """
 
 from __future__ import annotations
@@ -50,5 +51,22 @@ def select(kernel, options: tuple[int, ...], key: tuple[str, ...]) -> tuple[Any,
     tuner = _AUTOTUNED.get(cache_key)
     if tuner is None:
         configs = [triton.Config({}, num_warps=w) for w in options]
+        tuner = _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(key))(kernel)
+    return tuner, {}
+
+
+def select_tiles(kernel, tiles: tuple[tuple[dict, int, int], ...],
+                 key: tuple[str, ...]) -> tuple[Any, dict]:
+    """Like `select`, over tiles given as (constexprs, num_warps, num_stages): the first
+    tile's settings as launch keywords where autotune cannot run, else an autotuner (the
+    launch then passes none of them, and a grid that depends on them is a function of the
+    chosen ones)."""
+    first, warps, stages = tiles[0]
+    if len(tiles) == 1 or triton_interpret():
+        return kernel, {**first, "num_warps": warps, "num_stages": stages}
+    cache_key = (kernel, tuple((tuple(sorted(c.items())), w, n) for c, w, n in tiles), key)
+    tuner = _AUTOTUNED.get(cache_key)
+    if tuner is None:
+        configs = [triton.Config(dict(c), num_warps=w, num_stages=n) for c, w, n in tiles]
         tuner = _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(key))(kernel)
     return tuner, {}

@@ -57,6 +57,12 @@ def test_attention_registry_covers_every_launch_config():
             cfg = attention._launch_config(head_dim, dtype)
             key = (name, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"])
             assert key in listed, (dtype, head_dim)
+            for tile, warps, stages in attention._forward_tiles(head_dim, dtype):
+                assert any(c.name.startswith(f"attention_fwd[{name},BLOCK_D={cfg['BLOCK_D']},")
+                           and c.constexprs["BLOCK_M"] == tile["BLOCK_M"]
+                           and c.constexprs["BLOCK_N"] == tile["BLOCK_N"]
+                           and (c.num_warps, c.num_stages) == (warps, stages)
+                           for c in attention.triton_configs()), (dtype, head_dim, tile)
 
 
 def test_signatures_are_derived_from_the_kernels():

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import checks, dispatch, native
+from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
@@ -200,20 +200,43 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "num_warps": warps}
 
 
+def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[dict, int, int], ...]:
+    """The forward's (BLOCK_M, BLOCK_N) tiles, warps and pipeline stages that autotune picks
+    from on a GPU, keyed on the sequence lengths and head dim: the fixed launch config first
+    (what the interpreter runs), then the larger tiles that flash attention's kernels use on
+    sm_80/sm_90 (query blocks of 64-128 rows, key blocks of 32-64; 128 rows need 8 warps, at
+    4 they spill), each free of spills for every head dim (onestep_kernels.aot). fp32 (IEEE
+    products) keeps its one small tile."""
+    cfg = _launch_config(head_dim, dtype)
+    fixed = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, cfg["num_warps"], 3)
+    if dtype == torch.float32:
+        return (fixed,)
+    larger = tuple(({"BLOCK_M": m, "BLOCK_N": n}, w, stages)
+                   for m, n, w, stages in ((64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)))
+    return (fixed,) + tuple(t for t in larger if t[0] != fixed[0] or t[1] != fixed[1])
+
+
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def triton_configs():
-    """Every (kernel, configuration) the launchers can pick, for onestep_kernels.aot."""
-    kernels = (("fwd", _attention_fwd_kernel), ("bwd_dkdv", _attention_bwd_dkdv_kernel),
-               ("bwd_dq", _attention_bwd_dq_kernel))
+    """Every (kernel, configuration) the launchers can pick (the forward's every tile),
+    for onestep_kernels.aot."""
+    backward = (("bwd_dkdv", _attention_bwd_dkdv_kernel), ("bwd_dq", _attention_bwd_dq_kernel))
     for dtype, name in _TRITON_DTYPES.items():
         block_d = 16
         while block_d <= (MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM):
+            ieee = dtype == torch.float32
+            for tile, warps, stages in _forward_tiles(block_d, dtype):
+                label = f"BLOCK_M={tile['BLOCK_M']},BLOCK_N={tile['BLOCK_N']},warps={warps}"
+                yield KernelConfig(f"attention_fwd[{name},BLOCK_D={block_d},{label}]",
+                                   _attention_fwd_kernel, name,
+                                   {**tile, "BLOCK_D": block_d, "IEEE": ieee}, warps,
+                                   fp32=("LSE",), num_stages=stages)
             cfg = _launch_config(block_d, dtype)
             constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                          "BLOCK_D": cfg["BLOCK_D"], "IEEE": dtype == torch.float32}
-            for kname, kernel in kernels:
+                          "BLOCK_D": cfg["BLOCK_D"], "IEEE": ieee}
+            for kname, kernel in backward:
                 yield KernelConfig(f"attention_{kname}[{name},BLOCK_D={block_d}]", kernel, name,
                                    constexprs, cfg["num_warps"], fp32=("LSE", "DELTA"))
             block_d *= 2
@@ -235,14 +258,17 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
 def _triton_fwd(q, k, v, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
-    cfg = _launch_config(Dh, q.dtype)
+    kernel, options = tuning.select_tiles(_attention_fwd_kernel, _forward_tiles(Dh, q.dtype),
+                                          ("N", "NK", "HEAD_DIM"))
     out = _new_output(q, "triton")
     lse = q.new_empty((B, H, N), dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
-    _attention_fwd_kernel[grid](
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
+        BLOCK_D=max(16, triton.next_power_of_2(Dh)), IEEE=q.dtype == torch.float32, **options)
     return out, lse
 
 
