@@ -28,6 +28,7 @@ from onestep_models.train import (
     load_weights,
     read_checkpoint_state,
     save_grid,
+    seed_everything,
     write_json_atomic,
 )
 
@@ -158,6 +159,7 @@ def _run_config(args, recipe: str) -> dict[str, Any]:
 def train(run: dict[str, Any], tcfg: TrainConfig, out: Path, device: torch.device,
           progress: bool) -> Trainer:
     dataset, num_classes = recipes.load_data(run["data"])
+    seed_everything(tcfg.seed)  # the networks' initialisation is part of the seeded run
     run = dict(run)
     run["model"] = recipes.model_kwargs(run.pop("model_size"), tuple(dataset[0][0].shape),
                                         num_classes, run.pop("fused"))

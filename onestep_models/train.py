@@ -11,13 +11,15 @@ The trainer adds what every recipe needs: AdamW, an EMA copy (used for samples a
 evaluation), checkpoints that survive a crash, exact resume, seeds, bf16 autocast on GPU,
 data parallelism under `torchrun`, a tqdm bar, JSON logs and PNG sample grids.
 
-Reproducibility: the batch order and every random draw of step s come from generators seeded
+Reproducibility: `seed_everything(seed)` before building the networks fixes their
+initialisation; the batch order and every random draw of step s come from generators seeded
 by (seed, s), so a resumed run computes exactly what the uninterrupted run would have. Under
-`torchrun` every process draws the randomness of the whole global batch and keeps its own
-rows; gradients are averaged across processes after each backward (an all-reduce of one flat
-buffer; not the `DistributedDataParallel` wrapper, whose forward hooks do not fit recipes that
-call their networks several times per step). So N processes compute the same update as one
-process with the same global batch, up to float summation order.
+`torchrun` the recipe's loss runs inside `DistributedDataParallel` (`StepLoss` makes the
+whole loss computation the module's forward, so a recipe may call its networks several times
+per step): DDP makes every replica rank 0's at the start and averages gradients in buckets
+that overlap the backward. Every process draws the randomness of the whole global batch and
+keeps its own rows, so N processes compute the same update as one process with the same
+global batch, up to float summation order, and the replicas stay bit-identical.
 """
 
 from __future__ import annotations
@@ -163,19 +165,28 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend)
 
 
-def average_gradients(params: list[nn.Parameter]) -> None:
-    rank, size = world()
-    if size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+def seed_everything(seed: int) -> None:
+    """Seed every generator that initialisation may draw from (Python, NumPy, torch on the CPU
+    and every GPU), so that networks built next are the same in every run with this seed."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class StepLoss(nn.Module):
+    """A recipe's loss as a module forward, for DistributedDataParallel: one forward per step,
+    however many times the recipe calls its networks inside it."""
+
+    def __init__(self, recipe: nn.Module):
+        super().__init__()
+        self.recipe = recipe
+
+    def forward(self, x1: Tensor, y: Tensor | None, rng: BatchRandom):
+        return self.recipe.loss(x1, y, rng)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -294,6 +305,12 @@ class Trainer:
         self.num_classes, self.progress = num_classes, progress
         self.dataset = dataset
         self.model = model.to(self.device)
+        self.step_loss: nn.Module = StepLoss(self.model)
+        if self.world_size > 1:  # broadcasts rank 0's parameters and buffers: equal replicas
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_loss = DistributedDataParallel(self.step_loss, device_ids=ids)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
@@ -342,10 +359,9 @@ class Trainer:
             group["lr"] = self._lr(step)
         use_amp = cfg.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss, logs = self.model.loss(x1, y, rng)
+            loss, logs = self.step_loss(x1, y, rng)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(self.params)
+        loss.backward()  # under DDP: gradients averaged over the processes
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
