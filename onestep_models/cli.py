@@ -21,6 +21,9 @@ import torch
 from onestep_kernels.cuda_graph import graph_networks
 from onestep_models import recipes
 from onestep_models.train import (
+    Interrupted,
+    NonFiniteError,
+    RunLocked,
     TrainConfig,
     Trainer,
     grid_inputs,
@@ -71,6 +74,12 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps whose loss or gradient is not finite (default: "
+                        "stop at the first, keeping the last checkpoint)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though settings that change the math differ from the "
+                        "run's (the change is logged)")
     if demo:
         p.add_argument("--eval-samples", type=_positive(int), default=DEMO["eval_samples"])
         return
@@ -157,7 +166,7 @@ def _run_config(args, recipe: str) -> dict[str, Any]:
 
 
 def train(run: dict[str, Any], tcfg: TrainConfig, out: Path, device: torch.device,
-          progress: bool) -> Trainer:
+          progress: bool, allow_config_change: bool = False) -> Trainer:
     dataset, num_classes = recipes.load_data(run["data"])
     seed_everything(tcfg.seed)  # the networks' initialisation is part of the seeded run
     run = dict(run)
@@ -165,7 +174,7 @@ def train(run: dict[str, Any], tcfg: TrainConfig, out: Path, device: torch.devic
                                         num_classes, run.pop("fused"))
     model = recipes.build(run)
     trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
-                      device=device, progress=progress)
+                      device=device, progress=progress, allow_config_change=allow_config_change)
     trainer.fit(resume=True)
     return trainer
 
@@ -266,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                                    warmup_steps=DEMO["warmup_steps"],
                                    grad_clip=DEMO["grad_clip"], ema_decay=DEMO["ema_decay"],
                                    seed=args.seed, checkpoint_every=max(1, args.steps // 4),
-                                   log_every=max(1, min(100, args.steps // 10)))
+                                   log_every=max(1, min(100, args.steps // 10)),
+                                   skip_nonfinite=args.skip_nonfinite)
                 run = {"recipe": "direct", "data": {"kind": "digits", "size": 8},
                        "options": {**recipes.default_options("direct"), "dt": DEMO["dt"]},
                        "model_size": DEMO["model"],
@@ -276,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                                    weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                                    grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every,
-                                   log_every=args.log_every)
+                                   log_every=args.log_every, skip_nonfinite=args.skip_nonfinite)
                 run = _run_config(args, recipe)
             start = time.perf_counter()
-            trainer = train(run, tcfg, args.out, device, progress=not args.no_progress)
+            trainer = train(run, tcfg, args.out, device, progress=not args.no_progress,
+                            allow_config_change=args.allow_config_change)
             if args.command == "demo" and trainer.rank == 0:
                 trained = time.perf_counter() - start
                 result = evaluate(args.out, args.eval_samples, 1, device)
@@ -318,12 +329,17 @@ def main(argv: list[str] | None = None) -> int:
             print_table(result)
             print(f"metrics written to {out}")
             return 0
-    except UsageError as err:
+    except (UsageError, FileNotFoundError, ValueError, RunLocked) as err:
+        # bad arguments, damaged or foreign files (CheckpointError), changed settings
+        # (ConfigChanged), a run directory in use
         print(f"onestep: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except NonFiniteError as err:
         print(f"onestep: error: {err}", file=sys.stderr)
-        return 2
+        return 1
+    except Interrupted as err:
+        print(f"onestep: {err}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import math
 import os
-import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,34 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-CHECKPOINT_DIR = "checkpoints"
+from onestep_models.run_dir import (  # noqa: F401 - re-exported: the trainer's file API
+    CHECKPOINT_DIR,
+    CheckpointError,
+    NonFiniteError,
+    RunLock,
+    RunLocked,
+    append_log,
+    latest_checkpoint,
+    load_optimizer,
+    load_weights,
+    read_checkpoint_state,
+    remove_temporaries,
+    save_checkpoint,
+    truncate_log,
+    write_json_atomic,
+)
+
+# Settings that may change when a run resumes: they do not alter what a step computes.
+FREE_SETTINGS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                 "grid_size", "skip_nonfinite")
+
+
+class ConfigChanged(ValueError):
+    """Resuming with settings that change the math, without allow_config_change."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint."""
 
 
 @dataclass
@@ -58,6 +87,7 @@ class TrainConfig:
     sample_every: int = 0          # 0: a grid only at the end
     grid_size: int = 10            # grid_size x grid_size samples per grid
     amp: bool = True               # bf16 autocast when training on CUDA
+    skip_nonfinite: int = 0        # steps with a non-finite loss/gradient tolerated (skipped)
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -66,8 +96,16 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        for name in ("warmup_steps", "sample_every", "skip_nonfinite"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite value > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
 
@@ -189,62 +227,6 @@ class StepLoss(nn.Module):
         return self.recipe.loss(x1, y, rng)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file and rename it over path (never a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_checkpoint(directory: Path, step: int, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, run_config: dict[str, Any],
-                    keep: int) -> Path:
-    """Write checkpoints/step_<8-digit step>/ (model and EMA weights as safetensors, optimiser
-    state, config and step) into a temporary directory, then rename it: a crash leaves either the
-    whole checkpoint or none. Keeps the newest `keep`."""
-    from safetensors.torch import save_file
-
-    root = directory / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, module in (("model", model), ("ema", ema)):
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                  str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": run_config}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint under directory (a run directory or its checkpoints/)."""
-    directory = Path(directory)
-    if (directory / "state.json").is_file():
-        return directory
-    root = directory / CHECKPOINT_DIR
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "state.json").read_text())
-
-
-def load_weights(module: nn.Module, checkpoint: Path, which: str = "ema") -> None:
-    from safetensors.torch import load_file
-
-    module.load_state_dict(load_file(str(checkpoint / f"{which}.safetensors")))
-
-
 # ---------------------------------------------------------------------------- images
 
 def save_grid(images: Tensor, path: str | Path, nrow: int) -> None:
@@ -286,13 +268,23 @@ def grid_inputs(shape: tuple[int, ...], num_classes: int, n: int, seed: int,
 # ---------------------------------------------------------------------------- the loop
 
 class Trainer:
-    """Trains `model` (a recipe) on `dataset`, writing into `out_dir`:
-    checkpoints/, log.jsonl (one line per `log_every` steps), grid_<sampler>.png."""
+    """Trains `model` (a recipe) on `dataset`, writing into `out_dir` (see
+    onestep_models.run_dir): checkpoints/, log.jsonl (one line per `log_every` steps),
+    grid_<sampler>.png.
+
+    Faults it survives: a second writer (the run directory's lock: RunLocked), a crash at any
+    moment (whole checkpoints only; resuming removes half-written ones and the log lines after
+    the checkpoint, and redoes the lost steps bit-identically), SIGINT/SIGTERM (stops at the
+    next step boundary, checkpoints, raises Interrupted), a non-finite loss or gradient (the
+    step is not applied; after `skip_nonfinite` of them NonFiniteError names the step, and no
+    checkpoint with a non-finite tensor is ever written), damaged checkpoints (skipped for the
+    newest intact one), and a resume whose settings would change the math (ConfigChanged,
+    unless `allow_config_change`, which logs the change)."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
                  out_dir: str | Path, run_config: dict[str, Any] | None = None,
                  num_classes: int = 0, device: str | torch.device | None = None,
-                 progress: bool = True):
+                 progress: bool = True, allow_config_change: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         init_distributed(self.device)
         self.rank, self.world_size = world()
@@ -303,6 +295,7 @@ class Trainer:
         self.run_config = dict(run_config or {})
         self.run_config["train"] = dataclasses.asdict(config)
         self.num_classes, self.progress = num_classes, progress
+        self.allow_config_change = allow_config_change
         self.dataset = dataset
         self.model = model.to(self.device)
         self.step_loss: nn.Module = StepLoss(self.model)
@@ -317,24 +310,47 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.sampler = EpochSampler(len(dataset), config.batch_size, config.seed)
         self.step = 0
+        self.seconds = 0.0   # training time over the run's life, resumes included
+        self.skipped = 0     # non-finite steps skipped in this process
+        self._stop_signal: int | None = None
 
     # -- state
+    def config_changes(self, saved: dict[str, Any]) -> list[str]:
+        """'key: old -> new' for each saved setting this run changes that alters the math."""
+        current = json_round_trip(self.run_config)
+        changes = []
+        for key in sorted(set(saved) | set(current)):
+            if key == "train":
+                old, new = saved.get("train", {}), current["train"]
+                for name in sorted(set(old) | set(new)):
+                    if name not in FREE_SETTINGS and old.get(name) != new.get(name):
+                        changes.append(f"train.{name}: {old.get(name)!r} -> {new.get(name)!r}")
+            elif saved.get(key) != current.get(key):
+                changes.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
+        return changes
+
     def resume(self) -> bool:
-        """Load the newest checkpoint in out_dir, if any; True when one was loaded."""
+        """Load the newest intact checkpoint in out_dir, if any; True when one was loaded."""
         checkpoint = latest_checkpoint(self.out_dir)
         if checkpoint is None:
             return False
         state = read_checkpoint_state(checkpoint)
-        saved = {k: v for k, v in state["config"].items() if k != "train"}
-        current = {k: v for k, v in self.run_config.items() if k != "train"}
-        if json.loads(json.dumps(current)) != saved:
-            raise ValueError(f"out_dir: {self.out_dir} holds a run with another configuration "
-                             f"({saved}); use a new directory")
+        changes = self.config_changes(state["config"])
+        if changes and not self.allow_config_change:
+            raise ConfigChanged(
+                f"--out: {self.out_dir} holds a run with other settings ({'; '.join(changes)});"
+                " resume with the same settings, pass --allow-config-change to change them, "
+                "or use a new directory")
         load_weights(self.model, checkpoint, "model")
         load_weights(self.ema, checkpoint, "ema")
-        self.optimizer.load_state_dict(
-            torch.load(checkpoint / "optimizer.pt", map_location=self.device))
+        load_optimizer(self.optimizer, checkpoint, self.device)
         self.step = state["step"]
+        self.seconds = float(state.get("seconds", 0.0))
+        if changes and self.rank == 0:
+            append_log(self.out_dir / "log.jsonl",
+                       {"step": self.step, "event": "config_change", "changes": changes})
+            print(f"onestep: resuming step {self.step} with changed settings: "
+                  f"{'; '.join(changes)}", file=sys.stderr)
         return True
 
     def _lr(self, step: int) -> float:
@@ -347,6 +363,8 @@ class Trainer:
 
     # -- one step
     def train_step(self) -> dict[str, float]:
+        """One optimisation step. A step whose loss or gradient is not finite (on any
+        process) is not applied; past `skip_nonfinite` of them, NonFiniteError."""
         cfg, step = self.config, self.step
         self.model.train()
         idx = self.sampler.indices(step)[self._rows()]
@@ -362,8 +380,27 @@ class Trainer:
             loss, logs = self.step_loss(x1, y, rng)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over the processes
+        grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        # one host sync for the loss, the norm and whether any process saw a non-finite loss
+        local_bad = (~torch.isfinite(loss.detach())).float()
+        if self.world_size > 1:
+            dist.all_reduce(local_bad, op=dist.ReduceOp.MAX)
+        loss_value, norm_value, bad = torch.stack(
+            [loss.detach().float(), norm.float(), local_bad]).tolist()
+        self.step += 1
+        if bad or not math.isfinite(norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            if self.skipped > cfg.skip_nonfinite:
+                raise NonFiniteError(
+                    f"step {self.step}: the loss ({loss_value}) or gradient norm ({norm_value})"
+                    " is not finite; the step was not applied and the last checkpoint is "
+                    "intact (lower --lr, or tolerate a few with --skip-nonfinite N)")
+            return {"loss": loss_value, "grad_norm": norm_value, "skipped": self.skipped}
         self.optimizer.step()
         with torch.no_grad():
             # EMA with the usual warm-up: decay min(d, (1 + s) / (10 + s)) so that early
@@ -373,8 +410,8 @@ class Trainer:
                 e.lerp_(p.detach(), 1 - decay)
             for e, b in zip(self.ema.buffers(), self.model.buffers()):
                 e.copy_(b)
-        self.step += 1
-        return {"loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
+        return {"loss": loss_value, "grad_norm": norm_value,
+                **{k: float(v) for k, v in logs.items()}}
 
     # -- outputs
     def write_grids(self, tag: str = "") -> list[Path]:
@@ -387,7 +424,9 @@ class Trainer:
         paths = []
         for name, sample in self.ema.samplers().items():
             path = self.out_dir / f"grid_{name}{tag}.png"
-            save_grid(sample(x0, y), path, cfg.grid_size)
+            tmp = path.with_name(f".tmp_{path.name}")
+            save_grid(sample(x0, y), tmp, cfg.grid_size)
+            os.replace(tmp, path)
             paths.append(path)
         return paths
 
@@ -396,39 +435,79 @@ class Trainer:
         if self.rank == 0:
             path = save_checkpoint(self.out_dir, self.step, self.model, self.ema,
                                    self.optimizer, self.run_config,
-                                   self.config.keep_checkpoints)
+                                   self.config.keep_checkpoints, self.seconds)
         if self.world_size > 1:
             dist.barrier()
         return path
 
+    # -- the run
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        stop = torch.tensor(float(self._stop_signal is not None))
+        if self.world_size > 1:  # every process stops at the same step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
     def fit(self, resume: bool = True) -> dict[str, float]:
-        """Train to `config.steps`, resuming from out_dir's newest checkpoint if asked."""
+        """Train to `config.steps`, resuming from out_dir's newest intact checkpoint if
+        asked; see the class docstring for the faults it handles."""
+        lock = RunLock(self.out_dir).acquire() if self.rank == 0 else None
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._fit(resume)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume: bool) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.out_dir / "log.jsonl"
+        if self.rank == 0:
+            remove_temporaries(self.out_dir)  # left by a crash mid-checkpoint
         if resume:
             self.resume()
+        if self.rank == 0:
+            truncate_log(log_path, self.step)  # steps after the checkpoint are redone
         torch.manual_seed(_step_seed(cfg.seed, self.step, 3))
-        log_path = self.out_dir / "log.jsonl"
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank,
                    desc="train", dynamic_ncols=True)
         logs: dict[str, float] = {}
-        start = time.perf_counter()
+        start, offset = time.perf_counter(), self.seconds
         while self.step < cfg.steps:
             logs = self.train_step()
+            self.seconds = offset + time.perf_counter() - start
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 logs.update(step=self.step, lr=self._lr(self.step - 1),
-                            seconds=round(time.perf_counter() - start, 2))
+                            seconds=round(self.seconds, 2))
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 if self.rank == 0:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(logs) + "\n")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    append_log(log_path, logs)
+            stop = self._stop_requested()
+            if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.checkpoint()
+            if stop:
+                bar.close()
+                raise Interrupted(f"interrupted at step {self.step}; run the same command to "
+                                  "resume")
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.write_grids(f"_step{self.step:08d}")
         bar.close()
         self.write_grids()
         return logs
+
+
+def json_round_trip(value: Any) -> Any:
+    """value as it reads back from JSON (tuples become lists), for comparisons."""
+    import json
+
+    return json.loads(json.dumps(value))

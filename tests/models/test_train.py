@@ -98,7 +98,7 @@ def test_checkpoints_are_complete_or_absent(tmp_path):
 def test_resume_refuses_another_configuration(tmp_path):
     make_trainer(tmp_path, 2, "direct", checkpoint_every=2).fit()
     other = make_trainer(tmp_path, 4, "flow")
-    with pytest.raises(ValueError, match="out_dir"):
+    with pytest.raises(train.ConfigChanged, match="recipe: 'direct' -> 'flow'"):
         other.resume()
 
 

@@ -1,0 +1,288 @@
+"""Training runs that survive faults: non-finite steps, changed settings, damaged files, a
+second writer, signals, crashes at any moment (issue "Training runs that survive faults")."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import make_trainer, weights
+
+from onestep_models import run_dir, train
+
+
+def strict_json_lines(path):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def poison_loss_from(trainer, step):
+    """The recipe's loss becomes NaN from `step` (1-based) on."""
+    recipe, original = trainer.model, trainer.model.loss
+
+    def loss(x1, y, rng):
+        value, logs = original(x1, y, rng)
+        return (value * float("nan") if trainer.step + 1 >= step else value), logs
+    recipe.loss = loss
+
+
+# ---- non-finite values never reach a checkpoint ------------------------------------------------
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path):
+    trainer = make_trainer(tmp_path, 8, checkpoint_every=2)
+    poison_loss_from(trainer, 5)
+    with pytest.raises(train.NonFiniteError, match="step 5"):
+        trainer.fit()
+    names = sorted(p.name for p in (tmp_path / train.CHECKPOINT_DIR).iterdir())
+    assert names == ["step_00000002", "step_00000004"]
+    for name in names:  # verified and finite
+        run_dir.verify_checkpoint(tmp_path / train.CHECKPOINT_DIR / name)
+        for t in load_file(tmp_path / train.CHECKPOINT_DIR / name / "model.safetensors").values():
+            assert torch.isfinite(t).all()
+    strict_json_lines(tmp_path / "log.jsonl")
+
+
+def test_skip_nonfinite_tolerates_a_few_steps(tmp_path):
+    trainer = make_trainer(tmp_path, 4, checkpoint_every=2)
+    trainer.config.skip_nonfinite = 1
+    original = trainer.model.loss
+
+    def loss(x1, y, rng):  # only step 3 is bad
+        value, logs = original(x1, y, rng)
+        return (value * float("nan") if trainer.step + 1 == 3 else value), logs
+    trainer.model.loss = loss
+    trainer.fit()
+    assert trainer.step == 4 and trainer.skipped == 1
+    lines = strict_json_lines(tmp_path / "log.jsonl")
+    assert lines[2]["loss"] is None and lines[2]["skipped"] == 1  # strict JSON: null
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    trainer = make_trainer(tmp_path, 2)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("inf"))
+    with pytest.raises(train.NonFiniteError, match="not finite"):
+        trainer.checkpoint()
+    assert not list((tmp_path / train.CHECKPOINT_DIR).glob("step_*"))
+
+
+def test_non_finite_weights_are_refused_when_loading(tmp_path):
+    trainer = make_trainer(tmp_path, 2, checkpoint_every=2)
+    trainer.fit()
+    path = train.latest_checkpoint(tmp_path) / "ema.safetensors"
+    from safetensors.torch import save_file
+    tensors = load_file(path)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] * float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(run_dir.CheckpointError, match="non-finite"):
+        run_dir.load_weights(trainer.ema, path.parent, "ema")
+
+
+def test_bad_training_settings_are_refused():
+    for kwargs, name in (({"lr": float("inf")}, "lr"), ({"warmup_steps": -5}, "warmup_steps"),
+                         ({"grad_clip": -1.0}, "grad_clip"), ({"weight_decay": -1.0},
+                                                              "weight_decay")):
+        with pytest.raises(ValueError, match=name):
+            train.TrainConfig(**kwargs)
+
+
+# ---- a resume compares the whole configuration -------------------------------------------------
+
+def test_resume_refuses_a_changed_learning_rate_unless_allowed(tmp_path):
+    make_trainer(tmp_path, 2, checkpoint_every=2).fit()
+    changed = make_trainer(tmp_path, 4)
+    changed.config.lr = 0.5
+    changed.run_config["train"]["lr"] = 0.5
+    with pytest.raises(train.ConfigChanged, match=r"train\.lr: 0\.001 -> 0\.5"):
+        changed.fit()
+    longer = make_trainer(tmp_path, 3, checkpoint_every=3)  # more steps: free
+    longer.fit()
+    assert longer.step == 3
+    allowed = make_trainer(tmp_path, 4, checkpoint_every=4)
+    allowed.config.lr = 0.5
+    allowed.run_config["train"]["lr"] = 0.5
+    allowed.allow_config_change = True
+    allowed.fit()
+    events = [e for e in strict_json_lines(tmp_path / "log.jsonl") if e.get("event")]
+    assert events and "train.lr" in events[0]["changes"][0]
+
+
+# ---- damaged files ----------------------------------------------------------------------------
+
+def two_checkpoints(tmp_path):
+    make_trainer(tmp_path, 4, checkpoint_every=2).fit()
+    root = tmp_path / train.CHECKPOINT_DIR
+    return root / "step_00000002", root / "step_00000004"
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda c: (c / "ema.safetensors").write_bytes((c / "ema.safetensors").read_bytes()[:100]),
+     "ema.safetensors: 100 bytes"),
+    (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt"),
+    (lambda c: (c / "state.json").write_text('{"step": 4, "con'), "state.json: truncated"),
+    (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),
+])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys, damage, match):
+    older, newer = two_checkpoints(tmp_path)
+    damage(newer)
+    assert train.latest_checkpoint(tmp_path) == older
+    assert match in capsys.readouterr().err
+    resumed = make_trainer(tmp_path, 4, checkpoint_every=2)
+    assert resumed.resume() and resumed.step == 2
+    with pytest.raises(run_dir.CheckpointError, match=match.split(":")[0]):
+        train.latest_checkpoint(newer)  # asked for that one: refused, naming the file
+
+
+def test_weights_of_another_model_are_named(tmp_path):
+    from onestep_models import recipes
+    from test_train import tiny_run
+
+    make_trainer(tmp_path, 2, checkpoint_every=2).fit()
+    run = tiny_run()
+    run["model"]["hidden_size"] = 64
+    with pytest.raises(run_dir.CheckpointError, match=r"another model: .* is \(.*\) in the file"):
+        run_dir.load_weights(recipes.build(run), train.latest_checkpoint(tmp_path), "ema")
+
+
+def test_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
+    from onestep_models import cli
+
+    older, newer = two_checkpoints(tmp_path)
+    for c in (older, newer):
+        (c / "ema.safetensors").write_bytes(b"\0" * 10)
+    code = cli.main(["sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ema.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "s.png").exists()
+
+
+# ---- one writer per run -----------------------------------------------------------------------
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    with run_dir.RunLock(tmp_path):
+        trainer = make_trainer(tmp_path, 2)
+        with pytest.raises(train.RunLocked, match=f"pid {os.getpid()}"):
+            trainer.fit()
+    make_trainer(tmp_path, 2).fit()  # released: the next run proceeds
+
+
+# ---- signals and crashes ----------------------------------------------------------------------
+
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, 8, checkpoint_every=100)
+    original = trainer.train_step
+
+    def step_then_signal():
+        logs = original()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only records it
+        return logs
+    trainer.train_step = step_then_signal
+    with pytest.raises(train.Interrupted, match="interrupted at step 3"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert train.latest_checkpoint(tmp_path).name == "step_00000003"
+    resumed = make_trainer(tmp_path, 8, checkpoint_every=100)
+    resumed.fit()
+    full = make_trainer(tmp_path / "full", 8, checkpoint_every=100)
+    full.fit()
+    for k, v in weights(full.model).items():
+        assert torch.equal(weights(resumed.model)[k], v), k
+
+
+def test_resume_removes_temporaries_and_truncates_the_log(tmp_path):
+    make_trainer(tmp_path, 4, checkpoint_every=2).fit()
+    root = tmp_path / train.CHECKPOINT_DIR
+    run_dir.remove_temporaries(tmp_path)
+    import shutil
+    shutil.rmtree(root / "step_00000004")  # as if killed after step 4's log line
+    (root / ".tmp_step_00000004_99").mkdir()
+    with (tmp_path / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a torn line
+    resumed = make_trainer(tmp_path, 4, checkpoint_every=2)
+    resumed.fit()
+    assert not list(root.glob(".tmp_*"))
+    steps = [e["step"] for e in strict_json_lines(tmp_path / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    seconds = [e["seconds"] for e in strict_json_lines(tmp_path / "log.jsonl")]
+    assert seconds == sorted(seconds)  # the clock continues across the resume
+
+
+CLI_RUN = ["-m", "onestep_models.cli", "train", "direct", "--steps", "{steps}", "--batch-size",
+           "8", "--no-progress", "--checkpoint-every", "2", "--log-every", "1", "--device", "cpu"]
+
+
+def cli_run(out, steps, env=None):
+    args = [a.format(steps=steps) for a in CLI_RUN]
+    return subprocess.Popen([sys.executable, *args, "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigint_from_outside_exits_130_with_a_checkpoint(tmp_path):
+    proc = cli_run(tmp_path, 400)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert train.latest_checkpoint(tmp_path).name == f"step_{step:08d}"
+    assert not list((tmp_path / train.CHECKPOINT_DIR).glob(".tmp_*"))
+
+
+def logged_steps(out):
+    try:
+        return (out / "log.jsonl").read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_runs_killed_at_random_points_resume_to_the_same_weights(tmp_path):
+    """Fault injection: a run SIGKILLed once inside a checkpoint write (the test hook) and
+    then at seeded pseudo-random steps (after 1-5 more logged steps each time), resumed each
+    time, ends bit-identical to a run that was never interrupted, with every step logged
+    once and no temporary left."""
+    import random
+
+    steps = 24
+    full = cli_run(tmp_path / "full", steps)
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    out, rng, kills = tmp_path / "killed", random.Random(12), []
+    proc = cli_run(out, steps, {"ONESTEP_TEST_KILL_IN_CHECKPOINT": "6"})
+    kills.append(("inside checkpoint 6", proc.wait(timeout=300)))
+    assert list((out / train.CHECKPOINT_DIR).glob(".tmp_step_00000006_*"))
+    while len(kills) < 6:
+        target = logged_steps(out) + rng.randint(1, 5)
+        proc = cli_run(out, steps)
+        while proc.poll() is None and logged_steps(out) < target:
+            time.sleep(0.02)
+        proc.kill()
+        code = proc.wait()
+        kills.append((f"after logged step {logged_steps(out)}", code))
+        if code == 0:
+            break
+    final = cli_run(out, steps)
+    assert final.wait(timeout=300) == 0, final.stderr.read()
+    print("kills:", kills)
+    assert sum(1 for _, code in kills if code == -signal.SIGKILL) >= 4, kills
+    a = load_file(train.latest_checkpoint(tmp_path / "full") / "model.safetensors")
+    b = load_file(train.latest_checkpoint(out) / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps_logged = [e["step"] for e in strict_json_lines(out / "log.jsonl")]
+    assert steps_logged == list(range(1, steps + 1))
+    assert not list((out / train.CHECKPOINT_DIR).glob(".tmp_*"))
