@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ class RunLock:
         self.path = Path(directory) / LOCK_FILE
         self._file = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
         try:
@@ -83,7 +83,7 @@ class RunLock:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -142,8 +141,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys, dam
 
 
 def test_weights_of_another_model_are_named(tmp_path):
-    from onestep_models import recipes
     from test_train import tiny_run
+
+    from onestep_models import recipes
 
     make_trainer(tmp_path, 2, checkpoint_every=2).fit()
     run = tiny_run()
