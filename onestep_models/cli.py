@@ -11,6 +11,8 @@ Bad arguments and missing files end with a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 
 from onestep_kernels.cuda_graph import graph_networks
 from onestep_models import recipes
+from onestep_models.run_dir import run_directory
 from onestep_models.train import (
     Interrupted,
     NonFiniteError,
@@ -51,16 +54,28 @@ DEMO = dict(model="tiny", steps=3000, batch_size=128, lr=1e-3, warmup_steps=200,
             ema_decay=0.999, dt=0.05, eval_samples=1000)
 
 
-def _positive(kind):
+def _number(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` in [low, high] (open ends where asked); argparse puts
+    the flag's name before the message."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"expected {'>' if low_open else '>='} {low}, "
+                                             f"got {text}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"expected {'<' if high_open else '<='} {high}, "
+                                             f"got {text}")
         return value
     return parse
+
+
+def _positive(kind):
+    return _number(kind, 0, low_open=True)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -68,15 +83,19 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    default=Path("runs/demo") if demo else None,
                    help="run directory (checkpoints, logs, grids); an existing run resumes")
     p.add_argument("--steps", type=_positive(int), default=DEMO["steps"] if demo else 1000)
-    p.add_argument("--batch-size", type=_positive(int), default=DEMO["batch_size"])
+    p.add_argument("--batch-size", type=_positive(int), default=DEMO["batch_size"],
+                   help="global batch, over all processes")
     p.add_argument("--lr", type=_positive(float), default=DEMO["lr"] if demo else 5e-5,
-                   help="AdamW learning rate (the Direct Models paper: 5e-5)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="AdamW learning rate" + ("" if demo else " (the Direct Models paper's)"))
+    p.add_argument("--seed", type=int, default=0,
+                   help="fixes the networks' initialisation and every random draw")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
-                   help="skip up to N steps whose loss or gradient is not finite (default: "
-                        "stop at the first, keeping the last checkpoint)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of a progress bar (also when stderr is not a "
+                        "terminal)")
+    p.add_argument("--skip-nonfinite", type=_number(int, 0), default=0, metavar="N",
+                   help="skip up to N steps whose loss or gradient is not finite (0: stop at "
+                        "the first, keeping the last checkpoint)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings that change the math differ from the "
                         "run's (the change is logged)")
@@ -87,19 +106,25 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="'digits' (embedded) or an image folder (one subfolder per class)")
     p.add_argument("--size", type=_positive(int), default=None,
                    help="image side (digits: 8; folders: required)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                   help="image folders: grey or colour")
     p.add_argument("--vae", type=Path, default=None,
-                   help="local AutoencoderKL directory: train on its cached latents")
+                   help="image folders: a local AutoencoderKL directory; train on its latents")
     p.add_argument("--model", default="tiny", choices=list(recipes.MODEL_SIZES))
     p.add_argument("--unfused", action="store_true", help="reference DiT blocks, not fused")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--grad-clip", type=float, default=0.0)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
+    p.add_argument("--weight-decay", type=_number(float, 0), default=0.0)
+    p.add_argument("--warmup-steps", type=_number(int, 0), default=0,
+                   help="linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=_number(float, 0), default=0.0,
+                   help="max gradient norm (0: no clipping)")
+    p.add_argument("--ema", type=_number(float, 0, 1, high_open=True), default=0.999,
+                   help="EMA decay")
     p.add_argument("--checkpoint-every", type=_positive(int), default=500)
     p.add_argument("--log-every", type=_positive(int), default=50)
-    p.add_argument("--class-dropout", type=float, default=0.1)
-    p.add_argument("--dt", type=float, default=0.01, help="direct: the propagation step")
+    p.add_argument("--class-dropout", type=_number(float, 0, 1), default=0.1,
+                   help="probability of the null label (classifier-free guidance)")
+    p.add_argument("--dt", type=_number(float, 0, 0.5, low_open=True, high_open=True),
+                   default=0.01, help="direct: the propagation step")
     p.add_argument("--no-stop-gradient", action="store_true",
                    help="direct: the paper's ablation without stop-gradient")
     p.add_argument("--parametrization", choices=("residual", "plain"), default="residual",
@@ -109,13 +134,18 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="onestep", description="One-step image generators on fused DiT kernels.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    train = sub.add_parser("train", help="train a recipe")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    train = sub.add_parser("train", help="train a recipe", **defaults)
     train.add_argument("recipe", choices=recipes.RECIPES)
     _add_train_arguments(train, demo=False)
-    demo = sub.add_parser("demo", help="train a Direct Model on digits, then evaluate it")
+    demo = sub.add_parser("demo", help="train a Direct Model on digits, then evaluate it",
+                          **defaults)
     _add_train_arguments(demo, demo=True)
-    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
-    sample.add_argument("--ckpt", type=Path, required=True, help="run or checkpoint directory")
+    sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint",
+                            **defaults)
+    sample.add_argument("--ckpt", type=Path, required=True,
+                        help="a run, its checkpoints/ folder or one checkpoint (the newest "
+                             "intact one is used)")
     sample.add_argument("--out", type=Path, required=True, help="PNG file")
     sample.add_argument("--sampler", default=None, help="default: the recipe's first")
     sample.add_argument("--num", type=_positive(int), default=100)
@@ -123,12 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None)
     sample.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, call the networks eagerly instead of replaying CUDA graphs")
-    ev = sub.add_parser("eval", help="digits-FD, class accuracy, FID and straightness")
-    ev.add_argument("--ckpt", type=Path, required=True, help="run or checkpoint directory")
+    ev = sub.add_parser("eval", help="digits-FD, class accuracy, FID and straightness",
+                        **defaults)
+    ev.add_argument("--ckpt", type=Path, required=True,
+                    help="a run, its checkpoints/ folder or one checkpoint")
     ev.add_argument("--num", type=_positive(int), default=1000, help="samples per sampler")
     ev.add_argument("--inception", type=Path, default=None,
                     help="pytorch-fid Inception weights (.pth) for FID on 3-channel images")
-    ev.add_argument("--out", type=Path, default=None, help="default: <run>/metrics.json")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="JSON file (default: metrics.json in the run directory)")
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--device", default=None)
     return parser
@@ -144,8 +177,39 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Before any work: `path` is (or can be made) a writable directory."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: {path} exists and is not a directory")
+    base = _existing_ancestor(path)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write into {base}")
+
+
+def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+    """Before any work: `path` names a file with a known extension in a writable directory."""
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{flag}: expected a file name ending in {' or '.join(suffixes)}, "
+                         f"got {path}")
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a directory")
+    if not path.parent.absolute().is_dir():
+        raise UsageError(f"{flag}: no such directory: {path.parent}")
+    if not os.access(path.parent.absolute(), os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write into {path.parent}")
+
+
 def _run_config(args, recipe: str) -> dict[str, Any]:
     if args.data == "digits":
+        if args.vae is not None:
+            raise UsageError("--vae: digits are trained as images; --vae needs --data FOLDER")
         data = {"kind": "digits", "size": args.size or 8}
     else:
         if not Path(args.data).is_dir():
@@ -288,9 +352,18 @@ def main(argv: list[str] | None = None) -> int:
                                    checkpoint_every=args.checkpoint_every,
                                    log_every=args.log_every, skip_nonfinite=args.skip_nonfinite)
                 run = _run_config(args, recipe)
+            check_output_dir(args.out, "--out")
             start = time.perf_counter()
             trainer = train(run, tcfg, args.out, device, progress=not args.no_progress,
                             allow_config_change=args.allow_config_change)
+            if trainer.rank == 0:
+                done = trainer.step - trainer.start_step
+                seconds = time.perf_counter() - start
+                print(f"trained {done} steps ({trainer.start_step} -> {trainer.step}) in "
+                      f"{seconds:.1f} s, {done * tcfg.batch_size / max(seconds, 1e-9):.0f} "
+                      f"images/s; checkpoints, log.jsonl and grids in {args.out}"
+                      if done else f"nothing to train: {args.out} is at step {trainer.step} "
+                      f"(--steps {tcfg.steps})")
             if args.command == "demo" and trainer.rank == 0:
                 trained = time.perf_counter() - start
                 result = evaluate(args.out, args.eval_samples, 1, device)
@@ -300,14 +373,20 @@ def main(argv: list[str] | None = None) -> int:
                 write_json_atomic(args.out / "metrics.json", result)
                 print_table(result)
                 bar = result["quality_bar"]
-                print(f"direct 1-step FD / Euler 1-step FD = "
+                verdict = {True: "PASS", False: "FAIL"}
+                print(f"{verdict[bar['fd_ratio_ok']]}: direct 1-step FD / Euler 1-step FD = "
                       f"{bar['fd_ratio_direct_over_euler1']:.3f} (bar: <= 0.333)\n"
-                      f"direct 1-step accuracy / Euler 128-step accuracy = "
-                      f"{bar['accuracy_ratio_direct_over_euler128']:.3f} (bar: >= 0.8)\n"
+                      f"{verdict[bar['accuracy_ratio_ok']]}: direct 1-step accuracy / Euler "
+                      f"128-step accuracy = {bar['accuracy_ratio_direct_over_euler128']:.3f} "
+                      f"(bar: >= 0.8)\n"
                       f"grids and metrics.json in {args.out}; "
                       f"{result['total_seconds']:.0f} s in all")
+                if not (bar["fd_ratio_ok"] and bar["accuracy_ratio_ok"]):
+                    return 1
             return 0
         if args.command == "sample":
+            check_output_file(args.out, "--out", (".png",))
+            start = time.perf_counter()
             model, run, _ = load_run(args.ckpt, device)
             graph_networks(model, enabled=device.type == "cuda" and not args.no_cuda_graph)
             samplers = model.samplers()
@@ -319,15 +398,21 @@ def main(argv: list[str] | None = None) -> int:
                                 device)
             images = _to_images(run, device)(samplers[name](x0, y))
             save_grid(images, args.out, nrow=max(1, round(args.num ** 0.5)))
-            print(f"{args.num} samples ({name}) written to {args.out}")
+            print(f"{args.num} samples ({name}) written to {args.out} in "
+                  f"{time.perf_counter() - start:.1f} s")
             return 0
         if args.command == "eval":
+            if not args.ckpt.exists():
+                raise UsageError(f"--ckpt: no such file or directory: {args.ckpt}")
+            out = args.out or run_directory(args.ckpt) / "metrics.json"
+            check_output_file(out, "--out", (".json",))
+            if args.inception is not None and not args.inception.is_file():
+                raise UsageError(f"--inception: no such file: {args.inception}")
+            start = time.perf_counter()
             result = evaluate(args.ckpt, args.num, args.seed, device, args.inception)
-            run_dir = args.ckpt if args.ckpt.is_dir() else args.ckpt.parent
-            out = args.out or run_dir / "metrics.json"
             write_json_atomic(out, result)
             print_table(result)
-            print(f"metrics written to {out}")
+            print(f"metrics written to {out} in {time.perf_counter() - start:.1f} s")
             return 0
     except (UsageError, FileNotFoundError, ValueError, RunLocked) as err:
         # bad arguments, damaged or foreign files (CheckpointError), changed settings

@@ -149,6 +149,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.fused = fused
+        self.input_size = input_size
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -199,8 +200,10 @@ class DiT(nn.Module):
         return self._forward(x, t, y, drop_labels=self.training)
 
     def _forward(self, x: Tensor, t: Tensor, y: Tensor | None, drop_labels: bool) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        side = self.input_size
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, side, side):
+            raise ValueError(f"x: expected (B, {self.in_channels}, {side}, {side}), got "
+                             f"{tuple(x.shape)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
         c = self.t_embedder(t)
@@ -208,11 +211,27 @@ class DiT(nn.Module):
             if y is None or y.shape != (x.shape[0],):
                 raise ValueError(f"y: expected ({x.shape[0]},) labels for a class-conditional "
                                  f"DiT, got {None if y is None else tuple(y.shape)}")
+            self._check_labels(y)
             c = c + self.y_embedder(y, drop_labels)
         h = (self.x_embedder(x) + self.pos_embed).contiguous()  # tokens as rows of hidden_size
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))
+
+    def _check_labels(self, y: Tensor) -> None:
+        """Labels in 0..num_classes (num_classes is the null class). On the CPU a plain check;
+        on a GPU an asynchronous device-side assert (no host sync: forwards stay
+        CUDA-graph safe); the meta device has no values to check."""
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise TypeError(f"y: expected integer labels, got {y.dtype}")
+        top = self.num_classes
+        if y.device.type == "cpu":
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
+                raise ValueError(f"y: labels must be in 0..{top} ({top} is the null class), "
+                                 f"got {int(y.min())}..{int(y.max())}")
+        elif y.is_cuda:
+            torch._assert_async(((y >= 0) & (y <= top)).all(),
+                                f"y: labels must be in 0..{top} ({top} is the null class)")
 
     @classmethod
     def from_diffusers(cls, model, fused: bool = True) -> "DiT":

@@ -312,6 +312,7 @@ class Trainer:
         self.step = 0
         self.seconds = 0.0   # training time over the run's life, resumes included
         self.skipped = 0     # non-finite steps skipped in this process
+        self.start_step = 0  # where this process's fit() began
         self._stop_signal: int | None = None
 
     # -- state
@@ -477,9 +478,14 @@ class Trainer:
             self.resume()
         if self.rank == 0:
             truncate_log(log_path, self.step)  # steps after the checkpoint are redone
+        self.start_step = self.step
+        if self.step >= cfg.steps:
+            return {}  # a finished run: nothing to redo, its grids stay as they are
         torch.manual_seed(_step_seed(cfg.seed, self.step, 3))
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank,
-                   desc="train", dynamic_ncols=True)
+        # a bar for a terminal; plain lines for files and pipes (and with progress=False)
+        use_bar = self.progress and self.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not use_bar, desc="train",
+                   dynamic_ncols=True)
         logs: dict[str, float] = {}
         start, offset = time.perf_counter(), self.seconds
         while self.step < cfg.steps:
@@ -492,6 +498,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 if self.rank == 0:
                     append_log(log_path, logs)
+                    if not use_bar:
+                        print(f"step {self.step}/{cfg.steps}  loss {logs['loss']:.4g}  "
+                              f"{self.seconds:.1f} s", flush=True)
             stop = self._stop_requested()
             if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.checkpoint()

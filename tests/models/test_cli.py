@@ -45,10 +45,13 @@ def test_train_sample_eval(tmp_path, capsys):
 def test_demo_tiny(tmp_path, capsys):
     code, stdout, err = run(capsys, "demo", "--out", str(tmp_path), "--steps", "2",
                             "--eval-samples", "20", "--no-progress")
-    assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["quality_bar"]) >= {"fd_ratio_ok", "accuracy_ratio_ok"}
+    bar = metrics["quality_bar"]
+    assert set(bar) >= {"fd_ratio_ok", "accuracy_ratio_ok"}
     assert "bar: <= 0.333" in stdout
+    # two steps do not pass the bar: the demo says FAIL and exits non-zero
+    failed = not (bar["fd_ratio_ok"] and bar["accuracy_ratio_ok"])
+    assert ("FAIL:" in stdout) == failed and code == (1 if failed else 0), err
     for name in ("direct_1step", "flow_euler_1step", "flow_euler_128step"):
         assert (tmp_path / f"grid_{name}.png").is_file()
 
@@ -61,6 +64,14 @@ def test_demo_tiny(tmp_path, capsys):
     (["sample", "--ckpt", "/no/such/run", "--out", "x.png"], "--ckpt"),
     (["eval", "--ckpt", "/no/such/run"], "--ckpt"),
     (["train", "direct", "--out", "x", "--device", "tpu"], "--device"),
+    (["train", "direct", "--out", "x", "--class-dropout", "2"], "--class-dropout"),
+    (["train", "direct", "--out", "x", "--warmup-steps", "-5"], "--warmup-steps"),
+    (["train", "direct", "--out", "x", "--grad-clip", "-1"], "--grad-clip"),
+    (["train", "direct", "--out", "x", "--lr", "inf"], "--lr"),
+    (["train", "direct", "--out", "x", "--ema", "1"], "--ema"),
+    (["train", "direct", "--out", "x", "--vae", "/nonexistent"], "--vae"),
+    (["train", "direct", "--out", "x", "--skip-nonfinite", "-1"], "--skip-nonfinite"),
+    (["sample", "--ckpt", "/no/such/run", "--out", "run/x"], "--out"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
     code, _, err = run(capsys, *argv)
@@ -71,3 +82,56 @@ def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
 def test_eval_without_checkpoint(tmp_path, capsys):
     code, _, err = run(capsys, "eval", "--ckpt", str(tmp_path))
     assert code == 2 and "no checkpoint" in err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "direct", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.999)" in text and "(default: 5e-05)" in text
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code, _, err = run(capsys, "train", "direct", "--out", str(a_file), "--steps", "1")
+    assert code == 2 and "--out" in err and "not a directory" in err
+    assert not (tmp_path / "checkpoints").exists()
+    code, _, err = run(capsys, "sample", "--ckpt", str(tmp_path), "--out",
+                       str(tmp_path / "missing_dir" / "s.png"))
+    assert code == 2 and "no such directory" in err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert cli.main(["train", "direct", "--out", str(out), "--steps", "2", "--batch-size", "8",
+                     "--checkpoint-every", "1", "--log-every", "1"]) == 0
+    return out
+
+
+def test_logs_are_plain_lines_with_a_closing_line(tmp_path, capsys):
+    code, stdout, err = run(capsys, "train", "direct", "--out", str(tmp_path), "--steps", "2",
+                            "--batch-size", "8", "--log-every", "1")
+    assert code == 0, err
+    assert "step 1/2  loss" in stdout and "step 2/2  loss" in stdout and "\r" not in err
+    assert "trained 2 steps (0 -> 2)" in stdout and "images/s" in stdout
+    grid = tmp_path / "grid_direct_1step.png"
+    before = grid.stat().st_mtime_ns
+    code, stdout, _ = run(capsys, "train", "direct", "--out", str(tmp_path), "--steps", "2",
+                          "--batch-size", "8", "--log-every", "1")
+    assert code == 0 and "nothing to train" in stdout
+    assert grid.stat().st_mtime_ns == before  # a finished run's grids are left alone
+
+
+def test_ckpt_may_name_the_run_its_checkpoints_or_one(trained_run, tmp_path, capsys):
+    for ckpt in (trained_run, trained_run / "checkpoints",
+                 trained_run / "checkpoints" / "step_00000001"):
+        code, _, err = run(capsys, "sample", "--ckpt", str(ckpt), "--out",
+                           str(tmp_path / "s.png"), "--num", "4")
+        assert code == 0, (ckpt, err)
+    code, _, err = run(capsys, "eval", "--ckpt", str(trained_run / "checkpoints" /
+                                                     "step_00000001"), "--num", "10")
+    assert code == 0, err
+    assert (trained_run / "metrics.json").is_file()  # in the run, not the checkpoint
+    assert not (trained_run / "checkpoints" / "step_00000001" / "metrics.json").exists()

@@ -162,3 +162,22 @@ def test_forward_makes_no_host_tensor(fused):
         one_step = direct.sample(model, x, y)
     assert out.shape == euler.shape == one_step.shape == (2, 4, 8, 8)
     assert host_ops == [], host_ops
+
+
+def test_inputs_are_checked_by_name():
+    from onestep_kernels.layers import DiTBlock, FusedDiTBlock
+    from onestep_models.dit import FlowDiT
+
+    model = FlowDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1,
+                    num_heads=2, num_classes=10)
+    t = torch.rand(2)
+    for side in (9, 10):
+        with pytest.raises(ValueError, match="x: expected \\(B, 1, 8, 8\\)"):
+            model(torch.randn(2, 1, side, side), t, torch.tensor([1, 2]))
+    for bad in ([-1, 2], [1, 11]):
+        with pytest.raises(ValueError, match=r"y: labels must be in 0\.\.10"):
+            model(torch.randn(2, 1, 8, 8), t, torch.tensor(bad))
+    model(torch.randn(2, 1, 8, 8), t, torch.tensor([0, 10]))  # 10: the null class
+    for block in (DiTBlock(32, 2), FusedDiTBlock(32, 2)):
+        with pytest.raises(ValueError, match=r"c: expected \(B, 32\)"):
+            block(torch.randn(2, 4, 32), torch.randn(2, 1, 32))
