@@ -194,15 +194,7 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def _check_conditioning(self, x: Tensor, c: Tensor) -> None:
-        if not isinstance(c, Tensor) or c.dim() != 2 or c.shape[1] != self.hidden_size or (
-                isinstance(x, Tensor) and x.dim() >= 1 and c.shape[0] != x.shape[0]):
-            raise ValueError(f"c: expected (B, {self.hidden_size}) conditioning for x of shape "
-                             f"{tuple(getattr(x, 'shape', ()))}, got "
-                             f"{tuple(getattr(c, 'shape', ())) or type(c).__name__}")
-
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        self._check_conditioning(x, c)
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + g1.unsqueeze(1) * self.attn(_modulate(F.layer_norm(x, x.shape[-1:], eps=LN_EPS),
                                                       sh1, sc1))
@@ -232,6 +224,13 @@ class FusedDiTBlock(DiTBlock):
         super().__init__(hidden_size, num_heads, mlp_ratio, mlp_norm_eps)
         self.attn.fused = True
         self.fuse_linears = fuse_linears
+
+    def _check_conditioning(self, x: Tensor, c: Tensor) -> None:
+        if not isinstance(c, Tensor) or c.dim() != 2 or c.shape[1] != self.hidden_size or (
+                isinstance(x, Tensor) and x.dim() >= 1 and c.shape[0] != x.shape[0]):
+            raise ValueError(f"c: expected (B, {self.hidden_size}) conditioning for x of shape "
+                             f"{tuple(getattr(x, 'shape', ()))}, got "
+                             f"{tuple(getattr(c, 'shape', ())) or type(c).__name__}")
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         self._check_conditioning(x, c)
