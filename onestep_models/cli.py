@@ -206,7 +206,8 @@ def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
         raise UsageError(f"{flag}: cannot write into {path.parent}")
 
 
-def _run_config(args, recipe: str) -> dict[str, Any]:
+def _run_config(args, recipe: str):
+    """(run config, dataset, classes) from `train`'s arguments (see onestep_models.recipes)."""
     if args.data == "digits":
         if args.vae is not None:
             raise UsageError("--vae: digits are trained as images; --vae needs --data FOLDER")
@@ -225,17 +226,13 @@ def _run_config(args, recipe: str) -> dict[str, Any]:
     if recipe == "direct":
         options.update(dt=args.dt, stop_gradient=not args.no_stop_gradient,
                        parametrization=args.parametrization)
-    return {"recipe": recipe, "data": data, "options": options, "model_size": args.model,
-            "fused": not args.unfused}
+    return recipes.run_config(recipe, data, args.model, not args.unfused, options)
 
 
-def train(run: dict[str, Any], tcfg: TrainConfig, out: Path, device: torch.device,
-          progress: bool, allow_config_change: bool = False) -> Trainer:
-    dataset, num_classes = recipes.load_data(run["data"])
+def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out: Path,
+          device: torch.device, progress: bool, allow_config_change: bool = False) -> Trainer:
+    """Build the run's networks (seeded) and train them; `run` is recipes' run config."""
     seed_everything(tcfg.seed)  # the networks' initialisation is part of the seeded run
-    run = dict(run)
-    run["model"] = recipes.model_kwargs(run.pop("model_size"), tuple(dataset[0][0].shape),
-                                        num_classes, run.pop("fused"))
     model = recipes.build(run)
     trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
                       device=device, progress=progress, allow_config_change=allow_config_change)
@@ -333,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         device = _device(args.device)
         if args.command in ("train", "demo"):
+            check_output_dir(args.out, "--out")
             recipe = "direct" if args.command == "demo" else args.recipe
             if args.command == "demo":
                 tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -341,20 +339,19 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=args.seed, checkpoint_every=max(1, args.steps // 4),
                                    log_every=max(1, min(100, args.steps // 10)),
                                    skip_nonfinite=args.skip_nonfinite)
-                run = {"recipe": "direct", "data": {"kind": "digits", "size": 8},
-                       "options": {**recipes.default_options("direct"), "dt": DEMO["dt"]},
-                       "model_size": DEMO["model"],
-                       "fused": True}
+                run, dataset, num_classes = recipes.run_config(
+                    "direct", {"kind": "digits", "size": 8}, DEMO["model"], True,
+                    {**recipes.default_options("direct"), "dt": DEMO["dt"]})
             else:
                 tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                                    grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every,
                                    log_every=args.log_every, skip_nonfinite=args.skip_nonfinite)
-                run = _run_config(args, recipe)
-            check_output_dir(args.out, "--out")
+                run, dataset, num_classes = _run_config(args, recipe)
             start = time.perf_counter()
-            trainer = train(run, tcfg, args.out, device, progress=not args.no_progress,
+            trainer = train(run, dataset, num_classes, tcfg, args.out, device,
+                            progress=not args.no_progress,
                             allow_config_change=args.allow_config_change)
             if trainer.rank == 0:
                 done = trainer.step - trainer.start_step

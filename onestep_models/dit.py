@@ -284,8 +284,9 @@ def _size(depth: int, hidden_size: int, num_heads: int):
     return make
 
 
-_SIZES = {"XL": _size(28, 1152, 16), "L": _size(24, 1024, 16), "B": _size(12, 768, 12),
-          "S": _size(12, 384, 6)}
+# The DiT sizes, declared once: name -> (depth, hidden size, heads).
+DIT_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+_SIZES = {name: _size(*dims) for name, dims in DIT_SIZES.items()}
 
 # "DiT-XL/2" → constructor, as in the official code.
 DiT_models = {f"DiT-{name}/{p}": make(p) for name, make in _SIZES.items() for p in (2, 4, 8)}

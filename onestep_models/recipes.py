@@ -1,11 +1,17 @@
 """A run, assembled from its JSON-able config: the dataset, the networks and the recipe; and
 the same run loaded back from a checkpoint for sampling and evaluation.
 
+The run configuration has one schema, from the command line (`run_config`) through the
+trainer to every checkpoint's state.json and back (`build`):
+
     {"recipe": "direct" | "flow",
      "data": {"kind": "digits", "size": 8}
            | {"kind": "folder", "path": ..., "size": ..., "channels": 3, "vae": null, "cache": ...},
      "model": {keyword arguments of onestep_models.dit.FlowDiT},
      "options": {DirectConfig fields, or FlowMatching's class_dropout}}
+
+(the trainer adds "train": its TrainConfig). Named sizes (`MODEL_SIZES`) expand into "model"
+once, where the config is made, from the data's shape and classes.
 """
 
 from __future__ import annotations
@@ -19,19 +25,19 @@ from torch.utils.data import TensorDataset
 
 from onestep_models import data as datasets
 from onestep_models.direct import DirectConfig, DirectModel
-from onestep_models.dit import FlowDiT
+from onestep_models.dit import DIT_SIZES, FlowDiT
 from onestep_models.flow import FlowMatching
 
 RECIPES = ("flow", "direct")
 
-# Network sizes for FlowDiT (patch size, width, depth, heads); DiT-S/B/L/XL for real data.
+# Network sizes for FlowDiT (patch size, width, depth, heads): two small ones for the embedded
+# digits, and DiT-S/B/L/XL with patch 2 (onestep_models.dit's sizes) for real data.
 MODEL_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(patch_size=2, hidden_size=64, depth=4, num_heads=4),
-    "small": dict(patch_size=2, hidden_size=128, depth=6, num_heads=4),
-    "DiT-S/2": dict(patch_size=2, hidden_size=384, depth=12, num_heads=6),
-    "DiT-B/2": dict(patch_size=2, hidden_size=768, depth=12, num_heads=12),
-    "DiT-L/2": dict(patch_size=2, hidden_size=1024, depth=24, num_heads=16),
-    "DiT-XL/2": dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16),
+    "tiny": {"patch_size": 2, "hidden_size": 64, "depth": 4, "num_heads": 4},
+    "small": {"patch_size": 2, "hidden_size": 128, "depth": 6, "num_heads": 4},
+    **{f"DiT-{name}/2": {"patch_size": 2, "hidden_size": width, "depth": depth,
+                         "num_heads": heads}
+       for name, (depth, width, heads) in DIT_SIZES.items()},
 }
 
 
@@ -81,3 +87,15 @@ def default_options(recipe: str) -> dict[str, Any]:
     if recipe == "flow":
         return {"class_dropout": 0.1}
     raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
+
+
+def run_config(recipe: str, data: dict[str, Any], size: str, fused: bool,
+               options: dict[str, Any]) -> tuple[dict[str, Any], TensorDataset, int]:
+    """(the run config, the dataset, its number of classes): the named size expanded into
+    FlowDiT arguments for the data's shape, in the schema of the module docstring."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
+    dataset, num_classes = load_data(data)
+    model = model_kwargs(size, tuple(dataset[0][0].shape), num_classes, fused)
+    return ({"recipe": recipe, "data": data, "model": model, "options": dict(options)},
+            dataset, num_classes)

@@ -4,6 +4,7 @@ errors with exit code 2."""
 import json
 
 import pytest
+import torch
 
 from onestep_models import cli
 
@@ -135,3 +136,27 @@ def test_ckpt_may_name_the_run_its_checkpoints_or_one(trained_run, tmp_path, cap
     assert code == 0, err
     assert (trained_run / "metrics.json").is_file()  # in the run, not the checkpoint
     assert not (trained_run / "checkpoints" / "step_00000001" / "metrics.json").exists()
+
+
+def test_one_run_config_from_the_command_line_to_the_checkpoint(trained_run):
+    from onestep_models import recipes, train
+
+    saved = train.read_checkpoint_state(train.latest_checkpoint(trained_run))["config"]
+    assert set(saved) == {"recipe", "data", "model", "options", "train"}
+    args = cli.build_parser().parse_args(["train", "direct", "--out", str(trained_run)])
+    made, _, _ = cli._run_config(args, "direct")
+    assert {k: v for k, v in saved.items() if k != "train"} == made
+    recipes.build(saved)  # and back
+
+
+def test_model_sizes_are_declared_once():
+    from onestep_models import recipes
+    from onestep_models.dit import DiT_models
+
+    for name in ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"):
+        size = recipes.MODEL_SIZES[name]
+        with torch.device("meta"):
+            dit = DiT_models[name]()
+        assert (len(dit.blocks), dit.blocks[0].hidden_size, dit.blocks[0].attn.num_heads,
+                dit.patch_size) == (size["depth"], size["hidden_size"], size["num_heads"],
+                                    size["patch_size"])
