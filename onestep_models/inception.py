@@ -156,8 +156,17 @@ class FIDInception(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"inception: no such weights file: {path}")
+        from onestep_models.run_dir import CheckpointError, load_into
+
         model = cls()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+            raise CheckpointError(f"{path}: not a pytorch-fid Inception weights file "
+                                  f"({type(err).__name__})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a pytorch-fid Inception weights file")
+        load_into(model, state, path)
         return model.eval().requires_grad_(False)
 
     def embed(self, x: Tensor) -> Tensor:

@@ -318,7 +318,8 @@ def load_into(module: nn.Module, tensors: dict[str, Tensor], source: Path) -> No
     """module.load_state_dict(tensors), after checking names, shapes and finiteness;
     CheckpointError naming the file and the first difference."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors]
+    # (BatchNorm fills in a missing step counter itself, as older files lack it)
+    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         which = (f"lacks {missing[0]!r}" if missing else f"has an unknown tensor "
@@ -326,7 +327,7 @@ def load_into(module: nn.Module, tensors: dict[str, Tensor], source: Path) -> No
         raise CheckpointError(f"{source}: weights of another model: the file {which} "
                               f"({len(missing)} missing, {len(unexpected)} unknown)")
     for k, v in expected.items():
-        if tuple(tensors[k].shape) != tuple(v.shape):
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: weights of another model: {k!r} is "
                                   f"{tuple(tensors[k].shape)} in the file, {tuple(v.shape)} "
                                   "in this model")

@@ -286,3 +286,15 @@ def test_runs_killed_at_random_points_resume_to_the_same_weights(tmp_path):
     steps_logged = [e["step"] for e in strict_json_lines(out / "log.jsonl")]
     assert steps_logged == list(range(1, steps + 1))
     assert not list((out / train.CHECKPOINT_DIR).glob(".tmp_*"))
+
+
+def test_a_corrupt_inception_file_is_named(tmp_path):
+    from onestep_models.inception import FIDInception
+
+    bad = tmp_path / "pt_inception.pth"
+    bad.write_bytes(b"not a pickle at all")
+    with pytest.raises(run_dir.CheckpointError, match="pt_inception.pth: not a pytorch-fid"):
+        FIDInception.from_pytorch_fid(bad)
+    torch.save({"fc.weight": torch.zeros(3)}, bad)
+    with pytest.raises(run_dir.CheckpointError, match="another model"):
+        FIDInception.from_pytorch_fid(bad)
