@@ -11,6 +11,7 @@ Bad arguments and missing files end with a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -110,7 +111,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="image folders: grey or colour")
     p.add_argument("--vae", type=Path, default=None,
                    help="image folders: a local AutoencoderKL directory; train on its latents")
-    p.add_argument("--model", default="tiny", choices=list(recipes.MODEL_SIZES))
+    p.add_argument("--model", default=None, choices=list(recipes.MODEL_SIZES),
+                   help="network size (default: tiny; slimflow's student: slim-32)")
     p.add_argument("--unfused", action="store_true", help="reference DiT blocks, not fused")
     p.add_argument("--weight-decay", type=_number(float, 0), default=0.0)
     p.add_argument("--warmup-steps", type=_number(int, 0), default=0,
@@ -131,16 +133,56 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="direct: phi = x0 + t w (residual) or x0 + w (the paper's ablation)")
 
 
+TRAIN_RECIPES = ("flow", "direct", "slimflow")
+# The SlimFlow demo's settings (after the Direct Models demo, whose flow is the teacher).
+SLIMFLOW_DEMO = dict(num_pairs=4000, heun_steps=16, steps=3000, anneal_steps=1500,
+                     distill_steps=1000, student="slim-32", batch_size=128, lr=2e-3)
+
+
+def _add_slimflow_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slimflow (train slimflow --teacher RUN)")
+    g.add_argument("--teacher", type=Path, default=None,
+                   help="the teacher run (flow, direct or SlimFlow) whose EMA velocity "
+                        "draws the pairs")
+    g.add_argument("--pairs", type=Path, default=None,
+                   help="pairs made by `onestep pairs` (default: <out>/pairs, drawn here)")
+    g.add_argument("--stage", choices=("both", "reflow", "distill"), default="both")
+    g.add_argument("--num-pairs", type=_positive(int), default=10_000)
+    g.add_argument("--heun-steps", type=_positive(int), default=32)
+    g.add_argument("--anneal-steps", type=_number(int, 0), default=1000,
+                   help="K: beta anneals from 1 to 0 over the first K reflow steps (0: none)")
+    g.add_argument("--anneal-schedule", choices=("linear", "exp", "cos"), default="linear")
+    g.add_argument("--hflip", action="store_true", help="flip pairs left-right at random")
+    g.add_argument("--no-guidance", action="store_true",
+                   help="distillation without the flow-guided term (the ablation)")
+    g.add_argument("--distill-steps", type=_positive(int), default=500)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="onestep", description="One-step image generators on fused DiT kernels.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     train = sub.add_parser("train", help="train a recipe", **defaults)
-    train.add_argument("recipe", choices=recipes.RECIPES)
+    train.add_argument("recipe", choices=TRAIN_RECIPES)
     _add_train_arguments(train, demo=False)
+    _add_slimflow_arguments(train)
     demo = sub.add_parser("demo", help="train a Direct Model on digits, then evaluate it",
                           **defaults)
     _add_train_arguments(demo, demo=True)
+    demo.add_argument("--method", choices=("direct", "slimflow"), default="direct",
+                      help="slimflow: then distil the Direct Model's flow into a student "
+                           "with SlimFlow, and evaluate it")
+    pairs = sub.add_parser("pairs", help="draw (noise, sample) pairs from a teacher's ODE",
+                           **defaults)
+    pairs.add_argument("--teacher", type=Path, required=True,
+                       help="a trained flow, direct or SlimFlow run (its EMA velocity)")
+    pairs.add_argument("--out", type=Path, required=True, help="pairs directory (resumes)")
+    pairs.add_argument("--num", type=_positive(int), default=10_000)
+    pairs.add_argument("--heun-steps", type=_positive(int), default=32,
+                       help="Heun steps of the teacher's ODE (2 evaluations each)")
+    pairs.add_argument("--shard-size", type=_positive(int), default=1024)
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--device", default=None)
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint",
                             **defaults)
     sample.add_argument("--ckpt", type=Path, required=True,
@@ -226,18 +268,102 @@ def _run_config(args, recipe: str):
     if recipe == "direct":
         options.update(dt=args.dt, stop_gradient=not args.no_stop_gradient,
                        parametrization=args.parametrization)
-    return recipes.run_config(recipe, data, args.model, not args.unfused, options)
+    return recipes.run_config(recipe, data, args.model or "tiny", not args.unfused, options)
 
 
 def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out: Path,
-          device: torch.device, progress: bool, allow_config_change: bool = False) -> Trainer:
-    """Build the run's networks (seeded) and train them; `run` is recipes' run config."""
+          device: torch.device, progress: bool, allow_config_change: bool = False,
+          init=None) -> Trainer:
+    """Build the run's networks (seeded), `init(model)` them if given (a later stage starting
+    from an earlier one's weights; the run's own checkpoint, when there is one, wins) and
+    train them; `run` is recipes' run config."""
     seed_everything(tcfg.seed)  # the networks' initialisation is part of the seeded run
     model = recipes.build(run)
+    if init is not None:
+        init(model)
     trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
                       device=device, progress=progress, allow_config_change=allow_config_change)
     trainer.fit(resume=True)
     return trainer
+
+
+def report_training(trainer: Trainer, tcfg: TrainConfig, out: Path, seconds: float) -> None:
+    """The closing line of a training command."""
+    if trainer.rank != 0:
+        return
+    done = trainer.step - trainer.start_step
+    print(f"trained {done} steps ({trainer.start_step} -> {trainer.step}) in {seconds:.1f} s, "
+          f"{done * tcfg.batch_size / max(seconds, 1e-9):.0f} images/s; checkpoints, "
+          f"log.jsonl and grids in {out}" if done else
+          f"nothing to train: {out} is at step {trainer.step} (--steps {tcfg.steps})")
+
+
+def pair_settings(checkpoint: Path, teacher_run: dict[str, Any]) -> dict[str, Any]:
+    """What the pairs' manifest records of their teacher: its checkpoint and its data."""
+    return {"checkpoint": str(checkpoint.resolve()), "data": teacher_run["data"]}
+
+
+def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, heun_steps: int,
+             stage: str, student: str, anneal_steps: int, schedule: str, hflip: bool,
+             guidance: bool, distill_steps: int) -> dict[str, Path]:
+    """SlimFlow's stages into args.out: pairs/ (from args.teacher, unless args.pairs), then
+    reflow/ (Annealing Reflow, tcfg.steps) and distill/ (Flow-Guided Distillation,
+    `distill_steps`), each a run directory of its own; returns them."""
+    from onestep_models import slimflow as sf
+    from onestep_models.run_dir import load_tensors
+
+    out = args.out
+    dirs = {"pairs": args.pairs or out / "pairs", "reflow": out / "reflow",
+            "distill": out / "distill"}
+    if args.pairs is None:
+        if args.teacher is None:
+            raise UsageError("--teacher: required to draw the pairs (or give --pairs)")
+        teacher, teacher_run, checkpoint = recipes.load_teacher(args.teacher, device)
+        model = teacher_run["model"]
+        shape = (model["in_channels"], model["input_size"], model["input_size"])
+        start = time.perf_counter()
+        sf.generate_pairs(teacher, dirs["pairs"], num_pairs, shape, model.get("num_classes", 0),
+                          heun_steps=heun_steps, seed=tcfg.seed, device=device,
+                          settings=pair_settings(checkpoint, teacher_run))
+        print(f"{num_pairs} pairs in {dirs['pairs']} ({time.perf_counter() - start:.1f} s)")
+    data = {"kind": "pairs", "path": str(Path(dirs["pairs"]).resolve())}
+    if stage in ("both", "reflow"):
+        run, dataset, num_classes = recipes.run_config(
+            "slimflow_reflow", data, student, True,
+            {"anneal_steps": anneal_steps, "schedule": schedule, "hflip": hflip})
+        start = time.perf_counter()
+        trainer = train(run, dataset, num_classes, tcfg, dirs["reflow"], device,
+                        progress=not args.no_progress,
+                        allow_config_change=args.allow_config_change)
+        report_training(trainer, tcfg, dirs["reflow"], time.perf_counter() - start)
+    if stage in ("both", "distill"):
+        init_from = latest_checkpoint(dirs["reflow"])
+        if init_from is None:
+            raise UsageError(f"--stage distill: no Annealing Reflow checkpoint in "
+                             f"{dirs['reflow']}")
+        reflow_run = read_checkpoint_state(init_from)["config"]
+        run, dataset, num_classes = recipes.run_config(
+            "slimflow_distill", data, student, True,
+            {"distance": "pseudo_huber", "guidance": guidance, "init": str(init_from.resolve())})
+        run["model"] = reflow_run["model"]  # the student stage 1 trained
+
+        def start_from_stage_one(recipe) -> None:
+            from onestep_models.run_dir import load_into
+
+            for which, net in (("model", recipe.v), ("ema", recipe.guide)):
+                path = init_from / f"{which}.safetensors"
+                tensors = {k[2:]: v for k, v in load_tensors(path).items() if k.startswith("v.")}
+                load_into(net, tensors, path)
+
+        distill = dataclasses.replace(tcfg, steps=distill_steps,
+                                      checkpoint_every=min(tcfg.checkpoint_every, distill_steps))
+        start = time.perf_counter()
+        trainer = train(run, dataset, num_classes, distill, dirs["distill"], device,
+                        progress=not args.no_progress,
+                        allow_config_change=args.allow_config_change,
+                        init=start_from_stage_one)
+        report_training(trainer, distill, dirs["distill"], time.perf_counter() - start)
+    return dirs
 
 
 def load_run(ckpt: Path, device: torch.device):
@@ -269,10 +395,11 @@ def evaluate(ckpt: Path, num: int, seed: int, device: torch.device,
     from onestep_models import metrics
 
     model, run, checkpoint = load_run(ckpt, device)
-    dataset, num_classes = recipes.load_data(run["data"])
-    to_images = _to_images(run, device)
+    data = recipes.real_data(run["data"])  # a SlimFlow student is judged on its teacher's data
+    dataset, num_classes = recipes.load_data(data)
+    to_images = _to_images({**run, "data": data}, device)
     x0, y = grid_inputs(tuple(dataset[0][0].shape), num_classes, num, seed, device)
-    is_digits = run["data"]["kind"] == "digits"
+    is_digits = data["kind"] == "digits"
     real = dataset.tensors[0]
     if run["data"].get("vae"):
         real = to_images(real.to(device)).cpu()
@@ -314,6 +441,63 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"straightness of v (128-step Euler path): {result['straightness_euler128']:.4g}")
 
 
+def slimflow_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
+    """SlimFlow after the Direct Models demo: the demo's flow v is the teacher; a student with
+    about 1/4 of its parameters is trained in both stages into <out>/slimflow, evaluated, and
+    checked against the bars (printed as PASS/FAIL); True when all pass."""
+    from onestep_models import slimflow as sf
+
+    d = SLIMFLOW_DEMO
+    sf_args = argparse.Namespace(out=args.out / "slimflow", teacher=args.out, pairs=None,
+                                 no_progress=args.no_progress,
+                                 allow_config_change=args.allow_config_change)
+    tcfg = TrainConfig(steps=d["steps"], batch_size=d["batch_size"], lr=d["lr"],
+                       warmup_steps=100, grad_clip=1.0, ema_decay=0.999, seed=args.seed,
+                       checkpoint_every=max(1, d["steps"] // 4),
+                       log_every=max(1, min(100, d["steps"] // 10)))
+    start = time.perf_counter()
+    dirs = slimflow(sf_args, tcfg, device, num_pairs=d["num_pairs"], heun_steps=d["heun_steps"],
+                    stage="both", student=d["student"], anneal_steps=d["anneal_steps"],
+                    schedule="linear", hflip=False, guidance=True,
+                    distill_steps=d["distill_steps"])
+    result = {"reflow": evaluate(dirs["reflow"], args.eval_samples, 1, device),
+              "distill": evaluate(dirs["distill"], args.eval_samples, 1, device)}
+    teacher, _, _ = recipes.load_teacher(args.out)
+    student_model, _, _ = load_run(dirs["distill"], torch.device("cpu"))
+    shape = (1, 1, 8, 8)
+    x, t, y = torch.zeros(shape), torch.full((1,), 0.5), torch.zeros(1, dtype=torch.long)
+    sizes = {name: {"parameters": sum(p.numel() for p in net.parameters()),
+                    "macs_per_image": sf.count_macs(net, x, t, y)}
+             for name, net in (("teacher", teacher.cpu()), ("student", student_model.v))}
+    fd = {"student_1step": result["distill"]["samplers"]["slimflow_1step"]["digits_fd"],
+          "reflow_1step": result["reflow"]["samplers"]["slimflow_1step"]["digits_fd"],
+          "teacher_euler_1step": direct["samplers"]["flow_euler_1step"]["digits_fd"],
+          "direct_1step": direct["samplers"]["direct_1step"]["digits_fd"]}
+    bars = {
+        "student parameters <= 1/4 of the teacher's":
+            sizes["student"]["parameters"] <= sizes["teacher"]["parameters"] / 4,
+        "student FD <= 1/3 of the teacher's 1-step Euler FD":
+            fd["student_1step"] <= fd["teacher_euler_1step"] / 3,
+        "student FD <= 2x the Direct Model's 1-step FD":
+            fd["student_1step"] <= 2 * fd["direct_1step"],
+        "annealing-reflow student straighter than the teacher":
+            result["reflow"]["straightness_euler128"] < direct["straightness_euler128"],
+    }
+    summary = {"sizes": sizes, "digits_fd": fd, "bars": bars,
+               "straightness": {"teacher": direct["straightness_euler128"],
+                                "reflow_student": result["reflow"]["straightness_euler128"]},
+               "stages": result, "seconds": round(time.perf_counter() - start, 1)}
+    write_json_atomic(args.out / "slimflow" / "metrics.json", summary)
+    print(f"SlimFlow: student {sizes['student']['parameters']:,} parameters, "
+          f"{sizes['student']['macs_per_image']:,} MACs/image; teacher "
+          f"{sizes['teacher']['parameters']:,}, {sizes['teacher']['macs_per_image']:,}")
+    print("digits-FD: " + ", ".join(f"{k} {v:.4g}" for k, v in fd.items()))
+    for what, ok in bars.items():
+        print(f"{'PASS' if ok else 'FAIL'}: {what}")
+    print(f"SlimFlow in {summary['seconds']:.0f} s; metrics in {args.out / 'slimflow'}")
+    return all(bars.values())
+
+
 def quality_bar(result: dict[str, Any]) -> dict[str, Any]:
     """The Direct Models bar on digits: 1-step w's digits-FD at most 1/3 of 1-step Euler flow's;
     its class accuracy at least 80% of the 128-step flow's."""
@@ -348,19 +532,22 @@ def main(argv: list[str] | None = None) -> int:
                                    grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every,
                                    log_every=args.log_every, skip_nonfinite=args.skip_nonfinite)
-                run, dataset, num_classes = _run_config(args, recipe)
+                if recipe == "slimflow":
+                    run = dataset = num_classes = None  # the stages make their own
+                else:
+                    run, dataset, num_classes = _run_config(args, recipe)
+            if recipe == "slimflow":
+                slimflow(args, tcfg, device, num_pairs=args.num_pairs,
+                         heun_steps=args.heun_steps, stage=args.stage,
+                         student=args.model or "slim-32", anneal_steps=args.anneal_steps,
+                         schedule=args.anneal_schedule, hflip=args.hflip,
+                         guidance=not args.no_guidance, distill_steps=args.distill_steps)
+                return 0
             start = time.perf_counter()
             trainer = train(run, dataset, num_classes, tcfg, args.out, device,
                             progress=not args.no_progress,
                             allow_config_change=args.allow_config_change)
-            if trainer.rank == 0:
-                done = trainer.step - trainer.start_step
-                seconds = time.perf_counter() - start
-                print(f"trained {done} steps ({trainer.start_step} -> {trainer.step}) in "
-                      f"{seconds:.1f} s, {done * tcfg.batch_size / max(seconds, 1e-9):.0f} "
-                      f"images/s; checkpoints, log.jsonl and grids in {args.out}"
-                      if done else f"nothing to train: {args.out} is at step {trainer.step} "
-                      f"(--steps {tcfg.steps})")
+            report_training(trainer, tcfg, args.out, time.perf_counter() - start)
             if args.command == "demo" and trainer.rank == 0:
                 trained = time.perf_counter() - start
                 result = evaluate(args.out, args.eval_samples, 1, device)
@@ -378,8 +565,27 @@ def main(argv: list[str] | None = None) -> int:
                       f"(bar: >= 0.8)\n"
                       f"grids and metrics.json in {args.out}; "
                       f"{result['total_seconds']:.0f} s in all")
-                if not (bar["fd_ratio_ok"] and bar["accuracy_ratio_ok"]):
+                passed = bar["fd_ratio_ok"] and bar["accuracy_ratio_ok"]
+                if args.method == "slimflow":
+                    passed = slimflow_demo(args, device, result) and passed
+                if not passed:
                     return 1
+            return 0
+        if args.command == "pairs":
+            from onestep_models import slimflow as sf
+
+            check_output_dir(args.out, "--out")
+            teacher, teacher_run, checkpoint = recipes.load_teacher(args.teacher, device)
+            model = teacher_run["model"]
+            shape = (model["in_channels"], model["input_size"], model["input_size"])
+            start = time.perf_counter()
+            sf.generate_pairs(teacher, args.out, args.num, shape, model.get("num_classes", 0),
+                              shard_size=args.shard_size, heun_steps=args.heun_steps,
+                              seed=args.seed, device=device,
+                              settings=pair_settings(checkpoint, teacher_run))
+            seconds = time.perf_counter() - start
+            print(f"{args.num} pairs in {args.out} ({seconds:.1f} s, "
+                  f"{args.num / max(seconds, 1e-9):.0f} pairs/s)")
             return 0
         if args.command == "sample":
             check_output_file(args.out, "--out", (".png",))

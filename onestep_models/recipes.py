@@ -4,11 +4,12 @@ the same run loaded back from a checkpoint for sampling and evaluation.
 The run configuration has one schema, from the command line (`run_config`) through the
 trainer to every checkpoint's state.json and back (`build`):
 
-    {"recipe": "direct" | "flow",
+    {"recipe": "direct" | "flow" | "slimflow_reflow" | "slimflow_distill",
      "data": {"kind": "digits", "size": 8}
-           | {"kind": "folder", "path": ..., "size": ..., "channels": 3, "vae": null, "cache": ...},
+           | {"kind": "folder", "path": ..., "size": ..., "channels": 3, "vae": null, "cache": ...}
+           | {"kind": "pairs", "path": ...} (onestep_models.slimflow's teacher pairs),
      "model": {keyword arguments of onestep_models.dit.FlowDiT},
-     "options": {DirectConfig fields, or FlowMatching's class_dropout}}
+     "options": {DirectConfig fields, FlowMatching's class_dropout, or the SlimFlow stage's}}
 
 (the trainer adds "train": its TrainConfig). Named sizes (`MODEL_SIZES`) expand into "model"
 once, where the config is made, from the data's shape and classes.
@@ -20,6 +21,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -28,13 +30,16 @@ from onestep_models.direct import DirectConfig, DirectModel
 from onestep_models.dit import DIT_SIZES, FlowDiT
 from onestep_models.flow import FlowMatching
 
-RECIPES = ("flow", "direct")
+RECIPES = ("flow", "direct", "slimflow_reflow", "slimflow_distill")
 
 # Network sizes for FlowDiT (patch size, width, depth, heads): two small ones for the embedded
 # digits, and DiT-S/B/L/XL with patch 2 (onestep_models.dit's sizes) for real data.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"patch_size": 2, "hidden_size": 64, "depth": 4, "num_heads": 4},
     "small": {"patch_size": 2, "hidden_size": 128, "depth": 6, "num_heads": 4},
+    # SlimFlow students of the "tiny" teacher: about 1/4 and 1/10 of its parameters
+    "slim-32": {"patch_size": 2, "hidden_size": 32, "depth": 4, "num_heads": 2},
+    "slim-24": {"patch_size": 2, "hidden_size": 24, "depth": 3, "num_heads": 2},
     **{f"DiT-{name}/2": {"patch_size": 2, "hidden_size": width, "depth": depth,
                          "num_heads": heads}
        for name, (depth, width, heads) in DIT_SIZES.items()},
@@ -44,6 +49,11 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
     """(dataset, number of classes) for a run's "data" entry."""
     kind = spec.get("kind")
+    if kind == "pairs":
+        from onestep_models.slimflow import load_pairs
+
+        pairs, manifest = load_pairs(spec["path"])
+        return pairs, manifest["num_classes"]
     if kind == "digits":
         return datasets.digits(spec.get("size", 8)), datasets.DIGITS_CLASSES
     if kind == "folder":
@@ -54,7 +64,21 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
             cache = spec.get("cache") or str(default)
             images = datasets.vae_latents(images, spec["vae"], cache)
         return images, len(classes)
-    raise ValueError(f"data: unknown kind {kind!r} (expected 'digits' or 'folder')")
+    raise ValueError(f"data: unknown kind {kind!r} (expected 'digits', 'folder' or 'pairs')")
+
+
+def real_data(spec: dict[str, Any]) -> dict[str, Any]:
+    """The data a run's samples are compared with: its own, or for teacher pairs the data the
+    teacher was trained on (recorded in the pairs' manifest)."""
+    if spec.get("kind") != "pairs":
+        return spec
+    import json
+
+    manifest = json.loads((Path(spec["path"]) / "pairs.json").read_text())
+    teacher_data = manifest.get("teacher", {}).get("data")
+    if teacher_data is None:
+        raise ValueError(f"data: the pairs in {spec['path']} do not record their teacher's data")
+    return teacher_data
 
 
 def model_kwargs(size: str, sample_shape: tuple[int, ...], num_classes: int,
@@ -78,7 +102,35 @@ def build(config: dict[str, Any]) -> nn.Module:
     if recipe == "direct":
         return DirectModel(FlowDiT(**model), FlowDiT(**model), DirectConfig(**options),
                            num_classes)
+    if recipe == "slimflow_reflow":
+        from onestep_models.slimflow import AnnealingReflow
+
+        return AnnealingReflow(FlowDiT(**model), num_classes, **options)
+    if recipe == "slimflow_distill":
+        from onestep_models.slimflow import FlowGuidedDistillation
+
+        options.pop("init", None)  # where the weights started: stage 1's checkpoint
+        return FlowGuidedDistillation(FlowDiT(**model), FlowDiT(**model), num_classes,
+                                      **options)
     raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
+
+
+def load_teacher(ckpt: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict, Path]:
+    """(the velocity network with its EMA weights, its run config, the checkpoint) of a
+    trained flow-based run (flow, direct or a SlimFlow stage), frozen: what a distillation
+    recipe takes as its teacher. CheckpointError or ValueError naming what does not fit."""
+    from onestep_models.run_dir import latest_checkpoint, load_weights, read_checkpoint_state
+
+    checkpoint = latest_checkpoint(ckpt)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--teacher: no checkpoint under {ckpt}")
+    run = read_checkpoint_state(checkpoint)["config"]
+    recipe = build(run)
+    load_weights(recipe, checkpoint, "ema")
+    if not isinstance(getattr(recipe, "v", None), nn.Module):
+        raise ValueError(f"--teacher: {checkpoint} is a {run['recipe']!r} run without a "
+                         "velocity network v")
+    return recipe.v.to(device).eval().requires_grad_(False), run, checkpoint
 
 
 def default_options(recipe: str) -> dict[str, Any]:
@@ -86,6 +138,10 @@ def default_options(recipe: str) -> dict[str, Any]:
         return dataclasses.asdict(DirectConfig())
     if recipe == "flow":
         return {"class_dropout": 0.1}
+    if recipe == "slimflow_reflow":
+        return {"anneal_steps": 1000, "schedule": "linear", "hflip": False}
+    if recipe == "slimflow_distill":
+        return {"distance": "pseudo_huber", "guidance": True}
     raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 

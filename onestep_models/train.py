@@ -1,9 +1,10 @@
 """One trainer for every recipe.
 
 A recipe is an `nn.Module` with
-  - `loss(x1, y, rng) -> (loss, logs)`: one step's scalar loss on a (local) batch of data x1
-    with labels y (None when unconditional), drawing all its randomness from `rng`, a
-    `BatchRandom`; `logs` maps names to detached scalar tensors;
+  - `loss(x1, y, rng, *extra) -> (loss, logs)`: one step's scalar loss on a (local) batch of
+    data x1 with labels y (None when unconditional), drawing all its randomness from `rng`, a
+    `BatchRandom` (which knows its step); `extra` are the dataset's further fields (SlimFlow's
+    pairs carry their noise); `logs` maps names to detached scalar tensors;
   - `samplers() -> {name: f(x0, y) -> images}`: the ways it generates, used for grids and
     evaluation (for example Direct Models: 1-step w, 1-step and 128-step Euler of v).
 
@@ -129,9 +130,10 @@ class BatchRandom:
     seeded by the step) and keeps its rows, so the result does not depend on the split."""
 
     def __init__(self, seed: int, size: int, rows: slice = slice(None),
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", step: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
         self.size, self.rows, self.device = size, rows, torch.device(device)
+        self.step = step  # the training step these draws belong to (schedules read it)
 
     def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(local B, *shape) standard normal numbers."""
@@ -176,14 +178,15 @@ class EpochSampler:
         return out
 
 
-def fetch(dataset: Dataset, idx: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(images, labels or None) for dataset indices; TensorDatasets are indexed in one go."""
+def fetch(dataset: Dataset, idx: Tensor) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """(images, labels or None, further fields) for dataset indices; TensorDatasets are
+    indexed in one go. Further fields (a pair's noise, for SlimFlow) go to the recipe's loss."""
     if isinstance(dataset, TensorDataset):
         items = [t[idx] for t in dataset.tensors]
     else:
         pairs = [dataset[int(i)] for i in idx]
         items = [torch.stack([torch.as_tensor(p[k]) for p in pairs]) for k in range(len(pairs[0]))]
-    return items[0], (items[1] if len(items) > 1 else None)
+    return items[0], (items[1] if len(items) > 1 else None), items[2:]
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -223,8 +226,8 @@ class StepLoss(nn.Module):
         super().__init__()
         self.recipe = recipe
 
-    def forward(self, x1: Tensor, y: Tensor | None, rng: BatchRandom):
-        return self.recipe.loss(x1, y, rng)
+    def forward(self, x1: Tensor, y: Tensor | None, rng: BatchRandom, *extra: Tensor):
+        return self.recipe.loss(x1, y, rng, *extra)
 
 
 # ---------------------------------------------------------------------------- images
@@ -369,16 +372,17 @@ class Trainer:
         cfg, step = self.config, self.step
         self.model.train()
         idx = self.sampler.indices(step)[self._rows()]
-        x1, y = fetch(self.dataset, idx)
+        x1, y, extra = fetch(self.dataset, idx)
         x1 = to_device(x1, self.device, torch.float32)
         y = to_device(y, self.device) if y is not None and self.num_classes > 0 else None
+        extra = [to_device(t, self.device, torch.float32) for t in extra]
         rng = BatchRandom(_step_seed(cfg.seed, step, 2), cfg.batch_size, self._rows(),
-                          self.device)
+                          self.device, step)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
         use_amp = cfg.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss, logs = self.step_loss(x1, y, rng)
+            loss, logs = self.step_loss(x1, y, rng, *extra)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over the processes
         grads = [p.grad for p in self.params if p.grad is not None]

@@ -468,8 +468,10 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
     checks.tensor("gate", gate, (2, 3))
     checks.tensor("shift", shift, (2, 3))
     checks.tensor("scale", scale, (2, 3))
-    for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
-        checks.same_device(name, t, x, "x")
+    device = x.device
+    if not (y.device == gate.device == shift.device == scale.device == device):
+        for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
+            checks.same_device(name, t, x, "x")
     if not isinstance(eps, float) or not 0.0 < eps < float("inf"):
         eps = checks.positive_float("eps", eps)
     B, N, D = x.shape
@@ -480,15 +482,13 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
     if gate.shape[0] != B or gate.shape[-1] != D or (gate.dim() == 3 and gate.shape[1] != N):
         raise ValueError(f"gate: expected shape {(B, D)} or {(B, N, D)} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(gate.shape)}")
-    if shift.shape != gate.shape:
-        raise ValueError(f"shift: expected the shape of gate {tuple(gate.shape)}, "
-                         f"got {tuple(shift.shape)}")
-    if scale.shape != gate.shape:
-        raise ValueError(f"scale: expected the shape of gate {tuple(gate.shape)}, "
-                         f"got {tuple(scale.shape)}")
+    if not (shift.shape == scale.shape == gate.shape):
+        name, t = ("shift", shift) if shift.shape != gate.shape else ("scale", scale)
+        raise ValueError(f"{name}: expected the shape of gate {tuple(gate.shape)}, "
+                         f"got {tuple(t.shape)}")
     tensors = (x, y, gate, shift, scale)
     dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
     if not (x.dtype is y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype):
         x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)
-    impl = OP.resolve(backend, x.device, dtype, D, needs_grad(x, y, gate, shift, scale))
+    impl = OP.resolve(backend, device, dtype, D, needs_grad(x, y, gate, shift, scale))
     return apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps)

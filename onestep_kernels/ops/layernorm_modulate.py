@@ -428,8 +428,10 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     checks.tensor("x", x, (3,))
     checks.tensor("shift", shift, (2, 3))
     checks.tensor("scale", scale, (2, 3))
-    checks.same_device("shift", shift, x, "x")
-    checks.same_device("scale", scale, x, "x")
+    device = x.device
+    if not (shift.device == scale.device == device):
+        checks.same_device("shift", shift, x, "x")
+        checks.same_device("scale", scale, x, "x")
     if not isinstance(eps, float) or not 0.0 < eps < float("inf"):
         eps = checks.positive_float("eps", eps)
     B, N, D = x.shape
@@ -445,7 +447,7 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     if not (x.dtype is shift.dtype is scale.dtype is dtype):
         x, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
     grad = needs_grad(x, shift, scale)
-    impl = OP.resolve(backend, x.device, dtype, D, grad)
+    impl = OP.resolve(backend, device, dtype, D, grad)
     if out is None:
         return apply(impl, x, shift, scale, eps)
     _check_out(out, x, shift, scale, grad)

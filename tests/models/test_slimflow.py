@@ -1,0 +1,148 @@
+"""SlimFlow: the β schedules, the annealed noise, the guidance target on a flow with a known
+solution, pair shards that resume, and both stages' losses decreasing on a fixed batch."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from onestep_models import slimflow, train
+from onestep_models.dit import FlowDiT
+
+
+@pytest.mark.parametrize("schedule,mid", [("linear", 0.5), ("exp", math.exp(-0.5)),
+                                          ("cos", 0.5)])
+def test_annealing_beta_endpoints_and_midpoint(schedule, mid):
+    assert slimflow.annealing_beta(0, 100, schedule) == pytest.approx(1.0)
+    assert slimflow.annealing_beta(50, 100, schedule) == pytest.approx(mid)
+    end = slimflow.annealing_beta(100, 100, schedule)
+    assert end == pytest.approx(math.exp(-1) if schedule == "exp" else 0.0)
+    assert slimflow.annealing_beta(10**6, 100, "linear") == 0.0
+    assert slimflow.annealing_beta(5, 0) == 0.0  # no annealing: plain reflow
+    with pytest.raises(ValueError, match="schedule"):
+        slimflow.annealing_beta(0, 10, "square")
+
+
+def test_annealed_noise_is_standard_normal_and_the_pair_at_beta_0():
+    g = torch.Generator().manual_seed(0)
+    z0, xi = torch.randn(200_000, generator=g), torch.randn(200_000, generator=g)
+    mixed = slimflow.anneal_noise(z0, xi, 0.6)
+    assert abs(mixed.std().item() - 1.0) < 0.01
+    assert torch.equal(slimflow.anneal_noise(z0, xi, 0.0), z0)
+
+
+class PointMassFlow(nn.Module):
+    """The exact flow field of data concentrated at `a`: v(x, t) = (a - x) / (1 - t)."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, t, y=None):
+        return (self.a - x) / (1 - t).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def test_guidance_target_lands_where_the_guide_flow_does():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 3, 4, 4, generator=g)
+    z, v_z = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    t = torch.rand(5, generator=g) * 0.6 + 0.2
+    target = slimflow.guidance_target(PointMassFlow(a), z, v_z, t, None)
+    torch.testing.assert_close(target, a.expand_as(target), rtol=1e-5, atol=1e-5)
+
+
+def test_pseudo_huber():
+    a = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(slimflow.pseudo_huber(a, a), torch.zeros(4))
+    b = a + 3.0
+    far = slimflow.pseudo_huber(a, b)
+    torch.testing.assert_close(far, (a - b).flatten(1).norm(dim=1), rtol=1e-3, atol=1e-2)
+
+
+def tiny_dit(width=32):
+    torch.manual_seed(0)
+    model = FlowDiT(input_size=4, patch_size=2, in_channels=1, hidden_size=width, depth=1,
+                    num_heads=2, num_classes=3, class_dropout_prob=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def test_pair_shards_resume_without_redoing_finished_ones(tmp_path):
+    teacher = tiny_dit()
+    kwargs = dict(num=10, shape=(1, 4, 4), num_classes=3, shard_size=4, heun_steps=2, seed=3)
+    slimflow.generate_pairs(teacher, tmp_path / "whole", **kwargs)
+    out = tmp_path / "resumed"
+    slimflow.generate_pairs(teacher, out, **kwargs)
+    import shutil
+    shutil.rmtree(out / "shard_00001")  # as if killed while writing it
+    (out / ".tmp_shard_00001").mkdir()
+    kept = (out / "shard_00000" / "x1.npy").stat().st_mtime_ns
+    made = []
+    slimflow.generate_pairs(teacher, out, **kwargs, progress=lambda i, n: made.append(i))
+    assert made == [2]  # only the missing shard
+    assert (out / "shard_00000" / "x1.npy").stat().st_mtime_ns == kept
+    assert not list(out.glob(".tmp_*"))
+    (a, manifest), (b, _) = slimflow.load_pairs(tmp_path / "whole"), slimflow.load_pairs(out)
+    assert len(a) == 10 and manifest["num_classes"] == 3
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert torch.equal(ta, tb)
+    x1, y, z0 = a.tensors
+    assert x1.shape == z0.shape == (10, 1, 4, 4) and y.tolist()[:4] == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="other settings"):
+        slimflow.generate_pairs(teacher, out, **{**kwargs, "heun_steps": 3})
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(16, 1, 4, 4, generator=g).clamp(-1, 1),
+            torch.randint(0, 3, (16,), generator=g), torch.randn(16, 1, 4, 4, generator=g))
+
+
+def losses_on_a_fixed_batch(recipe, steps=30):
+    x1, y, z0 = fixed_batch()
+    params = [p for p in recipe.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for step in range(steps):
+        rng = train.BatchRandom(7, 16, step=step)  # the same draws every step
+        loss, _ = recipe.loss(x1, y, rng, z0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("anneal_steps", [0, 10])
+def test_annealing_reflow_loss_decreases(anneal_steps):
+    recipe = slimflow.AnnealingReflow(tiny_dit(), 3, anneal_steps=anneal_steps, hflip=True)
+    losses = losses_on_a_fixed_batch(recipe)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flow_guided_distillation_loss_decreases_and_leaves_the_guide(guidance):
+    guide = tiny_dit()
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    recipe = slimflow.FlowGuidedDistillation(tiny_dit(), guide, 3, guidance=guidance)
+    losses = losses_on_a_fixed_batch(recipe)
+    assert losses[-1] < 0.8 * losses[0], losses
+    for k, v in recipe.guide.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_students_report_parameters_and_macs():
+    from onestep_models import recipes
+
+    sizes = {}
+    for name in ("tiny", "slim-32"):
+        kwargs = recipes.model_kwargs(name, (1, 8, 8), 10)
+        model = FlowDiT(**kwargs)
+        x, t, y = torch.randn(1, 1, 8, 8), torch.rand(1), torch.tensor([3])
+        sizes[name] = (sum(p.numel() for p in model.parameters()),
+                       slimflow.count_macs(model, x, t, y))
+    assert sizes["slim-32"][0] <= sizes["tiny"][0] / 3.5
+    assert 0 < sizes["slim-32"][1] < sizes["tiny"][1] / 3
