@@ -156,6 +156,12 @@ def _add_slimflow_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-guidance", action="store_true",
                    help="distillation without the flow-guided term (the ablation)")
     g.add_argument("--distill-steps", type=_positive(int), default=500)
+    g.add_argument("--distance", choices=("pseudo_huber", "lpips"), default="pseudo_huber",
+                   help="the distillation's D (lpips needs --vgg and --lpips)")
+    g.add_argument("--vgg", type=Path, default=None,
+                   help="torchvision's VGG16 state dict (vgg16-397923af.pth), for LPIPS")
+    g.add_argument("--lpips", type=Path, default=None,
+                   help="the lpips package's VGG heads (v0.1 vgg.pth), for LPIPS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +311,8 @@ def pair_settings(checkpoint: Path, teacher_run: dict[str, Any]) -> dict[str, An
 
 def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, heun_steps: int,
              stage: str, student: str, anneal_steps: int, schedule: str, hflip: bool,
-             guidance: bool, distill_steps: int) -> dict[str, Path]:
+             guidance: bool, distill_steps: int, distance: str = "pseudo_huber",
+             lpips_weights: dict[str, str] | None = None) -> dict[str, Path]:
     """SlimFlow's stages into args.out: pairs/ (from args.teacher, unless args.pairs), then
     reflow/ (Annealing Reflow, tcfg.steps) and distill/ (Flow-Guided Distillation,
     `distill_steps`), each a run directory of its own; returns them."""
@@ -344,7 +351,8 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
         reflow_run = read_checkpoint_state(init_from)["config"]
         run, dataset, num_classes = recipes.run_config(
             "slimflow_distill", data, student, True,
-            {"distance": "pseudo_huber", "guidance": guidance, "init": str(init_from.resolve())})
+            {"distance": distance, "guidance": guidance, "init": str(init_from.resolve()),
+             **({"lpips_weights": lpips_weights} if distance == "lpips" else {})})
         run["model"] = reflow_run["model"]  # the student stage 1 trained
 
         def start_from_stage_one(recipe) -> None:
@@ -537,11 +545,19 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     run, dataset, num_classes = _run_config(args, recipe)
             if recipe == "slimflow":
+                weights = None
+                if args.distance == "lpips":
+                    for flag, path in (("--vgg", args.vgg), ("--lpips", args.lpips)):
+                        if path is None or not path.is_file():
+                            raise UsageError(f"{flag}: --distance lpips needs the local weights "
+                                             f"file, got {path}")
+                    weights = {"vgg": str(args.vgg.resolve()), "lins": str(args.lpips.resolve())}
                 slimflow(args, tcfg, device, num_pairs=args.num_pairs,
                          heun_steps=args.heun_steps, stage=args.stage,
                          student=args.model or "slim-32", anneal_steps=args.anneal_steps,
                          schedule=args.anneal_schedule, hflip=args.hflip,
-                         guidance=not args.no_guidance, distill_steps=args.distill_steps)
+                         guidance=not args.no_guidance, distill_steps=args.distill_steps,
+                         distance=args.distance, lpips_weights=weights)
                 return 0
             start = time.perf_counter()
             trainer = train(run, dataset, num_classes, tcfg, args.out, device,

@@ -110,6 +110,14 @@ def build(config: dict[str, Any]) -> nn.Module:
         from onestep_models.slimflow import FlowGuidedDistillation
 
         options.pop("init", None)  # where the weights started: stage 1's checkpoint
+        weights = options.pop("lpips_weights", None)
+        if options.get("distance") == "lpips":
+            from onestep_models.lpips import LPIPS
+
+            if not weights:
+                raise ValueError("options: distance 'lpips' needs lpips_weights "
+                                 "{'vgg': ..., 'lins': ...} (local files)")
+            options["distance"] = LPIPS.from_files(weights["vgg"], weights["lins"])
         return FlowGuidedDistillation(FlowDiT(**model), FlowDiT(**model), num_classes,
                                       **options)
     raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")

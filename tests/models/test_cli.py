@@ -160,3 +160,37 @@ def test_model_sizes_are_declared_once():
         assert (len(dit.blocks), dit.blocks[0].hidden_size, dit.blocks[0].attn.num_heads,
                 dit.patch_size) == (size["depth"], size["hidden_size"], size["num_heads"],
                                     size["patch_size"])
+
+
+def test_slimflow_stages_from_a_teacher(trained_run, tmp_path, capsys):
+    from onestep_models import train
+
+    out = tmp_path / "sf"
+    code, stdout, err = run(capsys, "train", "slimflow", "--teacher", str(trained_run), "--out",
+                            str(out), "--num-pairs", "40", "--heun-steps", "2", "--steps", "4",
+                            "--distill-steps", "2", "--anneal-steps", "2", "--batch-size", "8",
+                            "--checkpoint-every", "2", "--log-every", "2")
+    assert code == 0, err
+    assert "40 pairs" in stdout and stdout.count("trained") == 2
+    for stage in ("reflow", "distill"):
+        state = train.read_checkpoint_state(train.latest_checkpoint(out / stage))
+        assert state["config"]["recipe"] == f"slimflow_{stage}"
+    code, stdout, err = run(capsys, "eval", "--ckpt", str(out / "distill"), "--num", "10")
+    assert code == 0 and "slimflow_1step" in stdout, err  # against the teacher's digits
+    code, stdout, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out",
+                            str(out / "pairs"), "--num", "40", "--heun-steps", "2")
+    assert code == 0, err  # the same settings: the finished shards stand
+    code, _, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out",
+                       str(out / "pairs"), "--num", "50", "--heun-steps", "2")
+    assert code == 2 and "other settings" in err
+
+
+def test_slimflow_refuses_what_it_cannot_use(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "slimflow", "--teacher", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "sf"))
+    assert code == 2 and "--teacher" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "train", "slimflow", "--out", str(tmp_path / "sf"))
+    assert code == 2 and "--teacher" in err
+    code, _, err = run(capsys, "train", "slimflow", "--teacher", str(tmp_path), "--out",
+                       str(tmp_path / "sf"), "--distance", "lpips")
+    assert code == 2 and "--vgg" in err

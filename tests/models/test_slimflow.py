@@ -146,3 +146,36 @@ def test_students_report_parameters_and_macs():
                        slimflow.count_macs(model, x, t, y))
     assert sizes["slim-32"][0] <= sizes["tiny"][0] / 3.5
     assert 0 < sizes["slim-32"][1] < sizes["tiny"][1] / 3
+
+
+def test_lpips_structure_and_gradients_with_random_weights(tmp_path):
+    """No real LPIPS/VGG weights exist offline: the module is checked with random ones for
+    its structure (five taps of VGG16's widths), the distance's properties, the file format
+    it loads, and gradients reaching the student's side."""
+    from onestep_models.lpips import LPIPS, TAPS
+
+    torch.manual_seed(0)
+    lpips = LPIPS(size=32)
+    with torch.no_grad():
+        for lin in lpips.lins:
+            lin.weight.uniform_(0, 1)  # LPIPS' heads are non-negative
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    taps = lpips._taps(x)
+    assert [t.shape[1] for t in taps] == list(TAPS)
+    assert [t.shape[-1] for t in taps] == [32, 16, 8, 4, 2]
+    a, b = torch.rand(3, 1, 8, 8) * 2 - 1, torch.rand(3, 1, 8, 8) * 2 - 1
+    assert torch.allclose(lpips(a, a), torch.zeros(3), atol=1e-6)
+    d = lpips(a, b)
+    assert (d > 0).all() and torch.allclose(d, lpips(b, a))
+    a.requires_grad_()
+    lpips(a, b).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    # the two files it loads: torchvision's VGG16 keys and lpips' lin heads
+    torch.save({f"features.{k}": v for k, v in lpips.features.state_dict().items()},
+               tmp_path / "vgg16.pth")
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(lpips.lins)},
+               tmp_path / "vgg.pth")
+    loaded = LPIPS.from_files(tmp_path / "vgg16.pth", tmp_path / "vgg.pth", size=32)
+    torch.testing.assert_close(loaded(a.detach(), b), d)
+    recipe = slimflow.FlowGuidedDistillation(tiny_dit(), tiny_dit(), 3, distance=lpips)
+    assert losses_on_a_fixed_batch(recipe, steps=3)[0] > 0
