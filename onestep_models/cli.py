@@ -97,6 +97,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--skip-nonfinite", type=_number(int, 0), default=0, metavar="N",
                    help="skip up to N steps whose loss or gradient is not finite (0: stop at "
                         "the first, keeping the last checkpoint)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (a runtime choice: the math is the same)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings that change the math differ from the "
                         "run's (the change is logged)")
@@ -279,7 +281,7 @@ def _run_config(args, recipe: str):
 
 def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out: Path,
           device: torch.device, progress: bool, allow_config_change: bool = False,
-          init=None) -> Trainer:
+          init=None, compile: bool = False) -> Trainer:
     """Build the run's networks (seeded), `init(model)` them if given (a later stage starting
     from an earlier one's weights; the run's own checkpoint, when there is one, wins) and
     train them; `run` is recipes' run config."""
@@ -288,7 +290,8 @@ def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out
     if init is not None:
         init(model)
     trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
-                      device=device, progress=progress, allow_config_change=allow_config_change)
+                      device=device, progress=progress, allow_config_change=allow_config_change,
+                      compile=compile)
     trainer.fit(resume=True)
     return trainer
 
@@ -341,7 +344,8 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
         start = time.perf_counter()
         trainer = train(run, dataset, num_classes, tcfg, dirs["reflow"], device,
                         progress=not args.no_progress,
-                        allow_config_change=args.allow_config_change)
+                        allow_config_change=args.allow_config_change,
+                        compile=getattr(args, "compile", False))
         report_training(trainer, tcfg, dirs["reflow"], time.perf_counter() - start)
     if stage in ("both", "distill"):
         init_from = latest_checkpoint(dirs["reflow"])
@@ -369,7 +373,7 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
         trainer = train(run, dataset, num_classes, distill, dirs["distill"], device,
                         progress=not args.no_progress,
                         allow_config_change=args.allow_config_change,
-                        init=start_from_stage_one)
+                        init=start_from_stage_one, compile=getattr(args, "compile", False))
         report_training(trainer, distill, dirs["distill"], time.perf_counter() - start)
     return dirs
 
@@ -562,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             trainer = train(run, dataset, num_classes, tcfg, args.out, device,
                             progress=not args.no_progress,
-                            allow_config_change=args.allow_config_change)
+                            allow_config_change=args.allow_config_change,
+                            compile=args.compile)
             report_training(trainer, tcfg, args.out, time.perf_counter() - start)
             if args.command == "demo" and trainer.rank == 0:
                 trained = time.perf_counter() - start

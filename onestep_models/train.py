@@ -287,7 +287,8 @@ class Trainer:
     def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
                  out_dir: str | Path, run_config: dict[str, Any] | None = None,
                  num_classes: int = 0, device: str | torch.device | None = None,
-                 progress: bool = True, allow_config_change: bool = False):
+                 progress: bool = True, allow_config_change: bool = False,
+                 compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         init_distributed(self.device)
         self.rank, self.world_size = world()
@@ -301,6 +302,9 @@ class Trainer:
         self.allow_config_change = allow_config_change
         self.dataset = dataset
         self.model = model.to(self.device)
+        if compile:  # torch.compile each network the recipe calls (in place: same state_dict)
+            for child in self.model.children():
+                child.compile()
         self.step_loss: nn.Module = StepLoss(self.model)
         if self.world_size > 1:  # broadcasts rank 0's parameters and buffers: equal replicas
             from torch.nn.parallel import DistributedDataParallel

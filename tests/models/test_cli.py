@@ -194,3 +194,22 @@ def test_slimflow_refuses_what_it_cannot_use(tmp_path, capsys):
     code, _, err = run(capsys, "train", "slimflow", "--teacher", str(tmp_path), "--out",
                        str(tmp_path / "sf"), "--distance", "lpips")
     assert code == 2 and "--vgg" in err
+
+
+@pytest.mark.slow
+def test_train_with_compiled_networks(tmp_path, capsys):
+    """--compile: torch.compile of the recipe's networks; the same steps as eager, up to the
+    compiler's float reassociation."""
+    from safetensors.torch import load_file
+
+    from onestep_models import train
+
+    results = []
+    for flag in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flag else "eager")
+        code, _, err = run(capsys, "train", "flow", "--out", str(out), "--steps", "2",
+                           "--batch-size", "8", *flag)
+        assert code == 0, err
+        results.append(load_file(train.latest_checkpoint(out) / "model.safetensors"))
+    for k, v in results[0].items():
+        torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
