@@ -459,7 +459,12 @@ def slimflow_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
     checked against the bars (printed as PASS/FAIL); True when all pass."""
     from onestep_models import slimflow as sf
 
-    d = SLIMFLOW_DEMO
+    # the demo's settings; a shorter direct demo (--steps below its default) scales them down
+    scale = min(1.0, args.steps / DEMO["steps"])
+    d = dict(SLIMFLOW_DEMO)
+    for key, least in (("steps", 1), ("anneal_steps", 0), ("distill_steps", 1),
+                       ("num_pairs", 64)):
+        d[key] = max(least, round(SLIMFLOW_DEMO[key] * scale))
     sf_args = argparse.Namespace(out=args.out / "slimflow", teacher=args.out, pairs=None,
                                  no_progress=args.no_progress,
                                  allow_config_change=args.allow_config_change)

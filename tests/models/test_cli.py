@@ -213,3 +213,17 @@ def test_train_with_compiled_networks(tmp_path, capsys):
         results.append(load_file(train.latest_checkpoint(out) / "model.safetensors"))
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_demo_slimflow_tiny(tmp_path, capsys):
+    """The SlimFlow demo end to end at tiny settings (scaled down with --steps): pairs, both
+    stages, evaluation, parameters/MACs and the bars, each printed PASS or FAIL."""
+    code, stdout, err = run(capsys, "demo", "--method", "slimflow", "--out", str(tmp_path),
+                            "--steps", "3", "--eval-samples", "20", "--no-progress")
+    summary = json.loads((tmp_path / "slimflow" / "metrics.json").read_text())
+    assert summary["sizes"]["student"]["parameters"] < summary["sizes"]["teacher"]["parameters"]
+    assert set(summary["digits_fd"]) == {"student_1step", "reflow_1step", "teacher_euler_1step",
+                                         "direct_1step"}
+    assert stdout.count("PASS: ") + stdout.count("FAIL: ") == 2 + 4
+    assert code == (0 if "FAIL: " not in stdout else 1), err
