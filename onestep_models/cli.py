@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--num", type=_positive(int), default=10_000)
     pairs.add_argument("--heun-steps", type=_positive(int), default=32,
                        help="Heun steps of the teacher's ODE (2 evaluations each)")
+    pairs.add_argument("--rk45", action="store_true",
+                       help="integrate with scipy's adaptive RK45 instead of Heun")
     pairs.add_argument("--shard-size", type=_positive(int), default=1024)
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--device", default=None)
@@ -305,6 +307,15 @@ def report_training(trainer: Trainer, tcfg: TrainConfig, out: Path, seconds: flo
           f"{done * tcfg.batch_size / max(seconds, 1e-9):.0f} images/s; checkpoints, "
           f"log.jsonl and grids in {out}" if done else
           f"nothing to train: {out} is at step {trainer.step} (--steps {tcfg.steps})")
+
+
+def shard_progress(start: float, shard_size: int):
+    """A progress line per finished shard, with the pairs per second so far."""
+    def report(done: int, total: int) -> None:
+        seconds = time.perf_counter() - start
+        print(f"shard {done}/{total}  {done * shard_size / max(seconds, 1e-9):.0f} pairs/s",
+              flush=True)
+    return report
 
 
 def pair_settings(checkpoint: Path, teacher_run: dict[str, Any]) -> dict[str, Any]:
@@ -607,8 +618,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             sf.generate_pairs(teacher, args.out, args.num, shape, model.get("num_classes", 0),
                               shard_size=args.shard_size, heun_steps=args.heun_steps,
-                              seed=args.seed, device=device,
-                              settings=pair_settings(checkpoint, teacher_run))
+                              solver="rk45" if args.rk45 else "heun", seed=args.seed,
+                              device=device, settings=pair_settings(checkpoint, teacher_run),
+                              progress=shard_progress(start, args.shard_size))
             seconds = time.perf_counter() - start
             print(f"{args.num} pairs in {args.out} ({seconds:.1f} s, "
                   f"{args.num / max(seconds, 1e-9):.0f} pairs/s)")

@@ -182,9 +182,11 @@ def _shard_name(index: int) -> str:
 
 def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ...],
                    num_classes: int, *, shard_size: int = 1024, heun_steps: int = 32,
-                   seed: int = 0, device: torch.device | str = "cpu", settings: dict | None = None,
+                   solver: str = "heun", seed: int = 0, device: torch.device | str = "cpu",
+                   settings: dict | None = None,
                    progress: Callable[[int, int], None] | None = None) -> dict:
-    """Draw `num` pairs (z0, x1 = the teacher's Heun ODE solution from z0, label) into
+    """Draw `num` pairs (z0, x1 = the teacher's ODE solution from z0 by `heun_steps` Heun
+    steps, or by scipy's adaptive RK45 with solver="rk45", label) into
     `out`/shard_*/{z0,x1,y}.npy, shard by shard: each is written under a temporary name and
     renamed, so a killed run resumes without redoing finished shards (the manifest pairs.json
     must match: teacher settings, count, shard size, seed). Labels cycle 0..num_classes-1
@@ -192,8 +194,11 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
     the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if solver not in ("heun", "rk45"):
+        raise ValueError(f"solver: expected 'heun' or 'rk45', got {solver!r}")
     manifest = {"num": num, "shape": list(shape), "num_classes": num_classes,
-                "shard_size": shard_size, "heun_steps": heun_steps, "seed": seed,
+                "shard_size": shard_size, "solver": solver,
+                "heun_steps": heun_steps if solver == "heun" else None, "seed": seed,
                 "teacher": settings or {}}
     path = out / PAIRS_MANIFEST
     if path.exists():
@@ -218,9 +223,13 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)
         z0 = torch.randn((count, *shape), generator=g)
         y = (torch.arange(start, start + count) % num_classes) if num_classes else None
+        labels = None if y is None else y.to(device)
         with torch.no_grad():
-            x1 = flow.heun(teacher, z0.to(device), heun_steps,
-                           None if y is None else y.to(device)).float().cpu()
+            if solver == "heun":
+                x1 = flow.heun(teacher, z0.to(device), heun_steps, labels)
+            else:
+                x1 = flow.rk45(teacher, z0.to(device), labels)[0]
+        x1 = x1.float().cpu()
         if not bool(torch.isfinite(x1).all()):
             raise ValueError(f"teacher: shard {index} holds non-finite samples")
         tmp = out / f".tmp_{_shard_name(index)}"

@@ -179,3 +179,15 @@ def test_lpips_structure_and_gradients_with_random_weights(tmp_path):
     torch.testing.assert_close(loaded(a.detach(), b), d)
     recipe = slimflow.FlowGuidedDistillation(tiny_dit(), tiny_dit(), 3, distance=lpips)
     assert losses_on_a_fixed_batch(recipe, steps=3)[0] > 0
+
+
+def test_pairs_by_rk45_agree_with_fine_heun(tmp_path):
+    teacher = tiny_dit()
+    kwargs = dict(num=4, shape=(1, 4, 4), num_classes=3, shard_size=4, seed=5)
+    slimflow.generate_pairs(teacher, tmp_path / "rk45", solver="rk45", **kwargs)
+    slimflow.generate_pairs(teacher, tmp_path / "heun", heun_steps=64, **kwargs)
+    (a, manifest), (b, _) = (slimflow.load_pairs(tmp_path / name) for name in ("rk45", "heun"))
+    assert manifest["solver"] == "rk45" and torch.equal(a.tensors[2], b.tensors[2])
+    torch.testing.assert_close(a.tensors[0], b.tensors[0], rtol=1e-2, atol=3e-3)
+    with pytest.raises(ValueError, match="solver"):
+        slimflow.generate_pairs(teacher, tmp_path / "x", solver="euler", **kwargs)
