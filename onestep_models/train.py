@@ -302,9 +302,6 @@ class Trainer:
         self.allow_config_change = allow_config_change
         self.dataset = dataset
         self.model = model.to(self.device)
-        if compile:  # torch.compile each network the recipe calls (in place: same state_dict)
-            for child in self.model.children():
-                child.compile()
         self.step_loss: nn.Module = StepLoss(self.model)
         if self.world_size > 1:  # broadcasts rank 0's parameters and buffers: equal replicas
             from torch.nn.parallel import DistributedDataParallel
@@ -312,6 +309,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_loss = DistributedDataParallel(self.step_loss, device_ids=ids)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if compile:  # torch.compile each network the recipe trains (in place: same state_dict;
+            for child in self.model.children():  # after the EMA copy, which stays eager)
+                child.compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                            weight_decay=config.weight_decay)

@@ -227,3 +227,17 @@ def test_demo_slimflow_tiny(tmp_path, capsys):
                                          "direct_1step"}
     assert stdout.count("PASS: ") + stdout.count("FAIL: ") == 2 + 4
     assert code == (0 if "FAIL: " not in stdout else 1), err
+
+
+def test_compiled_networks_leave_the_ema_copy_eager(tmp_path):
+    """The EMA copy is made before compiling, so it calls its own weights."""
+    from test_train import tiny_data, tiny_run
+
+    from onestep_models import recipes, train
+
+    run = tiny_run("flow")
+    trainer = train.Trainer(recipes.build(run), tiny_data(), train.TrainConfig(steps=1),
+                            tmp_path, run_config=run, num_classes=3, device="cpu",
+                            progress=False, compile=True)
+    assert trainer.model.v._compiled_call_impl is not None
+    assert getattr(trainer.ema.v, "_compiled_call_impl", None) is None
