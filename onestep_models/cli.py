@@ -345,7 +345,8 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
         start = time.perf_counter()
         sf.generate_pairs(teacher, dirs["pairs"], num_pairs, shape, model.get("num_classes", 0),
                           heun_steps=heun_steps, seed=tcfg.seed, device=device,
-                          settings=pair_settings(checkpoint, teacher_run))
+                          settings=pair_settings(checkpoint, teacher_run),
+                          progress=shard_progress(start, 1024))
         print(f"{num_pairs} pairs in {dirs['pairs']} ({time.perf_counter() - start:.1f} s)")
     data = {"kind": "pairs", "path": str(Path(dirs["pairs"]).resolve())}
     if stage in ("both", "reflow"):
