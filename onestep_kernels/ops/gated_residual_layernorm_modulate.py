@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
-from ..kernel_config import KernelConfig
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
@@ -129,34 +128,17 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
 MAX_PER_THREAD = 8
 
 
-def _block(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+_block = core.row_block
 
 
 def _warps(block_d: int, element_bytes: int) -> tuple[int, ...]:
-    return tuning.warps_options(block_d, element_bytes, MAX_PER_THREAD, tuning.ROW_WARPS)
+    return core.row_warps(block_d, element_bytes, MAX_PER_THREAD)
 
 
 def triton_configs():
-    """Every configuration the launchers can pick (each block, dtype and warp count autotune
-    may choose), for onestep_kernels.aot."""
-    block = 16
-    while block <= MAX_TRITON_D:
-        for dtype in ("fp32", "fp16", "bf16"):
-            for warps in _warps(block, tuning.ELEMENT_BYTES[dtype]):
-                yield KernelConfig(
-                    f"gated_residual_layernorm_modulate_fwd[{dtype},BLOCK_D={block},warps={warps}]",
-                    _gated_residual_layernorm_modulate_fwd_kernel, dtype, {"BLOCK_D": block},
-                    warps, fp32=("MEAN", "RSTD"))
-                for per_token in (False, True):
-                    partial_sums = () if per_token else ("DGATE", "DSHIFT", "DSCALE")
-                    yield KernelConfig(
-                        f"gated_residual_layernorm_modulate_bwd[{dtype},BLOCK_D={block},"
-                        f"PER_TOKEN={per_token},warps={warps}]",
-                        _gated_residual_layernorm_modulate_bwd_kernel, dtype,
-                        {"ROWS": BWD_ROWS_PER_PROGRAM, "BLOCK_D": block, "PER_TOKEN": per_token},
-                        warps, fp32=("MEAN", "RSTD", *partial_sums))
-        block *= 2
+    """Every configuration the launchers below can pick, for onestep_kernels.aot."""
+    return core.row_kernel_configs("gated_residual_layernorm_modulate", _gated_residual_layernorm_modulate_fwd_kernel, _gated_residual_layernorm_modulate_bwd_kernel, MAX_TRITON_D, MAX_PER_THREAD,
+                                   BWD_ROWS_PER_PROGRAM, ("DGATE", "DSHIFT", "DSCALE"))
 
 
 def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):

@@ -7,7 +7,41 @@ All take and return fp32 register rows of BLOCK_D elements with the padding mask
 
 from __future__ import annotations
 
+from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
+from ..tuning import ELEMENT_BYTES, ROW_WARPS, warps_options
+
+
+def row_block(D: int) -> int:
+    """BLOCK_D for rows of D elements kept whole in registers."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def row_warps(block_d: int, element_bytes: int, max_per_thread: int) -> tuple[int, ...]:
+    """The warp counts autotune may pick for such a row (see onestep_kernels.tuning)."""
+    return warps_options(block_d, element_bytes, max_per_thread, ROW_WARPS)
+
+
+def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_per_thread: int,
+                       bwd_rows: int, partial_sums: tuple[str, ...]):
+    """Every configuration the launchers of a row-in-registers LayerNorm op can pick (each
+    block, dtype, warp count and per-token flag), for onestep_kernels.aot. `partial_sums`:
+    the backward's per-sample gradient outputs, fp32 partial sums unless per-token."""
+    block = 16
+    while block <= max_width:
+        for dtype, element_bytes in ELEMENT_BYTES.items():
+            for warps in row_warps(block, element_bytes, max_per_thread):
+                yield KernelConfig(f"{name}_fwd[{dtype},BLOCK_D={block},warps={warps}]",
+                                   fwd_kernel, dtype, {"BLOCK_D": block}, warps,
+                                   fp32=("MEAN", "RSTD"))
+                for per_token in (False, True):
+                    yield KernelConfig(
+                        f"{name}_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
+                        f"warps={warps}]",
+                        bwd_kernel, dtype,
+                        {"ROWS": bwd_rows, "BLOCK_D": block, "PER_TOKEN": per_token},
+                        warps, fp32=("MEAN", "RSTD", *(() if per_token else partial_sums)))
+        block *= 2
 
 
 @triton.jit
