@@ -309,18 +309,29 @@ def report_training(trainer: Trainer, tcfg: TrainConfig, out: Path, seconds: flo
           f"nothing to train: {out} is at step {trainer.step} (--steps {tcfg.steps})")
 
 
-def shard_progress(start: float, shard_size: int):
-    """A progress line per finished shard, with the pairs per second so far."""
+def draw_pairs(teacher_ckpt: Path, out: Path, num: int, *, heun_steps: int, seed: int,
+               device: torch.device, shard_size: int = 1024, solver: str = "heun") -> None:
+    """The teacher run's EMA velocity integrated from seeded noise into `out`'s pair shards
+    (onestep_models.slimflow.generate_pairs), a line per shard and a closing line with the
+    pairs per second; the manifest records the teacher's checkpoint and data."""
+    from onestep_models import slimflow as sf
+
+    teacher, teacher_run, checkpoint = recipes.load_teacher(teacher_ckpt, device)
+    model = teacher_run["model"]
+    shape = (model["in_channels"], model["input_size"], model["input_size"])
+    start = time.perf_counter()
+
     def report(done: int, total: int) -> None:
-        seconds = time.perf_counter() - start
-        print(f"shard {done}/{total}  {done * shard_size / max(seconds, 1e-9):.0f} pairs/s",
-              flush=True)
-    return report
+        rate = done * shard_size / max(time.perf_counter() - start, 1e-9)
+        print(f"shard {done}/{total}  {rate:.0f} pairs/s", flush=True)
 
-
-def pair_settings(checkpoint: Path, teacher_run: dict[str, Any]) -> dict[str, Any]:
-    """What the pairs' manifest records of their teacher: its checkpoint and its data."""
-    return {"checkpoint": str(checkpoint.resolve()), "data": teacher_run["data"]}
+    sf.generate_pairs(teacher, out, num, shape, model.get("num_classes", 0),
+                      shard_size=shard_size, heun_steps=heun_steps, solver=solver, seed=seed,
+                      device=device, progress=report,
+                      settings={"checkpoint": str(checkpoint.resolve()),
+                                "data": teacher_run["data"]})
+    seconds = time.perf_counter() - start
+    print(f"{num} pairs in {out} ({seconds:.1f} s, {num / max(seconds, 1e-9):.0f} pairs/s)")
 
 
 def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, heun_steps: int,
@@ -330,7 +341,6 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
     """SlimFlow's stages into args.out: pairs/ (from args.teacher, unless args.pairs), then
     reflow/ (Annealing Reflow, tcfg.steps) and distill/ (Flow-Guided Distillation,
     `distill_steps`), each a run directory of its own; returns them."""
-    from onestep_models import slimflow as sf
     from onestep_models.run_dir import load_tensors
 
     out = args.out
@@ -339,15 +349,8 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
     if args.pairs is None:
         if args.teacher is None:
             raise UsageError("--teacher: required to draw the pairs (or give --pairs)")
-        teacher, teacher_run, checkpoint = recipes.load_teacher(args.teacher, device)
-        model = teacher_run["model"]
-        shape = (model["in_channels"], model["input_size"], model["input_size"])
-        start = time.perf_counter()
-        sf.generate_pairs(teacher, dirs["pairs"], num_pairs, shape, model.get("num_classes", 0),
-                          heun_steps=heun_steps, seed=tcfg.seed, device=device,
-                          settings=pair_settings(checkpoint, teacher_run),
-                          progress=shard_progress(start, 1024))
-        print(f"{num_pairs} pairs in {dirs['pairs']} ({time.perf_counter() - start:.1f} s)")
+        draw_pairs(args.teacher, dirs["pairs"], num_pairs, heun_steps=heun_steps,
+                   seed=tcfg.seed, device=device)
     data = {"kind": "pairs", "path": str(Path(dirs["pairs"]).resolve())}
     if stage in ("both", "reflow"):
         run, dataset, num_classes = recipes.run_config(
@@ -610,21 +613,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
             return 0
         if args.command == "pairs":
-            from onestep_models import slimflow as sf
-
             check_output_dir(args.out, "--out")
-            teacher, teacher_run, checkpoint = recipes.load_teacher(args.teacher, device)
-            model = teacher_run["model"]
-            shape = (model["in_channels"], model["input_size"], model["input_size"])
-            start = time.perf_counter()
-            sf.generate_pairs(teacher, args.out, args.num, shape, model.get("num_classes", 0),
-                              shard_size=args.shard_size, heun_steps=args.heun_steps,
-                              solver="rk45" if args.rk45 else "heun", seed=args.seed,
-                              device=device, settings=pair_settings(checkpoint, teacher_run),
-                              progress=shard_progress(start, args.shard_size))
-            seconds = time.perf_counter() - start
-            print(f"{args.num} pairs in {args.out} ({seconds:.1f} s, "
-                  f"{args.num / max(seconds, 1e-9):.0f} pairs/s)")
+            draw_pairs(args.teacher, args.out, args.num, heun_steps=args.heun_steps,
+                       seed=args.seed, device=device, shard_size=args.shard_size,
+                       solver="rk45" if args.rk45 else "heun")
             return 0
         if args.command == "sample":
             check_output_file(args.out, "--out", (".png",))
