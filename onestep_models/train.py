@@ -389,10 +389,10 @@ class Trainer:
             loss, logs = self.step_loss(x1, y, rng, *extra)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over the processes
-        grads = [p.grad for p in self.params if p.grad is not None]
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         else:
+            grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         # one host sync for the loss, the norm and whether any process saw a non-finite loss
         local_bad = (~torch.isfinite(loss.detach())).float()
