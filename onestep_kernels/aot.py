@@ -9,6 +9,7 @@ compile, is reported.
 
     python -m onestep_kernels.aot [--arch 80 90] [--jobs 2]
     python -m onestep_kernels.aot --vectors      # 128-bit accesses in the memory-bound kernels
+    python -m onestep_kernels.aot --inductor     # torch.compile can rebuild each kernel
 
 exits non-zero on any failure. Run it without TRITON_INTERPRET (the test suite does so in a
 subprocess), since the interpreter replaces the compiler.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.util
 import os
 import re
 import subprocess
@@ -151,6 +153,46 @@ def vector_problem(config, scalars: int) -> tuple[str, str]:
     return config.name, ""
 
 
+def inductor_problem(kernel) -> str:
+    """Why inductor could not compile `kernel` under torch.compile, or "". Inductor launches a
+    wrap_triton kernel from a copy of its source plus the jit functions and constants that it
+    names; a name it cannot carry over (a module attribute such as `core.f`, a float constant)
+    is undefined there, and the compile fails on the GPU ("core is not defined"). This builds
+    that copy with inductor's own function and checks every global each function in it loads."""
+    import builtins
+    import dis
+
+    import triton
+    from torch._inductor.codegen.wrapper import (
+        user_defined_triton_kernel_transitive_closure_source_code as inductor_copy,
+    )
+
+    copy = inductor_copy(kernel)  # the kernel's own source comes undecorated
+    source = "import triton\nimport triton.language as tl\n" + (
+        copy if copy.lstrip().startswith("@") else "@triton.jit\n" + copy.lstrip())
+    with tempfile.TemporaryDirectory() as folder:  # @triton.jit reads its source from a file
+        path = Path(folder) / f"copy_of_{kernel.fn.__name__}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # noqa: BLE001 - reported, as a compile failure would be
+            return f"the copy does not run: {error!r}"
+    namespace = vars(module)
+    for function in [v for v in namespace.values() if isinstance(v, triton.JITFunction)]:
+        loads = {i.argval for i in dis.Bytecode(function.fn) if i.opname == "LOAD_GLOBAL"}
+        missing = sorted(n for n in loads if n not in namespace and not hasattr(builtins, n))
+        if missing:
+            return f"{function.fn.__name__} loads {missing}, which inductor's copy lacks"
+    return ""
+
+
+def inductor_kernels() -> dict:
+    """Every kernel of the registry, once: name -> JITFunction."""
+    return {config.kernel.fn.__name__: config.kernel for config in configs()}
+
+
 def run(archs=ARCHS, jobs: int = 2, only: str = "") -> list[Result]:
     names = [c.name for c in configs()]
     tasks = [(i, arch) for i, name in enumerate(names) if name.startswith(only) for arch in archs]
@@ -166,10 +208,20 @@ def main(argv=None) -> int:
     parser.add_argument("--vectors", action="store_true",
                         help="instead: check that the memory-bound kernels' sm_90 PTX at DiT "
                              "widths moves 128-bit vectors")
+    parser.add_argument("--inductor", action="store_true",
+                        help="instead: check that inductor can rebuild each kernel from its "
+                             "source (what torch.compile does with wrap_triton kernels)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the compile check needs the real compiler", file=sys.stderr)
         return 2
+    if args.inductor:
+        problems = {name: inductor_problem(k) for name, k in sorted(inductor_kernels().items())}
+        for name, problem in problems.items():
+            print(f"inductor {name}: {problem or 'ok'}")
+        failed = sum(1 for problem in problems.values() if problem)
+        print(f"{len(problems) - failed} passed, {failed} failed")
+        return 1 if failed else 0
     if args.vectors:
         count = len(list(vector_configs()))
         with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:

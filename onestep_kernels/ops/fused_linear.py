@@ -41,9 +41,9 @@ from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from . import bias_gelu_tanh as bias_gelu_tanh_op
-from . import layernorm_core as core
 from . import layernorm_modulate as layernorm_modulate_op
 from .common import bn_strides, needs_grad, on_device
+from .layernorm_core import modulate  # by bare name: see layernorm_modulate's import
 
 ACTIVATIONS = (None, "gelu_tanh")
 
@@ -133,7 +133,7 @@ def _fused_linear_kernel(
             scale = tl.load(scale_ptrs, mask=a_mask, other=0.0).to(tl.float32)
             shift = tl.load(shift_ptrs, mask=a_mask, other=0.0).to(tl.float32)
             # (padding columns of a become non-zero here; the weight's padding rows are zeros)
-            a = core.modulate((a.to(tl.float32) - mean[:, None]) * rstd[:, None], shift, scale)
+            a = modulate((a.to(tl.float32) - mean[:, None]) * rstd[:, None], shift, scale)
             scale_ptrs += BLOCK_K
             shift_ptrs += BLOCK_K
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)

@@ -23,6 +23,10 @@ from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
+# The kernels call the shared jit functions by bare name: inductor copies a user kernel's
+# source with the jit functions it names, and cannot follow a module attribute (core.x).
+from .layernorm_core import layernorm_input_grad, modulate, normalised, row_statistics
+
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
@@ -66,11 +70,11 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0).to(tl.float32)
     r = x + gate * y
-    mean, rstd, centred = core.row_statistics(r, mask, D, eps)
+    mean, rstd, centred = row_statistics(r, mask, D, eps)
     shift = tl.load(SHIFT + b * shift_sb + n * shift_sn + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(RES + row * D + cols, r.to(RES.dtype.element_ty), mask=mask)
-    out = core.modulate(centred * rstd, shift, scale)
+    out = modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -98,10 +102,10 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
-        xhat = core.normalised(res, mask, mean, rstd)
+        xhat = normalised(res, mask, mean, rstd)
         g = dout * (1.0 + scale.to(tl.float32))
         dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        dr = dres + core.layernorm_input_grad(g, xhat, rstd, D)
+        dr = dres + layernorm_input_grad(g, xhat, rstd, D)
         y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0)
         tl.store(DX + row * D + cols, dr.to(DX.dtype.element_ty), mask=mask)

@@ -23,6 +23,10 @@ from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
+# The kernels call the shared jit functions by bare name: inductor copies a user kernel's
+# source with the jit functions it names, and cannot follow a module attribute (core.x).
+from .layernorm_core import layernorm_input_grad, modulate, normalised, row_statistics
+
 # ---------------------------------------------------------------------------------------------
 # Reference (the oracle, and the `reference` backend)
 # ---------------------------------------------------------------------------------------------
@@ -61,10 +65,10 @@ def _layernorm_modulate_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(X + b * x_sb + n * x_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    mean, rstd, centred = core.row_statistics(x, mask, D, eps)
+    mean, rstd, centred = row_statistics(x, mask, D, eps)
     shift = tl.load(SHIFT + b * shift_sb + n * shift_sn + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    out = core.modulate(centred * rstd, shift, scale)
+    out = modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -93,8 +97,8 @@ def _layernorm_modulate_bwd_kernel(
         scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
-        xhat = core.normalised(x, mask, mean, rstd)
-        dx = core.layernorm_input_grad(dy * (1.0 + scale.to(tl.float32)), xhat, rstd, D)
+        xhat = normalised(x, mask, mean, rstd)
+        dx = layernorm_input_grad(dy * (1.0 + scale.to(tl.float32)), xhat, rstd, D)
         tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if PER_TOKEN:
             tl.store(DSHIFT + row * D + cols, dy.to(DSHIFT.dtype.element_ty), mask=mask)
