@@ -3,9 +3,15 @@ the best of 7 interleaved rounds of 3,000 calls for each call (the least disturb
 and without autograd, and the DiT blocks (width 32, 4 tokens). A steadier companion to
 `pytest benchmarks/test_host_overhead.py` for the issue's "at most 3x F.layer_norm" target.
 
-    python benchmarks/host_overhead_ratio.py
+    python benchmarks/host_overhead_ratio.py [--device cuda] [--profile]
+
+On CUDA the calls are launches that queue work (their host time, the GPU barely busy);
+`--profile` adds where the host time of a few calls goes (cProfile, by own time).
 """
 
+import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -29,11 +35,32 @@ def best_us(calls: dict, rounds: int = 7, repeat: int = 3000) -> dict:
     return best
 
 
+def profile(calls: dict, names: list, repeat: int = 2000, lines: int = 18) -> None:
+    for name in names:
+        for _ in range(200):
+            calls[name]()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(repeat):
+            calls[name]()
+        profiler.disable()
+        print(f"\n--- {name}: {repeat} calls, by own time")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(lines)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    # (not torch.set_default_device: its TorchFunctionMode would run inside every call)
+    def randn(*shape):
+        return torch.randn(*shape, device=args.device)
+
     B, N, D = 2, 3, 16
-    x, y = torch.randn(B, N, D), torch.randn(B, N, D)
-    shift, scale, gate = torch.randn(B, D), torch.randn(B, D), torch.randn(B, D)
-    u, b, q = torch.randn(8, D), torch.randn(D), torch.randn(1, 2, 4, D)
+    x, y = randn(B, N, D), randn(B, N, D)
+    shift, scale, gate = randn(B, D), randn(B, D), randn(B, D)
+    u, b, q = randn(8, D), randn(D), randn(1, 2, 4, D)
     xg, ug, qg = (t.clone().requires_grad_() for t in (x, u, q))
     calls = {
         "F.layer_norm": lambda: F.layer_norm(x, (D,)),
@@ -54,9 +81,10 @@ def main() -> None:
         base = best["F.layer_norm (autograd)" if "autograd" in name else "F.layer_norm"]
         print(f"{name:46s} {us:7.2f} us  {us / base:5.2f}x F.layer_norm")
     torch.manual_seed(0)
-    reference, fused = DiTBlock(32, 2), FusedDiTBlock(32, 2)
+    reference = DiTBlock(32, 2).to(args.device)
+    fused = FusedDiTBlock(32, 2).to(args.device)
     fused.load_state_dict(reference.state_dict())
-    xb, c = torch.randn(1, 4, 32), torch.randn(1, 32)
+    xb, c = randn(1, 4, 32), randn(1, 32)
     xbg = xb.clone().requires_grad_()
     with torch.no_grad():
         blocks = best_us({"reference DiTBlock": lambda: reference(xb, c),
@@ -66,6 +94,14 @@ def main() -> None:
          "FusedDiTBlock": lambda: fused(xbg, c)}, repeat=500).items()})
     for name, us in blocks.items():
         print(f"{name:46s} {us:7.1f} us")
+    if args.profile:
+        calls.update({"FusedDiTBlock": lambda: fused(xb, c),
+                      "FusedDiTBlock (autograd)": lambda: fused(xbg, c)})
+        profile(calls, ["layernorm_modulate", "layernorm_modulate (autograd)",
+                        "gated_residual_layernorm_modulate"])
+        with torch.no_grad():
+            profile(calls, ["FusedDiTBlock"], repeat=300, lines=30)
+        profile(calls, ["FusedDiTBlock (autograd)"], repeat=300, lines=30)
 
 
 if __name__ == "__main__":
