@@ -32,9 +32,4 @@ except ImportError:
         return kernel
 
 
-def direct(kernel):
-    """The eager launch: the kernel itself (the counterpart of wrap_triton)."""
-    return kernel
-
-
-__all__ = ["HAS_TRITON", "direct", "triton", "tl", "triton_op", "wrap_triton"]
+__all__ = ["HAS_TRITON", "triton", "tl", "triton_op", "wrap_triton"]
