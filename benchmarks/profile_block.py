@@ -30,20 +30,28 @@ def wall_ms(fn, repeat: int = 20) -> float:
     return (time.perf_counter() - start) / repeat * 1e3
 
 
-def kernel_table(fn, rows: int) -> str:
+def kernel_table(fn, rows: int, host_rows: int = 0) -> str:
+    """The GPU's kernels by time per call; with host_rows, also the host's operations by their
+    own time (where a fixed cost such as a synchronisation or an allocation shows)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type.name == "CUDA"]
     busy = sum(e.self_device_time_total for e in events) / 5 / 1e3
     events.sort(key=lambda e: -e.self_device_time_total)
     lines = [f"  GPU busy {busy:.3f} ms per call"]
     for e in events[:rows]:
         lines.append(f"  {e.self_device_time_total / 5 / 1e3:8.4f} ms x{e.count // 5:<3d} "
                      f"{e.key[:110]}")
+    host = sorted((e for e in averages if e.device_type.name == "CPU"),
+                  key=lambda e: -e.self_cpu_time_total)
+    for e in host[:host_rows]:
+        lines.append(f"  host {e.self_cpu_time_total / 5 / 1e3:8.4f} ms x{e.count // 5:<3d} "
+                     f"{e.key[:100]}")
     return "\n".join(lines)
 
 
@@ -57,6 +65,15 @@ def blocks(batches, rows: int) -> None:
                 ms = wall_ms(lambda b=block: b(x, c))
                 print(f"\n{name} block, B={B} forward: {ms:.3f} ms wall")
                 print(kernel_table(lambda b=block: b(x, c), rows))
+            if B != min(batches):
+                continue
+            xg = x.clone().requires_grad_()
+
+            def step(b=block):
+                b.zero_grad(set_to_none=True)
+                b(xg, c).sum().backward()
+            print(f"\n{name} block, B={B} forward+backward: {wall_ms(step):.3f} ms wall")
+            print(kernel_table(step, rows, host_rows=12))
 
 
 def bias_gelu(batches) -> None:

@@ -4,8 +4,8 @@ compute what the first one does."""
 
 import pytest
 import torch
-
 from conftest import GPU
+
 from onestep_kernels import launch
 
 pytest.importorskip("triton", reason="triton is not installed")

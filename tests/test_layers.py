@@ -159,3 +159,25 @@ def test_dit_block_forward_takes_an_fc1_without_bias(generator):
         reference.adaLN_modulation = torch.nn.Identity()
         ref = reference(x.double(), m.double())
     assert_close_rel(out, ref, torch.float32, "out")
+
+
+@pytest.mark.parametrize("B,N,D,H", [(2, 17, 72, 2), (3, 64, 144, 2)])
+def test_bf16_inference_is_as_accurate_as_the_reference_block(B, N, D, H, generator):
+    """Inference in bf16, the dtype DiTs sample in (on CUDA fc1's bias and GELU then run in
+    cuBLASLt's epilogue): the fused block's error against float64 is at most twice the
+    reference block's own in bf16 (flash-attention's rule)."""
+    fused = randomised(FusedDiTBlock(D, H), generator)
+    exact = DiTBlock(D, H).double()
+    exact.load_state_dict(fused.state_dict())
+    reference = DiTBlock(D, H)
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(B, N, D, generator=generator)
+    c = torch.randn(B, D, generator=generator)
+    want = exact(x.double(), c.double())
+    xb, cb = x.to(DEVICE, torch.bfloat16), c.to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        ours = fused.to(DEVICE, torch.bfloat16)(xb, cb).double().cpu()
+        theirs = reference.to(DEVICE, torch.bfloat16)(xb, cb).double().cpu()
+    error = ((ours - want).norm() / want.norm()).item()
+    bound = ((theirs - want).norm() / want.norm()).item()
+    assert error <= 2 * bound + 1e-4, (error, bound)
