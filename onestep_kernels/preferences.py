@@ -19,8 +19,9 @@ Where the rows come from (re-measure with the command above and update them with
   attention (32, 16, 256, 72): SDPA (cuDNN) 0.073 ms, Triton 0.277. fused_linear (QKV with
   the LayerNorm prologue, B=32): cuBLAS + the separate ops 0.42 ms, the fused kernel 0.96.
   At B=32 through `--measure` (do_bench, host time included) the CUDA C++ LayerNorm ops led
-  Triton (0.082 against 0.124 ms, 0.067 against 0.090): there the launch's host time is the
-  op's time, which onestep_kernels.launch cuts for Triton.
+  Triton (0.082 against 0.124 ms, 0.067 against 0.090): there the launch's host time (a
+  Triton launch's Python) is the op's time; in a block the host runs ahead of the GPU, and at
+  B=128 Triton leads, so it stays first.
 - cpu: 2-core Intel Xeon VM, torch 2.13.0, fp32, B=4, N=256, D=384 (this module's
   --measure), 2026-11-25: layernorm_modulate C++ 0.14 ms, PyTorch 0.87; gated residual C++
   0.23, PyTorch 1.03; bias_gelu_tanh C++ 1.04, PyTorch 1.98; attention SDPA 1.94, C++ 3.41.

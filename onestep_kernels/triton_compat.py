@@ -32,4 +32,9 @@ except ImportError:
         return kernel
 
 
-__all__ = ["HAS_TRITON", "triton", "tl", "triton_op", "wrap_triton"]
+def direct(kernel):
+    """The eager launch: the kernel itself (the counterpart of wrap_triton)."""
+    return kernel
+
+
+__all__ = ["HAS_TRITON", "direct", "triton", "tl", "triton_op", "wrap_triton"]

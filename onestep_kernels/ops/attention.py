@@ -26,7 +26,6 @@ from torch import Tensor
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
-from ..launch import launcher
 from ..triton_compat import tl, triton
 from .common import needs_grad, on_device
 
@@ -267,7 +266,7 @@ def _triton_fwd(q, k, v, scale):
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
 
-    launcher(kernel)[grid](
+    kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
         BLOCK_D=max(16, triton.next_power_of_2(Dh)), IEEE=q.dtype == torch.float32, **options)
     return out, lse
@@ -285,9 +284,9 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                   IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    launcher(_attention_bwd_dkdv_kernel)[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](
+    _attention_bwd_dkdv_kernel[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale, **common)
-    launcher(_attention_bwd_dq_kernel)[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+    _attention_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, **common)
     return dq, dk, dv
 

@@ -20,7 +20,6 @@ from torch import Tensor
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
-from ..launch import launcher
 from ..triton_compat import tl, triton
 from .common import needs_grad, on_device
 
@@ -111,7 +110,7 @@ def _triton_fwd(x2d, bias, y2d):
     kernel, options = tuning.select(_bias_gelu_tanh_fwd_kernel,
                                     _warps(block_f, x2d.element_size()), ("F",))
     grid = (triton.cdiv(R, ROWS_PER_PROGRAM), triton.cdiv(F, block_f))
-    launcher(kernel)[grid](x2d, bias, y2d, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
+    kernel[grid](x2d, bias, y2d, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
 
 
 def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
@@ -121,7 +120,7 @@ def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
                                     _warps(block_f, x2d.element_size()), ("F",))
     chunks = triton.cdiv(R, ROWS_PER_PROGRAM)
     partial = x2d.new_empty((chunks, F), dtype=torch.float32)
-    launcher(kernel)[(chunks, triton.cdiv(F, block_f))](
+    kernel[(chunks, triton.cdiv(F, block_f))](
         dy2d, x2d, bias, dx2d, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f,
         **options)
     dbias.copy_(partial.sum(dim=0))

@@ -39,7 +39,6 @@ from torch import Tensor
 from .. import checks, dispatch
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
-from ..launch import launcher
 from ..triton_compat import tl, triton
 from . import bias_gelu_tanh as bias_gelu_tanh_op
 from . import layernorm_modulate as layernorm_modulate_op
@@ -199,7 +198,7 @@ def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gel
     gate_s = bn_strides(gate) if gate is not None else (0, 0)
     res2d = residual.reshape(B * N, cols) if residual is not None else None
     grid = (triton.cdiv(B * N, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
-    launcher(_fused_linear_kernel)[grid](
+    _fused_linear_kernel[grid](
         x2d, weight, dummy if bias is None else bias, dummy if shift is None else shift,
         dummy if scale is None else scale, dummy if gate is None else gate,
         dummy if res2d is None else res2d, out,

@@ -19,8 +19,7 @@ from torch import Tensor
 
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
-from ..launch import launcher as direct
-from ..triton_compat import tl, triton, triton_op, wrap_triton
+from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
 from .common import bn_strides, needs_grad, on_device
 
