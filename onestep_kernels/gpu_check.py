@@ -488,7 +488,8 @@ def row_tests(row: Row) -> None:
         try:
             import xdist  # noqa: F401
 
-            command += ["-n", str(min(8, os.cpu_count() or 1))]
+            # (Triton compiles and autotunes at each awkward shape: workers on every core)
+            command += ["-n", str(os.cpu_count() or 1)]
         except ImportError:
             pass
         command += ["tests"]
