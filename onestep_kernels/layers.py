@@ -94,8 +94,8 @@ def _plain_linear(module: nn.Module) -> bool:
 def _gelu_epilogue(h: Tensor, fc1: nn.Linear) -> bool:
     """Whether fc1's bias and GELU(tanh) run in cuBLASLt's epilogue (torch._addmm_activation):
     inference on CUDA in fp16/bf16 without autocast. On an H100 (bf16, (8192, 1152) x (1152,
-    4608), 2026-11-25, benchmarks/profile_block.py) it took 0.183 ms against 0.223 for the
-    product then onestep's Triton bias_gelu_tanh and 0.231 for PyTorch's Linear and GELU, and
+    4608), 2026-11-25, benchmarks/profile_block.py) it took 0.166 ms against 0.209 for the
+    product then onestep's Triton bias_gelu_tanh and 0.233 for PyTorch's Linear and GELU, and
     rounds once (rel. error 1.7e-3 against 2.5e-3). On the CPU the same call computes the erf
     GELU, and it has no backward: elsewhere the separate op runs."""
     return (h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
@@ -225,9 +225,10 @@ class FusedDiTBlock(DiTBlock):
     Memory-bound steps fused: the first modulated LayerNorm is one op, the attention branch's
     gated residual and the second modulated LayerNorm are one op, fc1's bias and GELU are one
     op (for inference on CUDA in half precision, cuBLASLt's epilogue of fc1's product:
-    `_gelu_epilogue`), the MLP's gated residual is one `addcmul`. Attention is onestep's attention op on q,
-    k, v views of the QKV projection, on its default backend (onestep_kernels.preferences);
-    the matrix products are PyTorch's, through the Linear modules.
+    `_gelu_epilogue`), the MLP's gated residual is one `addcmul`. Attention is onestep's
+    attention op on q, k, v views of the QKV projection, on its default backend
+    (onestep_kernels.preferences); the matrix products are PyTorch's, through the Linear
+    modules.
 
     fuse_linears=True folds those steps into the four matrix products instead
     (`onestep_kernels.fused_linear`: the modulated LayerNorms in the prologues of QKV and fc1,
