@@ -13,11 +13,11 @@ checkpoints load into either.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from . import checks
@@ -46,13 +46,31 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        qkv = self.qkv(x)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
         if self.fused:
             out = _attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return self.proj(merge_heads(out))
+
+
+# The head split and merge as views and one reshape, as the official DiT (timm's Attention)
+# writes them: einops' rearrange does the same at 6-7 µs of host time per call against 2.5-4
+# (dev VM), and a DiT-XL/2 forward makes 56 of them.
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3 H Dh) -> q, k, v, each (B, H, N, Dh): "b n (three h d) -> three b h n d"
+    (views of the projection when it is contiguous)."""
+    B, N, width = qkv.shape
+    heads = qkv.reshape(B, N, 3, num_heads, width // (3 * num_heads))
+    return heads.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """(B, H, N, Dh) -> (B, N, H Dh): "b h n d -> b n (h d)"."""
+    B, H, N, Dh = out.shape
+    return out.transpose(1, 2).reshape(B, N, H * Dh)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -135,8 +153,10 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     if modulation.shape != (B, 6 * D):
         raise ValueError(f"modulation: expected shape {(B, 6 * D)} for x of shape "
                          f"{tuple(x.shape)}, got {tuple(modulation.shape)}")
-    eps = checks.positive_float("eps", eps)
-    mlp_norm_eps = checks.positive_float("mlp_norm_eps", mlp_norm_eps)
+    if not (isinstance(eps, float) and 0.0 < eps < math.inf):  # (the usual case, cheaply)
+        eps = checks.positive_float("eps", eps)
+    if not (isinstance(mlp_norm_eps, float) and 0.0 < mlp_norm_eps < math.inf):
+        mlp_norm_eps = checks.positive_float("mlp_norm_eps", mlp_norm_eps)
     if fuse_linears and isinstance(attention, Attention):
         fused = _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps)
         if fused is not None:
@@ -185,9 +205,8 @@ def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps
                                      norm_eps, activation, gate, residual)
 
     sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=1)
-    q, k, v = rearrange(linear(x, qkv, shift=sh1, scale=sc1),
-                        "b n (three h d) -> three b h n d", three=3, h=attention.num_heads)
-    attn = rearrange(_attention(q, k, v), "b h n d -> b n (h d)")
+    q, k, v = split_heads(linear(x, qkv, shift=sh1, scale=sc1), attention.num_heads)
+    attn = merge_heads(_attention(q, k, v))
     x = linear(attn, proj, gate=g1, residual=x)
     hidden = linear(x, fc1, shift=sh2, scale=sc2, norm_eps=mlp_norm_eps, activation="gelu_tanh")
     return linear(hidden, fc2, gate=g2, residual=x)
