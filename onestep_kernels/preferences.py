@@ -12,8 +12,9 @@ table: it is stored per device in $ONESTEP_CACHE_DIR/preferences.json (default
 Where the rows come from (re-measure with the command above and update them with the date):
 - sm_90: one NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16, DiT-XL/2 shapes,
   2026-11-25 (`python -m onestep_kernels.gpu_check`'s memory_bound, attention, fused_linear
-  and preferences rows, the session's first calls; its last call (up to 20% apart, same order) is in
-  benchmarks/results/h100-2026-11-25): forward at B=128 (N=256, D=1152), GB/s counting each input read and output written once:
+  and preferences rows, the session's first calls; its last call, up to 20% apart in the same
+  order, is in benchmarks/results/h100-2026-11-25): forward at B=128 (N=256, D=1152), GB/s
+  counting each input read and output written once:
   layernorm_modulate Triton 930, CUDA C++ 567, eager PyTorch 481 (torch.compile 645);
   gated_residual_layernorm_modulate Triton 1461, CUDA C++ 1069, eager 611 (compile 1300);
   bias_gelu_tanh on (32768, 4608) Triton 1787, CUDA C++ 1084, eager 994 (compile 2090).
