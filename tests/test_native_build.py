@@ -30,13 +30,18 @@ def cuobjdump() -> str | None:
     return shutil.which("cuobjdump")
 
 
-@pytest.mark.skipif(not native.CUDA_LIBRARY_PATH.exists(), reason=NOT_BUILT)
-def test_cuda_kernels_have_no_spills_for_sm80_and_sm90():
+def cuobjdump_report(option: str) -> str:
+    """cuobjdump's `option` report of the CUDA library (the test skips without cuobjdump)."""
     tool = cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither in the triton wheel nor on PATH)")
-    report = subprocess.run([tool, "--dump-resource-usage", str(native.CUDA_LIBRARY_PATH)],
-                            capture_output=True, text=True, check=True).stdout
+    return subprocess.run([tool, option, str(native.CUDA_LIBRARY_PATH)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(not native.CUDA_LIBRARY_PATH.exists(), reason=NOT_BUILT)
+def test_cuda_kernels_have_no_spills_for_sm80_and_sm90():
+    report = cuobjdump_report("--dump-resource-usage")
     archs = set(re.findall(r"arch = (sm_\d+)", report))
     assert {"sm_80", "sm_90"} <= archs, report[:2000]
     functions = re.findall(r"Function (\S+):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)", report)
@@ -47,11 +52,7 @@ def test_cuda_kernels_have_no_spills_for_sm80_and_sm90():
 
 @pytest.mark.skipif(not native.CUDA_LIBRARY_PATH.exists(), reason=NOT_BUILT)
 def test_cuda_library_embeds_ptx_for_newer_gpus():
-    tool = cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (neither in the triton wheel nor on PATH)")
-    listing = subprocess.run([tool, "--list-ptx", str(native.CUDA_LIBRARY_PATH)],
-                             capture_output=True, text=True, check=True).stdout
+    listing = cuobjdump_report("--list-ptx")
     assert re.search(r"sm_\d+\.ptx|compute_\d+", listing), listing[:2000]
 
 
