@@ -172,15 +172,16 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     branch = checks.cast(attention(h), dtype).contiguous()
     impl = gated_op.OP.resolve(None, device, dtype, D, grad or branch.requires_grad)
     x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps)
-    if _plain_linear(fc1) and fc1.bias is not None and _gelu_epilogue(h, fc1):
-        hidden = torch._addmm_activation(fc1.bias, h.reshape(B * N, D), fc1.weight.t(),
-                                         use_gelu=True).view(B, N, -1)
-    elif _plain_linear(fc1) and fc1.bias is not None:
-        u = F.linear(h, fc1.weight)
-        bias = checks.cast(fc1.bias, u.dtype)  # as the Linear's own bias would be (autocast)
-        impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1],
-                                            needs_grad(u, bias))
-        hidden = bias_gelu_tanh_op.apply(impl, u, bias)
+    if _plain_linear(fc1) and fc1.bias is not None:
+        if _gelu_epilogue(h, fc1):
+            hidden = torch._addmm_activation(fc1.bias, h.reshape(B * N, D), fc1.weight.t(),
+                                             use_gelu=True).view(B, N, -1)
+        else:
+            u = F.linear(h, fc1.weight)
+            bias = checks.cast(fc1.bias, u.dtype)  # as the Linear's own bias would be (autocast)
+            impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1],
+                                                needs_grad(u, bias))
+            hidden = bias_gelu_tanh_op.apply(impl, u, bias)
     else:
         hidden = F.gelu(fc1(h), approximate="tanh")
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
