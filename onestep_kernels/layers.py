@@ -74,11 +74,13 @@ def merge_heads(out: Tensor) -> Tensor:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """onestep's attention on views of one projection (one dtype, validated by construction)."""
+    """onestep's attention on views of one projection (one dtype, validated by construction;
+    q, k and v require gradients together)."""
     dtype = checks.compute_dtype(checks.LOWER, (q,))
-    q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
+    if q.dtype is not dtype:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     Dh = q.shape[-1]
-    impl = attention_op.OP.resolve(None, q.device, dtype, Dh, needs_grad(q, k, v))
+    impl = attention_op.OP.resolve(None, q.device, dtype, Dh, needs_grad(q))
     return attention_op.apply(impl, q, k, v, Dh ** -0.5)
 
 
@@ -109,7 +111,7 @@ def _plain_linear(module: nn.Module) -> bool:
             and not _module._global_forward_pre_hooks)
 
 
-def _gelu_epilogue(h: Tensor, fc1: nn.Linear) -> bool:
+def _gelu_epilogue(h: Tensor, weight: Tensor, bias: Tensor) -> bool:
     """Whether fc1's bias and GELU(tanh) run in cuBLASLt's epilogue (torch._addmm_activation):
     inference on CUDA in fp16/bf16 without autocast. On an H100 (bf16, (8192, 1152) x (1152,
     4608), 2026-11-25, benchmarks/profile_block.py) it took 0.166 ms against 0.209 for the
@@ -117,8 +119,8 @@ def _gelu_epilogue(h: Tensor, fc1: nn.Linear) -> bool:
     rounds once (rel. error 1.7e-3 against 2.5e-3). On the CPU the same call computes the erf
     GELU, and it has no backward: elsewhere the separate op runs."""
     return (h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
-            and fc1.weight.dtype == h.dtype and fc1.bias.dtype == h.dtype
-            and not needs_grad(h, fc1.weight, fc1.bias)
+            and weight.dtype == h.dtype and bias.dtype == h.dtype
+            and not needs_grad(h, weight, bias)
             and not checks.autocast_enabled(h.device.type))
 
 
@@ -163,8 +165,9 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
             return fused
     device = x.device
     dtype = checks.compute_dtype(checks.LAYER_NORM, (x, modulation))
-    x = checks.cast(x, dtype)
-    sh1, sc1, g1, sh2, sc2, g2 = checks.cast(modulation, dtype).chunk(6, dim=1)
+    if not (x.dtype is modulation.dtype is dtype):
+        x, modulation = x.to(dtype), modulation.to(dtype)
+    sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=1)
     grad = needs_grad(x, modulation)
 
     impl = layernorm_modulate_op.OP.resolve(None, device, dtype, D, grad)
@@ -172,13 +175,15 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     branch = checks.cast(attention(h), dtype).contiguous()
     impl = gated_op.OP.resolve(None, device, dtype, D, grad or branch.requires_grad)
     x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps)
-    if _plain_linear(fc1) and fc1.bias is not None:
-        if _gelu_epilogue(h, fc1):
-            hidden = torch._addmm_activation(fc1.bias, h.reshape(B * N, D), fc1.weight.t(),
+    bias = fc1.bias if _plain_linear(fc1) else None  # (a module attribute costs ~0.5 us)
+    if bias is not None:
+        weight = fc1.weight
+        if _gelu_epilogue(h, weight, bias):
+            hidden = torch._addmm_activation(bias, h.reshape(B * N, D), weight.t(),
                                              use_gelu=True).view(B, N, -1)
         else:
-            u = F.linear(h, fc1.weight)
-            bias = checks.cast(fc1.bias, u.dtype)  # as the Linear's own bias would be (autocast)
+            u = F.linear(h, weight)
+            bias = checks.cast(bias, u.dtype)  # as the Linear's own bias would be (autocast)
             impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1],
                                                 needs_grad(u, bias))
             hidden = bias_gelu_tanh_op.apply(impl, u, bias)
@@ -272,6 +277,7 @@ class FusedDiTBlock(DiTBlock):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         self._check_conditioning(x, c)
-        return dit_block_forward(x, self.adaLN_modulation(c), self.attn, self.mlp.fc1,
-                                 self.mlp.fc2, eps=LN_EPS, mlp_norm_eps=self.mlp_norm_eps,
+        mlp = self.mlp
+        return dit_block_forward(x, self.adaLN_modulation(c), self.attn, mlp.fc1, mlp.fc2,
+                                 eps=LN_EPS, mlp_norm_eps=self.mlp_norm_eps,
                                  fuse_linears=self.fuse_linears)

@@ -27,7 +27,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import needs_grad, on_device
+from .common import eager_apply, needs_grad, on_device
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -385,6 +385,9 @@ class _Attention(torch.autograd.Function):
         return (*_backward(ctx.backend, dout, q, k, v, out, lse, ctx.scale), None, None)
 
 
+_apply_with_grad = eager_apply(_Attention, tensors=3)
+
+
 def apply(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Attention on a resolved backend, for validated arguments (one dtype and device, last
     dimensions contiguous)."""
@@ -393,7 +396,7 @@ def apply(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Te
     if torch.compiler.is_compiling():
         return attention_fwd(q, k, v, scale, backend.name)[0]
     if needs_grad(q, k, v):
-        return _Attention.apply(q, k, v, scale, backend)
+        return _apply_with_grad(q, k, v, scale, backend)
     return _forward(backend, q, k, v, scale)[0]
 
 

@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import needs_grad, on_device
+from .common import eager_apply, needs_grad, on_device
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -104,25 +104,33 @@ def triton_configs():
         block *= 2
 
 
-def _triton_fwd(x2d, bias, y2d):
-    R, F = x2d.shape
+# The launchers take contiguous tensors of any rank as (R, F) row-major matrices: R rows of
+# F = the last dimension (no reshape, whose view costs host time and, with autograd, a node).
+
+
+def _rows(x: Tensor) -> tuple[int, int]:
+    F = x.shape[-1]
+    return x.numel() // F, F
+
+
+def _triton_fwd(x, bias, y):
+    R, F = _rows(x)
     block_f = _block(F)
     kernel, options = tuning.select(_bias_gelu_tanh_fwd_kernel,
-                                    _warps(block_f, x2d.element_size()), ("F",))
+                                    _warps(block_f, x.element_size()), ("F",))
     grid = (triton.cdiv(R, ROWS_PER_PROGRAM), triton.cdiv(F, block_f))
-    kernel[grid](x2d, bias, y2d, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
+    kernel[grid](x, bias, y, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
 
 
-def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
-    R, F = x2d.shape
+def _triton_bwd(dy, x, bias, dx, dbias):
+    R, F = _rows(x)
     block_f = _block(F)
     kernel, options = tuning.select(_bias_gelu_tanh_bwd_kernel,
-                                    _warps(block_f, x2d.element_size()), ("F",))
+                                    _warps(block_f, x.element_size()), ("F",))
     chunks = triton.cdiv(R, ROWS_PER_PROGRAM)
-    partial = x2d.new_empty((chunks, F), dtype=torch.float32)
+    partial = x.new_empty((chunks, F), dtype=torch.float32)
     kernel[(chunks, triton.cdiv(F, block_f))](
-        dy2d, x2d, bias, dx2d, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f,
-        **options)
+        dy, x, bias, dx, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
     dbias.copy_(partial.sum(dim=0))
 
 
@@ -131,38 +139,38 @@ def _triton_bwd(dy2d, x2d, bias, dx2d, dbias):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fwd_params(x2d, bias, y2d):
-    R, F = x2d.shape
+def _fwd_params(x, bias, y):
+    R, F = _rows(x)
     return native.params_type("BiasGeluTanhFwdParams")(
-        x=x2d.data_ptr(), bias=bias.data_ptr(), y=y2d.data_ptr(), R=R, F=F,
-        dtype=native.dtype_code(x2d))
+        x=x.data_ptr(), bias=bias.data_ptr(), y=y.data_ptr(), R=R, F=F,
+        dtype=native.dtype_code(x))
 
 
 def _cpu_fwd(*args):
     native.run_cpu("bias_gelu_tanh_fwd", _fwd_params(*args))
 
 
-def _cpu_bwd(dy2d, x2d, bias, dx2d, dbias):
-    R, F = x2d.shape
+def _cpu_bwd(dy, x, bias, dx, dbias):
+    R, F = _rows(x)
     native.run_cpu("bias_gelu_tanh_bwd", native.params_type("BiasGeluTanhBwdParams")(
-        dy=dy2d.data_ptr(), x=x2d.data_ptr(), bias=bias.data_ptr(), dx=dx2d.data_ptr(),
-        dbias=dbias.data_ptr(), R=R, F=F, dtype=native.dtype_code(x2d)))
+        dy=dy.data_ptr(), x=x.data_ptr(), bias=bias.data_ptr(), dx=dx.data_ptr(),
+        dbias=dbias.data_ptr(), R=R, F=F, dtype=native.dtype_code(x)))
 
 
-def _cuda_fwd(x2d, *args):
-    native.run_cuda("bias_gelu_tanh_fwd", _fwd_params(x2d, *args), x2d)
+def _cuda_fwd(x, *args):
+    native.run_cuda("bias_gelu_tanh_fwd", _fwd_params(x, *args), x)
 
 
-def _torch_bwd(dy2d, x2d, bias, dx2d, dbias):
+def _torch_bwd(dy, x, bias, dx, dbias):
     """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
     Triton is missing)."""
-    u = x2d.float() + bias.float()
+    u = x.float() + bias.float()
     s = torch.sigmoid(2 * GELU_K * (u + GELU_C * u ** 3))
     t = s * (1 - s)
     grad = torch.where(t == 0, s, s + u * t * 2 * GELU_K * (1 + 3 * GELU_C * u * u))
-    dx = dy2d.float() * grad
-    dx2d.copy_(dx)
-    dbias.copy_(dx.sum(dim=0))
+    grad_x = dy.float() * grad
+    dx.copy_(grad_x)
+    dbias.copy_(grad_x.reshape(-1, x.shape[-1]).sum(dim=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,36 +191,39 @@ OP = dispatch.Op("bias_gelu_tanh", [
 
 
 # ---------------------------------------------------------------------------------------------
-# The inner layer, on the (R, F) view (no validation)
+# The inner layer, on contiguous x of any rank (no validation)
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(backend: Backend, x2d, bias):
-    y = torch.empty_like(x2d)
-    if x2d.shape[0] > 0:
-        with on_device(x2d):
-            backend.forward(x2d, bias, y)
+def _forward(backend: Backend, x, bias):
+    y = torch.empty_like(x)
+    if x.numel() > 0:
+        with on_device(x):
+            backend.forward(x, bias, y)
     return y
 
 
-def _backward(backend: Backend, dy2d, x2d, bias):
-    dx, dbias = torch.empty_like(x2d), torch.empty_like(bias)
-    with on_device(x2d):
-        OP.backward_launcher(backend, x2d.device)(dy2d.contiguous(), x2d, bias, dx, dbias)
+def _backward(backend: Backend, dy, x, bias):
+    dx, dbias = torch.empty_like(x), torch.empty_like(bias)
+    with on_device(x):
+        OP.backward_launcher(backend, x.device)(dy.contiguous(), x, bias, dx, dbias)
     return dx, dbias
 
 
 class _BiasGeluTanh(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, bias, backend):
-        ctx.save_for_backward(x2d, bias)
+    def forward(ctx, x, bias, backend):
+        ctx.save_for_backward(x, bias)
         ctx.backend = backend
-        return _forward(backend, x2d, bias)
+        return _forward(backend, x, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, bias = ctx.saved_tensors
-        return (*_backward(ctx.backend, dy, x2d, bias), None)
+        x, bias = ctx.saved_tensors
+        return (*_backward(ctx.backend, dy, x, bias), None)
+
+
+_apply_with_grad = eager_apply(_BiasGeluTanh, tensors=2)
 
 
 def apply(backend: Backend, x: Tensor, bias: Tensor) -> Tensor:
@@ -220,52 +231,50 @@ def apply(backend: Backend, x: Tensor, bias: Tensor) -> Tensor:
     device; x of any shape, made contiguous if it is not)."""
     if backend.is_expression:
         return backend.expression(x, bias)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    x2d, bias = x2d.contiguous(), bias.contiguous()
+    x, bias = x.contiguous(), bias.contiguous()
     if torch.compiler.is_compiling():
-        y = bias_gelu_tanh_fwd(x2d, bias, backend.name)
-    elif needs_grad(x2d, bias):
-        y = _BiasGeluTanh.apply(x2d, bias, backend)
-    else:
-        y = _forward(backend, x2d, bias)
-    return y if x.dim() == 2 else y.view(x.shape)
+        return bias_gelu_tanh_fwd(x, bias, backend.name)
+    if needs_grad(x, bias):
+        return _apply_with_grad(x, bias, backend)
+    return _forward(backend, x, bias)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library registration (on the (R, F) view; what torch.compile traces)
+# torch.library registration (what torch.compile traces)
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("onestep::bias_gelu_tanh_fwd", mutates_args=())
-def bias_gelu_tanh_fwd(x2d: Tensor, bias: Tensor, backend: str) -> Tensor:
-    return _forward(OP[backend], x2d, bias)
+def bias_gelu_tanh_fwd(x: Tensor, bias: Tensor, backend: str) -> Tensor:
+    """x contiguous, any rank; bias (F,)."""
+    return _forward(OP[backend], x, bias)
 
 
 @bias_gelu_tanh_fwd.register_fake
-def _(x2d, bias, backend):
-    return torch.empty_like(x2d)
+def _(x, bias, backend):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("onestep::bias_gelu_tanh_bwd", mutates_args=())
-def bias_gelu_tanh_bwd(dy2d: Tensor, x2d: Tensor, bias: Tensor,
+def bias_gelu_tanh_bwd(dy: Tensor, x: Tensor, bias: Tensor,
                        backend: str) -> tuple[Tensor, Tensor]:
-    return _backward(OP[backend], dy2d, x2d, bias)
+    return _backward(OP[backend], dy, x, bias)
 
 
 @bias_gelu_tanh_bwd.register_fake
-def _(dy2d, x2d, bias, backend):
-    return torch.empty_like(x2d), torch.empty_like(bias)
+def _(dy, x, bias, backend):
+    return torch.empty_like(x), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, bias, backend = inputs
-    ctx.save_for_backward(x2d, bias)
+    x, bias, backend = inputs
+    ctx.save_for_backward(x, bias)
     ctx.backend = backend
 
 
 def _backward_op(ctx, dy):
-    x2d, bias = ctx.saved_tensors
-    dx, dbias = bias_gelu_tanh_bwd(dy, x2d, bias, ctx.backend)
+    x, bias = ctx.saved_tensors
+    dx, dbias = bias_gelu_tanh_bwd(dy, x, bias, ctx.backend)
     return dx, dbias, None
 
 

@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import bn_strides, needs_grad, on_device
+from .common import bn_strides, eager_apply, needs_grad, on_device
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -309,6 +309,9 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
         return (*_backward(ctx.backend, dres, dout, res, y, gate, scale, stats), None, None)
 
 
+_apply_with_grad = eager_apply(_GatedResidualLayerNormModulate, tensors=5)
+
+
 def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tensor]:
     """The op on a resolved backend, for validated arguments (one dtype and device, x and y
     contiguous)."""
@@ -322,7 +325,7 @@ def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tens
                                                                 backend.name)
         return res, out
     if needs_grad(x, y, gate, shift, scale):
-        return _GatedResidualLayerNormModulate.apply(x, y, gate, shift, scale, eps, backend)
+        return _apply_with_grad(x, y, gate, shift, scale, eps, backend)
     res, out, _ = _forward(backend, x, y, gate, shift, scale, eps, keep_stats=False)
     return res, out
 

@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import bn_strides, needs_grad, on_device
+from .common import bn_strides, eager_apply, needs_grad, on_device
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -273,6 +273,9 @@ class _LayerNormModulate(torch.autograd.Function):
         return (*_backward(ctx.backend, dout, x, scale, stats), None, None)
 
 
+_apply_with_grad = eager_apply(_LayerNormModulate, tensors=3)
+
+
 def apply(backend: Backend, x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     """layernorm_modulate on a resolved backend, for arguments already validated (one dtype,
     one device, x's last dimension contiguous). Eager calls go straight to the launchers;
@@ -284,7 +287,7 @@ def apply(backend: Backend, x: Tensor, shift: Tensor, scale: Tensor, eps: float)
             return layernorm_modulate_triton(x, shift, scale, eps)[0]
         return layernorm_modulate_fwd(x, shift, scale, eps, backend.name)[0]
     if needs_grad(x, shift, scale):
-        return _LayerNormModulate.apply(x, shift, scale, eps, backend)
+        return _apply_with_grad(x, shift, scale, eps, backend)
     return _forward(backend, x, shift, scale, eps, keep_stats=False)[0]
 
 

@@ -52,8 +52,9 @@ def test_gated_residual_layernorm_modulate(backend, generator):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bias_gelu_tanh(backend, generator):
-    inputs = to_backend(backend, "bias_gelu_tanh", torch.randn(10, 48, generator=generator),
+@pytest.mark.parametrize("shape", [(10, 48), (2, 5, 48)])  # the kernels take any rank as rows
+def test_bias_gelu_tanh(backend, shape, generator):
+    inputs = to_backend(backend, "bias_gelu_tanh", torch.randn(shape, generator=generator),
                         torch.randn(48, generator=generator))
     eager, op = both_paths(
         lambda x, b: ok.bias_gelu_tanh(x, b, backend=backend),
@@ -73,6 +74,65 @@ def test_attention(backend, generator):
         inputs)
     for a, b in zip(eager[0] + eager[1], op[0] + op[1]):
         assert torch.equal(a, b)
+
+
+# ---- eager_apply: the eager paths' shortcut to the C++ autograd.Function apply ------------------
+
+
+def _eager_op(generator):
+    from onestep_kernels.ops import layernorm_modulate as op
+
+    shift, scale = (torch.randn(2, 16, generator=generator) for _ in range(2))
+    return op, op.OP.resolve(None, shift.device, shift.dtype, 16, True), shift, scale
+
+
+def test_eager_apply_unwraps_tensors_that_escaped_a_functorch_transform(generator):
+    """A tensor kept from inside torch.func.grad is a dead functorch wrapper afterwards; the
+    C++ apply alone cannot read it (no storage), so eager_apply unwraps it as
+    Function.apply does, and both give the same result."""
+    op, backend, shift, scale = _eager_op(generator)
+    kept = []
+
+    def loss(x):
+        kept.append(x * 2)
+        return kept[-1].sum()
+
+    torch.func.grad(loss)(torch.randn(2, 3, 16, generator=generator))
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    shift.requires_grad_()
+    out = op._apply_with_grad(kept[0], shift, scale, 1e-6, backend)
+    expected = op._LayerNormModulate.apply(kept[0], shift, scale, 1e-6, backend)
+    assert torch.equal(out, expected)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(out)
+    out.sum().backward()
+    assert shift.grad is not None
+
+
+def test_eager_apply_under_a_functorch_transform_behaves_as_function_apply(generator):
+    op, backend, shift, scale = _eager_op(generator)
+    x = torch.randn(2, 3, 16, generator=generator)
+    messages = []
+    for apply in (op._apply_with_grad, op._LayerNormModulate.apply):
+        with pytest.raises(RuntimeError) as error:
+            torch.func.grad(lambda s: apply(x, s, scale, 1e-6, backend).sum())(shift)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "setup_context" in messages[0]
+
+
+def test_eager_apply_refuses_functions_with_setup_context():
+    from onestep_kernels.ops.common import eager_apply
+
+    class WithSetupContext(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+    with pytest.raises(TypeError, match="setup_context"):
+        eager_apply(WithSetupContext, tensors=1)
 
 
 BAD_CALLS = {
