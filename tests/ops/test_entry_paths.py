@@ -114,7 +114,7 @@ def test_eager_apply_under_a_functorch_transform_behaves_as_function_apply(gener
     messages = []
     for apply in (op._apply_with_grad, op._LayerNormModulate.apply):
         with pytest.raises(RuntimeError) as error:
-            torch.func.grad(lambda s: apply(x, s, scale, 1e-6, backend).sum())(shift)
+            torch.func.grad(lambda s, apply=apply: apply(x, s, scale, 1e-6, backend).sum())(shift)
         messages.append(str(error.value))
     assert messages[0] == messages[1] and "setup_context" in messages[0]
 
