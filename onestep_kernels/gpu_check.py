@@ -494,6 +494,9 @@ def row_tests(row: Row) -> None:
             pass
         command += ["tests"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Autotune off: every awkward test shape would compile and time each option; the options'
+    # correctness is tests/test_tuning.py's, and the benchmark rows autotune as users do.
+    env.setdefault("ONESTEP_AUTOTUNE", "0")
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,

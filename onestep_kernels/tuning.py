@@ -6,7 +6,7 @@ registers also bounds the elements per thread (past it the backward spills). `wa
 lists the warp counts that satisfy both for a block of a row; on a GPU `select` wraps the
 kernel in `triton.autotune` over them, keyed on the row width (and, by Triton, the dtypes), so
 each width is timed once on the GPU it runs on. Under TRITON_INTERPRET=1 autotune cannot run
-(it needs a driver), so the first option is launched. Every option is in the compile-check
+(it needs a driver), and ONESTEP_AUTOTUNE=0 turns it off: then the first option is launched. Every option is in the compile-check
 registry (`triton_configs()` of each op, `python -m onestep_kernels.aot`), and
 `python -m onestep_kernels.aot --vectors` reads the sm_90 PTX of each at DiT widths for
 128-bit accesses. `select_tiles` does the same for kernels that tune tile shapes (attention).
@@ -14,6 +14,7 @@ registry (`triton_configs()` of each op, `python -m onestep_kernels.aot`), and
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .dispatch import triton_interpret
@@ -38,35 +39,51 @@ def warps_options(block: int, element_bytes: int, max_per_thread: int,
     return whole or (min(within),)
 
 
-_AUTOTUNED: dict[tuple, Any] = {}
+AUTOTUNE_ENV_VAR = "ONESTEP_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """Whether launches autotune: not under TRITON_INTERPRET=1 (autotune needs a driver), and
+    not with ONESTEP_AUTOTUNE=0 (the GPU test run: each new shape would compile and time every
+    option; the options' correctness has its own test, tests/test_tuning.py)."""
+    return not triton_interpret() and os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"
+
+
+# What `select` and `select_tiles` chose, per (kernel, options, key): decided at the first
+# launch (the environment is read then), one dictionary look-up afterwards.
+_SELECTED: dict[tuple, tuple[Any, dict]] = {}
 
 
 def select(kernel, options: tuple[int, ...], key: tuple[str, ...]) -> tuple[Any, dict]:
     """(what to launch, extra launch keywords): the kernel with the first option's warps where
-    autotune cannot run or there is one option; else an autotuner over `options` keyed on the
+    autotune is off or there is one option; else an autotuner over `options` keyed on the
     kernel arguments named in `key` (one per kernel, options and key, built once)."""
-    if len(options) == 1 or triton_interpret():
-        return kernel, {"num_warps": options[0]}
     cache_key = (kernel, options, key)
-    tuner = _AUTOTUNED.get(cache_key)
-    if tuner is None:
-        configs = [triton.Config({}, num_warps=w) for w in options]
-        tuner = _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(key))(kernel)
-    return tuner, {}
+    chosen = _SELECTED.get(cache_key)
+    if chosen is None:
+        if len(options) == 1 or not autotune_enabled():
+            chosen = kernel, {"num_warps": options[0]}
+        else:
+            configs = [triton.Config({}, num_warps=w) for w in options]
+            chosen = triton.autotune(configs=configs, key=list(key))(kernel), {}
+        _SELECTED[cache_key] = chosen
+    return chosen
 
 
 def select_tiles(kernel, tiles: tuple[tuple[dict, int, int], ...],
                  key: tuple[str, ...]) -> tuple[Any, dict]:
     """Like `select`, over tiles given as (constexprs, num_warps, num_stages): the first
-    tile's settings as launch keywords where autotune cannot run, else an autotuner (the
-    launch then passes none of them, and a grid that depends on them is a function of the
-    chosen ones)."""
-    first, warps, stages = tiles[0]
-    if len(tiles) == 1 or triton_interpret():
-        return kernel, {**first, "num_warps": warps, "num_stages": stages}
+    tile's settings as launch keywords where autotune is off, else an autotuner (the launch
+    then passes none of them, and a grid that depends on them is a function of the chosen
+    ones)."""
     cache_key = (kernel, tuple((tuple(sorted(c.items())), w, n) for c, w, n in tiles), key)
-    tuner = _AUTOTUNED.get(cache_key)
-    if tuner is None:
-        configs = [triton.Config(dict(c), num_warps=w, num_stages=n) for c, w, n in tiles]
-        tuner = _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(key))(kernel)
-    return tuner, {}
+    chosen = _SELECTED.get(cache_key)
+    if chosen is None:
+        first, warps, stages = tiles[0]
+        if len(tiles) == 1 or not autotune_enabled():
+            chosen = kernel, {**first, "num_warps": warps, "num_stages": stages}
+        else:
+            configs = [triton.Config(dict(c), num_warps=w, num_stages=n) for c, w, n in tiles]
+            chosen = triton.autotune(configs=configs, key=list(key))(kernel), {}
+        _SELECTED[cache_key] = chosen
+    return chosen

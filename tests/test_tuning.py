@@ -1,0 +1,97 @@
+"""Launch-setting selection (onestep_kernels.tuning): the autotune switch, and every option
+autotune may pick computes the op correctly. On a GPU the GPU test run turns autotune off
+(ONESTEP_AUTOTUNE=0: each awkward test shape would compile and time every option), so the
+options' correctness is checked here, each option forced in turn; on the CPU the same test
+runs through the interpreter (which ignores the warp count, so there it checks the plumbing)."""
+
+import pytest
+import torch
+
+from conftest import assert_close_rel, backend_device
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from onestep_kernels import tuning  # noqa: E402
+from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op  # noqa: E402
+from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op  # noqa: E402
+from onestep_kernels.ops import layernorm_modulate as layernorm_op  # noqa: E402
+
+
+@pytest.fixture
+def fresh_selection(monkeypatch):
+    monkeypatch.setattr(tuning, "_SELECTED", {})
+    monkeypatch.setattr(tuning, "triton_interpret", lambda: False)  # as on a GPU
+    return monkeypatch
+
+
+def test_autotune_off_launches_the_first_option(fresh_selection):
+    fresh_selection.setenv(tuning.AUTOTUNE_ENV_VAR, "0")
+    kernel = layernorm_op._layernorm_modulate_fwd_kernel
+    assert tuning.select(kernel, (8, 4), ("D",)) == (kernel, {"num_warps": 8})
+    tiles = (({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 3))
+    assert tuning.select_tiles(kernel, tiles, ("N",)) == (
+        kernel, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2})
+
+
+def test_autotune_on_wraps_the_kernel_once_per_options_and_key(fresh_selection):
+    fresh_selection.delenv(tuning.AUTOTUNE_ENV_VAR, raising=False)
+    kernel = layernorm_op._layernorm_modulate_fwd_kernel
+    tuner, launch_keywords = tuning.select(kernel, (8, 4), ("D",))
+    assert isinstance(tuner, triton.runtime.autotuner.Autotuner) and launch_keywords == {}
+    assert [c.num_warps for c in tuner.configs] == [8, 4]
+    assert tuning.select(kernel, (8, 4), ("D",))[0] is tuner          # decided once
+    assert tuning.select(kernel, (4,), ("D",)) == (kernel, {"num_warps": 4})  # nothing to tune
+
+
+def _force_option(monkeypatch, index: int) -> None:
+    """Make every launcher take option `index` (or its last) instead of autotuning."""
+    def forced(kernel, options, key):
+        return kernel, {"num_warps": options[min(index, len(options) - 1)]}
+    monkeypatch.setattr(tuning, "select", forced)
+
+
+def _options(module, width: int, dtype: torch.dtype) -> tuple[int, ...]:
+    return module._warps(module._block(width), torch.empty((), dtype=dtype).element_size())
+
+
+def _check(call, reference, inputs, dtype, what):
+    ours = [t.detach().clone().requires_grad_() for t in inputs]
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    out, expected = call(*ours), reference(*ref)
+    out, expected = (out if isinstance(out, tuple) else (out,),
+                     expected if isinstance(expected, tuple) else (expected,))
+    grads = [torch.randn_like(e) for e in expected]
+    torch.autograd.backward(out, [g.to(o.dtype) for g, o in zip(grads, out)])
+    torch.autograd.backward(expected, grads)
+    for i, (o, e) in enumerate(zip(out, expected)):
+        assert_close_rel(o, e, dtype, f"{what} output {i}")
+    for i, (t, r) in enumerate(zip(ours, ref)):
+        assert_close_rel(t.grad, r.grad, dtype, f"{what} grad {i}")
+
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("option", [0, 1, 2])
+def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generator):
+    """At DiT-XL/2's widths (D=1152, MLP 4608), each warp count the launchers may pick gives the
+    float64 reference's outputs and gradients."""
+    device = backend_device("triton", "layernorm_modulate")
+    D, F = 1152, 4608
+    if all(option >= len(_options(m, w, dtype)) for m, w in
+           ((layernorm_op, D), (gated_op, D), (bias_gelu_op, F))):
+        pytest.skip(f"no op has a warp option {option} at these widths in {dtype}")
+    _force_option(monkeypatch, option)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    x, y = rand(2, 3, D), rand(2, 3, D)
+    gate, shift, scale = rand(2, D), rand(2, D), rand(2, D)
+    _check(lambda *a: layernorm_op.layernorm_modulate(*a, backend="triton"),
+           layernorm_op.reference, (x, shift, scale), dtype, "layernorm_modulate")
+    _check(lambda *a: gated_op.gated_residual_layernorm_modulate(*a, backend="triton"),
+           gated_op.reference, (x, y, gate, shift, scale), dtype, "gated residual")
+    _check(lambda *a: bias_gelu_op.bias_gelu_tanh(*a, backend="triton"),
+           bias_gelu_op.reference, (rand(2, 3, F), rand(F)), dtype, "bias_gelu_tanh")
