@@ -95,3 +95,27 @@ def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generato
            gated_op.reference, (x, y, gate, shift, scale), dtype, "gated residual")
     _check(lambda *a: bias_gelu_op.bias_gelu_tanh(*a, backend="triton"),
            bias_gelu_op.reference, (rand(2, 3, F), rand(F)), dtype, "bias_gelu_tanh")
+
+
+ATTENTION_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("tile", [0, 1, 2, 3])
+def test_every_attention_tile_computes_attention(tile, dtype, monkeypatch, generator):
+    """Each forward tile autotune may pick, at DiT-XL/2's head dim (72) and an awkward
+    sequence length, gives the float64 reference's output."""
+    from onestep_kernels.ops import attention as attention_op
+
+    tiles = attention_op._forward_tiles(72, dtype)
+    if tile >= len(tiles):
+        pytest.skip(f"{len(tiles)} tiles for head dim 72 in {dtype}")
+    constexprs, warps, stages = tiles[tile]
+    monkeypatch.setattr(tuning, "select_tiles", lambda kernel, tiles, key: (
+        kernel, {**constexprs, "num_warps": warps, "num_stages": stages}))
+    device = backend_device("triton", "attention")
+    q, k, v = (torch.randn(1, 2, 200, 72, generator=generator).to(device, dtype)
+               for _ in range(3))
+    out = attention_op.attention(q, k, v, backend="triton")
+    expected = attention_op.reference(q.double(), k.double(), v.double(), 72 ** -0.5)
+    assert_close_rel(out, expected, dtype, f"attention, tile {constexprs}")
