@@ -119,6 +119,23 @@ def peak_bytes(fn: Callable, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def describe_error(err: BaseException) -> dict:
+    """A failure as a record: the error's first line, and where its root cause was raised (the
+    innermost exception of the chain, its last frames: an inductor AssertionError has no
+    message, only a place)."""
+    root = err
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    def headline(e: BaseException) -> str:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+    frames = traceback.extract_tb(root.__traceback__)[-4:]
+    return {"error": headline(err), "root_cause": headline(root),
+            "raised_at": [f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '')[:120]}"
+                          for f in frames]}
+
+
 class Row:
     """The records of one row: contenders' times and rates, and the targets they meet."""
 
@@ -144,7 +161,7 @@ class Row:
             if peak is not None:
                 entry["peak_mib"] = round(peak / 2**20, 1)
         except Exception as err:  # noqa: BLE001 - one contender's failure is a result
-            entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            entry.update(describe_error(err))
             seconds = None
         self.records.append(entry)
         return seconds
@@ -615,7 +632,7 @@ def run(names: list[str], out: Path, setting: Setting, budget_s: float,
             ROWS[name](row)
             error = None
         except Exception:  # noqa: BLE001 - the pass goes on; the row records why it stopped
-            error = traceback.format_exc(limit=3)
+            error = traceback.format_exc(limit=-6)  # the innermost frames: where it was raised
         results["rows"][name] = {"records": row.records, "targets": row.targets,
                                  "seconds": round(time.perf_counter() - start, 1),
                                  "error": error}

@@ -57,3 +57,24 @@ def test_a_failing_row_is_recorded_and_the_pass_goes_on(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "boom" in results["rows"]["host"]["error"]
     assert results["rows"]["ceilings"]["error"] is None
+
+
+def test_a_failing_contender_records_where_its_root_cause_was_raised():
+    """An inductor failure arrives as BackendCompilerFailed around an AssertionError with no
+    message: the record keeps the place it was raised."""
+    from onestep_kernels.gpu_check import describe_error
+
+    def lowering():
+        raise AssertionError  # as inductor's bare asserts arrive (no message)
+
+    try:
+        try:
+            lowering()
+        except AssertionError as inner:
+            raise RuntimeError("backend='inductor' raised:\nAssertionError:") from inner
+    except RuntimeError as err:
+        record = describe_error(err)
+    assert record["error"] == "RuntimeError: backend='inductor' raised:"
+    assert record["root_cause"] == "AssertionError"
+    assert "lowering: raise AssertionError" in record["raised_at"][-1]
+    assert describe_error(AssertionError())["error"] == "AssertionError"
