@@ -62,13 +62,14 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 # Whether any autocast is on: one cheap call before asking about a device (whose type string
-# costs more than the question).
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+# costs more than the question). Entry points whose tensors share a dtype skip compute_dtype
+# when it says no.
+any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def compute_dtype(policy: str, tensors) -> torch.dtype:
     """The dtype an op computes in, by `policy`, for tensors on one device (the first's)."""
-    if policy != PROMOTE and _any_autocast():
+    if policy != PROMOTE and any_autocast():
         device_type = tensors[0].device.type
         if autocast_enabled(device_type):
             if policy == LOWER:

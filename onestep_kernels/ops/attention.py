@@ -27,7 +27,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import eager_apply, needs_grad, on_device
+from .common import eager_apply, needs_grad, run_on
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -360,15 +360,13 @@ def _forward(backend: Backend, q, k, v, scale):
     if B * H * N == 0 or k.shape[2] == 0:
         return (_new_output(q, backend.name).zero_(),
                 torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
-    with on_device(q):
-        return backend.forward(q, k, v, scale)
+    return run_on(q, backend.forward, q, k, v, scale)
 
 
 def _backward(backend: Backend, dout, q, k, v, out, lse, scale):
     if q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    with on_device(q):
-        return OP.backward_launcher(backend, q.device)(dout, q, k, v, out, lse, scale)
+    return run_on(q, OP.backward_launcher(backend, q.device), dout, q, k, v, out, lse, scale)
 
 
 class _Attention(torch.autograd.Function):

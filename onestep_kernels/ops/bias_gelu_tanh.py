@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import eager_apply, needs_grad, on_device
+from .common import eager_apply, needs_grad, run_on
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -198,15 +198,13 @@ OP = dispatch.Op("bias_gelu_tanh", [
 def _forward(backend: Backend, x, bias):
     y = torch.empty_like(x)
     if x.numel() > 0:
-        with on_device(x):
-            backend.forward(x, bias, y)
+        run_on(x, backend.forward, x, bias, y)
     return y
 
 
 def _backward(backend: Backend, dy, x, bias):
     dx, dbias = torch.empty_like(x), torch.empty_like(bias)
-    with on_device(x):
-        OP.backward_launcher(backend, x.device)(dy.contiguous(), x, bias, dx, dbias)
+    run_on(x, OP.backward_launcher(backend, x.device), dy.contiguous(), x, bias, dx, dbias)
     return dx, dbias
 
 

@@ -42,7 +42,7 @@ from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from . import bias_gelu_tanh as bias_gelu_tanh_op
 from . import layernorm_modulate as layernorm_modulate_op
-from .common import bn_strides, needs_grad, on_device
+from .common import bn_strides, needs_grad, run_on
 from .layernorm_core import modulate  # by bare name: see layernorm_modulate's import
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -262,8 +262,7 @@ def apply(backend: Backend, x, weight, bias, shift, scale, eps, activation, gate
     gelu = activation == "gelu_tanh"
     if torch.compiler.is_compiling():
         return fused_linear_op(x, weight, bias, shift, scale, gate, residual, eps, gelu)
-    with on_device(x):
-        return backend.forward(x, weight, bias, shift, scale, gate, residual, eps, gelu)
+    return run_on(x, backend.forward, x, weight, bias, shift, scale, gate, residual, eps, gelu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +274,8 @@ def apply(backend: Backend, x, weight, bias, shift, scale, eps, activation, gate
 def fused_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, shift: Tensor | None,
                     scale: Tensor | None, gate: Tensor | None, residual: Tensor | None,
                     eps: float, gelu: bool) -> Tensor:
-    with on_device(x):
-        return _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gelu)
+    return run_on(x, _triton_fused_linear, x, weight, bias, shift, scale, gate, residual, eps,
+                  gelu)
 
 
 @fused_linear_op.register_fake

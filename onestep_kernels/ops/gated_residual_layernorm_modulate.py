@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import bn_strides, eager_apply, needs_grad, on_device
+from .common import bn_strides, eager_apply, needs_grad, run_on
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -277,8 +277,7 @@ def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
     # The rows' mean and rstd, for the backward; inference needs none.
     stats = x.new_empty((2, B, N), dtype=torch.float32) if keep_stats else None
     if B * N > 0:
-        with on_device(x):
-            backend.forward(x, y, gate, shift, scale, res, out, stats, eps)
+        run_on(x, backend.forward, x, y, gate, shift, scale, res, out, stats, eps)
     return res, out, stats
 
 
@@ -286,10 +285,9 @@ def _backward(backend: Backend, dres, dout, res, y, gate, scale, stats):
     dx, dy = torch.empty_like(res), torch.empty_like(res)
     dgate, dshift, dscale = (res.new_empty(gate.shape)
                              for _ in range(3))
-    with on_device(res):
-        OP.backward_launcher(backend, res.device)(
-            dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate,
-            dshift, dscale, gate.dim() == 3)
+    run_on(res, OP.backward_launcher(backend, res.device), dres.contiguous(),
+           dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
+           gate.dim() == 3)
     return dx, dy, dgate, dshift, dscale
 
 
@@ -475,9 +473,10 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
         name, t = ("shift", shift) if shift.shape != gate.shape else ("scale", scale)
         raise ValueError(f"{name}: expected the shape of gate {tuple(gate.shape)}, "
                          f"got {tuple(t.shape)}")
-    tensors = (x, y, gate, shift, scale)
-    dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
-    if not (x.dtype is y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype):
+    dtype = x.dtype
+    if not (y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype) or checks.any_autocast():
+        tensors = (x, y, gate, shift, scale)
+        dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
         x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)
     impl = OP.resolve(backend, device, dtype, D, needs_grad(x, y, gate, shift, scale))
     return apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps)

@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import bn_strides, eager_apply, needs_grad, on_device
+from .common import bn_strides, eager_apply, needs_grad, run_on
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -236,24 +236,22 @@ OP = dispatch.Op("layernorm_modulate", [
 
 def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
     B, N, D = x.shape
-    if out is None:
-        out = torch.empty_like(x) if x.is_contiguous() else torch.empty(
-            (B, N, D), dtype=x.dtype, device=x.device)
+    contiguous = x.is_contiguous()
+    if out is None:  # (empty_like costs half of new_empty(shape); it keeps x's strides)
+        out = torch.empty_like(x) if contiguous else x.new_empty((B, N, D))
     # The rows' mean and rstd, for the backward; inference needs none.
     stats = x.new_empty((2, B, N), dtype=torch.float32) if keep_stats else None
     if B * N > 0:
-        with on_device(x):
-            backend.forward(x, shift, scale, out, stats, eps)
+        run_on(x, backend.forward, x, shift, scale, out, stats, eps)
     return out, stats
 
 
 def _backward(backend: Backend, dout, x, scale, stats):
-    dx = x.new_empty(x.shape)
+    dx = torch.empty_like(x) if x.is_contiguous() else x.new_empty(x.shape)
     dshift = x.new_empty(scale.shape)
     dscale = x.new_empty(scale.shape)
-    with on_device(x):
-        OP.backward_launcher(backend, x.device)(dout.contiguous(), x, scale, stats, dx, dshift,
-                                                dscale, scale.dim() == 3)
+    run_on(x, OP.backward_launcher(backend, x.device), dout.contiguous(), x, scale, stats, dx,
+           dshift, dscale, scale.dim() == 3)
     return dx, dshift, dscale
 
 
@@ -433,8 +431,9 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     if scale.shape != shift.shape:
         raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
                          f"got {tuple(scale.shape)}")
-    dtype = checks.compute_dtype(checks.LAYER_NORM, (x, shift, scale))
-    if not (x.dtype is shift.dtype is scale.dtype is dtype):
+    dtype = x.dtype
+    if not (shift.dtype is scale.dtype is dtype) or checks.any_autocast():
+        dtype = checks.compute_dtype(checks.LAYER_NORM, (x, shift, scale))
         x, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
     grad = needs_grad(x, shift, scale)
     impl = OP.resolve(backend, device, dtype, D, grad)
