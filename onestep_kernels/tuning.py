@@ -14,6 +14,7 @@ registry (`triton_configs()` of each op, `python -m onestep_kernels.aot`), and
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -28,6 +29,7 @@ VECTOR_BYTES = 16
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+@functools.cache  # asked at every launch; a pure function of a few ints
 def warps_options(block: int, element_bytes: int, max_per_thread: int,
                   candidates: tuple[int, ...] = WARPS) -> tuple[int, ...]:
     """Warp counts among `candidates` for a program over `block` elements, most warps first:

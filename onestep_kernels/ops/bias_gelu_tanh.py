@@ -12,6 +12,7 @@ and entry point, in that order.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -79,6 +80,7 @@ def _bias_gelu_tanh_bwd_kernel(DY, X, BIAS, DX, DBIAS_PARTIAL, R, F, ROWS: tl.co
     tl.store(DBIAS_PARTIAL + c * F + cols, acc, mask=mask)
 
 
+@functools.cache  # asked at every launch
 def _block(F: int) -> int:
     return min(MAX_BLOCK_F, max(16, triton.next_power_of_2(F)))
 

@@ -7,11 +7,14 @@ All take and return fp32 register rows of BLOCK_D elements with the padding mask
 
 from __future__ import annotations
 
+import functools
+
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from ..tuning import ELEMENT_BYTES, ROW_WARPS, warps_options
 
 
+@functools.cache  # asked at every launch
 def row_block(D: int) -> int:
     """BLOCK_D for rows of D elements kept whole in registers."""
     return max(16, triton.next_power_of_2(D))
