@@ -6,8 +6,9 @@ registers also bounds the elements per thread (past it the backward spills). `wa
 lists the warp counts that satisfy both for a block of a row; on a GPU `select` wraps the
 kernel in `triton.autotune` over them, keyed on the row width (and, by Triton, the dtypes), so
 each width is timed once on the GPU it runs on. Under TRITON_INTERPRET=1 autotune cannot run
-(it needs a driver), and ONESTEP_AUTOTUNE=0 turns it off: then the first option is launched. Every option is in the compile-check
-registry (`triton_configs()` of each op, `python -m onestep_kernels.aot`), and
+(it needs a driver), and ONESTEP_AUTOTUNE=0 turns it off: then the first option is launched.
+Every option is in the compile-check registry (`triton_configs()` of each op,
+`python -m onestep_kernels.aot`), and
 `python -m onestep_kernels.aot --vectors` reads the sm_90 PTX of each at DiT widths for
 128-bit accesses. `select_tiles` does the same for kernels that tune tile shapes (attention).
 """

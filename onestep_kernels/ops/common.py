@@ -1,5 +1,5 @@
-"""Plumbing every op file shares: launching on a tensor's device, stride helpers, the test for whether a
-call records gradients, and the eager entry into an op's autograd.Function."""
+"""Plumbing every op file shares: launching on a tensor's device, stride helpers, the test
+for whether a call records gradients, and the eager entry into an op's autograd.Function."""
 
 from __future__ import annotations
 

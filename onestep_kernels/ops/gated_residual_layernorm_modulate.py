@@ -57,7 +57,7 @@ BWD_ROWS_PER_PROGRAM = 16
 
 @triton.jit
 def _gated_residual_layernorm_modulate_fwd_kernel(
-    X, Y, GATE, SHIFT, SCALE, RES, OUT, MEAN, RSTD,
+    X, Y, GATE, SHIFT, SCALE, RES, OUT, STATS, n_rows,
     N, D, gate_sb, gate_sn, shift_sb, shift_sn, scale_sb, scale_sn, eps,
     BLOCK_D: tl.constexpr,
 ):
@@ -76,13 +76,13 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     tl.store(RES + row * D + cols, r.to(RES.dtype.element_ty), mask=mask)
     out = modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    tl.store(STATS + row, mean)  # STATS: (2, B, N), the rows' mean, then their rstd
+    tl.store(STATS + n_rows + row, rstd)
 
 
 @triton.jit
 def _gated_residual_layernorm_modulate_bwd_kernel(
-    DRES, DOUT, RES, Y, GATE, SCALE, MEAN, RSTD, DX, DY, DGATE, DSHIFT, DSCALE,
+    DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, DX, DY, DGATE, DSHIFT, DSCALE,
     N, D, gate_sb, gate_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
@@ -100,8 +100,8 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         dout = tl.load(DOUT + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         res = tl.load(RES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
+        mean = tl.load(STATS + row)
+        rstd = tl.load(STATS + n_rows + row)
         xhat = normalised(res, mask, mean, rstd)
         g = dout * (1.0 + scale.to(tl.float32))
         dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
@@ -149,19 +149,17 @@ def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
     B, N, D = x.shape
     if stats is None:  # the kernel stores them either way
         stats = x.new_empty((2, B, N), dtype=torch.float32)
-    mean, rstd = stats[0], stats[1]
     block_d = _block(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_fwd_kernel,
                                     _warps(block_d, x.element_size()), ("D",))
     launch(kernel)[(B * N,)](
-        x, y, gate, shift, scale, res, out, mean, rstd, N, D, *bn_strides(gate),
+        x, y, gate, shift, scale, res, out, stats, B * N, N, D, *bn_strides(gate),
         *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, **options)
 
 
 def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
                 per_token, launch=direct):
     B, N, D = res.shape
-    mean, rstd = stats[0], stats[1]
     block_d = _block(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_bwd_kernel,
                                     _warps(block_d, res.element_size()), ("D",))
@@ -172,7 +170,7 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, d
         grads = tuple(res.new_empty((B, chunks, D), dtype=torch.float32)
                       for _ in range(3))
     launch(kernel)[(B, chunks)](
-        dres, dout, res, y, gate, scale, mean, rstd, dx, dy, *grads, N, D, *bn_strides(gate),
+        dres, dout, res, y, gate, scale, stats, B * N, dx, dy, *grads, N, D, *bn_strides(gate),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d, PER_TOKEN=per_token,
         **options)
     if not per_token:

@@ -36,14 +36,14 @@ def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_pe
             for warps in row_warps(block, element_bytes, max_per_thread):
                 yield KernelConfig(f"{name}_fwd[{dtype},BLOCK_D={block},warps={warps}]",
                                    fwd_kernel, dtype, {"BLOCK_D": block}, warps,
-                                   fp32=("MEAN", "RSTD"))
+                                   fp32=("STATS",))
                 for per_token in (False, True):
                     yield KernelConfig(
                         f"{name}_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
                         f"warps={warps}]",
                         bwd_kernel, dtype,
                         {"ROWS": bwd_rows, "BLOCK_D": block, "PER_TOKEN": per_token},
-                        warps, fp32=("MEAN", "RSTD", *(() if per_token else partial_sums)))
+                        warps, fp32=("STATS", *(() if per_token else partial_sums)))
         block *= 2
 
 

@@ -55,7 +55,7 @@ BWD_ROWS_PER_PROGRAM = 16
 
 @triton.jit
 def _layernorm_modulate_fwd_kernel(
-    X, SHIFT, SCALE, OUT, MEAN, RSTD,
+    X, SHIFT, SCALE, OUT, STATS, n_rows,
     N, D, x_sb, x_sn, shift_sb, shift_sn, scale_sb, scale_sn, eps,
     BLOCK_D: tl.constexpr,
 ):
@@ -70,13 +70,13 @@ def _layernorm_modulate_fwd_kernel(
     scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0).to(tl.float32)
     out = modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    tl.store(STATS + row, mean)  # STATS: (2, B, N), the rows' mean, then their rstd
+    tl.store(STATS + n_rows + row, rstd)
 
 
 @triton.jit
 def _layernorm_modulate_bwd_kernel(
-    DY, X, SCALE, MEAN, RSTD, DX, DSHIFT, DSCALE,
+    DY, X, SCALE, STATS, n_rows, DX, DSHIFT, DSCALE,
     N, D, x_sb, x_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
@@ -95,8 +95,8 @@ def _layernorm_modulate_bwd_kernel(
         dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + b * x_sb + n * x_sn + cols, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
+        mean = tl.load(STATS + row)
+        rstd = tl.load(STATS + n_rows + row)
         xhat = normalised(x, mask, mean, rstd)
         dx = layernorm_input_grad(dy * (1.0 + scale.to(tl.float32)), xhat, rstd, D)
         tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -134,18 +134,16 @@ def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
     B, N, D = x.shape
     if stats is None:  # the kernel stores them either way
         stats = x.new_empty((2, B, N), dtype=torch.float32)
-    mean, rstd = stats[0], stats[1]
     block_d = _block(D)
     kernel, options = tuning.select(_layernorm_modulate_fwd_kernel,
                                     _warps(block_d, x.element_size()), ("D",))
     launch(kernel)[(B * N,)](
-        x, shift, scale, out, mean, rstd, N, D, *bn_strides(x), *bn_strides(shift),
+        x, shift, scale, out, stats, B * N, N, D, *bn_strides(x), *bn_strides(shift),
         *bn_strides(scale), eps, BLOCK_D=block_d, **options)
 
 
 def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token, launch=direct):
     B, N, D = x.shape
-    mean, rstd = stats[0], stats[1]
     block_d = _block(D)
     kernel, options = tuning.select(_layernorm_modulate_bwd_kernel,
                                     _warps(block_d, x.element_size()), ("D",))
@@ -156,7 +154,7 @@ def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token, launch=direc
         grad_shift = x.new_empty((B, chunks, D), dtype=torch.float32)
         grad_scale = x.new_empty((B, chunks, D), dtype=torch.float32)
     launch(kernel)[(B, chunks)](
-        dy, x, scale, mean, rstd, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
+        dy, x, scale, stats, B * N, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
         PER_TOKEN=per_token, **options)
     if not per_token:
