@@ -48,6 +48,51 @@ def profile(calls: dict, names: list, repeat: int = 2000, lines: int = 18) -> No
         pstats.Stats(profiler).sort_stats("tottime").print_stats(lines)
 
 
+def triton_launchers(randn) -> None:
+    """onestep's Python around each Triton launch (DiT-XL/2 width, a few rows), the launch
+    itself replaced by a no-op: the part of a GPU op call that is onestep's own, measurable
+    without a GPU (on one, Triton's launch path comes on top)."""
+    try:
+        from onestep_kernels import tuning
+        from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op
+        from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
+        from onestep_kernels.ops import layernorm_modulate as layernorm_op
+    except ImportError:
+        return
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    select = tuning.select
+    tuning.select = lambda kernel, options, key: (NoLaunch(), select(kernel, options, key)[1])
+    try:
+        B, N, D = 2, 3, 1152
+        x, y, dy = randn(B, N, D), randn(B, N, D), randn(B, N, D)
+        gate, shift, scale = randn(B, D), randn(B, D), randn(B, D)
+        out, res = torch.empty_like(x), torch.empty_like(x)
+        dx, dy_out = torch.empty_like(x), torch.empty_like(x)
+        dmod = torch.empty(3, B, D, device=x.device)  # the modulation gradients, stacked
+        stats = torch.empty(2, B, N, device=x.device)
+        u, b = randn(B * N, 4 * D), randn(4 * D)
+        calls = {
+            "layernorm_modulate fwd": lambda: layernorm_op._triton_fwd(
+                x, shift, scale, out, stats, 1e-6),
+            "layernorm_modulate bwd": lambda: layernorm_op._triton_bwd(
+                dy, x, scale, stats, dx, dmod[:2], False),
+            "gated_residual_layernorm_modulate fwd": lambda: gated_op._triton_fwd(
+                x, y, gate, shift, scale, res, out, stats, 1e-6),
+            "gated_residual_layernorm_modulate bwd": lambda: gated_op._triton_bwd(
+                dy, dy, res, y, gate, scale, stats, dx, dy_out, dmod, False),
+            "bias_gelu_tanh fwd": lambda: bias_gelu_op._triton_fwd(u, b, torch.empty_like(u)),
+        }
+        print("\nonestep's Python around a Triton launch (the launch a no-op):")
+        for name, us in best_us(calls).items():
+            print(f"{name:46s} {us:7.2f} us")
+    finally:
+        tuning.select = select
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -94,6 +139,7 @@ def main() -> None:
          "FusedDiTBlock": lambda: fused(xbg, c)}, repeat=500).items()})
     for name, us in blocks.items():
         print(f"{name:46s} {us:7.1f} us")
+    triton_launchers(randn)
     if args.profile:
         calls.update({"FusedDiTBlock": lambda: fused(xb, c),
                       "FusedDiTBlock (autograd)": lambda: fused(xbg, c)})

@@ -82,12 +82,17 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 
 @triton.jit
 def _gated_residual_layernorm_modulate_bwd_kernel(
-    DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, DX, DY, DGATE, DSHIFT, DSCALE,
+    DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, DX, DY, DMOD, plane,
     N, D, gate_sb, gate_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
-    # Program (b, c) handles rows [c * ROWS, (c + 1) * ROWS) of sample b; per-sample
-    # modulation gradients go to partial rows DGATE/DSHIFT/DSCALE[b, c], summed by the launcher.
+    # Program (b, c) handles rows [c * ROWS, (c + 1) * ROWS) of sample b. DMOD holds the gate,
+    # shift and scale gradients, `plane` elements apart: per-token their rows ((3, B, N, D)),
+    # per-sample the program's partial sums at [b, c] of (3, B, chunks, D) fp32, which the
+    # launcher adds up.
+    DGATE = DMOD
+    DSHIFT = DMOD + plane
+    DSCALE = DMOD + 2 * plane
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -141,8 +146,10 @@ def _warps(block_d: int, element_bytes: int) -> tuple[int, ...]:
 
 def triton_configs():
     """Every configuration the launchers below can pick, for onestep_kernels.aot."""
-    return core.row_kernel_configs("gated_residual_layernorm_modulate", _gated_residual_layernorm_modulate_fwd_kernel, _gated_residual_layernorm_modulate_bwd_kernel, MAX_TRITON_D, MAX_PER_THREAD,
-                                   BWD_ROWS_PER_PROGRAM, ("DGATE", "DSHIFT", "DSCALE"))
+    return core.row_kernel_configs("gated_residual_layernorm_modulate",
+                                   _gated_residual_layernorm_modulate_fwd_kernel,
+                                   _gated_residual_layernorm_modulate_bwd_kernel, MAX_TRITON_D,
+                                   MAX_PER_THREAD, BWD_ROWS_PER_PROGRAM, ("DMOD",))
 
 
 def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
@@ -157,25 +164,21 @@ def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
         *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, **options)
 
 
-def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
-                per_token, launch=direct):
+def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
+                launch=direct):
     B, N, D = res.shape
     block_d = _block(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_bwd_kernel,
                                     _warps(block_d, res.element_size()), ("D",))
     chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
-    if per_token:
-        grads = (dgate, dshift, dscale)
-    else:
-        grads = tuple(res.new_empty((B, chunks, D), dtype=torch.float32)
-                      for _ in range(3))
+    # Per-sample: the programs' partial sums, added up into dmod after the launch.
+    grads = dmod if per_token else res.new_empty((3, B, chunks, D), dtype=torch.float32)
     launch(kernel)[(B, chunks)](
-        dres, dout, res, y, gate, scale, stats, B * N, dx, dy, *grads, N, D, *bn_strides(gate),
-        *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d, PER_TOKEN=per_token,
-        **options)
+        dres, dout, res, y, gate, scale, stats, B * N, dx, dy, grads, grads.stride(0), N, D,
+        *bn_strides(gate), *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
+        PER_TOKEN=per_token, **options)
     if not per_token:
-        for dst, partial in zip((dgate, dshift, dscale), grads):
-            dst.copy_(partial.sum(dim=1))
+        dmod.copy_(grads.sum(dim=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,19 +206,20 @@ def _cpu_fwd(*args):
     native.run_cpu("gated_residual_layernorm_modulate_fwd", _fwd_params(*args))
 
 
-def _cpu_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
-             per_token):
+def _cpu_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
     B, N, D = res.shape
     mean = stats.data_ptr()
     g_sb, g_sn = bn_strides(gate)
     sc_sb, sc_sn = bn_strides(scale)
+    dgate = dmod.data_ptr()  # dmod: (3, *gate.shape), contiguous
+    plane = dmod.stride(0) * dmod.element_size()
     native.run_cpu("gated_residual_layernorm_modulate_bwd",
                    native.params_type("GatedResidualBwdParams")(
                        dres=dres.data_ptr(), dout=dout.data_ptr(), res=res.data_ptr(),
                        y=y.data_ptr(), gate=gate.data_ptr(), scale=scale.data_ptr(),
                        mean=mean, rstd=mean + 4 * B * N, dx=dx.data_ptr(),
-                       dy=dy.data_ptr(), dgate=dgate.data_ptr(), dshift=dshift.data_ptr(),
-                       dscale=dscale.data_ptr(), B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn,
+                       dy=dy.data_ptr(), dgate=dgate, dshift=dgate + plane,
+                       dscale=dgate + 2 * plane, B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn,
                        scale_sb=sc_sb, scale_sn=sc_sn, per_token=int(per_token),
                        dtype=native.dtype_code(res)))
 
@@ -224,8 +228,7 @@ def _cuda_fwd(x, *args):
     native.run_cuda("gated_residual_layernorm_modulate_fwd", _fwd_params(x, *args), x)
 
 
-def _torch_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
-               per_token):
+def _torch_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
     """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
     Triton is missing)."""
     f32 = torch.float32
@@ -242,8 +245,7 @@ def _torch_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dgate, dshift, ds
         mod_grads = tuple(t.sum(1) for t in mod_grads)
     dx.copy_(dr)
     dy.copy_(dr * g3)
-    for dst, src in zip((dgate, dshift, dscale), mod_grads):
-        dst.copy_(src)
+    dmod.copy_(torch.stack(mod_grads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,13 +282,13 @@ def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
 
 
 def _backward(backend: Backend, dres, dout, res, y, gate, scale, stats):
+    """(dx, dy, dmod): dmod stacks the gradients of gate, shift and scale, (3, *gate.shape)
+    (one buffer, one reduction of the per-sample partial sums)."""
     dx, dy = torch.empty_like(res), torch.empty_like(res)
-    dgate, dshift, dscale = (res.new_empty(gate.shape)
-                             for _ in range(3))
+    dmod = res.new_empty((3, *gate.shape))
     run_on(res, OP.backward_launcher(backend, res.device), dres.contiguous(),
-           dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate, dshift, dscale,
-           gate.dim() == 3)
-    return dx, dy, dgate, dshift, dscale
+           dout.contiguous(), res, y, gate, scale, stats, dx, dy, dmod, gate.dim() == 3)
+    return dx, dy, dmod
 
 
 class _GatedResidualLayerNormModulate(torch.autograd.Function):
@@ -302,7 +304,8 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dres, dout):
         res, y, gate, scale, stats = ctx.saved_tensors
-        return (*_backward(ctx.backend, dres, dout, res, y, gate, scale, stats), None, None)
+        dx, dy, dmod = _backward(ctx.backend, dres, dout, res, y, gate, scale, stats)
+        return dx, dy, *dmod.unbind(0), None, None
 
 
 _apply_with_grad = eager_apply(_GatedResidualLayerNormModulate, tensors=5)
@@ -350,16 +353,15 @@ def _(x, y, gate, shift, scale, eps, backend):
 @torch.library.custom_op("onestep::gated_residual_layernorm_modulate_bwd", mutates_args=())
 def gated_residual_layernorm_modulate_bwd(dres: Tensor, dout: Tensor, res: Tensor, y: Tensor,
                                           gate: Tensor, scale: Tensor, stats: Tensor,
-                                          backend: str
-                                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dy, dgate, dshift, dscale) as `backend`'s backward computes them."""
+                                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dy, dmod) as `backend`'s backward computes them; dmod is
+    (3, *gate.shape): the gradients of gate, shift and scale."""
     return _backward(OP[backend], dres, dout, res, y, gate, scale, stats)
 
 
 @gated_residual_layernorm_modulate_bwd.register_fake
 def _(dres, dout, res, y, gate, scale, stats, backend):
-    return (res.new_empty(res.shape), res.new_empty(res.shape), res.new_empty(gate.shape),
-            res.new_empty(gate.shape), res.new_empty(gate.shape))
+    return res.new_empty(res.shape), res.new_empty(res.shape), res.new_empty((3, *gate.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -372,9 +374,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_op(ctx, dres, dout, _dstats):
     res, y, gate, scale, stats = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale = gated_residual_layernorm_modulate_bwd(
+    dx, dy, dmod = gated_residual_layernorm_modulate_bwd(
         dres, dout, res, y, gate, scale, stats, ctx.backend)
-    return dx, dy, dgate, dshift, dscale, None, None
+    return dx, dy, dmod[0], dmod[1], dmod[2], None, None
 
 
 gated_residual_layernorm_modulate_fwd.register_autograd(_backward_op,
@@ -401,14 +403,14 @@ def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor,
 @triton_op("onestep::gated_residual_layernorm_modulate_triton_bwd", mutates_args=())
 def gated_residual_layernorm_modulate_triton_bwd(
         dres: Tensor, dout: Tensor, res: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
-        stats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dy, dmod), as gated_residual_layernorm_modulate_bwd."""
     dx = res.new_empty(res.shape)
     dy = res.new_empty(res.shape)
-    dgate, dshift, dscale = (res.new_empty(gate.shape)
-                             for _ in range(3))
-    _triton_bwd(dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dgate,
-                dshift, dscale, gate.dim() == 3, launch=wrap_triton)
-    return dx, dy, dgate, dshift, dscale
+    dmod = res.new_empty((3, *gate.shape))
+    _triton_bwd(dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dmod,
+                gate.dim() == 3, launch=wrap_triton)
+    return dx, dy, dmod
 
 
 def _setup_triton_context(ctx, inputs, output):
@@ -420,8 +422,9 @@ def _setup_triton_context(ctx, inputs, output):
 
 def _backward_triton_op(ctx, dres, dout, _dstats):
     res, y, gate, scale, stats = ctx.saved_tensors
-    return (*gated_residual_layernorm_modulate_triton_bwd(dres, dout, res, y, gate, scale,
-                                                          stats), None)
+    dx, dy, dmod = gated_residual_layernorm_modulate_triton_bwd(dres, dout, res, y, gate, scale,
+                                                                stats)
+    return dx, dy, dmod[0], dmod[1], dmod[2], None
 
 
 gated_residual_layernorm_modulate_triton.register_autograd(_backward_triton_op,

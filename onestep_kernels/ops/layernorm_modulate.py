@@ -76,13 +76,16 @@ def _layernorm_modulate_fwd_kernel(
 
 @triton.jit
 def _layernorm_modulate_bwd_kernel(
-    DY, X, SCALE, STATS, n_rows, DX, DSHIFT, DSCALE,
+    DY, X, SCALE, STATS, n_rows, DX, DMOD, plane,
     N, D, x_sb, x_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
-    # Program (b, c) handles rows n in [c * ROWS, (c + 1) * ROWS) of sample b. Per-token: it
-    # writes dshift/dscale rows. Per-sample: it writes its partial sums to DSHIFT/DSCALE[b, c],
-    # which the launcher adds up (no atomics, so the result is deterministic).
+    # Program (b, c) handles rows n in [c * ROWS, (c + 1) * ROWS) of sample b. DMOD holds the
+    # shift gradient and, `plane` elements further, the scale gradient. Per-token: it writes
+    # their rows ((2, B, N, D)). Per-sample: it writes its partial sums to [b, c] of
+    # (2, B, chunks, D) fp32, which the launcher adds up (no atomics: deterministic).
+    DSHIFT = DMOD
+    DSCALE = DMOD + plane
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -126,8 +129,9 @@ def _warps(block_d: int, element_bytes: int) -> tuple[int, ...]:
 
 def triton_configs():
     """Every configuration the launchers below can pick, for onestep_kernels.aot."""
-    return core.row_kernel_configs("layernorm_modulate", _layernorm_modulate_fwd_kernel, _layernorm_modulate_bwd_kernel, MAX_TRITON_D, MAX_PER_THREAD,
-                                   BWD_ROWS_PER_PROGRAM, ("DSHIFT", "DSCALE"))
+    return core.row_kernel_configs("layernorm_modulate", _layernorm_modulate_fwd_kernel,
+                                   _layernorm_modulate_bwd_kernel, MAX_TRITON_D, MAX_PER_THREAD,
+                                   BWD_ROWS_PER_PROGRAM, ("DMOD",))
 
 
 def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
@@ -142,24 +146,20 @@ def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
         *bn_strides(scale), eps, BLOCK_D=block_d, **options)
 
 
-def _triton_bwd(dy, x, scale, stats, dx, dshift, dscale, per_token, launch=direct):
+def _triton_bwd(dy, x, scale, stats, dx, dmod, per_token, launch=direct):
     B, N, D = x.shape
     block_d = _block(D)
     kernel, options = tuning.select(_layernorm_modulate_bwd_kernel,
                                     _warps(block_d, x.element_size()), ("D",))
     chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
-    if per_token:
-        grad_shift, grad_scale = dshift, dscale
-    else:
-        grad_shift = x.new_empty((B, chunks, D), dtype=torch.float32)
-        grad_scale = x.new_empty((B, chunks, D), dtype=torch.float32)
+    # Per-sample: the programs' partial sums, added up into dmod after the launch.
+    grads = dmod if per_token else x.new_empty((2, B, chunks, D), dtype=torch.float32)
     launch(kernel)[(B, chunks)](
-        dy, x, scale, stats, B * N, dx, grad_shift, grad_scale, N, D, *bn_strides(x),
+        dy, x, scale, stats, B * N, dx, grads, grads.stride(0), N, D, *bn_strides(x),
         *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
         PER_TOKEN=per_token, **options)
     if not per_token:
-        dshift.copy_(grad_shift.sum(dim=1))
-        dscale.copy_(grad_scale.sum(dim=1))
+        dmod.copy_(grads.sum(dim=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,16 +183,18 @@ def _fwd_params(x, shift, scale, out, stats, eps):
         dtype=native.dtype_code(x))
 
 
-def _bwd_params(dy, x, scale, stats, dx, dshift, dscale, per_token):
+def _bwd_params(dy, x, scale, stats, dx, dmod, per_token):
     B, N, D = x.shape
     mean = stats.data_ptr()
     x_sb, x_sn, _ = x.stride()
     scale_sb, scale_sn = bn_strides(scale)
+    dshift = dmod.data_ptr()  # dmod: (2, *scale.shape), contiguous
     return native.params_type("LayerNormModulateBwdParams")(
         dy=dy.data_ptr(), x=x.data_ptr(), scale=scale.data_ptr(), mean=mean,
-        rstd=mean + 4 * B * N, dx=dx.data_ptr(), dshift=dshift.data_ptr(),
-        dscale=dscale.data_ptr(), B=B, N=N, D=D, x_sb=x_sb, x_sn=x_sn, scale_sb=scale_sb,
-        scale_sn=scale_sn, per_token=int(per_token), dtype=native.dtype_code(x))
+        rstd=mean + 4 * B * N, dx=dx.data_ptr(), dshift=dshift,
+        dscale=dshift + dmod.stride(0) * dmod.element_size(), B=B, N=N, D=D, x_sb=x_sb,
+        x_sn=x_sn, scale_sb=scale_sb, scale_sn=scale_sn, per_token=int(per_token),
+        dtype=native.dtype_code(x))
 
 
 def _cpu_fwd(*args):
@@ -245,12 +247,13 @@ def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
 
 
 def _backward(backend: Backend, dout, x, scale, stats):
+    """(dx, dmod): dmod stacks the gradients of shift and scale, (2, *scale.shape) (one
+    buffer, one reduction of the per-sample partial sums)."""
     dx = torch.empty_like(x) if x.is_contiguous() else x.new_empty(x.shape)
-    dshift = x.new_empty(scale.shape)
-    dscale = x.new_empty(scale.shape)
+    dmod = x.new_empty((2, *scale.shape))
     run_on(x, OP.backward_launcher(backend, x.device), dout.contiguous(), x, scale, stats, dx,
-           dshift, dscale, scale.dim() == 3)
-    return dx, dshift, dscale
+           dmod, scale.dim() == 3)
+    return dx, dmod
 
 
 class _LayerNormModulate(torch.autograd.Function):
@@ -266,7 +269,8 @@ class _LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, scale, stats = ctx.saved_tensors
-        return (*_backward(ctx.backend, dout, x, scale, stats), None, None)
+        dx, dmod = _backward(ctx.backend, dout, x, scale, stats)
+        return dx, *dmod.unbind(0), None, None
 
 
 _apply_with_grad = eager_apply(_LayerNormModulate, tensors=3)
@@ -308,14 +312,14 @@ def _(x, shift, scale, eps, backend):
 
 @torch.library.custom_op("onestep::layernorm_modulate_bwd", mutates_args=())
 def layernorm_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, stats: Tensor,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dshift, dscale); dshift and dscale have scale's shape."""
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dmod); dmod is (2, *scale.shape): the gradients of shift and scale."""
     return _backward(OP[backend], dy, x, scale, stats)
 
 
 @layernorm_modulate_bwd.register_fake
 def _(dy, x, scale, stats, backend):
-    return x.new_empty(x.shape), x.new_empty(scale.shape), x.new_empty(scale.shape)
+    return x.new_empty(x.shape), x.new_empty((2, *scale.shape))
 
 
 @torch.library.custom_op("onestep::layernorm_modulate_out", mutates_args=("out",))
@@ -340,8 +344,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_op(ctx, dout, _dstats):
     x, scale, stats = ctx.saved_tensors
-    dx, dshift, dscale = layernorm_modulate_bwd(dout, x, scale, stats, ctx.backend)
-    return dx, dshift, dscale, None, None
+    dx, dmod = layernorm_modulate_bwd(dout, x, scale, stats, ctx.backend)
+    return dx, dmod[0], dmod[1], None, None
 
 
 layernorm_modulate_fwd.register_autograd(_backward_op, setup_context=_setup_context)
@@ -364,13 +368,13 @@ def layernorm_modulate_triton(x: Tensor, shift: Tensor, scale: Tensor,
 
 @triton_op("onestep::layernorm_modulate_triton_bwd", mutates_args=())
 def layernorm_modulate_triton_bwd(dy: Tensor, x: Tensor, scale: Tensor,
-                                  stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                                  stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dmod), as layernorm_modulate_bwd."""
     dx = x.new_empty(x.shape)
-    dshift = x.new_empty(scale.shape)
-    dscale = x.new_empty(scale.shape)
-    _triton_bwd(dy.contiguous(), x, scale, stats, dx, dshift, dscale, scale.dim() == 3,
+    dmod = x.new_empty((2, *scale.shape))
+    _triton_bwd(dy.contiguous(), x, scale, stats, dx, dmod, scale.dim() == 3,
                 launch=wrap_triton)
-    return dx, dshift, dscale
+    return dx, dmod
 
 
 def _setup_triton_context(ctx, inputs, output):
@@ -381,7 +385,8 @@ def _setup_triton_context(ctx, inputs, output):
 
 def _backward_triton_op(ctx, dout, _dstats):
     x, scale, stats = ctx.saved_tensors
-    return (*layernorm_modulate_triton_bwd(dout, x, scale, stats), None)
+    dx, dmod = layernorm_modulate_triton_bwd(dout, x, scale, stats)
+    return dx, dmod[0], dmod[1], None
 
 
 layernorm_modulate_triton.register_autograd(_backward_triton_op,

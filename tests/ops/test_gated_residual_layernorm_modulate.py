@@ -65,8 +65,8 @@ def test_launchers_write_every_element(backend, dtype, modulation, generator):
     op.OP[backend].forward(x, y, gate, shift, scale, res, out, stats, 1e-6)
     for t in (res, out, stats):
         assert torch.isfinite(t).all()
-    grads = [torch.full_like(x, nan), torch.full_like(x, nan)] + [torch.full_like(gate, nan)
-                                                                   for _ in range(3)]
+    grads = [torch.full_like(x, nan), torch.full_like(x, nan),  # dx, dy, then dgate/shift/scale
+             torch.full((3, *gate.shape), nan, dtype=dtype, device=dev)]
     dres, dout = torch.randn_like(x), torch.randn_like(x)
     op.OP[backend].backward(dres, dout, res, y, gate, scale, stats, *grads,
                             modulation == "per_token")
@@ -83,8 +83,9 @@ def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
     inputs = [t.float() for t in make_inputs(B, N, D, modulation, generator)]
     res, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
     dres, dout = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
-    got = torch.ops.onestep.gated_residual_layernorm_modulate_bwd(
+    dx, dy, dmod = torch.ops.onestep.gated_residual_layernorm_modulate_bwd(
         dres, dout, res, inputs[1], inputs[2], inputs[4], stats, "reference")
+    got = (dx, dy, *dmod)
     ref_in = [t.double().requires_grad_() for t in inputs]
     torch.autograd.backward(list(op.reference(*ref_in)), [dres.double(), dout.double()])
     for name, g, r in zip(NAMES, got, ref_in):
