@@ -1,0 +1,76 @@
+"""torch.compile's on-disk caches and onestep's ops (onestep_kernels/ops/compile_cache.py): a
+change to the ops' sources changes the cache key tag, so no graph compiled with other autograd
+formulas is reused (pytorch/pytorch#144344)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from onestep_kernels.ops import compile_cache
+
+
+def test_importing_the_ops_tags_the_compile_caches():
+    tags = torch.compiler.config.cache_key_tag.split("+")
+    assert f"onestep-{compile_cache.source_digest()}" in tags
+
+
+def test_the_digest_follows_the_sources_and_a_users_tag_is_kept(tmp_path, monkeypatch):
+    (tmp_path / "op.py").write_text("GRAD_SCALE = 1.0\n")
+    first = compile_cache.source_digest(tmp_path)
+    (tmp_path / "op.py").write_text("GRAD_SCALE = 2.0\n")
+    assert compile_cache.source_digest(tmp_path) != first
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    tag = compile_cache.tag_compile_caches(tmp_path)
+    assert tag == f"mine+onestep-{compile_cache.source_digest(tmp_path)}"
+    assert compile_cache.tag_compile_caches(tmp_path) == tag  # once
+
+
+# A custom op whose backward formula is the only thing that differs between two runs sharing
+# one inductor cache; with the tag the second run compiles afresh and gets its own gradient.
+SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from onestep_kernels.ops.compile_cache import tag_compile_caches
+
+    ops_dir = Path(sys.argv[1])
+    scale = float((ops_dir / "op.py").read_text().split("=")[1])
+    if sys.argv[2] == "tag":
+        tag_compile_caches(ops_dir)
+
+    @torch.library.custom_op("cachetest::double", mutates_args=())
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    double.register_fake(lambda x: torch.empty_like(x))
+    double.register_autograd(lambda ctx, grad: grad * scale)
+
+    x = torch.ones(3, requires_grad=True)
+    torch.compile(lambda t: double(t).sum())(x).backward()
+    print(x.grad[0].item())
+""")
+
+
+@pytest.mark.slow
+def test_a_changed_backward_formula_is_not_served_from_the_cache(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    ops_dir = tmp_path / "ops"
+    ops_dir.mkdir()
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    env.pop("TORCH_COMPILE_CACHE_KEY_TAG", None)
+
+    def grad(scale: float, mode: str) -> float:
+        (ops_dir / "op.py").write_text(f"SCALE = {scale}\n")
+        done = subprocess.run([sys.executable, str(script), str(ops_dir), mode], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.split()[-1])
+
+    assert grad(1.0, "tag") == 1.0
+    assert grad(3.0, "tag") == 3.0  # a new digest: compiled afresh
