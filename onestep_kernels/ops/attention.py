@@ -27,7 +27,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import eager_apply, needs_grad, run_on
+from .common import cdiv, eager_apply, needs_grad, next_power_of_2, run_on
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -192,7 +192,7 @@ def _attention_bwd_dq_kernel(
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for a head dim; smaller tiles where fp32 accumulators and IEEE products
     would otherwise spill (checked by onestep_kernels.aot)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     if dtype == torch.float32:  # IEEE fp32 products on fp32 tiles: the most registers
         block, warps = 16, (8 if block_d >= 64 else 4)
     else:
@@ -264,11 +264,11 @@ def _triton_fwd(q, k, v, scale):
     lse = q.new_empty((B, H, N), dtype=torch.float32)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (cdiv(N, meta["BLOCK_M"]), B * H)
 
     kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
-        BLOCK_D=max(16, triton.next_power_of_2(Dh)), IEEE=q.dtype == torch.float32, **options)
+        BLOCK_D=max(16, next_power_of_2(Dh)), IEEE=q.dtype == torch.float32, **options)
     return out, lse
 
 
@@ -284,9 +284,9 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                   IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    _attention_bwd_dkdv_kernel[(triton.cdiv(NK, cfg["BLOCK_N"]), B * H)](
+    _attention_bwd_dkdv_kernel[(cdiv(NK, cfg["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale, **common)
-    _attention_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+    _attention_bwd_dq_kernel[(cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, **common)
     return dq, dk, dv
 

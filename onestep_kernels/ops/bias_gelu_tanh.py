@@ -22,7 +22,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import eager_apply, needs_grad, run_on
+from .common import cdiv, eager_apply, needs_grad, next_power_of_2, run_on
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -82,7 +82,7 @@ def _bias_gelu_tanh_bwd_kernel(DY, X, BIAS, DX, DBIAS_PARTIAL, R, F, ROWS: tl.co
 
 @functools.cache  # asked at every launch
 def _block(F: int) -> int:
-    return min(MAX_BLOCK_F, max(16, triton.next_power_of_2(F)))
+    return min(MAX_BLOCK_F, max(16, next_power_of_2(F)))
 
 
 def _warps(block_f: int, element_bytes: int) -> tuple[int, ...]:
@@ -120,7 +120,7 @@ def _triton_fwd(x, bias, y):
     block_f = _block(F)
     kernel, options = tuning.select(_bias_gelu_tanh_fwd_kernel,
                                     _warps(block_f, x.element_size()), ("F",))
-    grid = (triton.cdiv(R, ROWS_PER_PROGRAM), triton.cdiv(F, block_f))
+    grid = (cdiv(R, ROWS_PER_PROGRAM), cdiv(F, block_f))
     kernel[grid](x, bias, y, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
 
 
@@ -129,9 +129,9 @@ def _triton_bwd(dy, x, bias, dx, dbias):
     block_f = _block(F)
     kernel, options = tuning.select(_bias_gelu_tanh_bwd_kernel,
                                     _warps(block_f, x.element_size()), ("F",))
-    chunks = triton.cdiv(R, ROWS_PER_PROGRAM)
+    chunks = cdiv(R, ROWS_PER_PROGRAM)
     partial = x.new_empty((chunks, F), dtype=torch.float32)
-    kernel[(chunks, triton.cdiv(F, block_f))](
+    kernel[(chunks, cdiv(F, block_f))](
         dy, x, bias, dx, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
     dbias.copy_(partial.sum(dim=0))
 

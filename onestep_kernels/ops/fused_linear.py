@@ -42,7 +42,7 @@ from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from . import bias_gelu_tanh as bias_gelu_tanh_op
 from . import layernorm_modulate as layernorm_modulate_op
-from .common import bn_strides, needs_grad, run_on
+from .common import bn_strides, cdiv, needs_grad, run_on
 from .layernorm_core import modulate  # by bare name: see layernorm_modulate's import
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -197,7 +197,7 @@ def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gel
     scale_s = bn_strides(scale) if scale is not None else (0, 0)
     gate_s = bn_strides(gate) if gate is not None else (0, 0)
     res2d = residual.reshape(B * N, cols) if residual is not None else None
-    grid = (triton.cdiv(B * N, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+    grid = (cdiv(B * N, cfg["BLOCK_M"]) * cdiv(cols, cfg["BLOCK_N"]),)
     _fused_linear_kernel[grid](
         x2d, weight, dummy if bias is None else bias, dummy if shift is None else shift,
         dummy if scale is None else scale, dummy if gate is None else gate,

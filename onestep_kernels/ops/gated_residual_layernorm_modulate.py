@@ -21,7 +21,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import bn_strides, eager_apply, needs_grad, run_on
+from .common import bn_strides, cdiv, eager_apply, needs_grad, run_on
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -170,7 +170,7 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
     block_d = _block(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_bwd_kernel,
                                     _warps(block_d, res.element_size()), ("D",))
-    chunks = triton.cdiv(N, BWD_ROWS_PER_PROGRAM)
+    chunks = cdiv(N, BWD_ROWS_PER_PROGRAM)
     # Per-sample: the programs' partial sums, added up into dmod after the launch.
     grads = dmod if per_token else res.new_empty((3, B, chunks, D), dtype=torch.float32)
     launch(kernel)[(B, chunks)](

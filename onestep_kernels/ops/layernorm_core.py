@@ -12,12 +12,13 @@ import functools
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from ..tuning import ELEMENT_BYTES, ROW_WARPS, warps_options
+from .common import next_power_of_2
 
 
 @functools.cache  # asked at every launch
 def row_block(D: int) -> int:
     """BLOCK_D for rows of D elements kept whole in registers."""
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_power_of_2(D))
 
 
 def row_warps(block_d: int, element_bytes: int, max_per_thread: int) -> tuple[int, ...]:
