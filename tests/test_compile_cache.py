@@ -18,15 +18,18 @@ def test_importing_the_ops_tags_the_compile_caches():
     assert f"onestep-{compile_cache.source_digest()}" in tags
 
 
-def test_the_digest_follows_the_sources_and_a_users_tag_is_kept(tmp_path, monkeypatch):
+def test_the_digest_follows_the_sources_and_a_users_tag_is_kept(tmp_path):
     (tmp_path / "op.py").write_text("GRAD_SCALE = 1.0\n")
     first = compile_cache.source_digest(tmp_path)
     (tmp_path / "op.py").write_text("GRAD_SCALE = 2.0\n")
     assert compile_cache.source_digest(tmp_path) != first
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    tag = compile_cache.tag_compile_caches(tmp_path)
-    assert tag == f"mine+onestep-{compile_cache.source_digest(tmp_path)}"
-    assert compile_cache.tag_compile_caches(tmp_path) == tag  # once
+    # (the config's own patch: pytest's monkeypatch would delete the setting on undo, which
+    # hides it from every later compile)
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        tag = compile_cache.tag_compile_caches(tmp_path)
+        assert tag == f"mine+onestep-{compile_cache.source_digest(tmp_path)}"
+        assert compile_cache.tag_compile_caches(tmp_path) == tag  # once
+    assert f"onestep-{compile_cache.source_digest()}" in torch.compiler.config.cache_key_tag
 
 
 # A custom op whose backward formula is the only thing that differs between two runs sharing
