@@ -119,6 +119,11 @@ def peak_bytes(fn: Callable, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def _headline(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def describe_error(err: BaseException) -> dict:
     """A failure as a record: the error's first line, and where its root cause was raised (the
     innermost exception of the chain, its last frames: an inductor AssertionError has no
@@ -126,12 +131,8 @@ def describe_error(err: BaseException) -> dict:
     root = err
     while (root.__cause__ or root.__context__) is not None:
         root = root.__cause__ or root.__context__
-    def headline(e: BaseException) -> str:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
     frames = traceback.extract_tb(root.__traceback__)[-4:]
-    return {"error": headline(err), "root_cause": headline(root),
+    return {"error": _headline(err), "root_cause": _headline(root),
             "raised_at": [f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '')[:120]}"
                           for f in frames]}
 

@@ -376,7 +376,7 @@ def _backward_op(ctx, dres, dout, _dstats):
     res, y, gate, scale, stats = ctx.saved_tensors
     dx, dy, dmod = gated_residual_layernorm_modulate_bwd(
         dres, dout, res, y, gate, scale, stats, ctx.backend)
-    return dx, dy, dmod[0], dmod[1], dmod[2], None, None
+    return dx, dy, *dmod.unbind(0), None, None
 
 
 gated_residual_layernorm_modulate_fwd.register_autograd(_backward_op,
@@ -424,7 +424,7 @@ def _backward_triton_op(ctx, dres, dout, _dstats):
     res, y, gate, scale, stats = ctx.saved_tensors
     dx, dy, dmod = gated_residual_layernorm_modulate_triton_bwd(dres, dout, res, y, gate, scale,
                                                                 stats)
-    return dx, dy, dmod[0], dmod[1], dmod[2], None
+    return dx, dy, *dmod.unbind(0), None
 
 
 gated_residual_layernorm_modulate_triton.register_autograd(_backward_triton_op,

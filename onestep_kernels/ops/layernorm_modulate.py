@@ -236,9 +236,8 @@ OP = dispatch.Op("layernorm_modulate", [
 
 def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
     B, N, D = x.shape
-    contiguous = x.is_contiguous()
     if out is None:  # (empty_like costs half of new_empty(shape); it keeps x's strides)
-        out = torch.empty_like(x) if contiguous else x.new_empty((B, N, D))
+        out = torch.empty_like(x) if x.is_contiguous() else x.new_empty((B, N, D))
     # The rows' mean and rstd, for the backward; inference needs none.
     stats = x.new_empty((2, B, N), dtype=torch.float32) if keep_stats else None
     if B * N > 0:
@@ -345,7 +344,7 @@ def _setup_context(ctx, inputs, output):
 def _backward_op(ctx, dout, _dstats):
     x, scale, stats = ctx.saved_tensors
     dx, dmod = layernorm_modulate_bwd(dout, x, scale, stats, ctx.backend)
-    return dx, dmod[0], dmod[1], None, None
+    return dx, *dmod.unbind(0), None, None
 
 
 layernorm_modulate_fwd.register_autograd(_backward_op, setup_context=_setup_context)
@@ -386,7 +385,7 @@ def _setup_triton_context(ctx, inputs, output):
 def _backward_triton_op(ctx, dout, _dstats):
     x, scale, stats = ctx.saved_tensors
     dx, dmod = layernorm_modulate_triton_bwd(dout, x, scale, stats)
-    return dx, dmod[0], dmod[1], None
+    return dx, *dmod.unbind(0), None
 
 
 layernorm_modulate_triton.register_autograd(_backward_triton_op,
