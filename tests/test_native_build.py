@@ -4,6 +4,7 @@
 import ctypes
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -122,6 +123,20 @@ def test_a_missing_field_is_an_error_not_a_zero():
         fields = dict(x=0, shift=0, scale=0, out=0, mean=0, rstd=0, B=1, N=1, D=8, x_sb=8,
                       x_sn=8, shift_sb=0, shift_sn=0, scale_sb=0, scale_sn=0, dtype=0)
         native.params_type("LayerNormModulateFwdParams")(**fields)
+
+
+def test_positional_params_check_their_field_names_and_pack_the_same_bytes():
+    names = ("x shift scale out mean rstd B N D x_sb x_sn shift_sb shift_sn scale_sb scale_sn "
+             "eps dtype")
+    make = native.positional_params("LayerNormModulateFwdParams", names)
+    values = dict(zip(names.split(), [11, 12, 13, 14, 15, 16, 2, 3, 8, 24, 8, 8, 0, 8, 0, 0.5, 2],
+                      strict=True))
+    assert make(*values.values()) == native.params_type("LayerNormModulateFwdParams")(**values)
+    swapped = names.replace("shift scale", "scale shift")
+    with pytest.raises(ValueError, match="fields: LayerNormModulateFwdParams has fields"):
+        native.positional_params("LayerNormModulateFwdParams", swapped)
+    with pytest.raises(struct.error):  # a value missing
+        make(*list(values.values())[:-1])
 
 
 def test_cpu_launchers_refuse_bad_codes():

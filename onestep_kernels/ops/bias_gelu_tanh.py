@@ -143,9 +143,8 @@ def _triton_bwd(dy, x, bias, dx, dbias):
 
 def _fwd_params(x, bias, y):
     R, F = _rows(x)
-    return native.params_type("BiasGeluTanhFwdParams")(
-        x=x.data_ptr(), bias=bias.data_ptr(), y=y.data_ptr(), R=R, F=F,
-        dtype=native.dtype_code(x))
+    return native.positional_params("BiasGeluTanhFwdParams", "x bias y R F dtype")(
+        x.data_ptr(), bias.data_ptr(), y.data_ptr(), R, F, native.dtype_code(x))
 
 
 def _cpu_fwd(*args):
@@ -154,9 +153,10 @@ def _cpu_fwd(*args):
 
 def _cpu_bwd(dy, x, bias, dx, dbias):
     R, F = _rows(x)
-    native.run_cpu("bias_gelu_tanh_bwd", native.params_type("BiasGeluTanhBwdParams")(
-        dy=dy.data_ptr(), x=x.data_ptr(), bias=bias.data_ptr(), dx=dx.data_ptr(),
-        dbias=dbias.data_ptr(), R=R, F=F, dtype=native.dtype_code(x)))
+    native.run_cpu("bias_gelu_tanh_bwd", native.positional_params(
+        "BiasGeluTanhBwdParams", "dy x bias dx dbias R F dtype")(
+            dy.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(), dbias.data_ptr(), R, F,
+            native.dtype_code(x)))
 
 
 def _cuda_fwd(x, *args):

@@ -195,11 +195,13 @@ def _fwd_params(x, y, gate, shift, scale, res, out, stats, eps):
     g_sb, g_sn = bn_strides(gate)
     sh_sb, sh_sn = bn_strides(shift)
     sc_sb, sc_sn = bn_strides(scale)
-    return native.params_type("GatedResidualFwdParams")(
-        x=x.data_ptr(), y=y.data_ptr(), gate=gate.data_ptr(), shift=shift.data_ptr(),
-        scale=scale.data_ptr(), res=res.data_ptr(), out=out.data_ptr(), mean=mean,
-        rstd=rstd, B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn, shift_sb=sh_sb,
-        shift_sn=sh_sn, scale_sb=sc_sb, scale_sn=sc_sn, eps=eps, dtype=native.dtype_code(x))
+    return native.positional_params(
+        "GatedResidualFwdParams",
+        "x y gate shift scale res out mean rstd B N D gate_sb gate_sn shift_sb shift_sn "
+        "scale_sb scale_sn eps dtype")(
+            x.data_ptr(), y.data_ptr(), gate.data_ptr(), shift.data_ptr(), scale.data_ptr(),
+            res.data_ptr(), out.data_ptr(), mean, rstd, B, N, D, g_sb, g_sn, sh_sb, sh_sn,
+            sc_sb, sc_sn, eps, native.dtype_code(x))
 
 
 def _cpu_fwd(*args):
@@ -213,15 +215,14 @@ def _cpu_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
     sc_sb, sc_sn = bn_strides(scale)
     dgate = dmod.data_ptr()  # dmod: (3, *gate.shape), contiguous
     plane = dmod.stride(0) * dmod.element_size()
-    native.run_cpu("gated_residual_layernorm_modulate_bwd",
-                   native.params_type("GatedResidualBwdParams")(
-                       dres=dres.data_ptr(), dout=dout.data_ptr(), res=res.data_ptr(),
-                       y=y.data_ptr(), gate=gate.data_ptr(), scale=scale.data_ptr(),
-                       mean=mean, rstd=mean + 4 * B * N, dx=dx.data_ptr(),
-                       dy=dy.data_ptr(), dgate=dgate, dshift=dgate + plane,
-                       dscale=dgate + 2 * plane, B=B, N=N, D=D, gate_sb=g_sb, gate_sn=g_sn,
-                       scale_sb=sc_sb, scale_sn=sc_sn, per_token=int(per_token),
-                       dtype=native.dtype_code(res)))
+    native.run_cpu("gated_residual_layernorm_modulate_bwd", native.positional_params(
+        "GatedResidualBwdParams",
+        "dres dout res y gate scale mean rstd dx dy dgate dshift dscale B N D gate_sb gate_sn "
+        "scale_sb scale_sn per_token dtype")(
+            dres.data_ptr(), dout.data_ptr(), res.data_ptr(), y.data_ptr(), gate.data_ptr(),
+            scale.data_ptr(), mean, mean + 4 * B * N, dx.data_ptr(), dy.data_ptr(), dgate,
+            dgate + plane, dgate + 2 * plane, B, N, D, g_sb, g_sn, sc_sb, sc_sn,
+            int(per_token), native.dtype_code(res)))
 
 
 def _cuda_fwd(x, *args):

@@ -176,11 +176,12 @@ def _fwd_params(x, shift, scale, out, stats, eps):
     x_sb, x_sn, _ = x.stride()
     shift_sb, shift_sn = bn_strides(shift)
     scale_sb, scale_sn = bn_strides(scale)
-    return native.params_type("LayerNormModulateFwdParams")(
-        x=x.data_ptr(), shift=shift.data_ptr(), scale=scale.data_ptr(), out=out.data_ptr(),
-        mean=mean, rstd=rstd, B=B, N=N, D=D, x_sb=x_sb, x_sn=x_sn,
-        shift_sb=shift_sb, shift_sn=shift_sn, scale_sb=scale_sb, scale_sn=scale_sn, eps=eps,
-        dtype=native.dtype_code(x))
+    return native.positional_params(
+        "LayerNormModulateFwdParams",
+        "x shift scale out mean rstd B N D x_sb x_sn shift_sb shift_sn scale_sb scale_sn eps "
+        "dtype")(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), mean, rstd,
+                 B, N, D, x_sb, x_sn, shift_sb, shift_sn, scale_sb, scale_sn, eps,
+                 native.dtype_code(x))
 
 
 def _bwd_params(dy, x, scale, stats, dx, dmod, per_token):
@@ -189,12 +190,12 @@ def _bwd_params(dy, x, scale, stats, dx, dmod, per_token):
     x_sb, x_sn, _ = x.stride()
     scale_sb, scale_sn = bn_strides(scale)
     dshift = dmod.data_ptr()  # dmod: (2, *scale.shape), contiguous
-    return native.params_type("LayerNormModulateBwdParams")(
-        dy=dy.data_ptr(), x=x.data_ptr(), scale=scale.data_ptr(), mean=mean,
-        rstd=mean + 4 * B * N, dx=dx.data_ptr(), dshift=dshift,
-        dscale=dshift + dmod.stride(0) * dmod.element_size(), B=B, N=N, D=D, x_sb=x_sb,
-        x_sn=x_sn, scale_sb=scale_sb, scale_sn=scale_sn, per_token=int(per_token),
-        dtype=native.dtype_code(x))
+    return native.positional_params(
+        "LayerNormModulateBwdParams",
+        "dy x scale mean rstd dx dshift dscale B N D x_sb x_sn scale_sb scale_sn per_token "
+        "dtype")(dy.data_ptr(), x.data_ptr(), scale.data_ptr(), mean, mean + 4 * B * N,
+                 dx.data_ptr(), dshift, dshift + dmod.stride(0) * dmod.element_size(), B, N, D,
+                 x_sb, x_sn, scale_sb, scale_sn, int(per_token), native.dtype_code(x))
 
 
 def _cpu_fwd(*args):
