@@ -108,6 +108,44 @@ def test_hooks_and_adapters_on_the_linears_apply(generator):
     assert_close_rel(out, ref, torch.float32, "hooked out")
 
 
+class LowRankAdapter(torch.nn.Module):
+    """A wrapper that replaces a Linear in its parent, as peft's LoRA layers do."""
+
+    def __init__(self, base: torch.nn.Linear, generator):
+        super().__init__()
+        self.base = base
+        self.down = torch.randn(4, base.in_features, generator=generator) * 0.1
+        self.up = torch.randn(base.out_features, 4, generator=generator) * 0.1
+
+    def forward(self, x):
+        return self.base(x) + x @ self.down.to(x.dtype).T @ self.up.to(x.dtype).T
+
+
+def test_submodules_replaced_after_construction_are_the_ones_called(generator):
+    """The fused block reads its submodules at every call (never a cached reference), so an
+    adapter swapped in after the first call (LoRA on fc1 and the adaLN projection) takes
+    effect, with gradients."""
+    B, N, D, H = 2, 5, 64, 4
+    fused = randomised(FusedDiTBlock(D, H), generator)
+    reference = DiTBlock(D, H).double()
+    reference.load_state_dict(fused.state_dict())
+    x = torch.randn(B, N, D, generator=generator)
+    c = torch.randn(B, D, generator=generator)
+    fused(x, c)  # a first call before the swap
+    plain = copy.deepcopy(reference)
+    for block in (fused, reference):
+        g = torch.Generator().manual_seed(1)
+        block.mlp.fc1 = LowRankAdapter(block.mlp.fc1, g)
+        block.adaLN_modulation[1] = LowRankAdapter(block.adaLN_modulation[1], g)
+    xg = x.clone().requires_grad_()
+    out = fused(xg, c)
+    ref = reference(xg.detach().double().requires_grad_(), c.double())
+    assert rel(plain(x.double(), c.double()), ref) > 1e-2  # the adapters matter
+    assert_close_rel(out, ref, torch.float32, "adapted out")
+    out.sum().backward()
+    assert xg.grad is not None and fused.mlp.fc1.base.weight.grad is not None
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
