@@ -191,10 +191,11 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     grad = needs_grad(x, modulation)
 
     impl = layernorm_modulate_op.OP.resolve(None, device, dtype, D, grad)
-    h = layernorm_modulate_op.apply(impl, x, sh1, sc1, eps)
+    h = layernorm_modulate_op.apply(impl, x, sh1, sc1, eps, grad)
     branch = checks.cast(attention(h), dtype).contiguous()
-    impl = gated_op.OP.resolve(None, device, dtype, D, grad or branch.requires_grad)
-    x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps)
+    grad = grad or branch.requires_grad
+    impl = gated_op.OP.resolve(None, device, dtype, D, grad)
+    x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps, grad)
     weight, bias = _linear_parameters(fc1) if _plain_linear(fc1) else (None, None)
     if bias is not None:
         if _gelu_epilogue(h, weight, bias):
@@ -203,9 +204,9 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
         else:
             u = F.linear(h, weight)
             bias = checks.cast(bias, u.dtype)  # as the Linear's own bias would be (autocast)
-            impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1],
-                                                needs_grad(u, bias))
-            hidden = bias_gelu_tanh_op.apply(impl, u, bias)
+            grad = needs_grad(u, bias)
+            impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1], grad)
+            hidden = bias_gelu_tanh_op.apply(impl, u, bias, grad)
     else:
         hidden = F.gelu(fc1(h), approximate="tanh")
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))

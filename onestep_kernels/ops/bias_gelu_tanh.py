@@ -226,15 +226,16 @@ class _BiasGeluTanh(torch.autograd.Function):
 _apply_with_grad = eager_apply(_BiasGeluTanh, tensors=2)
 
 
-def apply(backend: Backend, x: Tensor, bias: Tensor) -> Tensor:
+def apply(backend: Backend, x: Tensor, bias: Tensor, grad: bool | None = None) -> Tensor:
     """GELU_tanh(x + bias) on a resolved backend, for validated arguments (one dtype and
-    device; x of any shape, made contiguous if it is not)."""
+    device; x of any shape, made contiguous if it is not); `grad`: whether the call records
+    gradients, if the caller knows."""
     if backend.is_expression:
         return backend.expression(x, bias)
     x, bias = x.contiguous(), bias.contiguous()
     if torch.compiler.is_compiling():
         return bias_gelu_tanh_fwd(x, bias, backend.name)
-    if needs_grad(x, bias):
+    if needs_grad(x, bias) if grad is None else grad:
         return _apply_with_grad(x, bias, backend)
     return _forward(backend, x, bias)
 
@@ -305,4 +306,5 @@ def bias_gelu_tanh(x: Tensor, bias: Tensor, *, backend: str | None = None) -> Te
     if bias.dtype is not dtype:
         dtype = torch.promote_types(dtype, bias.dtype)
         x, bias = checks.cast(x, dtype), checks.cast(bias, dtype)
-    return apply(OP.resolve(backend, x.device, dtype, F, needs_grad(x, bias)), x, bias)
+    grad = needs_grad(x, bias)
+    return apply(OP.resolve(backend, x.device, dtype, F, grad), x, bias, grad)

@@ -59,7 +59,7 @@ BWD_ROWS_PER_PROGRAM = 16
 def _gated_residual_layernorm_modulate_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE, RES, OUT, STATS, n_rows,
     N, D, gate_sb, gate_sn, shift_sb, shift_sn, scale_sb, scale_sn, eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, KEEP_STATS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // N
@@ -76,8 +76,9 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     tl.store(RES + row * D + cols, r.to(RES.dtype.element_ty), mask=mask)
     out = modulate(centred * rstd, shift, scale)
     tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(STATS + row, mean)  # STATS: (2, B, N), the rows' mean, then their rstd
-    tl.store(STATS + n_rows + row, rstd)
+    if KEEP_STATS:  # for a backward; STATS: the rows' means, then their rstds (2 B N)
+        tl.store(STATS + row, mean)
+        tl.store(STATS + n_rows + row, rstd)
 
 
 @triton.jit
@@ -154,14 +155,13 @@ def triton_configs():
 
 def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
     B, N, D = x.shape
-    if stats is None:  # the kernel stores them either way
-        stats = x.new_empty((2, B, N), dtype=torch.float32)
     block_d = _block(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_fwd_kernel,
                                     _warps(block_d, x.element_size()), ("D",))
     launch(kernel)[(B * N,)](
-        x, y, gate, shift, scale, res, out, stats, B * N, N, D, *bn_strides(gate),
-        *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d, **options)
+        x, y, gate, shift, scale, res, out, core.stats_or_placeholder(stats, x.device), B * N,
+        N, D, *bn_strides(gate), *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d,
+        KEEP_STATS=stats is not None, **options)
 
 
 def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
@@ -189,7 +189,7 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
 def _fwd_params(x, y, gate, shift, scale, res, out, stats, eps):
     B, N, D = x.shape
     mean = rstd = 0  # no statistics kept (inference)
-    if stats is not None:  # (2, B, N): mean, then rstd
+    if stats is not None:  # 2 B N floats: the rows' means, then their rstds
         mean = stats.data_ptr()
         rstd = mean + 4 * B * N
     g_sb, g_sn = bn_strides(gate)
@@ -235,7 +235,7 @@ def _torch_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
     f32 = torch.float32
     g3, s3 = (gate.to(f32), scale.to(f32)) if per_token else (gate[:, None].to(f32),
                                                               scale[:, None].to(f32))
-    mean, rstd = stats[0], stats[1]
+    mean, rstd = stats.view(2, *res.shape[:2])
     xhat = (res.to(f32) - mean[..., None]) * rstd[..., None]
     g = dout.to(f32) * (1 + s3)
     dln = rstd[..., None] * (g - g.mean(-1, keepdim=True)
@@ -275,8 +275,9 @@ OP = dispatch.Op("gated_residual_layernorm_modulate", [
 def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
     B, N, D = x.shape
     res, out = torch.empty_like(x), torch.empty_like(x)  # x is contiguous here
-    # The rows' mean and rstd, for the backward; inference needs none.
-    stats = x.new_empty((2, B, N), dtype=torch.float32) if keep_stats else None
+    # The rows' means then rstds, for the backward (one flat buffer: ~0.5 us less to make
+    # than a (2, B, N) tensor); inference needs none.
+    stats = x.new_empty(2 * B * N, dtype=torch.float32) if keep_stats else None
     if B * N > 0:
         run_on(x, backend.forward, x, y, gate, shift, scale, res, out, stats, eps)
     return res, out, stats
@@ -312,9 +313,10 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
 _apply_with_grad = eager_apply(_GatedResidualLayerNormModulate, tensors=5)
 
 
-def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tensor]:
+def apply(backend: Backend, x, y, gate, shift, scale, eps,
+          grad: bool | None = None) -> tuple[Tensor, Tensor]:
     """The op on a resolved backend, for validated arguments (one dtype and device, x and y
-    contiguous)."""
+    contiguous); `grad`: whether the call records gradients, if the caller knows."""
     if backend.is_expression:
         return backend.expression(x, y, gate, shift, scale, eps)
     if torch.compiler.is_compiling():
@@ -324,7 +326,7 @@ def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tens
             res, out, _ = gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps,
                                                                 backend.name)
         return res, out
-    if needs_grad(x, y, gate, shift, scale):
+    if needs_grad(x, y, gate, shift, scale) if grad is None else grad:
         return _apply_with_grad(x, y, gate, shift, scale, eps, backend)
     res, out, _ = _forward(backend, x, y, gate, shift, scale, eps, keep_stats=False)
     return res, out
@@ -339,7 +341,7 @@ def apply(backend: Backend, x, y, gate, shift, scale, eps) -> tuple[Tensor, Tens
 def gated_residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
                                           scale: Tensor, eps: float, backend: str
                                           ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (residual, out, stats); stats is fp32 (2, B, N), the rows' mean and rstd,
+    """Returns (residual, out, stats); stats is fp32 (2 B N,), the rows' means then their rstds,
     for the backward."""
     return _forward(OP[backend], x, y, gate, shift, scale, eps)
 
@@ -348,7 +350,7 @@ def gated_residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, sh
 def _(x, y, gate, shift, scale, eps, backend):
     B, N, D = x.shape
     return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
-            x.new_empty((2, B, N), dtype=torch.float32))
+            x.new_empty(2 * B * N, dtype=torch.float32))
 
 
 @torch.library.custom_op("onestep::gated_residual_layernorm_modulate_bwd", mutates_args=())
@@ -395,7 +397,7 @@ def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor,
     B, N, D = x.shape
     res = x.new_empty((B, N, D))
     out = x.new_empty((B, N, D))
-    stats = x.new_empty((2, B, N), dtype=torch.float32)
+    stats = x.new_empty(2 * B * N, dtype=torch.float32)
     if B * N > 0:
         _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=wrap_triton)
     return res, out, stats
@@ -480,5 +482,6 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
         tensors = (x, y, gate, shift, scale)
         dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
         x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)
-    impl = OP.resolve(backend, device, dtype, D, needs_grad(x, y, gate, shift, scale))
-    return apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps)
+    grad = needs_grad(x, y, gate, shift, scale)
+    impl = OP.resolve(backend, device, dtype, D, grad)
+    return apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps, grad)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
 from ..tuning import ELEMENT_BYTES, ROW_WARPS, warps_options
@@ -19,6 +21,18 @@ from .common import next_power_of_2
 def row_block(D: int) -> int:
     """BLOCK_D for rows of D elements kept whole in registers."""
     return max(16, next_power_of_2(D))
+
+
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def stats_or_placeholder(stats: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The forward kernels' STATS argument: the statistics buffer, or where none is kept
+    (inference: KEEP_STATS=False, nothing is written) one fp32 element per device, made once,
+    so that an inference call allocates nothing it does not return."""
+    return _placeholder(device) if stats is None else stats
 
 
 def row_warps(block_d: int, element_bytes: int, max_per_thread: int) -> tuple[int, ...]:
@@ -35,9 +49,11 @@ def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_pe
     while block <= max_width:
         for dtype, element_bytes in ELEMENT_BYTES.items():
             for warps in row_warps(block, element_bytes, max_per_thread):
-                yield KernelConfig(f"{name}_fwd[{dtype},BLOCK_D={block},warps={warps}]",
-                                   fwd_kernel, dtype, {"BLOCK_D": block}, warps,
-                                   fp32=("STATS",))
+                for keep in (False, True):
+                    yield KernelConfig(
+                        f"{name}_fwd[{dtype},BLOCK_D={block},KEEP_STATS={keep},warps={warps}]",
+                        fwd_kernel, dtype, {"BLOCK_D": block, "KEEP_STATS": keep}, warps,
+                        fp32=("STATS",))
                 for per_token in (False, True):
                     yield KernelConfig(
                         f"{name}_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
