@@ -14,6 +14,8 @@ backend records, the inner layer, torch.library registration and the public entr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -463,19 +465,21 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
     if not (y.device == gate.device == shift.device == scale.device == device):
         for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
             checks.same_device(name, t, x, "x")
-    if not isinstance(eps, float) or not 0.0 < eps < float("inf"):
+    if not (isinstance(eps, float) and 0.0 < eps < math.inf):
         eps = checks.positive_float("eps", eps)
-    B, N, D = x.shape
+    shape, modulation_shape = x.shape, gate.shape  # (each .shape makes a new torch.Size)
+    B, N, D = shape
     if D == 0:
-        raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(x.shape)}")
-    if y.shape != x.shape:
-        raise ValueError(f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
-    if gate.shape[0] != B or gate.shape[-1] != D or (gate.dim() == 3 and gate.shape[1] != N):
+        raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(shape)}")
+    if y.shape != shape:
+        raise ValueError(f"y: expected the shape of x {tuple(shape)}, got {tuple(y.shape)}")
+    if modulation_shape[0] != B or modulation_shape[-1] != D or (
+            len(modulation_shape) == 3 and modulation_shape[1] != N):
         raise ValueError(f"gate: expected shape {(B, D)} or {(B, N, D)} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(gate.shape)}")
-    if not (shift.shape == scale.shape == gate.shape):
-        name, t = ("shift", shift) if shift.shape != gate.shape else ("scale", scale)
-        raise ValueError(f"{name}: expected the shape of gate {tuple(gate.shape)}, "
+                         f"{tuple(shape)}, got {tuple(modulation_shape)}")
+    if not (shift.shape == modulation_shape == scale.shape):
+        name, t = ("shift", shift) if shift.shape != modulation_shape else ("scale", scale)
+        raise ValueError(f"{name}: expected the shape of gate {tuple(modulation_shape)}, "
                          f"got {tuple(t.shape)}")
     dtype = x.dtype
     if not (y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype) or checks.any_autocast():

@@ -14,6 +14,8 @@ public entry point.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -426,16 +428,18 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     if not (shift.device == scale.device == device):
         checks.same_device("shift", shift, x, "x")
         checks.same_device("scale", scale, x, "x")
-    if not isinstance(eps, float) or not 0.0 < eps < float("inf"):
+    if not (isinstance(eps, float) and 0.0 < eps < math.inf):
         eps = checks.positive_float("eps", eps)
+    modulation_shape = shift.shape  # (each .shape makes a new torch.Size)
     B, N, D = x.shape
     if D == 0:
         raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(x.shape)}")
-    if shift.shape[0] != B or shift.shape[-1] != D or (shift.dim() == 3 and shift.shape[1] != N):
+    if modulation_shape[0] != B or modulation_shape[-1] != D or (
+            len(modulation_shape) == 3 and modulation_shape[1] != N):
         raise ValueError(f"shift: expected shape {(B, D)} or {(B, N, D)} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(shift.shape)}")
-    if scale.shape != shift.shape:
-        raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
+                         f"{tuple(x.shape)}, got {tuple(modulation_shape)}")
+    if scale.shape != modulation_shape:
+        raise ValueError(f"scale: expected the shape of shift {tuple(modulation_shape)}, "
                          f"got {tuple(scale.shape)}")
     dtype = x.dtype
     if not (shift.dtype is scale.dtype is dtype) or checks.any_autocast():
