@@ -22,7 +22,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..kernel_config import KernelConfig
 from ..triton_compat import tl, triton
-from .common import cdiv, eager_apply, needs_grad, next_power_of_2, run_on
+from .common import add_up_partials, cdiv, eager_apply, needs_grad, next_power_of_2, run_on
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -133,7 +133,7 @@ def _triton_bwd(dy, x, bias, dx, dbias):
     partial = x.new_empty((chunks, F), dtype=torch.float32)
     kernel[(chunks, cdiv(F, block_f))](
         dy, x, bias, dx, partial, R, F, ROWS=ROWS_PER_PROGRAM, BLOCK_F=block_f, **options)
-    dbias.copy_(partial.sum(dim=0))
+    add_up_partials(partial, 0, dbias)
 
 
 # ---------------------------------------------------------------------------------------------

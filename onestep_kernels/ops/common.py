@@ -35,6 +35,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def add_up_partials(partials: Tensor, dim: int, out: Tensor, in_graph: bool = False) -> None:
+    """out = partials.sum(dim), the fp32 partial sums of a backward's programs added in fp32
+    and rounded once to out's dtype. Where out is fp32 (the LayerNorm ops' dtype under CUDA
+    autocast) an eager call writes the sum straight into out: one op and no temporary. A
+    lower-precision out= would round every partial before adding (torch.sum reduces in out's
+    dtype), so others sum then copy; so does a traced call (`in_graph`, a triton_op body,
+    kept as it was)."""
+    if out.dtype is torch.float32 and not in_graph:
+        torch.sum(partials, dim=dim, out=out)
+    else:
+        out.copy_(partials.sum(dim=dim))
+
+
 def bn_strides(t: Tensor) -> tuple[int, int]:
     """Element strides of a (B, N, D) tensor's (B, N) dimensions; a (B, D) modulation tensor
     broadcasts over N (stride 0)."""

@@ -23,7 +23,7 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import bn_strides, cdiv, eager_apply, needs_grad, run_on
+from .common import add_up_partials, bn_strides, cdiv, eager_apply, needs_grad, run_on
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -180,7 +180,7 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
         *bn_strides(gate), *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
         PER_TOKEN=per_token, **options)
     if not per_token:
-        dmod.copy_(grads.sum(dim=2))
+        add_up_partials(grads, 2, dmod, in_graph=launch is not direct)
 
 
 # ---------------------------------------------------------------------------------------------

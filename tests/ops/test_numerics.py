@@ -74,3 +74,17 @@ def test_gated_residual_statistics(backend, isa, case, D, offset, generator, cpu
     (_, exact), (_, own), (_, ours) = results
     check(ours, own, exact, "out")
     check(ours_in[0].grad, own_in[0].grad, exact_in[0].grad, "dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_partial_sums_are_added_in_fp32_and_rounded_once(dtype):
+    """The Triton backwards add their programs' fp32 partial sums into the gradient: in fp32,
+    rounded once. torch.sum(..., out=) of a lower precision rounds each partial first, which
+    a cancellation exposes (1000.1 - 1000.0 gives 0 in bfloat16)."""
+    from onestep_kernels.ops.common import add_up_partials
+
+    partials = torch.tensor([[1000.1, 3.0], [-1000.0, -2.0]])
+    for in_graph in (False, True):
+        out = torch.empty(2, dtype=dtype)
+        add_up_partials(partials, 0, out, in_graph=in_graph)
+        assert torch.equal(out, partials.sum(0).to(dtype)), (out, in_graph)
