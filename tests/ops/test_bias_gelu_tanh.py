@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close_rel, backend_device, backend_matrix, refused
+from conftest import assert_close_rel, backend_device, backend_matrix, reference_rows, refused
 from test_layernorm_modulate import BATCH_TOKENS, DIMS
 
 import onestep_kernels as ok
@@ -17,6 +17,7 @@ from onestep_kernels.ops import bias_gelu_tanh as op
 @pytest.mark.parametrize("backend,dtype,isa", backend_matrix("bias_gelu_tanh"))
 def test_matches_float64_reference(backend, dtype, isa, F, B, N, generator, cpu_isa):
     cpu_isa(isa)
+    B, N = reference_rows("bias_gelu_tanh", backend, B, N)
     dev = backend_device(backend, "bias_gelu_tanh")
     x = (torch.randn(B, N, F, generator=generator, dtype=torch.float64) * 3).to(dtype)
     bias = torch.randn(F, generator=generator, dtype=torch.float64).to(dtype)
