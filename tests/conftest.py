@@ -72,6 +72,11 @@ def backend_device(backend: str | dispatch.Backend, op: str | None = None) -> to
     return torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
 
 
+def interpreted(record: dispatch.Backend) -> bool:
+    """Whether this backend's tests run Triton through the interpreter (no GPU)."""
+    return record.runtime == "triton" and backend_device(record).type == "cpu"
+
+
 def to_backend(backend: str, op: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """The tensors on `backend_device(backend, op)`."""
     device = backend_device(backend, op)
@@ -86,14 +91,12 @@ def backend_matrix(op: str, dtypes=TEST_DTYPES):
     cases = []
     for record in OPS[op].backends.values():
         missing = dispatch._runtime_reason(record.runtime)
-        device = backend_device(record)
         for dtype in dtypes:
             for isa in (("avx2", "base") if record.runtime == "cpu_library" else (None,)):
                 marks = []
                 if missing:
                     marks.append(pytest.mark.skip(reason=f"{record.name}: {missing}"))
-                elif (record.runtime == "triton" and device.type == "cpu"
-                      and dtype != torch.bfloat16):
+                elif interpreted(record) and dtype != torch.bfloat16:
                     marks.append(pytest.mark.slow)  # the interpreter
                 name = f"{record.name}-{isa}" if isa else record.name
                 cases.append(pytest.param(record.name, dtype, isa, marks=marks,
@@ -112,8 +115,7 @@ INTERPRETED_LONG_SIDE = 33
 def reference_rows(op: str, backend: str, B: int, N: int) -> tuple[int, int]:
     """(B, N) for a float64-reference case of `backend`: the long side shortened to
     INTERPRETED_LONG_SIDE where Triton runs through the interpreter."""
-    record = OPS[op][backend]
-    if record.runtime == "triton" and backend_device(record).type == "cpu":
+    if interpreted(OPS[op][backend]):
         return min(B, INTERPRETED_LONG_SIDE), min(N, INTERPRETED_LONG_SIDE)
     return B, N
 
