@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import onestep_kernels as ok
-from onestep_kernels import gpu_check
+from onestep_kernels import gpu_check, timing
 
 
 def wall_ms(fn, repeat: int = 20) -> float:
@@ -94,7 +94,7 @@ def bias_gelu(batches) -> None:
         with torch.no_grad():
             for name, fn in ways.items():
                 try:
-                    ms = gpu_check.timeit(fn, torch.device("cuda"))
+                    ms = timing.queued(fn, torch.device("cuda"))
                     err = ((fn().double() - exact).norm() / exact.norm()).item()
                     print(f"  {name:40s} {ms * 1e3:8.4f} ms  rel err {err:.2e}")
                 except Exception as error:  # noqa: BLE001 - one way failing still reports the rest

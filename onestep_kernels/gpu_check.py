@@ -12,9 +12,12 @@ into one directory merge (a row's new result replaces its old one). Without CUDA
 
 Benchmark rows are bf16 at DiT-XL/2 shapes (width 1152, 16 heads of 72, N=256 tokens). Every
 contender of a row is timed in the same process as the row's ceilings: the device copy rate
-(a read and a write per byte) and a bf16 GEMM. Times are medians over CUDA-event-timed calls
-after warm-up. A contender that fails records its error instead of stopping the pass. Each
-row lists the issue's targets it covers with the measured value and whether it is met.
+(a read and a write per byte) and a bf16 GEMM. Each contender gets two CUDA-event times
+(onestep_kernels.timing): `ms`, per call back to back with the queue full (the throughput:
+rates, ceilings and targets read it), and `alone_ms`, one call with the queue empty (the
+host's launch time included: the latency targets of one-step sampling read it). A contender
+that fails records its error instead of stopping the pass. Each row lists the issue's targets
+it covers with the measured value and whether it is met.
 
 `--smoke` runs every benchmark row on the CPU in fp32 at tiny shapes without torch.compile:
 numbers that mean nothing, plumbing that the test suite checks.
@@ -27,7 +30,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from . import timing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,47 +79,15 @@ def smoke_setting() -> Setting:
                    ((2, 4, 16, 16), (1, 2, 24, 8)), "DiT-S/8", 16, 8, 128, False)
 
 
-# ---------------------------------------------------------------------------- timing
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn: Callable, device: torch.device, target_s: float = 0.15) -> float:
-    """Median seconds per call of fn, after warm-up; each call timed alone (CUDA events)."""
-    fn()
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    once = max(time.perf_counter() - start, 1e-7)
-    reps = int(min(200, max(5, target_s / once)))
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) * 1e-3)
-        else:
-            begin_s = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin_s)
-    return statistics.median(times)
-
-
 def peak_bytes(fn: Callable, device: torch.device) -> int | None:
     """Peak memory allocated during fn beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    timing.sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    timing.sync(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
@@ -148,16 +120,24 @@ class Row:
         self.deadline = float("inf")  # perf_counter() time after which no new work starts
 
     def time(self, case: str, contender: str, fn: Callable, *, amount: float = 0.0,
-             unit: str = "", memory: bool = False) -> float | None:
+             unit: str = "", memory: bool = False, latency: bool = False) -> float | None:
+        """Records fn's time per call queued (`ms`: back to back, the throughput; rates and
+        ceilings are read from it) and alone (`alone_ms`: host launch + GPU, the latency of
+        one call; see onestep_kernels.timing). Returns the queued seconds, or with `latency`
+        the alone ones; None if fn failed (the record says why)."""
         entry = {"case": case, "contender": contender}
         try:
-            seconds = timeit(fn, self.s.device)
+            seconds = timing.queued(fn, self.s.device)
+            alone = timing.alone(fn, self.s.device)
             entry["ms"] = round(seconds * 1e3, 4)
+            entry["alone_ms"] = round(alone * 1e3, 4)
             if amount:
                 entry[unit] = round(amount / seconds / 1e9, 1)
                 ceiling = self.ceilings.get(unit)
                 if ceiling:
                     entry["of_ceiling"] = round(amount / seconds / 1e9 / ceiling, 3)
+            if latency:
+                seconds = alone
             peak = peak_bytes(fn, self.s.device) if memory else None
             if peak is not None:
                 entry["peak_mib"] = round(peak / 2**20, 1)
@@ -234,7 +214,7 @@ def _roofline_forward(row: Row, B: int, reference) -> float | None:
              lambda: F.linear(u, m.fc2.weight, m.fc2.bias),
              lambda: F.linear(c, reference.adaLN_modulation[1].weight),
              lambda: F.scaled_dot_product_attention(q, q, q)]
-    times = [timeit(p, s.device) for p in parts]
+    times = [timing.queued(p, s.device) for p in parts]
     copy_rate = row.ceilings.get("GB/s")
     if copy_rate is None:
         return None
@@ -319,9 +299,10 @@ def row_dit(row: Row) -> None:
         for name, model in contenders.items():
             if model is None:
                 continue
-            with torch.no_grad():
+            with torch.no_grad():  # the small batches are latency: one call alone
                 results[B, name] = row.time(f"{s.dit} B={B} forward", name,
-                                            lambda m=model: m(x, t, y))
+                                            lambda m=model: m(x, t, y),
+                                            latency=B in s.latency_batches)
     B = s.batches[0]
     row.target(f"{s.dit} fwd B={B}: speed-up over eager >= 1.2",
                _ratio(results.get((B, "eager")), results.get((B, "onestep"))), 1.2)
@@ -485,12 +466,12 @@ def row_host(row: Row) -> None:
         for name, call in calls.items():
             for _ in range(20):
                 call()
-            _sync(s.device)
+            timing.sync(s.device)
             start = time.perf_counter()
             for _ in range(200):
                 call()
             host = (time.perf_counter() - start) / 200
-            _sync(s.device)
+            timing.sync(s.device)
             row.add(case="host time per call, tiny tensors", contender=name,
                     us=round(host * 1e6, 2))
 
@@ -590,14 +571,15 @@ def markdown(results: dict) -> str:
         if name not in results["rows"]:
             continue
         row = results["rows"][name]
-        lines += [f"## {name}", "", "| case | contender | ms | rate | of ceiling | other |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {name}", "",
+                  "| case | contender | ms | ms alone | rate | of ceiling | other |",
+                  "|---|---|---|---|---|---|---|"]
         for r in row["records"]:
             rate = next((f"{r[u]} {u}" for u in ("GB/s", "GFLOP/s") if u in r), "")
-            other = {k: v for k, v in r.items()
-                     if k not in ("case", "contender", "ms", "GB/s", "GFLOP/s", "of_ceiling")}
+            other = {k: v for k, v in r.items() if k not in (
+                "case", "contender", "ms", "alone_ms", "GB/s", "GFLOP/s", "of_ceiling")}
             lines.append(f"| {r.get('case', '')} | {r.get('contender', '')} | {r.get('ms', '')} "
-                         f"| {rate} | {r.get('of_ceiling', '')} | "
+                         f"| {r.get('alone_ms', '')} | {rate} | {r.get('of_ceiling', '')} | "
                          f"{json.dumps(other) if other else ''} |")
         if row["targets"]:
             lines += ["", "| target | value | met |", "|---|---|---|"]

@@ -78,3 +78,24 @@ def test_a_failing_contender_records_where_its_root_cause_was_raised():
     assert record["root_cause"] == "AssertionError"
     assert "lowering: raise AssertionError" in record["raised_at"][-1]
     assert describe_error(AssertionError())["error"] == "AssertionError"
+
+
+def test_both_timings_measure_a_call_of_known_length():
+    """On the CPU both are wall-clock times per call: a call that sleeps 2 ms reads ~2 ms either
+    way (queued: over groups of back-to-back calls; alone: one call at a time)."""
+    import time
+
+    from onestep_kernels import timing
+
+    calls = []
+
+    def two_ms():
+        calls.append(None)
+        time.sleep(0.002)
+
+    cpu = torch.device("cpu")
+    for measure in (timing.queued, timing.alone):
+        calls.clear()
+        seconds = measure(two_ms, cpu, target_s=0.05)
+        assert 0.0019 < seconds < 0.004, (measure.__name__, seconds)
+        assert 5 <= len(calls) <= 200, (measure.__name__, len(calls))
