@@ -30,13 +30,12 @@ int fwd(const BiasGeluTanhFwdParams& p, int num_threads) {
   if (bias_f.failed()) return kOutOfMemory;
   for (int64_t f = 0; f < F; ++f) bias_f.data()[f] = to_float(bias[f]);
   const float* b = bias_f.data();
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
+  parallel_for(num_threads, R, [&](int64_t r) {
     const T* xr = x + r * F;
     T* yr = y + r * F;
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) yr[f] = from_float<T>(gelu_tanh(to_float(xr[f]) + b[f]));
-  }
+  });
   return kOk;
 }
 
@@ -55,8 +54,7 @@ int bwd(const BiasGeluTanhBwdParams& p, int num_threads) {
   if (bias_f.failed() || partial.failed()) return kOutOfMemory;
   for (int64_t f = 0; f < F; ++f) bias_f.data()[f] = to_float(bias[f]);
   const float* b = bias_f.data();
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
+  parallel_for(num_threads, chunks, [&](int64_t c) {
     float* acc = partial.data() + c * F;
     const int64_t r_end = min_i64(R, (c + 1) * kRowsPerChunk);
     for (int64_t r = c * kRowsPerChunk; r < r_end; ++r) {
@@ -68,18 +66,17 @@ int bwd(const BiasGeluTanhBwdParams& p, int num_threads) {
         acc[f] += g;
       }
     }
-  }
+  });
   // dbias: add the chunk partials in chunk order, feature blocks in parallel.
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t f0 = 0; f0 < F; f0 += 256) {
-    const int64_t f1 = min_i64(F, f0 + 256);
+  parallel_for(num_threads, (F + 255) / 256, [&](int64_t block) {
+    const int64_t f0 = block * 256, f1 = min_i64(F, f0 + 256);
     for (int64_t c = 1; c < chunks; ++c) {
       const float* part = partial.data() + c * F;
 #pragma omp simd
       for (int64_t f = f0; f < f1; ++f) partial.data()[f] += part[f];
     }
     for (int64_t f = f0; f < f1; ++f) dbias[f] = from_float<T>(chunks > 0 ? partial.data()[f] : 0.0f);
-  }
+  });
   return kOk;
 }
 

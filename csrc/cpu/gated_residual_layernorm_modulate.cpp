@@ -91,18 +91,13 @@ int fwd(const GatedResidualFwdParams& p, int num_threads) {
   advise_huge_pages(out, rows * D * static_cast<int64_t>(sizeof(T)));
   FloatBuffer buffers(num_threads * D);  // the fp32 residual row of each thread
   if (buffers.failed()) return kOutOfMemory;
-#pragma omp parallel num_threads(num_threads)
-  {
-    float* r = buffers.data() + omp_get_thread_num() * D;
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
-      const int64_t b = row / N, n = row % N;
-      fwd_row<T>(x + row * D, y + row * D, gate + b * p.gate_sb + n * p.gate_sn,
-                 shift + b * p.shift_sb + n * p.shift_sn, scale + b * p.scale_sb + n * p.scale_sn,
-                 res + row * D, out + row * D, D, p.eps, r, mean ? mean + row : nullptr,
-                 rstd ? rstd + row : nullptr);
-    }
-  }
+  parallel_for_threads(num_threads, rows, [&](int64_t row, int thread) {
+    const int64_t b = row / N, n = row % N;
+    fwd_row<T>(x + row * D, y + row * D, gate + b * p.gate_sb + n * p.gate_sn,
+               shift + b * p.shift_sb + n * p.shift_sn, scale + b * p.scale_sb + n * p.scale_sn,
+               res + row * D, out + row * D, D, p.eps, buffers.data() + thread * D,
+               mean ? mean + row : nullptr, rstd ? rstd + row : nullptr);
+  }, [] {});
   return kOk;
 }
 
@@ -128,22 +123,20 @@ int bwd(const GatedResidualBwdParams& p, int num_threads) {
   const int64_t s_sb = p.scale_sb, s_sn = p.scale_sn;
 
   if (p.per_token) {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
+    parallel_for(num_threads, rows, [&](int64_t row) {
       const int64_t b = row / N, n = row % N;
       bwd_row<T, true>(dres + row * D, dout + row * D, res + row * D, y + row * D,
                        gate + b * g_sb + n * g_sn, scale + b * s_sb + n * s_sn, mean[row],
                        rstd[row], dx + row * D, dy + row * D, D, nullptr, nullptr, nullptr,
                        dgate + row * D, dshift + row * D, dscale + row * D);
-    }
+    });
     return kOk;
   }
 
   const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
   FloatBuffer partial(B * chunks * 3 * D, /*zero=*/true);
   if (partial.failed()) return kOutOfMemory;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t task = 0; task < B * chunks; ++task) {
+  parallel_for(num_threads, B * chunks, [&](int64_t task) {
     const int64_t b = task / chunks, c = task % chunks;
     float* acc = partial.data() + task * 3 * D;
     const int64_t n_end = min_i64(N, (c + 1) * kRowsPerChunk);
@@ -153,7 +146,7 @@ int bwd(const GatedResidualBwdParams& p, int num_threads) {
                         gate + b * g_sb, scale + b * s_sb, mean[row], rstd[row], dx + row * D,
                         dy + row * D, D, acc, acc + D, acc + 2 * D, nullptr, nullptr, nullptr);
     }
-  }
+  });
   reduce_chunk_partials<T, 3>(partial.data(), B, chunks, D, {dgate, dshift, dscale},
                               num_threads);
   return kOk;

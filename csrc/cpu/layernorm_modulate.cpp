@@ -99,18 +99,15 @@ int fwd(const LayerNormModulateFwdParams& p, int num_threads) {
   const bool need_buffers = !std::is_same_v<T, float> || streaming;
   FloatBuffer buffers(need_buffers ? num_threads * D : 0);
   if (buffers.failed()) return kOutOfMemory;
-#pragma omp parallel num_threads(num_threads)
-  {
-    float* buf = need_buffers ? buffers.data() + omp_get_thread_num() * D : nullptr;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / N, n = r % N;
-      fwd_row<T>(x + b * p.x_sb + n * p.x_sn, shift + b * p.shift_sb + n * p.shift_sn,
-                 scale + b * p.scale_sb + n * p.scale_sn, out + r * D, D, p.eps, buf,
-                 streaming ? buf : nullptr, mean ? mean + r : nullptr, rstd ? rstd + r : nullptr);
-    }
+  parallel_for_threads(num_threads, rows, [&](int64_t r, int thread) {
+    float* buf = need_buffers ? buffers.data() + thread * D : nullptr;
+    const int64_t b = r / N, n = r % N;
+    fwd_row<T>(x + b * p.x_sb + n * p.x_sn, shift + b * p.shift_sb + n * p.shift_sn,
+               scale + b * p.scale_sb + n * p.scale_sn, out + r * D, D, p.eps, buf,
+               streaming ? buf : nullptr, mean ? mean + r : nullptr, rstd ? rstd + r : nullptr);
+  }, [&] {
     if (streaming) stream_fence();
-  }
+  });
   return kOk;
 }
 
@@ -131,13 +128,12 @@ int bwd(const LayerNormModulateBwdParams& p, int num_threads) {
   if (p.per_token) {
     advise_huge_pages(dshift, rows * D * static_cast<int64_t>(sizeof(T)));
     advise_huge_pages(dscale, rows * D * static_cast<int64_t>(sizeof(T)));
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(num_threads, rows, [&](int64_t r) {
       const int64_t b = r / N, n = r % N;
       bwd_row<T, true>(dy + r * D, x + b * x_sb + n * x_sn, scale + b * scale_sb + n * scale_sn,
                        mean[r], rstd[r], dx + r * D, D, nullptr, nullptr, dshift + r * D,
                        dscale + r * D);
-    }
+    });
     return kOk;
   }
 
@@ -146,8 +142,7 @@ int bwd(const LayerNormModulateBwdParams& p, int num_threads) {
   const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
   FloatBuffer partial(B * chunks * 2 * D, /*zero=*/true);
   if (partial.failed()) return kOutOfMemory;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t task = 0; task < B * chunks; ++task) {
+  parallel_for(num_threads, B * chunks, [&](int64_t task) {
     const int64_t b = task / chunks, c = task % chunks;
     float* acc_shift = partial.data() + task * 2 * D;
     float* acc_scale = acc_shift + D;
@@ -157,7 +152,7 @@ int bwd(const LayerNormModulateBwdParams& p, int num_threads) {
       bwd_row<T, false>(dy + r * D, x + b * x_sb + n * x_sn, scale + b * scale_sb, mean[r],
                         rstd[r], dx + r * D, D, acc_shift, acc_scale, nullptr, nullptr);
     }
-  }
+  });
   reduce_chunk_partials<T, 2>(partial.data(), B, chunks, D, {dshift, dscale}, num_threads);
   return kOk;
 }

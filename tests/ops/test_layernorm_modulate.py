@@ -109,6 +109,25 @@ def test_backward_is_deterministic(backend, generator):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_large_fp32_output_is_streamed_and_correct(threads, generator):
+    """A fp32 output of 16 MB or more takes the CPU kernel's streaming stores (each thread
+    fences after its share; one thread runs without an OpenMP region): every element equals
+    the float64 reference within fp32's tolerance, on one thread and on two."""
+    B, N, D = 2, 2048, 1024  # 16 MB of fp32 output
+    x64, shift64, scale64 = make_inputs(B, N, D, "per_sample", generator)
+    inputs = [t.float() for t in (x64, shift64, scale64)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ok.layernorm_modulate(*inputs, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    ref = op.reference(*(t.double() for t in inputs))
+    assert_close_rel(out, ref, torch.float32, "out")
+    assert (out.double() - ref).abs().max() < 1e-4  # everywhere: no row left unwritten
+
+
 def test_nan_row_stays_in_its_row(generator):
     """Documented: a row holding NaN gives NaN in that output row (and its gradients),
     other rows are unaffected."""
