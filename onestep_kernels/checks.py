@@ -18,9 +18,7 @@ from .dispatch import ALL_DTYPES as FLOAT_DTYPES  # what some backend of every o
 def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
-                        f"got {value.dtype}")
+    float_dtype(name, value)
     dim = value.dim()
     if dim not in ndims:
         shapes = " or ".join(f"{n}-D" for n in ndims)
@@ -32,6 +30,27 @@ def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:
             f"{value.stride()}; call .contiguous() first"
         )
     return value
+
+
+def unit_stride_rows(name: str, value) -> Tensor:
+    """The part of `tensor` that needs no other argument: a Tensor whose last dimension is
+    contiguous. For arguments whose dtype and shape the entry point compares with another's
+    (the same dtype, the same shape): those comparisons check them, and `float_dtype` where
+    the dtypes differ (~0.15 us less per argument than `tensor`)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if not value.is_contiguous() and value.stride(-1) != 1 and value.shape[-1] > 1:
+        raise ValueError(
+            f"{name}: the last dimension must be contiguous (stride 1), got strides "
+            f"{value.stride()}; call .contiguous() first"
+        )
+    return value
+
+
+def float_dtype(name: str, value: Tensor) -> None:
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
+                        f"got {value.dtype}")
 
 
 def same_device(name: str, value: Tensor, like: Tensor, like_name: str) -> None:

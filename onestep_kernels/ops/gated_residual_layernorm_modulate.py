@@ -456,11 +456,13 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
         eps: added to the variance.
         backend: one of the op's backends, or None for the fastest that can take the call.
     """
+    # x fully; the others' ranks by the shape comparisons below, their dtypes by the dtype
+    # comparison (and float_dtype where it fails)
     checks.tensor("x", x, (3,))
-    checks.tensor("y", y, (3,))
-    checks.tensor("gate", gate, (2, 3))
-    checks.tensor("shift", shift, (2, 3))
-    checks.tensor("scale", scale, (2, 3))
+    checks.unit_stride_rows("y", y)
+    checks.unit_stride_rows("gate", gate)
+    checks.unit_stride_rows("shift", shift)
+    checks.unit_stride_rows("scale", scale)
     device = x.device
     if not (y.device == gate.device == shift.device == scale.device == device):
         for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
@@ -473,8 +475,8 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
         raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(shape)}")
     if y.shape != shape:
         raise ValueError(f"y: expected the shape of x {tuple(shape)}, got {tuple(y.shape)}")
-    if modulation_shape[0] != B or modulation_shape[-1] != D or (
-            len(modulation_shape) == 3 and modulation_shape[1] != N):
+    if len(modulation_shape) not in (2, 3) or modulation_shape[0] != B or (
+            modulation_shape[-1] != D) or (len(modulation_shape) == 3 and modulation_shape[1] != N):
         raise ValueError(f"gate: expected shape {(B, D)} or {(B, N, D)} for x of shape "
                          f"{tuple(shape)}, got {tuple(modulation_shape)}")
     if not (shift.shape == modulation_shape == scale.shape):
@@ -483,6 +485,8 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
                          f"got {tuple(t.shape)}")
     dtype = x.dtype
     if not (y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype) or checks.any_autocast():
+        for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
+            checks.float_dtype(name, t)
         tensors = (x, y, gate, shift, scale)
         dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
         x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)

@@ -166,6 +166,12 @@ def good():
     (2, torch.randn(2, 15), ValueError, "gate:"),
     (3, torch.randn(2, 16, device="meta"), ValueError, "shift:"),
     (4, torch.randint(0, 3, (2, 16)), TypeError, "scale:"),
+    (1, torch.randint(0, 3, (2, 3, 16)), TypeError, "y:"),
+    (1, torch.randn(2, 3), ValueError, "y:"),
+    (2, torch.randn(16), ValueError, "gate:"),
+    (2, torch.randn(2, 1, 3, 16), ValueError, "gate:"),
+    (3, [0.0] * 16, TypeError, "shift:"),
+    (4, torch.randn(2, 32)[:, ::2], ValueError, "scale:"),
     (0, torch.randn(2, 16, 3).transpose(1, 2), ValueError, "x:"),
 ])
 def test_bad_input_names_the_argument(index, bad, exc, match):
