@@ -18,7 +18,8 @@ from .dispatch import ALL_DTYPES as FLOAT_DTYPES  # what some backend of every o
 def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    float_dtype(name, value)
+    if value.dtype not in FLOAT_DTYPES:  # (float_dtype inline: this runs at every call)
+        _not_float(name, value)
     dim = value.dim()
     if dim not in ndims:
         shapes = " or ".join(f"{n}-D" for n in ndims)
@@ -49,8 +50,12 @@ def unit_stride_rows(name: str, value) -> Tensor:
 
 def float_dtype(name: str, value: Tensor) -> None:
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
-                        f"got {value.dtype}")
+        _not_float(name, value)
+
+
+def _not_float(name: str, value: Tensor):
+    raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
+                    f"got {value.dtype}")
 
 
 def same_device(name: str, value: Tensor, like: Tensor, like_name: str) -> None:

@@ -55,6 +55,16 @@ def bn_strides(t: Tensor) -> tuple[int, int]:
     return (strides[0], 0) if len(strides) == 2 else strides[:2]
 
 
+def modulation_strides(gate: Tensor, shift: Tensor, scale: Tensor) -> tuple[int, ...]:
+    """bn_strides of three modulation tensors, flattened; chunks of one adaLN output (the usual
+    call) share their strides, read and converted once then (~0.2 us less)."""
+    strides = gate.stride()
+    if shift.stride() == strides == scale.stride():
+        sb, sn = (strides[0], 0) if len(strides) == 2 else strides[:2]
+        return sb, sn, sb, sn, sb, sn
+    return (*bn_strides(gate), *bn_strides(shift), *bn_strides(scale))
+
+
 def needs_grad(*tensors: Tensor | None) -> bool:
     """Whether a call on these tensors records gradients."""
     if not torch.is_grad_enabled():

@@ -23,7 +23,8 @@ from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
 from . import layernorm_core as core
-from .common import add_up_partials, bn_strides, cdiv, eager_apply, needs_grad, run_on
+from .common import (add_up_partials, bn_strides, cdiv, eager_apply, modulation_strides,
+                     needs_grad, run_on)
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -162,7 +163,7 @@ def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
                                     _warps(block_d, x.element_size()), ("D",))
     launch(kernel)[(B * N,)](
         x, y, gate, shift, scale, res, out, core.stats_or_placeholder(stats, x.device), B * N,
-        N, D, *bn_strides(gate), *bn_strides(shift), *bn_strides(scale), eps, BLOCK_D=block_d,
+        N, D, *modulation_strides(gate, shift, scale), eps, BLOCK_D=block_d,
         KEEP_STATS=stats is not None, **options)
 
 
@@ -194,16 +195,13 @@ def _fwd_params(x, y, gate, shift, scale, res, out, stats, eps):
     if stats is not None:  # 2 B N floats: the rows' means, then their rstds
         mean = stats.data_ptr()
         rstd = mean + 4 * B * N
-    g_sb, g_sn = bn_strides(gate)
-    sh_sb, sh_sn = bn_strides(shift)
-    sc_sb, sc_sn = bn_strides(scale)
     return native.positional_params(
         "GatedResidualFwdParams",
         "x y gate shift scale res out mean rstd B N D gate_sb gate_sn shift_sb shift_sn "
         "scale_sb scale_sn eps dtype")(
             x.data_ptr(), y.data_ptr(), gate.data_ptr(), shift.data_ptr(), scale.data_ptr(),
-            res.data_ptr(), out.data_ptr(), mean, rstd, B, N, D, g_sb, g_sn, sh_sb, sh_sn,
-            sc_sb, sc_sn, eps, native.dtype_code(x))
+            res.data_ptr(), out.data_ptr(), mean, rstd, B, N, D,
+            *modulation_strides(gate, shift, scale), eps, native.DTYPE_CODES[x.dtype])
 
 
 def _cpu_fwd(*args):
