@@ -65,8 +65,10 @@ def triton_launchers(randn) -> None:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    select = tuning.select
+    select, select_variants = tuning.select, tuning.select_variants
     tuning.select = lambda kernel, options, key: (NoLaunch(), select(kernel, options, key)[1])
+    tuning.select_variants = lambda kernel, options, key: (
+        NoLaunch(), select_variants(kernel, options, key)[1])
     try:
         B, N, D = 2, 3, 1152
         x, y, dy = randn(B, N, D), randn(B, N, D), randn(B, N, D)
@@ -91,7 +93,7 @@ def triton_launchers(randn) -> None:
         for name, us in best_us(calls).items():
             print(f"{name:46s} {us:7.2f} us")
     finally:
-        tuning.select = select
+        tuning.select, tuning.select_variants = select, select_variants
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ each width is timed once on the GPU it runs on. Under TRITON_INTERPRET=1 autotun
 Every option is in the compile-check registry (`triton_configs()` of each op,
 `python -m onestep_kernels.aot`), and
 `python -m onestep_kernels.aot --vectors` reads the sm_90 PTX of each at DiT widths for
-128-bit accesses. `select_tiles` does the same for kernels that tune tile shapes (attention).
+128-bit accesses. `select_variants` does the same over options that also set constexprs (the
+LayerNorm backwards' PREFETCH), `select_tiles` for kernels that tune tile shapes (attention).
 """
 
 from __future__ import annotations
@@ -68,6 +69,24 @@ def select(kernel, options: tuple[int, ...], key: tuple[str, ...]) -> tuple[Any,
             chosen = kernel, {"num_warps": options[0]}
         else:
             configs = [triton.Config({}, num_warps=w) for w in options]
+            chosen = triton.autotune(configs=configs, key=list(key))(kernel), {}
+        _SELECTED[cache_key] = chosen
+    return chosen
+
+
+def select_variants(kernel, options: tuple[tuple[tuple, int], ...],
+                    key: tuple[str, ...]) -> tuple[Any, dict]:
+    """Like `select`, over options that also set constexprs: (((name, value), ...), warps)
+    pairs (hashable, so that the choice is one dictionary look-up per launch); the first
+    option's settings as launch keywords where autotune is off."""
+    cache_key = (kernel, options, key)
+    chosen = _SELECTED.get(cache_key)
+    if chosen is None:
+        if len(options) == 1 or not autotune_enabled():
+            constexprs, warps = options[0]
+            chosen = kernel, {**dict(constexprs), "num_warps": warps}
+        else:
+            configs = [triton.Config(dict(c), num_warps=w) for c, w in options]
             chosen = triton.autotune(configs=configs, key=list(key))(kernel), {}
         _SELECTED[cache_key] = chosen
     return chosen

@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from onestep_kernels import tuning  # noqa: E402
 from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op  # noqa: E402
 from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op  # noqa: E402
+from onestep_kernels.ops import layernorm_core as core  # noqa: E402
 from onestep_kernels.ops import layernorm_modulate as layernorm_op  # noqa: E402
 
 
@@ -31,6 +32,9 @@ def test_autotune_off_launches_the_first_option(fresh_selection):
     tiles = (({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 3))
     assert tuning.select_tiles(kernel, tiles, ("N",)) == (
         kernel, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2})
+    variants = core.bwd_options(2048, 2, layernorm_op.MAX_PER_THREAD)
+    assert tuning.select_variants(kernel, variants, ("D",)) == (
+        kernel, {"PREFETCH": False, "num_warps": variants[0][1]})
 
 
 def test_autotune_on_wraps_the_kernel_once_per_options_and_key(fresh_selection):
@@ -41,17 +45,33 @@ def test_autotune_on_wraps_the_kernel_once_per_options_and_key(fresh_selection):
     assert [c.num_warps for c in tuner.configs] == [8, 4]
     assert tuning.select(kernel, (8, 4), ("D",))[0] is tuner          # decided once
     assert tuning.select(kernel, (4,), ("D",)) == (kernel, {"num_warps": 4})  # nothing to tune
+    variants = core.bwd_options(2048, 2, layernorm_op.MAX_PER_THREAD)
+    tuner, launch_keywords = tuning.select_variants(kernel, variants, ("D",))
+    assert isinstance(tuner, triton.runtime.autotuner.Autotuner) and launch_keywords == {}
+    assert [(c.kwargs, c.num_warps) for c in tuner.configs] == [
+        (dict(constexprs), warps) for constexprs, warps in variants]
+    assert {c.kwargs["PREFETCH"] for c in tuner.configs} == {False, True}
 
 
 def _force_option(monkeypatch, index: int) -> None:
     """Make every launcher take option `index` (or its last) instead of autotuning."""
     def forced(kernel, options, key):
         return kernel, {"num_warps": options[min(index, len(options) - 1)]}
+
+    def forced_variant(kernel, options, key):
+        constexprs, warps = options[min(index, len(options) - 1)]
+        return kernel, {**dict(constexprs), "num_warps": warps}
     monkeypatch.setattr(tuning, "select", forced)
+    monkeypatch.setattr(tuning, "select_variants", forced_variant)
 
 
-def _options(module, width: int, dtype: torch.dtype) -> tuple[int, ...]:
-    return module._warps(module._block(width), torch.empty((), dtype=dtype).element_size())
+def _options(module, width: int, dtype: torch.dtype) -> tuple:
+    """What the op's launchers may pick at this width: its backward's variants where it has
+    them (they include each warp count), else its warp counts."""
+    block, size = module._block(width), torch.empty((), dtype=dtype).element_size()
+    if module in (layernorm_op, gated_op):
+        return core.bwd_options(block, size, module.MAX_PER_THREAD)
+    return module._warps(block, size)
 
 
 def _check(call, reference, inputs, dtype, what):
@@ -73,10 +93,11 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("option", [0, 1, 2])
+@pytest.mark.parametrize("option", [0, 1, 2, 3])
 def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generator):
-    """At DiT-XL/2's widths (D=1152, MLP 4608), each warp count the launchers may pick gives the
-    float64 reference's outputs and gradients."""
+    """At DiT-XL/2's widths (D=1152, MLP 4608), each option the launchers may pick (warp
+    counts; the LayerNorm backwards' with and without PREFETCH) gives the float64 reference's
+    outputs and gradients, over 37 tokens: three chunks of backward rows, the last short."""
     device = backend_device("triton", "layernorm_modulate")
     D, F = 1152, 4608
     if all(option >= len(_options(m, w, dtype)) for m, w in
@@ -87,7 +108,7 @@ def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generato
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    x, y = rand(2, 3, D), rand(2, 3, D)
+    x, y = rand(2, 37, D), rand(2, 37, D)
     gate, shift, scale = rand(2, D), rand(2, D), rand(2, D)
     _check(lambda *a: layernorm_op.layernorm_modulate(*a, backend="triton"),
            layernorm_op.reference, (x, shift, scale), dtype, "layernorm_modulate")

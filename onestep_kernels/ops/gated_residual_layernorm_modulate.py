@@ -85,15 +85,37 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 
 
 @triton.jit
+def _gated_residual_layernorm_modulate_bwd_loads(DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows,
+                                                 b, n, N, D, gate_sb, gate_sn, scale_sb,
+                                                 scale_sn, cols, width):
+    """Row n of sample b's backward inputs, as stored: dres, dout, res, y, gate, scale, mean,
+    rstd (`width`: D, or 0 for a row past the chunk, which loads zeros)."""
+    row = b * N + n
+    mask = cols < width
+    dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0)
+    dout = tl.load(DOUT + row * D + cols, mask=mask, other=0.0)
+    res = tl.load(RES + row * D + cols, mask=mask, other=0.0)
+    y = tl.load(Y + row * D + cols, mask=mask, other=0.0)
+    gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0)
+    scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
+    mean = tl.load(STATS + row, mask=n < N, other=0.0)
+    rstd = tl.load(STATS + n_rows + row, mask=n < N, other=0.0)
+    return dres, dout, res, y, gate, scale, mean, rstd
+
+
+@triton.jit
 def _gated_residual_layernorm_modulate_bwd_kernel(
     DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, DX, DY, DMOD, plane,
     N, D, gate_sb, gate_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Program (b, c) handles rows [c * ROWS, (c + 1) * ROWS) of sample b. DMOD holds the gate,
     # shift and scale gradients, `plane` elements apart: per-token their rows ((3, B, N, D)),
     # per-sample the program's partial sums at [b, c] of (3, B, chunks, D) fp32, which the
-    # launcher adds up.
+    # launcher adds up. PREFETCH: each row's loads are issued one iteration ahead, so that
+    # their latency overlaps the previous row's reductions (Triton does not pipeline this
+    # loop itself).
     DGATE = DMOD
     DSHIFT = DMOD + plane
     DSCALE = DMOD + 2 * plane
@@ -104,19 +126,33 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for n in range(c * ROWS, tl.minimum((c + 1) * ROWS, N)):
+    n_start = c * ROWS
+    n_end = tl.minimum(n_start + ROWS, N)
+    if PREFETCH:
+        (dres_next, dout_next, res_next, y_next, gate_next, scale_next, mean_next,
+         rstd_next) = _gated_residual_layernorm_modulate_bwd_loads(
+            DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, b, n_start, N, D, gate_sb, gate_sn,
+            scale_sb, scale_sn, cols, tl.where(n_start < n_end, D, 0))
+    for n in range(n_start, n_end):
         row = b * N + n
-        dout = tl.load(DOUT + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        res = tl.load(RES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
-        mean = tl.load(STATS + row)
-        rstd = tl.load(STATS + n_rows + row)
-        xhat = normalised(res, mask, mean, rstd)
+        if PREFETCH:
+            dres, dout, res, y, gate, scale, mean, rstd = (
+                dres_next, dout_next, res_next, y_next, gate_next, scale_next, mean_next,
+                rstd_next)
+            (dres_next, dout_next, res_next, y_next, gate_next, scale_next, mean_next,
+             rstd_next) = _gated_residual_layernorm_modulate_bwd_loads(
+                DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, b, n + 1, N, D, gate_sb,
+                gate_sn, scale_sb, scale_sn, cols, tl.where(n + 1 < n_end, D, 0))
+        else:
+            dres, dout, res, y, gate, scale, mean, rstd = (
+                _gated_residual_layernorm_modulate_bwd_loads(
+                    DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, b, n, N, D, gate_sb,
+                    gate_sn, scale_sb, scale_sn, cols, D))
+        dout = dout.to(tl.float32)
+        xhat = normalised(res.to(tl.float32), mask, mean, rstd)
         g = dout * (1.0 + scale.to(tl.float32))
-        dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        dr = dres + layernorm_input_grad(g, xhat, rstd, D)
-        y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0)
+        dr = dres.to(tl.float32) + layernorm_input_grad(g, xhat, rstd, D)
+        y = y.to(tl.float32)
         tl.store(DX + row * D + cols, dr.to(DX.dtype.element_ty), mask=mask)
         tl.store(DY + row * D + cols, (dr * gate.to(tl.float32)).to(DY.dtype.element_ty),
                  mask=mask)
@@ -171,8 +207,9 @@ def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
                 launch=direct):
     B, N, D = res.shape
     block_d = _block(D)
-    kernel, options = tuning.select(_gated_residual_layernorm_modulate_bwd_kernel,
-                                    _warps(block_d, res.element_size()), ("D",))
+    kernel, options = tuning.select_variants(
+        _gated_residual_layernorm_modulate_bwd_kernel,
+        core.bwd_options(block_d, res.element_size(), MAX_PER_THREAD), ("D",))
     chunks = cdiv(N, BWD_ROWS_PER_PROGRAM)
     # Per-sample: the programs' partial sums, added up into dmod after the launch.
     grads = dmod if per_token else res.new_empty((3, B, chunks, D), dtype=torch.float32)

@@ -40,6 +40,27 @@ def row_warps(block_d: int, element_bytes: int, max_per_thread: int) -> tuple[in
     return warps_options(block_d, element_bytes, max_per_thread, ROW_WARPS)
 
 
+# Row blocks from which the backward may load each row a row ahead (PREFETCH): DiT widths
+# (384..1152, blocks 512..2048) and up. Narrower rows are cheap enough for many programs to
+# share an SM and hide each other's latency, and one of them spilled with it (the gated
+# backward, fp16, 256, two warps, sm_80).
+PREFETCH_MIN_BLOCK = 512
+
+
+def _prefetch_options(block_d: int) -> tuple[bool, ...]:
+    return (False, True) if block_d >= PREFETCH_MIN_BLOCK else (False,)
+
+
+@functools.cache  # asked at every backward launch
+def bwd_options(block_d: int, element_bytes: int, max_per_thread: int) -> tuple:
+    """What autotune may pick for a backward over such rows (tuning.select_variants): each warp
+    count without, then (blocks from PREFETCH_MIN_BLOCK) with, the next row's loads issued a
+    row ahead. The first, launched where autotune is off, is the backward without PREFETCH."""
+    warps = row_warps(block_d, element_bytes, max_per_thread)
+    return tuple(((("PREFETCH", prefetch),), w) for prefetch in _prefetch_options(block_d)
+                 for w in warps)
+
+
 def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_per_thread: int,
                        bwd_rows: int, partial_sums: tuple[str, ...]):
     """Every configuration the launchers of a row-in-registers LayerNorm op can pick (each
@@ -55,12 +76,14 @@ def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_pe
                         fwd_kernel, dtype, {"BLOCK_D": block, "KEEP_STATS": keep}, warps,
                         fp32=("STATS",))
                 for per_token in (False, True):
-                    yield KernelConfig(
-                        f"{name}_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
-                        f"warps={warps}]",
-                        bwd_kernel, dtype,
-                        {"ROWS": bwd_rows, "BLOCK_D": block, "PER_TOKEN": per_token},
-                        warps, fp32=("STATS", *(() if per_token else partial_sums)))
+                    for prefetch in _prefetch_options(block):
+                        yield KernelConfig(
+                            f"{name}_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
+                            f"PREFETCH={prefetch},warps={warps}]",
+                            bwd_kernel, dtype,
+                            {"ROWS": bwd_rows, "BLOCK_D": block, "PER_TOKEN": per_token,
+                             "PREFETCH": prefetch},
+                            warps, fp32=("STATS", *(() if per_token else partial_sums)))
         block *= 2
 
 

@@ -78,15 +78,33 @@ def _layernorm_modulate_fwd_kernel(
 
 
 @triton.jit
+def _layernorm_modulate_bwd_loads(DY, X, SCALE, STATS, n_rows, b, n, N, D, x_sb, x_sn,
+                                  scale_sb, scale_sn, cols, width):
+    """Row n of sample b's backward inputs, as stored: dy, x, scale, mean, rstd (`width`: D, or
+    0 for a row past the chunk, which loads zeros)."""
+    row = b * N + n
+    mask = cols < width
+    dy = tl.load(DY + row * D + cols, mask=mask, other=0.0)
+    x = tl.load(X + b * x_sb + n * x_sn + cols, mask=mask, other=0.0)
+    scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
+    mean = tl.load(STATS + row, mask=n < N, other=0.0)
+    rstd = tl.load(STATS + n_rows + row, mask=n < N, other=0.0)
+    return dy, x, scale, mean, rstd
+
+
+@triton.jit
 def _layernorm_modulate_bwd_kernel(
     DY, X, SCALE, STATS, n_rows, DX, DMOD, plane,
     N, D, x_sb, x_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Program (b, c) handles rows n in [c * ROWS, (c + 1) * ROWS) of sample b. DMOD holds the
     # shift gradient and, `plane` elements further, the scale gradient. Per-token: it writes
     # their rows ((2, B, N, D)). Per-sample: it writes its partial sums to [b, c] of
     # (2, B, chunks, D) fp32, which the launcher adds up (no atomics: deterministic).
+    # PREFETCH: each row's loads are issued one iteration ahead, so that their latency
+    # overlaps the previous row's reductions (Triton does not pipeline this loop itself).
     DSHIFT = DMOD
     DSCALE = DMOD + plane
     b = tl.program_id(0).to(tl.int64)
@@ -95,14 +113,25 @@ def _layernorm_modulate_bwd_kernel(
     mask = cols < D
     acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    n_end = tl.minimum((c + 1) * ROWS, N)
-    for n in range(c * ROWS, n_end):
+    n_start = c * ROWS
+    n_end = tl.minimum(n_start + ROWS, N)
+    if PREFETCH:
+        dy_next, x_next, scale_next, mean_next, rstd_next = _layernorm_modulate_bwd_loads(
+            DY, X, SCALE, STATS, n_rows, b, n_start, N, D, x_sb, x_sn, scale_sb, scale_sn,
+            cols, tl.where(n_start < n_end, D, 0))
+    for n in range(n_start, n_end):
         row = b * N + n
-        dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + b * x_sb + n * x_sn + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
-        mean = tl.load(STATS + row)
-        rstd = tl.load(STATS + n_rows + row)
+        if PREFETCH:
+            dy, x, scale, mean, rstd = dy_next, x_next, scale_next, mean_next, rstd_next
+            dy_next, x_next, scale_next, mean_next, rstd_next = _layernorm_modulate_bwd_loads(
+                DY, X, SCALE, STATS, n_rows, b, n + 1, N, D, x_sb, x_sn, scale_sb, scale_sn,
+                cols, tl.where(n + 1 < n_end, D, 0))
+        else:
+            dy, x, scale, mean, rstd = _layernorm_modulate_bwd_loads(
+                DY, X, SCALE, STATS, n_rows, b, n, N, D, x_sb, x_sn, scale_sb, scale_sn, cols,
+                D)
+        dy = dy.to(tl.float32)
+        x = x.to(tl.float32)
         xhat = normalised(x, mask, mean, rstd)
         dx = layernorm_input_grad(dy * (1.0 + scale.to(tl.float32)), xhat, rstd, D)
         tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -151,8 +180,9 @@ def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
 def _triton_bwd(dy, x, scale, stats, dx, dmod, per_token, launch=direct):
     B, N, D = x.shape
     block_d = _block(D)
-    kernel, options = tuning.select(_layernorm_modulate_bwd_kernel,
-                                    _warps(block_d, x.element_size()), ("D",))
+    kernel, options = tuning.select_variants(
+        _layernorm_modulate_bwd_kernel,
+        core.bwd_options(block_d, x.element_size(), MAX_PER_THREAD), ("D",))
     chunks = cdiv(N, BWD_ROWS_PER_PROGRAM)
     # Per-sample: the programs' partial sums, added up into dmod after the launch.
     grads = dmod if per_token else x.new_empty((2, B, chunks, D), dtype=torch.float32)
