@@ -476,6 +476,27 @@ def row_host(row: Row) -> None:
                     us=round(host * 1e6, 2))
 
 
+def row_autotune(row: Row) -> None:
+    """What autotune chose for each Triton kernel this process launched (the benchmark rows'
+    shapes, run before this row), beside every option's time as Triton measured it at the
+    last shape it tuned: which warp counts and variants (the LayerNorm backwards' PREFETCH)
+    win on this GPU, and by how much."""
+    from . import tuning
+
+    for (kernel, _options, _key), (launched, _keywords) in list(tuning._SELECTED.items()):
+        timings = getattr(launched, "configs_timings", None)
+        if not timings:  # not an autotuner (one option, or autotune off), or never launched
+            continue
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
+        chosen = {id(config) for config in getattr(launched, "cache", {}).values()}
+        for config, times in timings.items():
+            label = ",".join([*(f"{k}={v}" for k, v in config.kwargs.items()),
+                              f"warps={config.num_warps}"])
+            ms = times[0] if isinstance(times, (list, tuple)) else times
+            row.add(case=f"autotune {name}", contender=label, ms=round(float(ms), 4),
+                    chosen=id(config) in chosen)
+
+
 def row_tests(row: Row) -> None:
     """The test suite on this machine's GPU (pytest-xdist when installed)."""
     out = row.out / "tests.xml"
@@ -525,8 +546,8 @@ def row_preferences(row: Row) -> None:
 ROWS: dict[str, Callable[[Row], None]] = {
     "ceilings": row_ceilings, "block": row_block, "dit": row_dit,
     "memory_bound": row_memory_bound, "attention": row_attention,
-    "fused_linear": row_fused_linear, "host": row_host, "preferences": row_preferences,
-    "tests": row_tests,
+    "fused_linear": row_fused_linear, "host": row_host, "autotune": row_autotune,
+    "preferences": row_preferences, "tests": row_tests,
 }
 
 

@@ -99,3 +99,37 @@ def test_both_timings_measure_a_call_of_known_length():
         seconds = measure(two_ms, cpu, target_s=0.05)
         assert 0.0019 < seconds < 0.004, (measure.__name__, seconds)
         assert 5 <= len(calls) <= 200, (measure.__name__, len(calls))
+
+
+def test_autotune_row_reports_each_option_and_the_choice(monkeypatch):
+    """The autotune row reads what Triton's autotuner kept (its options' times at the last shape
+    it tuned, its choice per key) for every kernel onestep launched; kernels that were not
+    autotuned are left out. Plumbing on the CPU with a stand-in autotuner."""
+    from types import SimpleNamespace
+
+    from onestep_kernels import tuning
+
+    class Config:  # hashed by identity, as triton.Config is
+        def __init__(self, prefetch, warps):
+            self.kwargs, self.num_warps = {"PREFETCH": prefetch}, warps
+
+    slow, fast = Config(False, 8), Config(True, 8)
+    tuner = SimpleNamespace(configs_timings={slow: [0.20, 0.19, 0.21], fast: [0.15, 0.14, 0.16]},
+                            cache={("D=1152",): fast})
+    def _bwd_kernel():  # stand-ins for the JIT functions (named by their __name__)
+        pass
+
+    def _fwd_kernel():
+        pass
+
+    monkeypatch.setattr(tuning, "_SELECTED", {
+        (_bwd_kernel, (), ("D",)): (tuner, {}),
+        (_fwd_kernel, (8,), ("D",)): (_fwd_kernel, {"num_warps": 8})})
+    row = gpu_check.Row("autotune", gpu_check.smoke_setting(), {})
+    gpu_check.row_autotune(row)
+    assert row.records == [
+        {"case": "autotune _bwd_kernel", "contender": "PREFETCH=False,warps=8", "ms": 0.2,
+         "chosen": False},
+        {"case": "autotune _bwd_kernel", "contender": "PREFETCH=True,warps=8", "ms": 0.15,
+         "chosen": True},
+    ]
