@@ -114,6 +114,11 @@ def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generato
            layernorm_op.reference, (x, shift, scale), dtype, "layernorm_modulate")
     _check(lambda *a: gated_op.gated_residual_layernorm_modulate(*a, backend="triton"),
            gated_op.reference, (x, y, gate, shift, scale), dtype, "gated residual")
+    per_token = rand(2, 37, D), rand(2, 37, D), rand(2, 37, D)  # the backwards' other variant
+    _check(lambda *a: layernorm_op.layernorm_modulate(*a, backend="triton"),
+           layernorm_op.reference, (x, *per_token[:2]), dtype, "layernorm_modulate per token")
+    _check(lambda *a: gated_op.gated_residual_layernorm_modulate(*a, backend="triton"),
+           gated_op.reference, (x, y, *per_token), dtype, "gated residual per token")
     _check(lambda *a: bias_gelu_op.bias_gelu_tanh(*a, backend="triton"),
            bias_gelu_op.reference, (rand(2, 3, F), rand(F)), dtype, "bias_gelu_tanh")
 
