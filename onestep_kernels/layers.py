@@ -83,8 +83,6 @@ def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     Dh = q.shape[-1]
     impl = attention_op.OP.resolve(None, q.device, dtype, Dh, needs_grad(q))
-    if impl.is_expression:  # SDPA (the CPU's and GPUs' default) at its own default scale,
-        return impl.expression(q, k, v, None)  # straight: ~3% of the block's host time
     return attention_op.apply(impl, q, k, v, Dh ** -0.5)
 
 
