@@ -43,15 +43,21 @@ def _span(device: torch.device, fn: Callable, calls: int) -> float:
     return begin.elapsed_time(end) * 1e-3
 
 
-def alone(fn: Callable, device: torch.device, target_s: float = 0.15) -> float:
-    """Median seconds of one call with the queue empty before it (host launch + GPU), after
-    warm-up."""
+def _warm_up(fn: Callable, device: torch.device) -> float:
+    """Runs fn once to warm up (compilation, autotuning, caches), then once more: the wall
+    seconds of that second call, which size the measurement."""
     fn()
     sync(device)
     start = time.perf_counter()
     fn()
     sync(device)
-    once = max(time.perf_counter() - start, 1e-7)
+    return max(time.perf_counter() - start, 1e-7)
+
+
+def alone(fn: Callable, device: torch.device, target_s: float = 0.15) -> float:
+    """Median seconds of one call with the queue empty before it (host launch + GPU), after
+    warm-up."""
+    once = _warm_up(fn, device)
     times = []
     for _ in range(int(min(200, max(5, target_s / once)))):
         sync(device)
@@ -64,12 +70,7 @@ def queued(fn: Callable, device: torch.device, target_s: float = 0.15,
     """Median seconds per call over groups of back-to-back calls (each group ~`group_s`, at
     least 3 calls), after warm-up. Each group starts behind a call already queued, so that
     the first call's launch is not inside the span."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    once = max(time.perf_counter() - start, 1e-7)
+    once = _warm_up(fn, device)
     calls = int(min(1000, max(3, group_s / once)))
     groups = int(min(20, max(3, target_s / (calls * once))))
     times = []
