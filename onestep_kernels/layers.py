@@ -202,11 +202,7 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
             hidden = torch._addmm_activation(bias, h.reshape(B * N, D), weight.t(),
                                              use_gelu=True).view(B, N, -1)
         else:
-            u = F.linear(h, weight)
-            bias = checks.cast(bias, u.dtype)  # as the Linear's own bias would be (autocast)
-            grad = needs_grad(u, bias)
-            impl = bias_gelu_tanh_op.OP.resolve(None, device, u.dtype, u.shape[-1], grad)
-            hidden = bias_gelu_tanh_op.apply(impl, u, bias, grad)
+            hidden = bias_gelu_tanh_op.linear_apply(h, weight, bias)
     else:
         hidden = F.gelu(fc1(h), approximate="tanh")
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
@@ -269,11 +265,12 @@ class FusedDiTBlock(DiTBlock):
 
     Memory-bound steps fused: the first modulated LayerNorm is one op, the attention branch's
     gated residual and the second modulated LayerNorm are one op, fc1's bias and GELU are one
-    op (for inference on CUDA in half precision, cuBLASLt's epilogue of fc1's product:
-    `_gelu_epilogue`), the MLP's gated residual is one `addcmul`. Attention is onestep's
-    attention op on q, k, v views of the QKV projection, on its default backend
-    (onestep_kernels.preferences); the matrix products are PyTorch's, through the Linear
-    modules.
+    op (with its bias-free product one autograd node; for inference on CUDA in half
+    precision, cuBLASLt's epilogue of fc1's product: `_gelu_epilogue`), the MLP's gated
+    residual is one `addcmul`. Attention is onestep's attention op on q, k, v views of the
+    QKV projection, on its default backend (onestep_kernels.preferences); the matrix products
+    are PyTorch's, through the Linear modules (fc1's product through its parameters where
+    fc1 is a bare nn.Linear).
 
     fuse_linears=True folds those steps into the four matrix products instead
     (`onestep_kernels.fused_linear`: the modulated LayerNorms in the prologues of QKV and fc1,

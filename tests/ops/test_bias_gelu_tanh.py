@@ -113,6 +113,81 @@ def test_torch_compile_fullgraph(generator):
     assert_close_rel(bias.grad, ref_in[1].grad, torch.float32, "dbias")
 
 
+# ---- linear_apply: fc1's product, bias and GELU as one autograd node --------------------------
+
+
+def _linear_reference(x, weight, bias):
+    return op.reference(torch.nn.functional.linear(x, weight), bias)
+
+
+@pytest.mark.parametrize("needs", ["all", "frozen weight", "x only", "weight only"])
+@pytest.mark.parametrize("shape", [(2, 7, 24), (5, 24)])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_linear_apply_matches_float64_reference(backend, shape, needs, generator):
+    """Forward and every gradient asked for, against float64; gradients not asked for stay
+    None (ctx.needs_input_grad), on each backend (the reference backend takes the composed
+    path)."""
+    dev = backend_device(backend, "bias_gelu_tanh")
+    F = 37
+    x = torch.randn(shape, generator=generator) * 2
+    weight = torch.randn(F, shape[-1], generator=generator) * shape[-1] ** -0.5
+    bias = torch.randn(F, generator=generator)
+    wants = {"all": (True, True, True), "frozen weight": (True, False, True),
+             "x only": (True, False, False), "weight only": (False, True, False)}[needs]
+    test_in = [t.to(dev, copy=True).requires_grad_(w) for t, w in zip((x, weight, bias), wants)]
+    ref_in = [t.double().requires_grad_(w) for t, w in zip((x, weight, bias), wants)]
+    dy = torch.randn(*shape[:-1], F, generator=generator)
+    with ok.use_backend(backend):
+        out = op.linear_apply(*test_in)
+    out.backward(dy.to(dev))
+    ref = _linear_reference(*ref_in)
+    ref.backward(dy.double())
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert_close_rel(out, ref, torch.float32, "out")
+    for name, t, r in zip(("dx", "dweight", "dbias"), test_in, ref_in):
+        if r.requires_grad:
+            assert_close_rel(t.grad, r.grad, torch.float32, name)
+        else:
+            assert t.grad is None, name
+
+
+def test_linear_apply_records_one_node_and_agrees_with_the_composed_path(generator):
+    """With gradients the eager call is one autograd node whose results equal the product
+    then the op (the path torch.compile traces), to rounding."""
+    x, weight, bias = (torch.randn(s, generator=generator, requires_grad=True)
+                       for s in ((3, 5, 16), (40, 16), (40,)))
+    out = op.linear_apply(x, weight, bias)
+    assert type(out.grad_fn).__name__ == "_LinearBiasGeluTanhBackward"
+    assert {type(f).__name__ for f, _ in out.grad_fn.next_functions} == {"AccumulateGrad"}
+    composed = op.bias_gelu_tanh(torch.nn.functional.linear(x, weight), bias)
+    dy = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, (x, weight, bias), dy)
+    ref_grads = torch.autograd.grad(composed, (x, weight, bias), dy)
+    assert torch.equal(out, composed)
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_linear_apply_follows_autocast_like_the_linear(generator):
+    """Under CPU autocast the product is bf16 as F.linear's would be; gradients come back in
+    the inputs' dtypes, close to those of Linear then F.gelu under the same autocast."""
+    x, weight, bias = (torch.randn(s, generator=generator) for s in ((2, 6, 32), (48, 32), (48,)))
+    results = []
+    for call in (op.linear_apply, lambda x, w, b: torch.nn.functional.gelu(
+            torch.nn.functional.linear(x, w, b), approximate="tanh")):
+        ins = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call(*ins)
+        out.float().square().sum().backward()
+        results.append((out, [t.grad for t in ins]))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_close_rel(out, ref.double(), torch.bfloat16, "out")
+    for name, g, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert g.dtype == r.dtype == torch.float32, name
+        assert_close_rel(g, r.double(), torch.bfloat16, name)
+
+
 def test_empty_rows():
     x = torch.randn(0, 5, 16, requires_grad=True)
     bias = torch.randn(16, requires_grad=True)
