@@ -45,24 +45,46 @@ def test_warp_options_move_whole_vectors_within_the_register_budget():
 
 
 def test_attention_registry_covers_every_launch_config():
+    """Every option the attention launchers can pick, for every head dim and dtype (the
+    forward's tiles and head-dim covers, the dQ kernel's covers, the dK/dV kernel's one)."""
     import torch
 
     from onestep_kernels.ops import attention
 
-    listed = {(c.dtype, c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"],
-               c.constexprs["BLOCK_D"], c.num_warps) for c in attention.triton_configs()}
+    listed = {(c.kernel, c.dtype, tuple(sorted(c.constexprs.items())), c.num_warps, c.num_stages)
+              for c in attention.triton_configs()}
     for dtype, name in attention._TRITON_DTYPES.items():
+        ieee = dtype == torch.float32
         top = attention.MAX_HEAD_DIM_FP32 if dtype == torch.float32 else attention.MAX_HEAD_DIM
         for head_dim in range(attention.MIN_HEAD_DIM, top + 1):
             cfg = attention._launch_config(head_dim, dtype)
-            key = (name, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"])
-            assert key in listed, (dtype, head_dim)
-            for tile, warps, stages in attention._forward_tiles(head_dim, dtype):
-                assert any(c.name.startswith(f"attention_fwd[{name},BLOCK_D={cfg['BLOCK_D']},")
-                           and c.constexprs["BLOCK_M"] == tile["BLOCK_M"]
-                           and c.constexprs["BLOCK_N"] == tile["BLOCK_N"]
-                           and (c.num_warps, c.num_stages) == (warps, stages)
-                           for c in attention.triton_configs()), (dtype, head_dim, tile)
+            dkdv = ({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}, cfg["num_warps"], 3)
+            for kernel, options in (
+                    (attention._attention_fwd_kernel, attention._forward_tiles(head_dim, dtype)),
+                    (attention._attention_bwd_dq_kernel, attention._dq_options(head_dim, dtype)),
+                    (attention._attention_bwd_dkdv_kernel, (dkdv,))):
+                for constexprs, warps, stages in options:
+                    key = (kernel, name, tuple(sorted({**constexprs, "IEEE": ieee}.items())),
+                           warps, stages)
+                    assert key in listed, (dtype, head_dim, kernel.__name__, constexprs)
+
+
+def test_attention_covers_split_the_head_dims_a_power_of_two_pads():
+    import torch
+
+    from onestep_kernels.ops import attention
+
+    def covers(head_dim, dtype=torch.float16):
+        return [(c["BLOCK_D"], c["BLOCK_E"]) for c in attention._covers(head_dim, dtype)]
+
+    assert covers(72) == [(128, 0), (64, 16)]  # DiT-XL/2
+    assert covers(96) == [(128, 0), (64, 32)]
+    assert covers(40) == [(64, 0), (32, 16)]
+    assert covers(64) == [(64, 0)] and covers(100) == [(128, 0)] and covers(20) == [(32, 0)]
+    assert covers(72, torch.float32) == [(128, 0)]
+    for head_dim in range(attention.MIN_HEAD_DIM, attention.MAX_HEAD_DIM + 1):
+        for d, e in covers(head_dim):
+            assert d + e >= head_dim and (e == 0 or d < head_dim), head_dim
 
 
 def test_signatures_are_derived_from_the_kernels():

@@ -124,24 +124,62 @@ def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generato
 
 
 ATTENTION_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+# DiT-XL/2's head dim (72, split 64 + 16), 96 (64 + 32) and 40 (32 + 16)
+ATTENTION_HEAD_DIMS = [72, 96, 40]
+
+
+def _attention_inputs(head_dim, dtype, generator, grad=False):
+    from conftest import backend_device
+
+    device = backend_device("triton", "attention")
+    return [torch.randn(1, 2, 200, head_dim, generator=generator).to(device, dtype)
+            .requires_grad_(grad) for _ in range(3)]
 
 
 @pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("tile", [0, 1, 2, 3])
-def test_every_attention_tile_computes_attention(tile, dtype, monkeypatch, generator):
-    """Each forward tile autotune may pick, at DiT-XL/2's head dim (72) and an awkward
+@pytest.mark.parametrize("option", range(8))
+@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
+def test_every_attention_forward_option_computes_attention(head_dim, option, dtype, monkeypatch,
+                                                           generator):
+    """Each forward option autotune may pick (tile and head-dim cover), at an awkward
     sequence length, gives the float64 reference's output."""
     from onestep_kernels.ops import attention as attention_op
 
-    tiles = attention_op._forward_tiles(72, dtype)
-    if tile >= len(tiles):
-        pytest.skip(f"{len(tiles)} tiles for head dim 72 in {dtype}")
-    constexprs, warps, stages = tiles[tile]
+    options = attention_op._forward_tiles(head_dim, dtype)
+    if option >= len(options):
+        pytest.skip(f"{len(options)} forward options for head dim {head_dim} in {dtype}")
+    constexprs, warps, stages = options[option]
     monkeypatch.setattr(tuning, "select_tiles", lambda kernel, tiles, key: (
         kernel, {**constexprs, "num_warps": warps, "num_stages": stages}))
-    device = backend_device("triton", "attention")
-    q, k, v = (torch.randn(1, 2, 200, 72, generator=generator).to(device, dtype)
-               for _ in range(3))
+    q, k, v = _attention_inputs(head_dim, dtype, generator)
     out = attention_op.attention(q, k, v, backend="triton")
-    expected = attention_op.reference(q.double(), k.double(), v.double(), 72 ** -0.5)
-    assert_close_rel(out, expected, dtype, f"attention, tile {constexprs}")
+    expected = attention_op.reference(q.double(), k.double(), v.double(), head_dim ** -0.5)
+    assert_close_rel(out, expected, dtype, f"attention, option {constexprs}")
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("option", range(2))
+@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
+def test_every_attention_dq_option_computes_the_gradients(head_dim, option, dtype, monkeypatch,
+                                                          generator):
+    """Each option of the backward's dQ kernel (head dim in one block or two) gives the float64
+    reference's gradients (the forward on its fixed option)."""
+    from onestep_kernels.ops import attention as attention_op
+
+    options = attention_op._dq_options(head_dim, dtype)
+    if option >= len(options):
+        pytest.skip(f"{len(options)} dQ options for head dim {head_dim} in {dtype}")
+    chosen = {attention_op._attention_bwd_dq_kernel: options[option]}
+
+    def forced(kernel, tiles, key):
+        constexprs, warps, stages = chosen.get(kernel, tiles[0])
+        return kernel, {**constexprs, "num_warps": warps, "num_stages": stages}
+
+    monkeypatch.setattr(tuning, "select_tiles", forced)
+    inputs = _attention_inputs(head_dim, dtype, generator, grad=True)
+    dout = torch.randn(inputs[0].shape, generator=generator).to(inputs[0].device, dtype)
+    attention_op.attention(*inputs, backend="triton").backward(dout)
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    attention_op.reference(*ref_in, head_dim ** -0.5).backward(dout.double().cpu())
+    for name, t, r in zip("qkv", inputs, ref_in):
+        assert_close_rel(t.grad, r.grad, dtype, f"d{name}, dQ option {options[option][0]}")

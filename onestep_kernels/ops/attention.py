@@ -7,8 +7,9 @@ projection). Triton takes head dims 16..128, any (72 included; fp32 up to 64). O
 
 Backends:
   triton     flash attention (online softmax, no N x N matrix in memory), forward and
-             backward; fp32 inputs use IEEE products (no TF32), so fp32 results are
-             fp32-accurate.
+             backward, tiles autotuned on the GPU; head dims that a power of two pads by
+             much (72: 128) may run in two blocks (64 + 16); fp32 inputs use IEEE products
+             (no TF32), so fp32 results are fp32-accurate.
   cpu        onestep's C++ kernel (csrc/cpu/attention.cpp), forward and backward: blocked FMA
              products on packed fp32 panels, any head dim, fp32/fp16/bf16 (computed in fp32).
   sdpa       PyTorch's scaled_dot_product_attention (cuDNN / flash on GPUs).
@@ -46,16 +47,45 @@ def reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
 # ---------------------------------------------------------------------------------------------
 # Triton kernels (FlashAttention-2 style). Program (m, bh) owns BLOCK_M query rows of one
 # (batch, head); the backward recomputes probabilities from the saved log-sum-exp.
+#
+# The head dim is covered by one block of BLOCK_D columns, or (the forward and the dQ kernel;
+# autotune picks, `_covers`), where a power of two would pad it by much (72 in a 128-wide
+# block: 44% of every product wasted), by two: BLOCK_D then BLOCK_E (72 = 64 + 16 of which 8
+# are used). Every tile along the head dim is then a pair, every product over it two
+# products accumulated, every product onto it two.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b: in IEEE fp32 for fp32 inputs (no TF32), else in b's dtype with fp32 accumulation."""
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b (acc None: a @ b): in IEEE fp32 for fp32 inputs (no TF32), else in b's dtype
+    with fp32 accumulation."""
     if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a.to(b.dtype), b)
+        return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
+def _rows(PTR, rows, row_ok, stride, dims, HEAD_DIM):
+    """A (rows, dims) tile of a (N, HEAD_DIM) matrix with row stride `stride`, zero-padded."""
+    return tl.load(PTR + rows[:, None] * stride + dims[None, :],
+                   mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _columns(PTR, rows, row_ok, stride, dims, HEAD_DIM):
+    """The (dims, rows) tile: `_rows` transposed, loaded so (the forward's K^T: on sm_80 its
+    larger tiles spill when K is loaded by rows and transposed in registers instead)."""
+    return tl.load(PTR + rows[None, :] * stride + dims[:, None],
+                   mask=row_ok[None, :] & (dims < HEAD_DIM)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, value, rows, row_ok, dims, HEAD_DIM):
+    """Stores a (rows, dims) tile into a contiguous (N, HEAD_DIM) matrix."""
+    tl.store(PTR + rows[:, None] * HEAD_DIM + dims[None, :], value.to(PTR.dtype.element_ty),
+             mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -63,42 +93,49 @@ def _attention_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, N, NK, HEAD_DIM, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    dim_ok = dims < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = _rows(Q, rows, row_ok, sqn, dims, HEAD_DIM)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if BLOCK_E > 0:
+        dims_e = BLOCK_D + tl.arange(0, BLOCK_E)
+        q_e = _rows(Q, rows, row_ok, sqn, dims_e, HEAD_DIM)
+        acc_e = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634  # work in base 2: exp2 is the hardware's
     for start in range(0, NK, BLOCK_N):
         keys = start + cols
         key_ok = keys < NK
-        kt = tl.load(K + b * skb + h * skh + keys[None, :] * skn + dims[:, None],
-                     mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
-        s = _dot(q, kt, IEEE)
+        s = _dot(q, _columns(K, keys, key_ok, skn, dims, HEAD_DIM), None, IEEE)
+        if BLOCK_E > 0:
+            s = _dot(q_e, _columns(K, keys, key_ok, skn, dims_e, HEAD_DIM), s, IEEE)
         s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :],
-                     mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p, vt, IEEE)
+        acc = _dot(p, _rows(V, keys, key_ok, svn, dims, HEAD_DIM), acc * alpha[:, None], IEEE)
+        if BLOCK_E > 0:
+            acc_e = _dot(p, _rows(V, keys, key_ok, svn, dims_e, HEAD_DIM),
+                         acc_e * alpha[:, None], IEEE)
         m_i = m_new
-    out = acc / l_i[:, None]
-    o_rows = bh * N + rows  # O is contiguous (B, H, N, Dh)
-    tl.store(O + o_rows[:, None] * HEAD_DIM + dims[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    O += bh * N * HEAD_DIM  # O is contiguous (B, H, N, Dh)
+    _store_rows(O, acc / l_i[:, None], rows, row_ok, dims, HEAD_DIM)
+    if BLOCK_E > 0:
+        _store_rows(O, acc_e / l_i[:, None], rows, row_ok, dims_e, HEAD_DIM)
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=row_ok)  # base-2 log-sum-exp
 
 
@@ -110,43 +147,38 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Program (n, bh) owns BLOCK_N keys and walks all query blocks: dV = P^T dO,
-    # dK = scale * dS^T Q with dS = P * (dO V^T - delta).
+    # dK = scale * dS^T Q with dS = P * (dO V^T - delta). The head dim in one block: split in
+    # two, this kernel's eight tiles along it spill on sm_90 (onestep_kernels.aot).
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    Q += b * sqb + h * sqh
+    DO += bh * N * HEAD_DIM  # DO, DK, DV are contiguous (B, H, N or NK, Dh)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < NK
-    dim_ok = dims < HEAD_DIM
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + dims[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :], mask=kv_mask,
-                other=0.0)
+    k = _rows(K + b * skb + h * skh, keys, key_ok, skn, dims, HEAD_DIM)
+    v = _rows(V + b * svb + h * svh, keys, key_ok, svn, dims, HEAD_DIM)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
     for start in range(0, N, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :], mask=q_mask,
-                    other=0.0)
-        do = tl.load(DO + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :], mask=q_mask,
-                     other=0.0)
+        q = _rows(Q, rows, row_ok, sqn, dims, HEAD_DIM)
+        do = _rows(DO, rows, row_ok, HEAD_DIM, dims, HEAD_DIM)
         lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
-        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        p = tl.exp2(_dot(q, tl.trans(k), None, IEEE) * qk_scale - lse[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
-        dv += _dot(tl.trans(p), do, IEEE)
-        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-        dk += _dot(tl.trans(ds), q, IEEE)
-    out_rows = bh * NK + keys  # DK, DV are contiguous (B, H, NK, Dh)
-    tl.store(DK + out_rows[:, None] * HEAD_DIM + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + out_rows[:, None] * HEAD_DIM + dims[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+        dv = _dot(tl.trans(p), do, dv, IEEE)
+        ds = p * (_dot(do, tl.trans(v), None, IEEE) - delta[:, None])
+        dk = _dot(tl.trans(ds), q, dk, IEEE)
+    DK += bh * NK * HEAD_DIM
+    DV += bh * NK * HEAD_DIM
+    _store_rows(DK, dk * scale, keys, key_ok, dims, HEAD_DIM)
+    _store_rows(DV, dv, keys, key_ok, dims, HEAD_DIM)
 
 
 @triton.jit
@@ -154,44 +186,70 @@ def _attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, N, NK, HEAD_DIM, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # Program (m, bh) owns BLOCK_M queries: dQ = scale * dS K.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += bh * N * HEAD_DIM  # DO, DQ are contiguous (B, H, N, Dh)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    dim_ok = dims < HEAD_DIM
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :], mask=q_mask,
-                other=0.0)
-    do = tl.load(DO + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :], mask=q_mask, other=0.0)
+    q = _rows(Q + b * sqb + h * sqh, rows, row_ok, sqn, dims, HEAD_DIM)
+    do = _rows(DO, rows, row_ok, HEAD_DIM, dims, HEAD_DIM)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if BLOCK_E > 0:
+        dims_e = BLOCK_D + tl.arange(0, BLOCK_E)
+        q_e = _rows(Q + b * sqb + h * sqh, rows, row_ok, sqn, dims_e, HEAD_DIM)
+        do_e = _rows(DO, rows, row_ok, HEAD_DIM, dims_e, HEAD_DIM)
+        dq_e = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     lse = tl.load(LSE + bh * N + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * N + rows, mask=row_ok, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
     for start in range(0, NK, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < NK
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + b * skb + h * skh + keys[:, None] * skn + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + b * svb + h * svh + keys[:, None] * svn + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        k = _rows(K, keys, key_ok, skn, dims, HEAD_DIM)
+        s = _dot(q, tl.trans(k), None, IEEE)
+        if BLOCK_E > 0:
+            k_e = _rows(K, keys, key_ok, skn, dims_e, HEAD_DIM)
+            s = _dot(q_e, tl.trans(k_e), s, IEEE)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
-        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-        dq += _dot(ds, k, IEEE)
-    tl.store(DQ + (bh * N + rows)[:, None] * HEAD_DIM + dims[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        dp = _dot(do, tl.trans(_rows(V, keys, key_ok, svn, dims, HEAD_DIM)), None, IEEE)
+        if BLOCK_E > 0:
+            dp = _dot(do_e, tl.trans(_rows(V, keys, key_ok, svn, dims_e, HEAD_DIM)), dp, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds, k, dq, IEEE)
+        if BLOCK_E > 0:
+            dq_e = _dot(ds, k_e, dq_e, IEEE)
+    DQ += bh * N * HEAD_DIM
+    _store_rows(DQ, dq * scale, rows, row_ok, dims, HEAD_DIM)
+    if BLOCK_E > 0:
+        _store_rows(DQ, dq_e * scale, rows, row_ok, dims_e, HEAD_DIM)
+
+
+def _covers(head_dim: int, dtype: torch.dtype) -> tuple[dict, ...]:
+    """How the kernels may cover the head dim: one power-of-two block (BLOCK_E 0) first, then,
+    in fp16/bf16 where two blocks pad less, those: 72 -> 64 + 16, 96 -> 64 + 32, 40 -> 32 +
+    16 (64, 100 -> one block). Autotune picks between them (fp32 keeps its one block)."""
+    whole = max(16, next_power_of_2(head_dim))
+    covers = ({"BLOCK_D": whole, "BLOCK_E": 0},)
+    low = whole // 2
+    if dtype == torch.float32 or head_dim <= low or low < 16:
+        return covers
+    high = max(16, next_power_of_2(head_dim - low))
+    return covers + (({"BLOCK_D": low, "BLOCK_E": high},) if low + high < whole else ())
 
 
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for a head dim; smaller tiles where fp32 accumulators and IEEE products
-    would otherwise spill (checked by onestep_kernels.aot)."""
+    """Tile sizes for a head dim in one block; smaller tiles where fp32 accumulators and IEEE
+    products would otherwise spill (checked by onestep_kernels.aot)."""
     block_d = max(16, next_power_of_2(head_dim))
     if dtype == torch.float32:  # IEEE fp32 products on fp32 tiles: the most registers
         block, warps = 16, (8 if block_d >= 64 else 4)
@@ -201,45 +259,60 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[dict, int, int], ...]:
-    """The forward's (BLOCK_M, BLOCK_N) tiles, warps and pipeline stages that autotune picks
-    from on a GPU, keyed on the sequence lengths and head dim: the fixed launch config first
-    (what the interpreter runs), then the larger tiles that flash attention's kernels use on
-    sm_80/sm_90 (query blocks of 64-128 rows, key blocks of 32-64; 128 rows need 8 warps, at
-    4 they spill), each free of spills for every head dim (onestep_kernels.aot). fp32 (IEEE
-    products) keeps its one small tile."""
+    """The forward's options that autotune picks from on a GPU, keyed on the sequence lengths
+    and head dim, as (constexprs, num_warps, num_stages): the fixed launch config in one head
+    block first (what the interpreter and ONESTEP_AUTOTUNE=0 run), then the larger tiles that
+    flash attention's kernels use on sm_80/sm_90 (query blocks of 64-128 rows, key blocks of
+    32-64; 128 rows need 8 warps, at 4 they spill), in each cover of the head dim (`_covers`;
+    split in two, the 32 x 32 tile spills on sm_90), each free of spills (onestep_kernels.aot).
+    fp32 (IEEE products) keeps its one small tile."""
     cfg = _launch_config(head_dim, dtype)
     fixed = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, cfg["num_warps"], 3)
+    covers = _covers(head_dim, dtype)
     if dtype == torch.float32:
-        return (fixed,)
+        return (({**fixed[0], **covers[0]}, *fixed[1:]),)
     larger = tuple(({"BLOCK_M": m, "BLOCK_N": n}, w, stages)
                    for m, n, w, stages in ((64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)))
-    return (fixed,) + tuple(t for t in larger if t[0] != fixed[0] or t[1] != fixed[1])
+    tiles = (fixed,) + tuple(t for t in larger if t[0] != fixed[0])
+    return tuple(({**tile, **cover}, warps, stages) for cover in covers
+                 for tile, warps, stages in tiles
+                 if not (cover["BLOCK_E"] and tile == {"BLOCK_M": 32, "BLOCK_N": 32}))
+
+
+def _dq_options(head_dim: int, dtype: torch.dtype) -> tuple[tuple[dict, int, int], ...]:
+    """The dQ kernel's options: the fixed tile in each cover of the head dim (the one block
+    first). (The dK/dV kernel keeps the one block.)"""
+    cfg = _launch_config(head_dim, dtype)
+    tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+    return tuple(({**tile, **cover}, cfg["num_warps"], 3) for cover in _covers(head_dim, dtype))
 
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TUNING_KEY = ("N", "NK", "HEAD_DIM")  # what a kernel's autotuned choice is per
 
 
 def triton_configs():
-    """Every (kernel, configuration) the launchers can pick (the forward's every tile),
-    for onestep_kernels.aot."""
-    backward = (("bwd_dkdv", _attention_bwd_dkdv_kernel), ("bwd_dq", _attention_bwd_dq_kernel))
+    """Every (kernel, configuration) the launchers can pick (every option of the forward and
+    of the dQ kernel, the dK/dV kernel's one), for onestep_kernels.aot."""
+    found = {}
     for dtype, name in _TRITON_DTYPES.items():
-        block_d = 16
-        while block_d <= (MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM):
-            ieee = dtype == torch.float32
-            for tile, warps, stages in _forward_tiles(block_d, dtype):
-                label = f"BLOCK_M={tile['BLOCK_M']},BLOCK_N={tile['BLOCK_N']},warps={warps}"
-                yield KernelConfig(f"attention_fwd[{name},BLOCK_D={block_d},{label}]",
-                                   _attention_fwd_kernel, name,
-                                   {**tile, "BLOCK_D": block_d, "IEEE": ieee}, warps,
-                                   fp32=("LSE",), num_stages=stages)
-            cfg = _launch_config(block_d, dtype)
-            constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                          "BLOCK_D": cfg["BLOCK_D"], "IEEE": ieee}
-            for kname, kernel in backward:
-                yield KernelConfig(f"attention_{kname}[{name},BLOCK_D={block_d}]", kernel, name,
-                                   constexprs, cfg["num_warps"], fp32=("LSE", "DELTA"))
-            block_d *= 2
+        ieee = dtype == torch.float32
+        top = MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM
+        for head_dim in range(MIN_HEAD_DIM, top + 1):
+            cfg = _launch_config(head_dim, dtype)
+            dkdv = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                     "BLOCK_D": cfg["BLOCK_D"]}, cfg["num_warps"], 3)
+            for kname, kernel, options in (
+                    ("fwd", _attention_fwd_kernel, _forward_tiles(head_dim, dtype)),
+                    ("bwd_dq", _attention_bwd_dq_kernel, _dq_options(head_dim, dtype)),
+                    ("bwd_dkdv", _attention_bwd_dkdv_kernel, (dkdv,))):
+                for constexprs, warps, stages in options:
+                    label = ",".join(f"{k}={v}" for k, v in constexprs.items())
+                    config_name = f"attention_{kname}[{name},{label},warps={warps}]"
+                    found.setdefault(config_name, KernelConfig(
+                        config_name, kernel, name, {**constexprs, "IEEE": ieee}, warps,
+                        fp32=("LSE", "DELTA"), num_stages=stages))
+    return list(found.values())
 
 
 def _new_output(q: Tensor, backend: str) -> Tensor:
@@ -259,7 +332,7 @@ def _triton_fwd(q, k, v, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
     kernel, options = tuning.select_tiles(_attention_fwd_kernel, _forward_tiles(Dh, q.dtype),
-                                          ("N", "NK", "HEAD_DIM"))
+                                          _TUNING_KEY)
     out = _new_output(q, "triton")
     lse = q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -268,7 +341,7 @@ def _triton_fwd(q, k, v, scale):
 
     kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
-        BLOCK_D=max(16, next_power_of_2(Dh)), IEEE=q.dtype == torch.float32, **options)
+        IEEE=q.dtype == torch.float32, **options)
     return out, lse
 
 
@@ -281,13 +354,16 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     dq = q.new_empty((B, H, N, Dh))
     dk = q.new_empty((B, H, NK, Dh))
     dv = q.new_empty((B, H, NK, Dh))
-    common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                  IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
+    ieee = q.dtype == torch.float32
     strides = (*_strides(q), *_strides(k), *_strides(v))
     _attention_bwd_dkdv_kernel[(cdiv(NK, cfg["BLOCK_N"]), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale, **common)
-    _attention_bwd_dq_kernel[(cdiv(N, cfg["BLOCK_M"]), B * H)](
-        q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, **common)
+        q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], IEEE=ieee,
+        num_warps=cfg["num_warps"])
+    kernel, options = tuning.select_tiles(_attention_bwd_dq_kernel, _dq_options(Dh, q.dtype),
+                                          _TUNING_KEY)
+    kernel[(cdiv(N, cfg["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, IEEE=ieee, **options)
     return dq, dk, dv
 
 

@@ -51,7 +51,7 @@ def check(backend, q, k, v, generator, scale=None):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("Dh", [32, 64, 72, 128])
+@pytest.mark.parametrize("Dh", [32, 40, 64, 72, 96, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_matches_float64_reference(dtype, Dh, shape, generator):
     q, k, v = to_backend("triton", "attention", *make(*shape, Dh, dtype, generator))
