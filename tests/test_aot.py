@@ -45,8 +45,8 @@ def test_warp_options_move_whole_vectors_within_the_register_budget():
 
 
 def test_attention_registry_covers_every_launch_config():
-    """Every option the attention launchers can pick, for every head dim and dtype (the
-    forward's tiles and head-dim covers, the dQ kernel's covers, the dK/dV kernel's one)."""
+    """Every option the attention launchers can pick (tiles and head-dim covers), for every
+    head dim and dtype."""
     import torch
 
     from onestep_kernels.ops import attention
@@ -57,12 +57,12 @@ def test_attention_registry_covers_every_launch_config():
         ieee = dtype == torch.float32
         top = attention.MAX_HEAD_DIM_FP32 if dtype == torch.float32 else attention.MAX_HEAD_DIM
         for head_dim in range(attention.MIN_HEAD_DIM, top + 1):
-            cfg = attention._launch_config(head_dim, dtype)
-            dkdv = ({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}, cfg["num_warps"], 3)
             for kernel, options in (
                     (attention._attention_fwd_kernel, attention._forward_tiles(head_dim, dtype)),
-                    (attention._attention_bwd_dq_kernel, attention._dq_options(head_dim, dtype)),
-                    (attention._attention_bwd_dkdv_kernel, (dkdv,))):
+                    (attention._attention_bwd_dq_kernel,
+                     attention._backward_options("dq", head_dim, dtype)),
+                    (attention._attention_bwd_dkdv_kernel,
+                     attention._backward_options("dkdv", head_dim, dtype))):
                 for constexprs, warps, stages in options:
                     key = (kernel, name, tuple(sorted({**constexprs, "IEEE": ieee}.items())),
                            warps, stages)

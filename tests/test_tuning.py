@@ -158,22 +158,24 @@ def test_every_attention_forward_option_computes_attention(head_dim, option, dty
 
 
 @pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("option", range(2))
+@pytest.mark.parametrize("option", range(8))
 @pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
-def test_every_attention_dq_option_computes_the_gradients(head_dim, option, dtype, monkeypatch,
-                                                          generator):
-    """Each option of the backward's dQ kernel (head dim in one block or two) gives the float64
-    reference's gradients (the forward on its fixed option)."""
+@pytest.mark.parametrize("kernel", ["dq", "dkdv"])
+def test_every_attention_backward_option_computes_the_gradients(kernel, head_dim, option, dtype,
+                                                                monkeypatch, generator):
+    """Each option of each backward kernel (tile, head dim in one block or two) gives the
+    float64 reference's gradients (the other kernels on their fixed options)."""
     from onestep_kernels.ops import attention as attention_op
 
-    options = attention_op._dq_options(head_dim, dtype)
+    options = attention_op._backward_options(kernel, head_dim, dtype)
     if option >= len(options):
-        pytest.skip(f"{len(options)} dQ options for head dim {head_dim} in {dtype}")
-    chosen = {attention_op._attention_bwd_dq_kernel: options[option]}
+        pytest.skip(f"{len(options)} {kernel} options for head dim {head_dim} in {dtype}")
+    target = {"dq": attention_op._attention_bwd_dq_kernel,
+              "dkdv": attention_op._attention_bwd_dkdv_kernel}[kernel]
 
-    def forced(kernel, tiles, key):
-        constexprs, warps, stages = chosen.get(kernel, tiles[0])
-        return kernel, {**constexprs, "num_warps": warps, "num_stages": stages}
+    def forced(launched, tiles, key):
+        constexprs, warps, stages = options[option] if launched is target else tiles[0]
+        return launched, {**constexprs, "num_warps": warps, "num_stages": stages}
 
     monkeypatch.setattr(tuning, "select_tiles", forced)
     inputs = _attention_inputs(head_dim, dtype, generator, grad=True)
@@ -182,4 +184,4 @@ def test_every_attention_dq_option_computes_the_gradients(head_dim, option, dtyp
     ref_in = [t.detach().double().cpu().requires_grad_() for t in inputs]
     attention_op.reference(*ref_in, head_dim ** -0.5).backward(dout.double().cpu())
     for name, t, r in zip("qkv", inputs, ref_in):
-        assert_close_rel(t.grad, r.grad, dtype, f"d{name}, dQ option {options[option][0]}")
+        assert_close_rel(t.grad, r.grad, dtype, f"d{name}, {kernel} option {options[option]}")

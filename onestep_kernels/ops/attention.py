@@ -279,12 +279,35 @@ def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[dict, int, 
                  if not (cover["BLOCK_E"] and tile == {"BLOCK_M": 32, "BLOCK_N": 32}))
 
 
-def _dq_options(head_dim: int, dtype: torch.dtype) -> tuple[tuple[dict, int, int], ...]:
-    """The dQ kernel's options: the fixed tile in each cover of the head dim (the one block
-    first). (The dK/dV kernel keeps the one block.)"""
+# The backward's tiles beyond the fixed one, as (BLOCK_M, BLOCK_N, warps), for a head dim
+# covered by up to 64 columns and by more: the dQ kernel owns BLOCK_M queries and walks the
+# keys, the dK/dV kernel owns BLOCK_N keys and walks the queries, so each grows its own block
+# (Triton's fused-attention tutorial: dQ 128 x 32, dK/dV 32 x 128). Past 64 columns only
+# 8 warps hold the larger tiles without spilling (onestep_kernels.aot).
+_BACKWARD_TILES = {
+    "dq": {False: ((64, 32, 4), (64, 64, 4), (128, 32, 8)), True: ((64, 32, 8),)},
+    "dkdv": {False: ((32, 64, 4), (32, 128, 8)), True: ((32, 64, 8),)},
+}
+
+
+def _backward_options(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple:
+    """The options of backward kernel `kernel` ("dq" or "dkdv") that autotune picks from, as
+    (constexprs, num_warps, num_stages): the fixed launch config in one head block first, then
+    the larger tiles, in each cover of the head dim for the dQ kernel (`_covers`; the dK/dV
+    kernel keeps one block: in two, its eight tiles along the head dim spill on sm_90). fp32
+    keeps its one small tile."""
     cfg = _launch_config(head_dim, dtype)
-    tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-    return tuple(({**tile, **cover}, cfg["num_warps"], 3) for cover in _covers(head_dim, dtype))
+    fixed = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"])
+    covers = _covers(head_dim, dtype) if kernel == "dq" else _covers(head_dim, dtype)[:1]
+    options = []
+    for cover in covers:
+        tiles = (fixed,) if dtype == torch.float32 else (fixed,) + tuple(
+            t for t in _BACKWARD_TILES[kernel][cover["BLOCK_D"] + cover["BLOCK_E"] > 64]
+            if t[:2] != fixed[:2])
+        options += [({"BLOCK_M": m, "BLOCK_N": n, **cover}, warps, 3) for m, n, warps in tiles]
+    if kernel == "dkdv":  # (its kernel has no BLOCK_E)
+        options = [({k: v for k, v in c.items() if k != "BLOCK_E"}, w, n) for c, w, n in options]
+    return tuple(options)
 
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -292,20 +315,18 @@ _TUNING_KEY = ("N", "NK", "HEAD_DIM")  # what a kernel's autotuned choice is per
 
 
 def triton_configs():
-    """Every (kernel, configuration) the launchers can pick (every option of the forward and
-    of the dQ kernel, the dK/dV kernel's one), for onestep_kernels.aot."""
+    """Every (kernel, configuration) the launchers can pick (every option of each kernel, for
+    every head dim), for onestep_kernels.aot."""
     found = {}
     for dtype, name in _TRITON_DTYPES.items():
         ieee = dtype == torch.float32
         top = MAX_HEAD_DIM_FP32 if dtype == torch.float32 else MAX_HEAD_DIM
         for head_dim in range(MIN_HEAD_DIM, top + 1):
-            cfg = _launch_config(head_dim, dtype)
-            dkdv = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                     "BLOCK_D": cfg["BLOCK_D"]}, cfg["num_warps"], 3)
             for kname, kernel, options in (
                     ("fwd", _attention_fwd_kernel, _forward_tiles(head_dim, dtype)),
-                    ("bwd_dq", _attention_bwd_dq_kernel, _dq_options(head_dim, dtype)),
-                    ("bwd_dkdv", _attention_bwd_dkdv_kernel, (dkdv,))):
+                    ("bwd_dq", _attention_bwd_dq_kernel, _backward_options("dq", head_dim, dtype)),
+                    ("bwd_dkdv", _attention_bwd_dkdv_kernel,
+                     _backward_options("dkdv", head_dim, dtype))):
                 for constexprs, warps, stages in options:
                     label = ",".join(f"{k}={v}" for k, v in constexprs.items())
                     config_name = f"attention_{kname}[{name},{label},warps={warps}]"
@@ -348,7 +369,6 @@ def _triton_fwd(q, k, v, scale):
 def _triton_bwd(dout, q, k, v, out, lse, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
-    cfg = _launch_config(Dh, q.dtype)
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), (B, H, N)
     dq = q.new_empty((B, H, N, Dh))
@@ -356,13 +376,13 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     dv = q.new_empty((B, H, NK, Dh))
     ieee = q.dtype == torch.float32
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    _attention_bwd_dkdv_kernel[(cdiv(NK, cfg["BLOCK_N"]), B * H)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], IEEE=ieee,
-        num_warps=cfg["num_warps"])
-    kernel, options = tuning.select_tiles(_attention_bwd_dq_kernel, _dq_options(Dh, q.dtype),
-                                          _TUNING_KEY)
-    kernel[(cdiv(N, cfg["BLOCK_M"]), B * H)](
+    kernel, options = tuning.select_tiles(
+        _attention_bwd_dkdv_kernel, _backward_options("dkdv", Dh, q.dtype), _TUNING_KEY)
+    kernel[lambda meta: (cdiv(NK, meta["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale, IEEE=ieee, **options)
+    kernel, options = tuning.select_tiles(
+        _attention_bwd_dq_kernel, _backward_options("dq", Dh, q.dtype), _TUNING_KEY)
+    kernel[lambda meta: (cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, IEEE=ieee, **options)
     return dq, dk, dv
 
