@@ -67,6 +67,10 @@ def test_attention_registry_covers_every_launch_config():
                     key = (kernel, name, tuple(sorted({**constexprs, "IEEE": ieee}.items())),
                            warps, stages)
                     assert key in listed, (dtype, head_dim, kernel.__name__, constexprs)
+            block_d = max(16, 1 << (head_dim - 1).bit_length())
+            delta = {"BLOCK_R": attention.DELTA_BLOCK // block_d, "BLOCK_D": block_d}
+            assert (attention._attention_bwd_delta_kernel, name, tuple(sorted(delta.items())),
+                    4, 3) in listed, (dtype, head_dim, "delta")
 
 
 def test_attention_covers_split_the_head_dims_a_power_of_two_pads():

@@ -140,6 +140,24 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
+def _attention_bwd_delta_kernel(O, DO, DELTA, R, HEAD_DIM, BLOCK_R: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    # delta = rowsum(dO * O) over R rows of the contiguous (B, H, N, Dh) O and dO: what both
+    # backward kernels subtract (one pass over two tensors, where PyTorch's expression took
+    # four kernels and three fp32 temporaries).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (dims < HEAD_DIM)[None, :]
+    offsets = rows[:, None] * HEAD_DIM + dims[None, :]
+    o = tl.load(O + offsets, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, axis=1), mask=rows < R)
+
+
+DELTA_BLOCK = 4096  # elements per program of the delta kernel (32 a thread at 4 warps)
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -333,6 +351,13 @@ def triton_configs():
                     found.setdefault(config_name, KernelConfig(
                         config_name, kernel, name, {**constexprs, "IEEE": ieee}, warps,
                         fp32=("LSE", "DELTA"), num_stages=stages))
+        block_d = 16
+        while block_d <= top:
+            constexprs = {"BLOCK_R": DELTA_BLOCK // block_d, "BLOCK_D": block_d}
+            config_name = f"attention_bwd_delta[{name},BLOCK_D={block_d}]"
+            found[config_name] = KernelConfig(config_name, _attention_bwd_delta_kernel, name,
+                                              constexprs, 4, fp32=("DELTA",))
+            block_d *= 2
     return list(found.values())
 
 
@@ -370,7 +395,11 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), (B, H, N)
+    delta = q.new_empty((B, H, N), dtype=torch.float32)  # rowsum(dO * O)
+    block_d = max(16, next_power_of_2(Dh))
+    block_r = DELTA_BLOCK // block_d
+    _attention_bwd_delta_kernel[(cdiv(B * H * N, block_r),)](
+        out, dout, delta, B * H * N, Dh, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     dq = q.new_empty((B, H, N, Dh))
     dk = q.new_empty((B, H, NK, Dh))
     dv = q.new_empty((B, H, NK, Dh))
