@@ -129,10 +129,11 @@ ATTENTION_HEAD_DIMS = [72, 96, 40]
 
 
 def _attention_inputs(head_dim, dtype, generator, grad=False):
+    """q, k, v of 136 tokens: a partial second block at 128 rows, several at 32 or 64."""
     from conftest import backend_device
 
     device = backend_device("triton", "attention")
-    return [torch.randn(1, 2, 200, head_dim, generator=generator).to(device, dtype)
+    return [torch.randn(1, 2, 136, head_dim, generator=generator).to(device, dtype)
             .requires_grad_(grad) for _ in range(3)]
 
 
