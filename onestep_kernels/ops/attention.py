@@ -350,7 +350,8 @@ def triton_configs():
                     config_name = f"attention_{kname}[{name},{label},warps={warps}]"
                     found.setdefault(config_name, KernelConfig(
                         config_name, kernel, name, {**constexprs, "IEEE": ieee}, warps,
-                        fp32=("LSE", "DELTA"), num_stages=stages))
+                        fp32=("LSE",) if kname == "fwd" else ("LSE", "DELTA"),
+                        num_stages=stages))
         block_d = 16
         while block_d <= top:
             constexprs = {"BLOCK_R": DELTA_BLOCK // block_d, "BLOCK_D": block_d}
