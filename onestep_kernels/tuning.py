@@ -11,7 +11,7 @@ Every option is in the compile-check registry (`triton_configs()` of each op,
 `python -m onestep_kernels.aot`), and
 `python -m onestep_kernels.aot --vectors` reads the sm_90 PTX of each at DiT widths for
 128-bit accesses. `select_variants` does the same over options that also set constexprs (the
-LayerNorm backwards' PREFETCH), `select_tiles` for kernels that tune tile shapes (attention).
+LayerNorm backwards' PREFETCH, attention's tiles).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def autotune_enabled() -> bool:
     return not triton_interpret() and os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"
 
 
-# What `select` and `select_tiles` chose, per (kernel, options, key): decided at the first
+# What `select` and `select_variants` chose, per (kernel, options, key): decided at the first
 # launch (the environment is read then), one dictionary look-up afterwards.
 _SELECTED: dict[tuple, tuple[Any, dict]] = {}
 
@@ -74,38 +74,25 @@ def select(kernel, options: tuple[int, ...], key: tuple[str, ...]) -> tuple[Any,
     return chosen
 
 
-def select_variants(kernel, options: tuple[tuple[tuple, int], ...],
-                    key: tuple[str, ...]) -> tuple[Any, dict]:
-    """Like `select`, over options that also set constexprs: (((name, value), ...), warps)
-    pairs (hashable, so that the choice is one dictionary look-up per launch); the first
-    option's settings as launch keywords where autotune is off."""
+def _settings(warps: int, stages: int | None = None) -> dict:
+    return {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+
+
+def select_variants(kernel, options: tuple[tuple, ...], key: tuple[str, ...]) -> tuple[Any, dict]:
+    """Like `select`, over options that also set constexprs: (((name, value), ...), warps) or
+    (((name, value), ...), warps, stages) tuples (hashable, so that the choice is one dictionary
+    look-up per launch: the LayerNorm backwards' PREFETCH, attention's tiles). The first
+    option's settings as launch keywords where autotune is off, else an autotuner (the launch
+    then passes none of them, and a grid that depends on them is a function of the chosen
+    ones)."""
     cache_key = (kernel, options, key)
     chosen = _SELECTED.get(cache_key)
     if chosen is None:
         if len(options) == 1 or not autotune_enabled():
-            constexprs, warps = options[0]
-            chosen = kernel, {**dict(constexprs), "num_warps": warps}
+            constexprs, *settings = options[0]
+            chosen = kernel, {**dict(constexprs), **_settings(*settings)}
         else:
-            configs = [triton.Config(dict(c), num_warps=w) for c, w in options]
-            chosen = triton.autotune(configs=configs, key=list(key))(kernel), {}
-        _SELECTED[cache_key] = chosen
-    return chosen
-
-
-def select_tiles(kernel, tiles: tuple[tuple[dict, int, int], ...],
-                 key: tuple[str, ...]) -> tuple[Any, dict]:
-    """Like `select`, over tiles given as (constexprs, num_warps, num_stages): the first
-    tile's settings as launch keywords where autotune is off, else an autotuner (the launch
-    then passes none of them, and a grid that depends on them is a function of the chosen
-    ones)."""
-    cache_key = (kernel, tuple((tuple(sorted(c.items())), w, n) for c, w, n in tiles), key)
-    chosen = _SELECTED.get(cache_key)
-    if chosen is None:
-        first, warps, stages = tiles[0]
-        if len(tiles) == 1 or not autotune_enabled():
-            chosen = kernel, {**first, "num_warps": warps, "num_stages": stages}
-        else:
-            configs = [triton.Config(dict(c), num_warps=w, num_stages=n) for c, w, n in tiles]
+            configs = [triton.Config(dict(c), **_settings(*s)) for c, *s in options]
             chosen = triton.autotune(configs=configs, key=list(key))(kernel), {}
         _SELECTED[cache_key] = chosen
     return chosen

@@ -64,8 +64,8 @@ def test_attention_registry_covers_every_launch_config():
                     (attention._attention_bwd_dkdv_kernel,
                      attention._backward_options("dkdv", head_dim, dtype))):
                 for constexprs, warps, stages in options:
-                    key = (kernel, name, tuple(sorted({**constexprs, "IEEE": ieee}.items())),
-                           warps, stages)
+                    constexprs = {**dict(constexprs), "IEEE": ieee}
+                    key = (kernel, name, tuple(sorted(constexprs.items())), warps, stages)
                     assert key in listed, (dtype, head_dim, kernel.__name__, constexprs)
             block_d = max(16, 1 << (head_dim - 1).bit_length())
             delta = {"BLOCK_R": attention.DELTA_BLOCK // block_d, "BLOCK_D": block_d}

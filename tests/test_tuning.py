@@ -29,8 +29,8 @@ def test_autotune_off_launches_the_first_option(fresh_selection):
     fresh_selection.setenv(tuning.AUTOTUNE_ENV_VAR, "0")
     kernel = layernorm_op._layernorm_modulate_fwd_kernel
     assert tuning.select(kernel, (8, 4), ("D",)) == (kernel, {"num_warps": 8})
-    tiles = (({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 3))
-    assert tuning.select_tiles(kernel, tiles, ("N",)) == (
+    tiles = (((("BLOCK_M", 64),), 4, 2), ((("BLOCK_M", 128),), 8, 3))
+    assert tuning.select_variants(kernel, tiles, ("N",)) == (
         kernel, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2})
     variants = core.bwd_options(2048, 2, layernorm_op.MAX_PER_THREAD)
     assert tuning.select_variants(kernel, variants, ("D",)) == (
@@ -51,6 +51,11 @@ def test_autotune_on_wraps_the_kernel_once_per_options_and_key(fresh_selection):
     assert [(c.kwargs, c.num_warps) for c in tuner.configs] == [
         (dict(constexprs), warps) for constexprs, warps in variants]
     assert {c.kwargs["PREFETCH"] for c in tuner.configs} == {False, True}
+    tiles = (((("BLOCK_M", 64),), 4, 2), ((("BLOCK_M", 128),), 8, 3))  # with pipeline stages
+    tuner, launch_keywords = tuning.select_variants(kernel, tiles, ("N",))
+    assert isinstance(tuner, triton.runtime.autotuner.Autotuner) and launch_keywords == {}
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs] == [
+        ({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 3)]
 
 
 def _force_option(monkeypatch, index: int) -> None:
@@ -150,8 +155,8 @@ def test_every_attention_forward_option_computes_attention(head_dim, option, dty
     if option >= len(options):
         pytest.skip(f"{len(options)} forward options for head dim {head_dim} in {dtype}")
     constexprs, warps, stages = options[option]
-    monkeypatch.setattr(tuning, "select_tiles", lambda kernel, tiles, key: (
-        kernel, {**constexprs, "num_warps": warps, "num_stages": stages}))
+    monkeypatch.setattr(tuning, "select_variants", lambda kernel, tiles, key: (
+        kernel, {**dict(constexprs), "num_warps": warps, "num_stages": stages}))
     q, k, v = _attention_inputs(head_dim, dtype, generator)
     out = attention_op.attention(q, k, v, backend="triton")
     expected = attention_op.reference(q.double(), k.double(), v.double(), head_dim ** -0.5)
@@ -176,9 +181,9 @@ def test_every_attention_backward_option_computes_the_gradients(kernel, head_dim
 
     def forced(launched, tiles, key):
         constexprs, warps, stages = options[option] if launched is target else tiles[0]
-        return launched, {**constexprs, "num_warps": warps, "num_stages": stages}
+        return launched, {**dict(constexprs), "num_warps": warps, "num_stages": stages}
 
-    monkeypatch.setattr(tuning, "select_tiles", forced)
+    monkeypatch.setattr(tuning, "select_variants", forced)
     inputs = _attention_inputs(head_dim, dtype, generator, grad=True)
     dout = torch.randn(inputs[0].shape, generator=generator).to(inputs[0].device, dtype)
     attention_op.attention(*inputs, backend="triton").backward(dout)

@@ -19,6 +19,7 @@ Which one runs by default on each device is onestep_kernels.preferences' table.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -157,6 +158,10 @@ def _attention_bwd_delta_kernel(O, DO, DELTA, R, HEAD_DIM, BLOCK_R: tl.constexpr
 DELTA_BLOCK = 4096  # elements per program of the delta kernel (32 a thread at 4 warps)
 
 
+def _delta_constexprs(block_d: int) -> dict:
+    return {"BLOCK_R": DELTA_BLOCK // block_d, "BLOCK_D": block_d}
+
+
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -252,11 +257,16 @@ def _attention_bwd_dq_kernel(
         _store_rows(DQ, dq_e * scale, rows, row_ok, dims_e, HEAD_DIM)
 
 
+def _head_block(head_dim: int) -> int:
+    """The one power-of-two block that covers a head dim."""
+    return max(16, next_power_of_2(head_dim))
+
+
 def _covers(head_dim: int, dtype: torch.dtype) -> tuple[dict, ...]:
     """How the kernels may cover the head dim: one power-of-two block (BLOCK_E 0) first, then,
     in fp16/bf16 where two blocks pad less, those: 72 -> 64 + 16, 96 -> 64 + 32, 40 -> 32 +
     16 (64, 100 -> one block). Autotune picks between them (fp32 keeps its one block)."""
-    whole = max(16, next_power_of_2(head_dim))
+    whole = _head_block(head_dim)
     covers = ({"BLOCK_D": whole, "BLOCK_E": 0},)
     low = whole // 2
     if dtype == torch.float32 or head_dim <= low or low < 16:
@@ -268,7 +278,7 @@ def _covers(head_dim: int, dtype: torch.dtype) -> tuple[dict, ...]:
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for a head dim in one block; smaller tiles where fp32 accumulators and IEEE
     products would otherwise spill (checked by onestep_kernels.aot)."""
-    block_d = max(16, next_power_of_2(head_dim))
+    block_d = _head_block(head_dim)
     if dtype == torch.float32:  # IEEE fp32 products on fp32 tiles: the most registers
         block, warps = 16, (8 if block_d >= 64 else 4)
     else:
@@ -276,25 +286,31 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "num_warps": warps}
 
 
-def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[dict, int, int], ...]:
+def _hashable(options) -> tuple:
+    """(constexprs dict, warps, stages) options as tuning.select_variants takes them."""
+    return tuple((tuple(constexprs.items()), *settings) for constexprs, *settings in options)
+
+
+@functools.cache  # asked at every launch
+def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[tuple, int, int], ...]:
     """The forward's options that autotune picks from on a GPU, keyed on the sequence lengths
-    and head dim, as (constexprs, num_warps, num_stages): the fixed launch config in one head
-    block first (what the interpreter and ONESTEP_AUTOTUNE=0 run), then the larger tiles that
-    flash attention's kernels use on sm_80/sm_90 (query blocks of 64-128 rows, key blocks of
-    32-64; 128 rows need 8 warps, at 4 they spill), in each cover of the head dim (`_covers`;
-    split in two, the 32 x 32 tile spills on sm_90), each free of spills (onestep_kernels.aot).
-    fp32 (IEEE products) keeps its one small tile."""
+    and head dim, as ((constexpr pairs), num_warps, num_stages): the fixed launch config in one
+    head block first (what the interpreter and ONESTEP_AUTOTUNE=0 run), then the larger tiles
+    that flash attention's kernels use on sm_80/sm_90 (query blocks of 64-128 rows, key blocks
+    of 32-64; 128 rows need 8 warps, at 4 they spill), in each cover of the head dim
+    (`_covers`; split in two, the 32 x 32 tile spills on sm_90), each free of spills
+    (onestep_kernels.aot). fp32 (IEEE products) keeps its one small tile."""
     cfg = _launch_config(head_dim, dtype)
     fixed = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, cfg["num_warps"], 3)
     covers = _covers(head_dim, dtype)
     if dtype == torch.float32:
-        return (({**fixed[0], **covers[0]}, *fixed[1:]),)
+        return _hashable([({**fixed[0], **covers[0]}, *fixed[1:])])
     larger = tuple(({"BLOCK_M": m, "BLOCK_N": n}, w, stages)
                    for m, n, w, stages in ((64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)))
     tiles = (fixed,) + tuple(t for t in larger if t[0] != fixed[0])
-    return tuple(({**tile, **cover}, warps, stages) for cover in covers
-                 for tile, warps, stages in tiles
-                 if not (cover["BLOCK_E"] and tile == {"BLOCK_M": 32, "BLOCK_N": 32}))
+    return _hashable(({**tile, **cover}, warps, stages) for cover in covers
+                     for tile, warps, stages in tiles
+                     if not (cover["BLOCK_E"] and tile == {"BLOCK_M": 32, "BLOCK_N": 32}))
 
 
 # The backward's tiles beyond the fixed one, as (BLOCK_M, BLOCK_N, warps), for a head dim
@@ -308,24 +324,24 @@ _BACKWARD_TILES = {
 }
 
 
+@functools.cache  # asked at every launch
 def _backward_options(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple:
     """The options of backward kernel `kernel` ("dq" or "dkdv") that autotune picks from, as
-    (constexprs, num_warps, num_stages): the fixed launch config in one head block first, then
-    the larger tiles, in each cover of the head dim for the dQ kernel (`_covers`; the dK/dV
+    ((constexpr pairs), num_warps, num_stages): the fixed launch config in one head block first,
+    then the larger tiles, in each cover of the head dim for the dQ kernel (`_covers`; the dK/dV
     kernel keeps one block: in two, its eight tiles along the head dim spill on sm_90). fp32
     keeps its one small tile."""
     cfg = _launch_config(head_dim, dtype)
     fixed = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"])
-    covers = _covers(head_dim, dtype) if kernel == "dq" else _covers(head_dim, dtype)[:1]
+    covers = (_covers(head_dim, dtype) if kernel == "dq"
+              else ({"BLOCK_D": _head_block(head_dim)},))  # (that kernel has no BLOCK_E)
     options = []
     for cover in covers:
+        wide = cover["BLOCK_D"] + cover.get("BLOCK_E", 0) > 64
         tiles = (fixed,) if dtype == torch.float32 else (fixed,) + tuple(
-            t for t in _BACKWARD_TILES[kernel][cover["BLOCK_D"] + cover["BLOCK_E"] > 64]
-            if t[:2] != fixed[:2])
+            t for t in _BACKWARD_TILES[kernel][wide] if t[:2] != fixed[:2])
         options += [({"BLOCK_M": m, "BLOCK_N": n, **cover}, warps, 3) for m, n, warps in tiles]
-    if kernel == "dkdv":  # (its kernel has no BLOCK_E)
-        options = [({k: v for k, v in c.items() if k != "BLOCK_E"}, w, n) for c, w, n in options]
-    return tuple(options)
+    return _hashable(options)
 
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -346,15 +362,15 @@ def triton_configs():
                     ("bwd_dkdv", _attention_bwd_dkdv_kernel,
                      _backward_options("dkdv", head_dim, dtype))):
                 for constexprs, warps, stages in options:
-                    label = ",".join(f"{k}={v}" for k, v in constexprs.items())
+                    label = ",".join(f"{k}={v}" for k, v in constexprs)
                     config_name = f"attention_{kname}[{name},{label},warps={warps}]"
                     found.setdefault(config_name, KernelConfig(
-                        config_name, kernel, name, {**constexprs, "IEEE": ieee}, warps,
+                        config_name, kernel, name, {**dict(constexprs), "IEEE": ieee}, warps,
                         fp32=("LSE",) if kname == "fwd" else ("LSE", "DELTA"),
                         num_stages=stages))
         block_d = 16
         while block_d <= top:
-            constexprs = {"BLOCK_R": DELTA_BLOCK // block_d, "BLOCK_D": block_d}
+            constexprs = _delta_constexprs(block_d)
             config_name = f"attention_bwd_delta[{name},BLOCK_D={block_d}]"
             found[config_name] = KernelConfig(config_name, _attention_bwd_delta_kernel, name,
                                               constexprs, 4, fp32=("DELTA",))
@@ -378,8 +394,8 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
 def _triton_fwd(q, k, v, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
-    kernel, options = tuning.select_tiles(_attention_fwd_kernel, _forward_tiles(Dh, q.dtype),
-                                          _TUNING_KEY)
+    kernel, options = tuning.select_variants(_attention_fwd_kernel, _forward_tiles(Dh, q.dtype),
+                                             _TUNING_KEY)
     out = _new_output(q, "triton")
     lse = q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -397,20 +413,19 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     NK = k.shape[2]
     dout = dout.contiguous()
     delta = q.new_empty((B, H, N), dtype=torch.float32)  # rowsum(dO * O)
-    block_d = max(16, next_power_of_2(Dh))
-    block_r = DELTA_BLOCK // block_d
-    _attention_bwd_delta_kernel[(cdiv(B * H * N, block_r),)](
-        out, dout, delta, B * H * N, Dh, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    constexprs = _delta_constexprs(_head_block(Dh))
+    _attention_bwd_delta_kernel[(cdiv(B * H * N, constexprs["BLOCK_R"]),)](
+        out, dout, delta, B * H * N, Dh, **constexprs, num_warps=4)
     dq = q.new_empty((B, H, N, Dh))
     dk = q.new_empty((B, H, NK, Dh))
     dv = q.new_empty((B, H, NK, Dh))
     ieee = q.dtype == torch.float32
     strides = (*_strides(q), *_strides(k), *_strides(v))
-    kernel, options = tuning.select_tiles(
+    kernel, options = tuning.select_variants(
         _attention_bwd_dkdv_kernel, _backward_options("dkdv", Dh, q.dtype), _TUNING_KEY)
     kernel[lambda meta: (cdiv(NK, meta["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, *strides, H, N, NK, Dh, scale, IEEE=ieee, **options)
-    kernel, options = tuning.select_tiles(
+    kernel, options = tuning.select_variants(
         _attention_bwd_dq_kernel, _backward_options("dq", Dh, q.dtype), _TUNING_KEY)
     kernel[lambda meta: (cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, IEEE=ieee, **options)
