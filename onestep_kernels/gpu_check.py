@@ -479,8 +479,8 @@ def row_host(row: Row) -> None:
 def row_autotune(row: Row) -> None:
     """What autotune chose for each Triton kernel this process launched (the benchmark rows'
     shapes, run before this row), beside every option's time as Triton measured it at the
-    last shape it tuned: which warp counts and variants (the LayerNorm backwards' PREFETCH)
-    win on this GPU, and by how much."""
+    last shape it tuned: which warp counts, variants (the LayerNorm backwards' PREFETCH) and
+    tiles (attention's, with its head-dim covers) win on this GPU, and by how much."""
     from . import tuning
 
     for (kernel, _options, _key), (launched, _keywords) in list(tuning._SELECTED.items()):

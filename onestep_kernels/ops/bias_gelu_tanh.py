@@ -243,13 +243,6 @@ def apply(backend: Backend, x: Tensor, bias: Tensor, grad: bool | None = None) -
 # fc1 of a DiT MLP: the bias-free product, then the op
 
 
-def _linear_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of F.linear(x, weight): autocast's where it is on for x's device."""
-    if checks.any_autocast() and checks.autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class _LinearBiasGeluTanh(torch.autograd.Function):
     """GELU_tanh(F.linear(x, weight) + bias) as one autograd node: PyTorch's product (cuBLAS on
     a GPU), then the op. The product's backward is written out as autograd would run it (dx =
@@ -260,7 +253,7 @@ class _LinearBiasGeluTanh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend):
-        dtype = _linear_dtype(x)
+        dtype = checks.compute_dtype(checks.LOWER, (x,))  # F.linear's: autocast's where it is on
         x, weight = checks.cast(x, dtype), checks.cast(weight, dtype)  # autocast's casts
         u = torch.nn.functional.linear(x, weight)
         bias = checks.cast(bias, u.dtype)
@@ -288,7 +281,8 @@ def linear_apply(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     too, bias cast to the product's). An eager call with gradients records one autograd node
     (_LinearBiasGeluTanh); otherwise the product, then `apply`."""
     if needs_grad(x, weight, bias) and not torch.compiler.is_compiling():
-        impl = OP.resolve(None, x.device, _linear_dtype(x), weight.shape[0], True)
+        impl = OP.resolve(None, x.device, checks.compute_dtype(checks.LOWER, (x,)),
+                          weight.shape[0], True)
         if not impl.is_expression:
             return _linear_apply_with_grad(x, weight, bias, impl)
     u = torch.nn.functional.linear(x, weight)
