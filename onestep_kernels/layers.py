@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checks
+from . import block_nodes, checks
 from .ops import attention as attention_op
 from .ops import bias_gelu_tanh as bias_gelu_tanh_op
 from .ops import fused_linear as fused_linear_op
@@ -195,16 +195,21 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     branch = checks.cast(attention(h), dtype).contiguous()
     grad = grad or branch.requires_grad
     impl = gated_op.OP.resolve(None, device, dtype, D, grad)
-    x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps, grad)
     weight, bias = _linear_parameters(fc1) if _plain_linear(fc1) else (None, None)
-    if bias is not None:
-        if _gelu_epilogue(h, weight, bias):
+    # With gradients: the gated op and fc1 as one autograd node where it can run
+    fused = (block_nodes.gated_mlp_input(x, branch, g1, sh2, sc2, weight, bias, mlp_norm_eps,
+                                         impl) if grad and bias is not None else None)
+    if fused is not None:
+        x, hidden = fused
+    else:
+        x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps, grad)
+        if bias is None:
+            hidden = F.gelu(fc1(h), approximate="tanh")
+        elif _gelu_epilogue(h, weight, bias):
             hidden = torch._addmm_activation(bias, h.reshape(B * N, D), weight.t(),
                                              use_gelu=True).view(B, N, -1)
         else:
             hidden = bias_gelu_tanh_op.linear_apply(h, weight, bias)
-    else:
-        hidden = F.gelu(fc1(h), approximate="tanh")
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
 
 
@@ -265,12 +270,13 @@ class FusedDiTBlock(DiTBlock):
 
     Memory-bound steps fused: the first modulated LayerNorm is one op, the attention branch's
     gated residual and the second modulated LayerNorm are one op, fc1's bias and GELU are one
-    op (with its bias-free product one autograd node; for inference on CUDA in half
-    precision, cuBLASLt's epilogue of fc1's product: `_gelu_epilogue`), the MLP's gated
-    residual is one `addcmul`. Attention is onestep's attention op on q, k, v views of the
-    QKV projection, on its default backend (onestep_kernels.preferences); the matrix products
-    are PyTorch's, through the Linear modules (fc1's product through its parameters where
-    fc1 is a bare nn.Linear).
+    op (for inference on CUDA in half precision, cuBLASLt's epilogue of fc1's product:
+    `_gelu_epilogue`), the MLP's gated residual is one `addcmul`. With gradients, where fc1
+    is a bare nn.Linear, the gated op, fc1's bias-free product and the bias+GELU op record one
+    autograd node (`onestep_kernels.block_nodes`). Attention is onestep's attention op on q,
+    k, v views of the QKV projection, on its default backend (onestep_kernels.preferences);
+    the matrix products are PyTorch's, through the Linear modules (fc1's product through its
+    parameters where fc1 is a bare nn.Linear).
 
     fuse_linears=True folds those steps into the four matrix products instead
     (`onestep_kernels.fused_linear`: the modulated LayerNorms in the prologues of QKV and fc1,
