@@ -34,12 +34,14 @@ class _GatedMlpInput(torch.autograd.Function):
     def forward(ctx, x, y, gate, shift, scale, weight, bias, eps, backends):
         gated, gelu = backends
         res, h, stats = gated_op._forward(gated, x, y, gate, shift, scale, eps)
-        # fc1 as linear_apply runs it: F.linear's dtype (autocast's where it is on), the
-        # bias cast to the product's
-        dtype = checks.compute_dtype(checks.LOWER, (h,))
-        h, weight = checks.cast(h, dtype), checks.cast(weight, dtype)
+        # fc1 as linear_apply runs it: in h's dtype, or autocast's where it is on; the bias
+        # cast to the product's
+        if weight.dtype is not h.dtype or checks.any_autocast():
+            dtype = checks.compute_dtype(checks.LOWER, (h,))
+            h, weight = checks.cast(h, dtype), checks.cast(weight, dtype)
         u = torch.nn.functional.linear(h, weight)
-        bias = checks.cast(bias, u.dtype)
+        if bias.dtype is not u.dtype:
+            bias = bias.to(u.dtype)
         ctx.save_for_backward(res, y, gate, scale, stats, h, weight, u, bias)
         ctx.backends = backends
         return res, gelu_op._forward(gelu, u, bias)
@@ -72,8 +74,8 @@ def gated_mlp_input(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Te
     autograd differentiates itself): the caller then runs the two ops."""
     if gated.is_expression or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return None
-    gelu = gelu_op.OP.resolve(None, x.device, checks.compute_dtype(checks.LOWER, (x,)),
-                              weight.shape[0], True)
+    dtype = checks.compute_dtype(checks.LOWER, (x,)) if checks.any_autocast() else x.dtype
+    gelu = gelu_op.OP.resolve(None, x.device, dtype, weight.shape[0], True)
     if gelu.is_expression:
         return None
     return _gated_mlp_input(x, y, gate, shift, scale, weight, bias, eps, (gated, gelu))

@@ -159,10 +159,24 @@ class Op:
     def resolve(self, backend: str | None, device: torch.device, dtype: torch.dtype, width: int,
                 needs_grad: bool) -> Backend:
         """The backend that runs a call; ValueError if the one asked for cannot."""
-        requested, source = (backend, "backend") if backend is not None else _requested()
         if torch.compiler.is_compiling():  # resolved once, outside the traced graph
+            requested, source = (backend, "backend") if backend is not None else _requested()
             return self.backends[_resolve_name(self.name, requested, source, str(device), dtype,
                                                width, needs_grad)]
+        if backend is None and not _open_contexts[0]:
+            # The usual call, which asks for nothing itself: its key holds the environment
+            # variable's raw value (decoded only when the key is new), so that the hot path
+            # is one look-up in the environment and one here (~0.3 us less per op call).
+            key = (_ENV_DATA.get(_ENV_KEY), device, dtype, width, needs_grad)
+            found = self._cache.get(key)
+            if found is None:
+                found = self._cache[key] = self._cached(*_requested(), device, dtype, width,
+                                                        needs_grad)
+            return found
+        requested, source = (backend, "backend") if backend is not None else _requested()
+        return self._cached(requested, source, device, dtype, width, needs_grad)
+
+    def _cached(self, requested, source, device, dtype, width, needs_grad) -> Backend:
         key = (requested, source, device, dtype, width, needs_grad)
         found = self._cache.get(key)
         if found is None:
@@ -296,13 +310,15 @@ def _requested() -> tuple[str, str]:
 _ENV_DATA = getattr(os.environ, "_data", None)
 if isinstance(_ENV_DATA, dict):
     _ENV_KEY = os.environ.encodekey(ENV_VAR)
-
-    def _environment_backend() -> str:
-        value = _ENV_DATA.get(_ENV_KEY)
-        return "" if value is None else os.environ.decodevalue(value)
 else:
-    def _environment_backend() -> str:
-        return os.environ.get(ENV_VAR, "")
+    _ENV_DATA, _ENV_KEY = os.environ, ENV_VAR
+
+
+def _environment_backend() -> str:
+    value = _ENV_DATA.get(_ENV_KEY)
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else os.environ.decodevalue(value)
 
 
 def available_backends() -> dict[str, str]:

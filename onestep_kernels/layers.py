@@ -184,15 +184,19 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
         if fused is not None:
             return fused
     device = x.device
-    dtype = checks.compute_dtype(checks.LAYER_NORM, (x, modulation))
-    if not (x.dtype is modulation.dtype is dtype):
-        x, modulation = x.to(dtype), modulation.to(dtype)
+    dtype = x.dtype
+    if modulation.dtype is not dtype or checks.any_autocast():
+        dtype = checks.compute_dtype(checks.LAYER_NORM, (x, modulation))
+        x, modulation = checks.cast(x, dtype), checks.cast(modulation, dtype)
     sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=1)
     grad = needs_grad(x, modulation)
 
     impl = layernorm_modulate_op.OP.resolve(None, device, dtype, D, grad)
     h = layernorm_modulate_op.apply(impl, x, sh1, sc1, eps, grad)
-    branch = checks.cast(attention(h), dtype).contiguous()
+    branch = attention(h)
+    if branch.dtype is not dtype:
+        branch = branch.to(dtype)
+    branch = branch.contiguous()
     grad = grad or branch.requires_grad
     impl = gated_op.OP.resolve(None, device, dtype, D, grad)
     weight, bias = _linear_parameters(fc1) if _plain_linear(fc1) else (None, None)
