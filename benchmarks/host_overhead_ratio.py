@@ -7,17 +7,21 @@ ratio within a round (paired: the load of the moment divides out), with its 10th
 percentile range. A steadier companion to `pytest benchmarks/test_host_overhead.py` for the
 issue's targets (the ops at most 3x F.layer_norm, FusedDiTBlock at most the reference block).
 
-    python benchmarks/host_overhead_ratio.py [--device cuda] [--profile]
+    python benchmarks/host_overhead_ratio.py [--device cuda] [--profile] [--opcodes]
 
 On CUDA the calls are launches that queue work (their host time, the GPU barely busy);
-`--profile` adds where the host time of a few calls goes (cProfile, by own time).
+`--profile` adds where the host time of a few calls goes (cProfile, by own time);
+`--opcodes` the Python bytecode one call of each executes (sys.settrace opcode events), by
+function: a count that does not move with the machine's load, unlike the times.
 """
 
 import argparse
+import collections
 import cProfile
 import pstats
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -56,6 +60,27 @@ def ratios(times: dict, name: str, base: str) -> str:
     return (f"{min(times[name]) / min(times[base]):5.2f}x best, "
             f"{statistics.median(paired):5.2f}x paired ({paired[n // 10]:.2f}-"
             f"{paired[(9 * n) // 10]:.2f})")
+
+
+def opcodes(call, top: int = 12) -> tuple[int, list]:
+    """Python opcodes one call executes (after warm-up), in all and by function."""
+    for _ in range(3):
+        call()
+    counts = collections.Counter()
+
+    def tracer(frame, event, arg):
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            counts[f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return sum(counts.values()), counts.most_common(top)
 
 
 def profile(calls: dict, names: list, repeat: int = 2000, lines: int = 18) -> None:
@@ -122,6 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--opcodes", action="store_true")
     args = parser.parse_args()
     # (not torch.set_default_device: its TorchFunctionMode would run inside every call)
     def randn(*shape):
@@ -168,6 +194,13 @@ def main() -> None:
         base = name.replace("FusedDiTBlock", "reference DiTBlock")
         print(f"{name:46s} {min(t):7.1f} us  {ratios(blocks, name, base)}")
     triton_launchers(randn)
+    if args.opcodes:
+        calls.update({"reference DiTBlock (autograd)": lambda: reference(xbg, c),
+                      "FusedDiTBlock (autograd)": lambda: fused(xbg, c)})
+        print("\nPython opcodes per call (the busiest functions after each):")
+        for name, call in calls.items():
+            total, top = opcodes(call)
+            print(f"{name:46s} {total:6d}   " + ", ".join(f"{f} {n}" for f, n in top[:4]))
     if args.profile:
         calls.update({"FusedDiTBlock": lambda: fused(xb, c),
                       "FusedDiTBlock (autograd)": lambda: fused(xbg, c)})
