@@ -608,18 +608,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
     checks.tensor("q", q, (4,))
     checks.tensor("k", k, (4,))
     checks.tensor("v", v, (4,))
-    checks.same_device("k", k, q, "q")
-    checks.same_device("v", v, q, "q")
+    device = q.device
+    if not (k.device == v.device == device):
+        checks.same_device("k", k, q, "q")
+        checks.same_device("v", v, q, "q")
     B, H, N, Dh = q.shape
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != Dh:
+    k_shape = k.shape  # (each .shape makes a new torch.Size)
+    if k_shape[0] != B or k_shape[1] != H or k_shape[3] != Dh:
         raise ValueError(f"k: expected shape ({B}, {H}, Nk, {Dh}) for q of shape "
-                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+                         f"{tuple(q.shape)}, got {tuple(k_shape)}")
+    if v.shape != k_shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k_shape)}, got {tuple(v.shape)}")
     if Dh == 0:
         raise ValueError(f"q: the head dimension must be positive, got shape {tuple(q.shape)}")
     scale = Dh ** -0.5 if scale is None else checks.positive_float("scale", scale)
-    dtype = checks.compute_dtype(checks.LOWER, (q, k, v))
-    if not (q.dtype is k.dtype is v.dtype is dtype):
+    dtype = q.dtype
+    if not (k.dtype is v.dtype is dtype) or checks.any_autocast():
+        dtype = checks.compute_dtype(checks.LOWER, (q, k, v))
         q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
-    return apply(OP.resolve(backend, q.device, dtype, Dh, needs_grad(q, k, v)), q, k, v, scale)
+    return apply(OP.resolve(backend, device, dtype, Dh, needs_grad(q, k, v)), q, k, v, scale)
