@@ -82,18 +82,22 @@ def test_is_one_node_that_agrees_with_the_two_it_replaces(generator):
 
 
 def test_follows_autocast_like_the_two_nodes(generator):
-    """Under CPU bf16 autocast fc1's product runs in bf16 as F.linear's would, the LayerNorm
-    in fp32; outputs and gradients (in the inputs' dtypes) as the two separate nodes give."""
-    inputs = _inputs(generator)
+    """Under bf16 autocast (CUDA with Triton where there is a GPU, else the CPU kernels) fc1's
+    product runs in bf16 as F.linear's would, the LayerNorm in fp32; outputs and gradients
+    (in the inputs' dtypes) as the two separate nodes give."""
+    backend = "triton" if torch.cuda.is_available() else "cpu"
+    dev = backend_device(backend, "gated_residual_layernorm_modulate")
+    inputs = [t.to(dev) for t in _inputs(generator)]
     results = []
     for fused in (True, False):
         ins = [t.clone().requires_grad_() for t in inputs]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             if fused:
-                res, hidden = _run("cpu", ins)
+                res, hidden = _run(backend, ins)
             else:
-                res, h = ok.gated_residual_layernorm_modulate(*ins[:5], EPS, backend="cpu")
-                hidden = gelu_op.linear_apply(h, *ins[5:])
+                res, h = ok.gated_residual_layernorm_modulate(*ins[:5], EPS, backend=backend)
+                with ok.use_backend(backend):
+                    hidden = gelu_op.linear_apply(h, *ins[5:])
         (res.square().sum() + hidden.float().square().sum()).backward()
         results.append(((res, hidden), [t.grad for t in ins]))
     ((res, hidden), grads), ((ref_res, ref_hidden), ref_grads) = results
