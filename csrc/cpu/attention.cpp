@@ -189,8 +189,7 @@ int fwd(const AttentionFwdParams& p, int num_threads) {
   splits = splits < 1 ? 1 : (splits > blocks ? blocks : splits);
   const int64_t blocks_per_split = (blocks + splits - 1) / splits;
   int failed = 0;
-#pragma omp parallel num_threads(num_threads)
-  {
+  parallel_region(num_threads, [&] {
     FloatBuffer kt_buf(D * NKp), v_buf(NK * Dp), q_buf(kMR * Dp), s_buf(kMR * NKp),
         o_buf(kMR * Dp);
     const bool ok = !(kt_buf.failed() || v_buf.failed() || q_buf.failed() || s_buf.failed() ||
@@ -244,7 +243,7 @@ int fwd(const AttentionFwdParams& p, int num_threads) {
         }
       }
     }
-  }
+  });
   return failed ? kOutOfMemory : kOk;
 }
 
@@ -269,8 +268,7 @@ int bwd(const AttentionBwdParams& p, int num_threads) {
   const int64_t QB = kQueryBlock;
   if (B * H == 0 || N == 0) return kOk;
   int failed = 0;
-#pragma omp parallel num_threads(num_threads)
-  {
+  parallel_region(num_threads, [&] {
     FloatBuffer kt_buf(D * KC), vt_buf(D * KC), kr_buf(KC * Dp), dk_buf(KC * Dp),
         dv_buf(KC * Dp), q_buf(QB * Dp), do_buf(QB * Dp), p_buf(QB * KC), ds_buf(QB * KC),
         dq_buf(N * Dp), stat_buf(2 * QB);
@@ -347,7 +345,7 @@ int bwd(const AttentionBwdParams& p, int num_threads) {
         for (int64_t d = 0; d < D; ++d) dqr[d] = from_float<T>(dqa[i * Dp + d] * scale);
       }
     }
-  }
+  });
   return failed ? kOutOfMemory : kOk;
 }
 

@@ -61,6 +61,19 @@ inline void parallel_for(int num_threads, int64_t count, const Body& body) {
   for (int64_t i = 0; i < count; ++i) body(i);
 }
 
+// region() as one OpenMP parallel region on num_threads threads, or called right here when
+// there is one thread (a region for a team of one costs ~0.6 us); worksharing loops inside
+// region() are orphaned: they bind to the region, or run on this thread alone without one.
+template <typename Region>
+inline void parallel_region(int num_threads, const Region& region) {
+  if (num_threads <= 1) {
+    region();
+    return;
+  }
+#pragma omp parallel num_threads(num_threads)
+  region();
+}
+
 // parallel_for that also tells the body its thread (body(i, thread): per-thread scratch rows)
 // and runs finish() on each thread after its share (a fence after streaming stores).
 template <typename Body, typename Finish>
