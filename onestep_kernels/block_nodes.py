@@ -11,7 +11,8 @@ the next and nothing can observe it in between, the two steps can be one node:
   fc1, so the block records one node where it recorded two.
 
 The nodes run the ops' own launchers forward and backward (the same kernels, in the same
-order, as the two separate nodes) and write the product's backward out as autograd would.
+order, as the two separate nodes); fc1's steps are bias_gelu_tanh's `fc1_forward` and
+`fc1_backward`, which its own one-node fc1 (`linear_apply`) runs too.
 """
 
 from __future__ import annotations
@@ -34,30 +35,21 @@ class _GatedMlpInput(torch.autograd.Function):
     def forward(ctx, x, y, gate, shift, scale, weight, bias, eps, backends):
         gated, gelu = backends
         res, h, stats = gated_op._forward(gated, x, y, gate, shift, scale, eps)
-        # fc1 as linear_apply runs it: in h's dtype, or autocast's where it is on; the bias
-        # cast to the product's
-        if weight.dtype is not h.dtype or checks.any_autocast():
-            dtype = checks.compute_dtype(checks.LOWER, (h,))
-            h, weight = checks.cast(h, dtype), checks.cast(weight, dtype)
-        u = torch.nn.functional.linear(h, weight)
-        if bias.dtype is not u.dtype:
-            bias = bias.to(u.dtype)
-        ctx.save_for_backward(res, y, gate, scale, stats, h, weight, u, bias)
+        hidden, fc1_saved = gelu_op.fc1_forward(gelu, h, weight, bias)
+        ctx.save_for_backward(res, y, gate, scale, stats, *fc1_saved)
         ctx.backends = backends
-        return res, gelu_op._forward(gelu, u, bias)
+        return res, hidden
 
     @staticmethod
     def backward(ctx, dres, dhidden):
-        res, y, gate, scale, stats, h, weight, u, bias = ctx.saved_tensors
+        res, y, gate, scale, stats, *fc1_saved = ctx.saved_tensors
         gated, gelu = ctx.backends
-        du, dbias = gelu_op._backward(gelu, dhidden, u, bias)
-        dweight = None
-        if ctx.needs_input_grad[5]:
-            dweight = du.reshape(-1, du.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+        dh, dweight, dbias = gelu_op.fc1_backward(gelu, dhidden, fc1_saved, True,
+                                                  ctx.needs_input_grad[5])
         # h's gradient in the LayerNorm's dtype (fp32 under CUDA autocast, where the product
         # ran in half precision): the cast autograd would make between the two nodes
-        dh = checks.cast(du @ weight, res.dtype)
-        dx, dy, dmod = gated_op._backward(gated, dres, dh, res, y, gate, scale, stats)
+        dx, dy, dmod = gated_op._backward(gated, dres, checks.cast(dh, res.dtype), res, y, gate,
+                                          scale, stats)
         return dx, dy, *dmod.unbind(0), dweight, dbias, None, None
 
 
@@ -74,8 +66,7 @@ def gated_mlp_input(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Te
     autograd differentiates itself): the caller then runs the two ops."""
     if gated.is_expression or torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return None
-    dtype = checks.compute_dtype(checks.LOWER, (x,)) if checks.any_autocast() else x.dtype
-    gelu = gelu_op.OP.resolve(None, x.device, dtype, weight.shape[0], True)
+    gelu = gelu_op.fc1_backend(x, weight)
     if gelu.is_expression:
         return None
     return _gated_mlp_input(x, y, gate, shift, scale, weight, bias, eps, (gated, gelu))

@@ -193,10 +193,7 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
 
     impl = layernorm_modulate_op.OP.resolve(None, device, dtype, D, grad)
     h = layernorm_modulate_op.apply(impl, x, sh1, sc1, eps, grad)
-    branch = attention(h)
-    if branch.dtype is not dtype:
-        branch = branch.to(dtype)
-    branch = branch.contiguous()
+    branch = checks.cast(attention(h), dtype).contiguous()
     grad = grad or branch.requires_grad
     impl = gated_op.OP.resolve(None, device, dtype, D, grad)
     weight, bias = _linear_parameters(fc1) if _plain_linear(fc1) else (None, None)

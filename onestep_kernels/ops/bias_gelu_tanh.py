@@ -240,36 +240,61 @@ def apply(backend: Backend, x: Tensor, bias: Tensor, grad: bool | None = None) -
     return _forward(backend, x, bias)
 
 
-# fc1 of a DiT MLP: the bias-free product, then the op
+# fc1 of a DiT MLP: the bias-free product, then the op. The steps below serve linear_apply's
+# autograd node and block_nodes' node that also holds the gated op before fc1.
+
+
+def fc1_backend(x: Tensor, weight: Tensor) -> Backend:
+    """The op's default backend for fc1's output, computed in F.linear's dtype (autocast's
+    where it is on), with gradients."""
+    dtype = checks.compute_dtype(checks.LOWER, (x,)) if checks.any_autocast() else x.dtype
+    return OP.resolve(None, x.device, dtype, weight.shape[0], True)
+
+
+def fc1_forward(backend: Backend, x: Tensor, weight: Tensor,
+                bias: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """GELU_tanh(F.linear(x, weight) + bias) without recording gradients, and what its
+    backward needs: (x, weight, u, bias) with x and weight in the product's dtype (F.linear's:
+    autocast's casts where it is on), u the bias-free product, bias cast to u's dtype."""
+    if weight.dtype is not x.dtype or checks.any_autocast():
+        dtype = checks.compute_dtype(checks.LOWER, (x,))
+        x, weight = checks.cast(x, dtype), checks.cast(weight, dtype)
+    u = torch.nn.functional.linear(x, weight)
+    bias = checks.cast(bias, u.dtype)
+    return _forward(backend, u, bias), (x, weight, u, bias)
+
+
+def fc1_backward(backend: Backend, dy: Tensor, saved: tuple[Tensor, ...], need_x: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(dx, dweight, dbias) from fc1_forward's `saved`, written out as autograd would run
+    the product's backward (in the product's dtype: dx = du weight, dweight = du^T x)."""
+    x, weight, u, bias = saved
+    du, dbias = _backward(backend, dy, u, bias)
+    dx = du @ weight if need_x else None
+    dweight = (du.reshape(-1, du.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+               if need_weight else None)
+    return dx, dweight, dbias
 
 
 class _LinearBiasGeluTanh(torch.autograd.Function):
     """GELU_tanh(F.linear(x, weight) + bias) as one autograd node: PyTorch's product (cuBLAS on
-    a GPU), then the op. The product's backward is written out as autograd would run it (dx =
-    du weight, dweight = du^T x, in the product's dtype; autograd casts them to the inputs'
+    a GPU), then the op (fc1_forward, fc1_backward; autograd casts the gradients to the inputs'
     dtypes, as it does through autocast's casts). One node where the product alone records
     four (the weight's transpose, two flattening views, mm): ~3 us less host time per call
     (dev VM)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend):
-        dtype = checks.compute_dtype(checks.LOWER, (x,))  # F.linear's: autocast's where it is on
-        x, weight = checks.cast(x, dtype), checks.cast(weight, dtype)  # autocast's casts
-        u = torch.nn.functional.linear(x, weight)
-        bias = checks.cast(bias, u.dtype)
-        ctx.save_for_backward(x, weight, u, bias)
+        y, saved = fc1_forward(backend, x, weight, bias)
+        ctx.save_for_backward(*saved)
         ctx.backend = backend
-        return _forward(backend, u, bias)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, u, bias = ctx.saved_tensors
-        du, dbias = _backward(ctx.backend, dy, u, bias)
-        need_x, need_weight = ctx.needs_input_grad[:2]  # (dbias comes with du anyway)
-        dx = du @ weight if need_x else None
-        dweight = (du.reshape(-1, du.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-                   if need_weight else None)
-        return dx, dweight, dbias, None
+        # (dbias comes with du anyway)
+        return (*fc1_backward(ctx.backend, dy, ctx.saved_tensors, *ctx.needs_input_grad[:2]),
+                None)
 
 
 _linear_apply_with_grad = eager_apply(_LinearBiasGeluTanh, tensors=3)
@@ -281,8 +306,7 @@ def linear_apply(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     too, bias cast to the product's). An eager call with gradients records one autograd node
     (_LinearBiasGeluTanh); otherwise the product, then `apply`."""
     if needs_grad(x, weight, bias) and not torch.compiler.is_compiling():
-        impl = OP.resolve(None, x.device, checks.compute_dtype(checks.LOWER, (x,)),
-                          weight.shape[0], True)
+        impl = fc1_backend(x, weight)
         if not impl.is_expression:
             return _linear_apply_with_grad(x, weight, bias, impl)
     u = torch.nn.functional.linear(x, weight)
