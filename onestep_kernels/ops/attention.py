@@ -277,13 +277,16 @@ def _covers(head_dim: int, dtype: torch.dtype) -> tuple[dict, ...]:
 
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for a head dim in one block; smaller tiles where fp32 accumulators and IEEE
-    products would otherwise spill (checked by onestep_kernels.aot)."""
+    products would otherwise spill. Free of spills on sm_80 and sm_90 with Triton 3.6's ptxas
+    as with 3.9's (onestep_kernels.aot): with 4 warps, 3.6 spilled the 64 x 64 tile at head
+    block 32 (sm_80) and 32 x 32 at 64 (sm_90), and fp32's dK/dV kernel at 3 stages."""
     block_d = _head_block(head_dim)
     if dtype == torch.float32:  # IEEE fp32 products on fp32 tiles: the most registers
-        block, warps = 16, (8 if block_d >= 64 else 4)
+        block, warps, stages = 16, 8, 2
     else:
-        block, warps = (32 if block_d >= 64 else 64), 4
-    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "num_warps": warps}
+        block, warps, stages = (32 if block_d >= 64 else 64), (4 if block_d >= 128 else 8), 3
+    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "num_warps": warps,
+            "num_stages": stages}
 
 
 def _hashable(options) -> tuple:
@@ -301,7 +304,8 @@ def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[tuple, int,
     (`_covers`; split in two, the 32 x 32 tile spills on sm_90), each free of spills
     (onestep_kernels.aot). fp32 (IEEE products) keeps its one small tile."""
     cfg = _launch_config(head_dim, dtype)
-    fixed = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, cfg["num_warps"], 3)
+    fixed = ({"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, cfg["num_warps"],
+             cfg["num_stages"])
     covers = _covers(head_dim, dtype)
     if dtype == torch.float32:
         return _hashable([({**fixed[0], **covers[0]}, *fixed[1:])])
@@ -313,14 +317,15 @@ def _forward_tiles(head_dim: int, dtype: torch.dtype) -> tuple[tuple[tuple, int,
                      if not (cover["BLOCK_E"] and tile == {"BLOCK_M": 32, "BLOCK_N": 32}))
 
 
-# The backward's tiles beyond the fixed one, as (BLOCK_M, BLOCK_N, warps), for a head dim
-# covered by up to 64 columns and by more: the dQ kernel owns BLOCK_M queries and walks the
+# The backward's tiles beyond the fixed one, as (BLOCK_M, BLOCK_N, warps, stages), for a head
+# dim covered by up to 64 columns and by more: the dQ kernel owns BLOCK_M queries and walks the
 # keys, the dK/dV kernel owns BLOCK_N keys and walks the queries, so each grows its own block
 # (Triton's fused-attention tutorial: dQ 128 x 32, dK/dV 32 x 128). Past 64 columns only
-# 8 warps hold the larger tiles without spilling (onestep_kernels.aot).
+# 8 warps hold the larger tiles without spilling (onestep_kernels.aot). dK/dV's 32 x 128 tile
+# runs unpipelined (1 stage): at 2 or 3 Triton 3.6 spills it on sm_80.
 _BACKWARD_TILES = {
-    "dq": {False: ((64, 32, 4), (64, 64, 4), (128, 32, 8)), True: ((64, 32, 8),)},
-    "dkdv": {False: ((32, 64, 4), (32, 128, 8)), True: ((32, 64, 8),)},
+    "dq": {False: ((64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3)), True: ((64, 32, 8, 3),)},
+    "dkdv": {False: ((32, 64, 4, 3), (32, 128, 8, 1)), True: ((32, 64, 8, 3),)},
 }
 
 
@@ -332,7 +337,7 @@ def _backward_options(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple:
     kernel keeps one block: in two, its eight tiles along the head dim spill on sm_90). fp32
     keeps its one small tile."""
     cfg = _launch_config(head_dim, dtype)
-    fixed = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"])
+    fixed = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
     covers = (_covers(head_dim, dtype) if kernel == "dq"
               else ({"BLOCK_D": _head_block(head_dim)},))  # (that kernel has no BLOCK_E)
     options = []
@@ -340,7 +345,8 @@ def _backward_options(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple:
         wide = cover["BLOCK_D"] + cover.get("BLOCK_E", 0) > 64
         tiles = (fixed,) if dtype == torch.float32 else (fixed,) + tuple(
             t for t in _BACKWARD_TILES[kernel][wide] if t[:2] != fixed[:2])
-        options += [({"BLOCK_M": m, "BLOCK_N": n, **cover}, warps, 3) for m, n, warps in tiles]
+        options += [({"BLOCK_M": m, "BLOCK_N": n, **cover}, warps, stages)
+                    for m, n, warps, stages in tiles]
     return _hashable(options)
 
 
@@ -363,7 +369,8 @@ def triton_configs():
                      _backward_options("dkdv", head_dim, dtype))):
                 for constexprs, warps, stages in options:
                     label = ",".join(f"{k}={v}" for k, v in constexprs)
-                    config_name = f"attention_{kname}[{name},{label},warps={warps}]"
+                    config_name = (f"attention_{kname}[{name},{label},warps={warps},"
+                                   f"stages={stages}]")
                     found.setdefault(config_name, KernelConfig(
                         config_name, kernel, name, {**dict(constexprs), "IEEE": ieee}, warps,
                         fp32=("LSE",) if kname == "fwd" else ("LSE", "DELTA"),

@@ -150,6 +150,10 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
                     gate_sn, scale_sb, scale_sn, cols, D))
         dout = dout.to(tl.float32)
         xhat = normalised(res.to(tl.float32), mask, mean, rstd)
+        if PER_TOKEN:
+            tl.store(DSHIFT + row * D + cols, dout.to(DSHIFT.dtype.element_ty), mask=mask)
+            tl.store(DSCALE + row * D + cols, (dout * xhat).to(DSCALE.dtype.element_ty),
+                     mask=mask)
         g = dout * (1.0 + scale.to(tl.float32))
         dr = dres.to(tl.float32) + layernorm_input_grad(g, xhat, rstd, D)
         y = y.to(tl.float32)
@@ -158,9 +162,6 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
                  mask=mask)
         if PER_TOKEN:
             tl.store(DGATE + row * D + cols, (dr * y).to(DGATE.dtype.element_ty), mask=mask)
-            tl.store(DSHIFT + row * D + cols, dout.to(DSHIFT.dtype.element_ty), mask=mask)
-            tl.store(DSCALE + row * D + cols, (dout * xhat).to(DSCALE.dtype.element_ty),
-                     mask=mask)
         else:
             acc_gate += dr * y
             acc_shift += dout
