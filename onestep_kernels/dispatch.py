@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import native
-from .triton_compat import HAS_TRITON
+from .triton_compat import HAS_TRITON, interpreter_problem
 
 ENV_VAR = "ONESTEP_BACKEND"
 TORCH_ALIAS = "torch"
@@ -50,7 +50,9 @@ def _runtime_reason(runtime: str) -> str | None:
     if runtime == "triton":
         if not HAS_TRITON:
             return "triton is not installed"
-        if not torch.cuda.is_available() and not triton_interpret():
+        if triton_interpret():
+            return interpreter_problem()
+        if not torch.cuda.is_available():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
         return None
     if runtime == "cuda_library":

@@ -7,6 +7,7 @@ reports the triton backend unavailable) and `tl.constexpr` exists for annotation
 
 from __future__ import annotations
 
+import re
 import types
 
 import torch
@@ -32,9 +33,27 @@ except ImportError:
         return kernel
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter (TRITON_INTERPRET=1) cannot run onestep's kernels here, or
+    None. Triton up to 3.6 turns one-element NumPy arrays into loop bounds with int(), which
+    NumPy 2.4 refuses: every kernel with a loop fails (triton-lang/triton#9171, fixed in 3.7)."""
+    import numpy
+
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if HAS_TRITON and major_minor(triton.__version__) < (3, 7) and (
+            major_minor(numpy.__version__) >= (2, 4)):
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy "
+                f"{numpy.__version__} (triton-lang/triton#9171): install numpy<2.4 or "
+                "triton>=3.7")
+    return None
+
+
 def direct(kernel):
     """The eager launch: the kernel itself (the counterpart of wrap_triton)."""
     return kernel
 
 
-__all__ = ["HAS_TRITON", "direct", "triton", "tl", "triton_op", "wrap_triton"]
+__all__ = ["HAS_TRITON", "direct", "interpreter_problem", "triton", "tl", "triton_op",
+           "wrap_triton"]

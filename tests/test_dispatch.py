@@ -20,8 +20,10 @@ LN = "layernorm_modulate"
 @pytest.fixture(autouse=True)
 def resolver_as_without_a_gpu(monkeypatch):
     """These tests resolve calls on CPU tensors (nothing runs), with Triton taking CPU
-    tensors through the interpreter as on the machines without a GPU."""
+    tensors through the interpreter as on the machines without a GPU (whether this machine's
+    interpreter could run them or not)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "interpreter_problem", lambda: None)
     dispatch.clear_cache()
     yield
     dispatch.clear_cache()
@@ -50,6 +52,31 @@ def test_available_backends_reports_every_backend_with_a_reason():
     assert report["cpu"] == "available", report["cpu"]
     if not torch.cuda.is_available():
         assert report["cuda"] != "available" and report["cuda"]
+
+
+def test_an_interpreter_that_cannot_run_is_reported_not_run(monkeypatch):
+    """Triton's interpreter up to 3.6 fails on every kernel with a loop under NumPy 2.4
+    (triton-lang/triton#9171): the triton backend says so, and the default skips it."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from onestep_kernels import triton_compat
+
+    for triton_version, numpy_version, broken in (("3.6.0", "2.4.6", True),
+                                                  ("3.6.0", "2.3.5", False),
+                                                  ("3.7.0", "2.4.0", False),
+                                                  ("3.10.1", "2.10.0", False),
+                                                  ("3.5.1+git1", "2.4.0rc1", True)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        problem = triton_compat.interpreter_problem()
+        assert (problem is not None) == broken, (triton_version, numpy_version)
+    monkeypatch.setattr(dispatch, "interpreter_problem", triton_compat.interpreter_problem)
+    dispatch.clear_cache()
+    assert "triton-lang/triton#9171" in ok.available_backends()["triton"]
+    with pytest.raises(ValueError, match="9171"):
+        resolve("triton")
+    assert resolve() == "cpu"
 
 
 def test_backend_choices_name_the_choice_and_every_reason():
@@ -154,9 +181,13 @@ def test_torch_is_a_deprecated_alias():
         assert resolve("torch", op="fused_linear") == "separate"
 
 
-def test_a_record_claims_only_what_it_runs():
+def test_a_record_claims_only_what_it_runs(monkeypatch):
     """Every (backend, dtype) a record accepts on this machine computes the op: the forward
     of each op on tiny inputs, against the reference backend."""
+    from onestep_kernels import triton_compat
+
+    monkeypatch.setattr(dispatch, "interpreter_problem", triton_compat.interpreter_problem)
+    dispatch.clear_cache()  # (this test runs the kernels: this machine's interpreter decides)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g)
     mods = [torch.randn(2, 32, generator=g) for _ in range(3)]

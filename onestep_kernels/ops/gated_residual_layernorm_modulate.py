@@ -150,7 +150,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
                     gate_sn, scale_sb, scale_sn, cols, D))
         dout = dout.to(tl.float32)
         xhat = normalised(res.to(tl.float32), mask, mean, rstd)
-        if PER_TOKEN:
+        if PER_TOKEN:  # stored once known (after the row sums, Triton 3.6 spilled at fp16)
             tl.store(DSHIFT + row * D + cols, dout.to(DSHIFT.dtype.element_ty), mask=mask)
             tl.store(DSCALE + row * D + cols, (dout * xhat).to(DSCALE.dtype.element_ty),
                      mask=mask)
