@@ -79,18 +79,12 @@ inline void parallel_region(int num_threads, const Region& region) {
 template <typename Body, typename Finish>
 inline void parallel_for_threads(int num_threads, int64_t count, const Body& body,
                                  const Finish& finish) {
-  if (num_threads <= 1) {
-    for (int64_t i = 0; i < count; ++i) body(i, 0);
-    finish();
-    return;
-  }
-#pragma omp parallel num_threads(num_threads)
-  {
-    const int thread = omp_get_thread_num();
+  parallel_region(num_threads, [&] {
+    const int thread = omp_get_thread_num();  // (0 outside a region)
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < count; ++i) body(i, thread);
     finish();
-  }
+  });
 }
 
 // fp32 outputs at least this large are written with streaming (non-temporal) stores: they do
