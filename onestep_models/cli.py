@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -293,7 +294,7 @@ def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out
         init(model)
     trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
                       device=device, progress=progress, allow_config_change=allow_config_change,
-                      compile=compile)
+                      compile=compile, to_images=_to_images(run, device))
     trainer.fit(resume=True)
     return trainer
 
@@ -318,7 +319,7 @@ def draw_pairs(teacher_ckpt: Path, out: Path, num: int, *, heun_steps: int, seed
 
     teacher, teacher_run, checkpoint = recipes.load_teacher(teacher_ckpt, device)
     model = teacher_run["model"]
-    shape = (model["in_channels"], model["input_size"], model["input_size"])
+    shape = _sample_shape(teacher_run)
     start = time.perf_counter()
 
     def report(done: int, total: int) -> None:
@@ -406,15 +407,26 @@ def load_run(ckpt: Path, device: torch.device):
     return model.to(device).eval(), run, checkpoint
 
 
+def _sample_shape(run: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of a run's samples, from its model config (its data need not be at hand)."""
+    model = run["model"]
+    return model["in_channels"], model["input_size"], model["input_size"]
+
+
 def _to_images(run: dict[str, Any], device: torch.device):
-    """Samples → images in [-1, 1]: identity, or the VAE decoder for latent runs."""
-    vae_path = run["data"].get("vae")
+    """Samples → images in [-1, 1]: identity, or the VAE decoder for runs on latents (a
+    SlimFlow student's pairs are latents where its teacher's data are). The VAE is loaded at
+    the first call, not before: training holds it only once it writes a grid."""
+    vae_path = recipes.real_data(run["data"]).get("vae")
     if not vae_path:
         return lambda x: x.clamp(-1, 1)
     from onestep_models.data import decode_latents, load_vae
 
-    vae = load_vae(vae_path).to(device)
-    return lambda x: decode_latents(x, vae)
+    @functools.cache
+    def vae():
+        return load_vae(vae_path).to(device)
+
+    return lambda x: decode_latents(x, vae())
 
 
 def evaluate(ckpt: Path, num: int, seed: int, device: torch.device,
@@ -627,9 +639,8 @@ def main(argv: list[str] | None = None) -> int:
             name = args.sampler or next(iter(samplers))
             if name not in samplers:
                 raise UsageError(f"--sampler: expected one of {', '.join(samplers)}, got {name!r}")
-            dataset, num_classes = recipes.load_data(run["data"])
-            x0, y = grid_inputs(tuple(dataset[0][0].shape), num_classes, args.num, args.seed,
-                                device)
+            x0, y = grid_inputs(_sample_shape(run), run["model"].get("num_classes", 0),
+                                args.num, args.seed, device)
             images = _to_images(run, device)(samplers[name](x0, y))
             save_grid(images, args.out, nrow=max(1, round(args.num ** 0.5)))
             print(f"{args.num} samples ({name}) written to {args.out} in "

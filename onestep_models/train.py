@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,8 @@ def grid_inputs(shape: tuple[int, ...], num_classes: int, n: int, seed: int,
 class Trainer:
     """Trains `model` (a recipe) on `dataset`, writing into `out_dir` (see
     onestep_models.run_dir): checkpoints/, log.jsonl (one line per `log_every` steps),
-    grid_<sampler>.png.
+    grid_<sampler>.png (`to_images` turns samples into images in [-1, 1] first: a VAE's
+    decoder for runs on latents; by default the samples are the images).
 
     Faults it survives: a second writer (the run directory's lock: RunLocked), a crash at any
     moment (whole checkpoints only; resuming removes half-written ones and the log lines after
@@ -288,7 +290,7 @@ class Trainer:
                  out_dir: str | Path, run_config: dict[str, Any] | None = None,
                  num_classes: int = 0, device: str | torch.device | None = None,
                  progress: bool = True, allow_config_change: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, to_images: Callable[[Tensor], Tensor] | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         init_distributed(self.device)
         self.rank, self.world_size = world()
@@ -301,6 +303,7 @@ class Trainer:
         self.num_classes, self.progress = num_classes, progress
         self.allow_config_change = allow_config_change
         self.dataset = dataset
+        self.to_images = to_images
         self.model = model.to(self.device)
         self.step_loss: nn.Module = StepLoss(self.model)
         if self.world_size > 1:  # broadcasts rank 0's parameters and buffers: equal replicas
@@ -434,7 +437,10 @@ class Trainer:
         for name, sample in self.ema.samplers().items():
             path = self.out_dir / f"grid_{name}{tag}.png"
             tmp = path.with_name(f".tmp_{path.name}")
-            save_grid(sample(x0, y), tmp, cfg.grid_size)
+            images = sample(x0, y)
+            if self.to_images is not None:
+                images = self.to_images(images)
+            save_grid(images, tmp, cfg.grid_size)
             os.replace(tmp, path)
             paths.append(path)
         return paths

@@ -241,3 +241,60 @@ def test_compiled_networks_leave_the_ema_copy_eager(tmp_path):
                             progress=False, compile=True)
     assert trainer.model.v._compiled_call_impl is not None
     assert getattr(trainer.ema.v, "_compiled_call_impl", None) is None
+
+
+@pytest.mark.slow
+def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys):
+    """--data FOLDER --vae: the run trains on the VAE's latents; its grids, `sample` and `eval`
+    decode them into images, and so does a SlimFlow student on pairs of its latents. `sample`
+    needs only the checkpoint (and the VAE), not the data."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (data / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / name / f"{i}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    teacher = tmp_path / "teacher"
+    code, _, err = run(capsys, "train", "direct", "--data", str(data), "--size", "16", "--vae",
+                       str(tmp_path / "vae"), "--out", str(teacher), "--steps", "2",
+                       "--batch-size", "4", "--no-progress")
+    assert code == 0, err
+    assert (data / "latents_16.safetensors").is_file()
+    with Image.open(teacher / "grid_direct_1step.png") as grid:
+        # 10 x 10 decoded 16 x 16 colour images, each shown at 32 px with a 1 px frame
+        assert grid.mode == "RGB" and grid.size == (340, 340)
+    (data / "latents_16.safetensors").rename(tmp_path / "moved.safetensors")
+    (data / "cat").rename(tmp_path / "cat")
+    code, _, err = run(capsys, "sample", "--ckpt", str(teacher), "--out",
+                       str(tmp_path / "s.png"), "--num", "4")
+    assert code == 0, err
+    with Image.open(tmp_path / "s.png") as grid:
+        assert grid.mode == "RGB" and grid.size == (68, 68)
+    (tmp_path / "cat").rename(data / "cat")
+    (tmp_path / "moved.safetensors").rename(data / "latents_16.safetensors")
+    code, stdout, err = run(capsys, "eval", "--ckpt", str(teacher), "--num", "4")
+    assert code == 0 and "direct_1step" in stdout, err
+
+    student = tmp_path / "sf"
+    code, _, err = run(capsys, "train", "slimflow", "--teacher", str(teacher), "--out",
+                       str(student), "--num-pairs", "8", "--heun-steps", "2", "--steps", "1",
+                       "--distill-steps", "1", "--anneal-steps", "1", "--batch-size", "4",
+                       "--no-progress")
+    assert code == 0, err
+    with Image.open(student / "distill" / "grid_slimflow_1step.png") as grid:
+        assert grid.mode == "RGB"
+    code, _, err = run(capsys, "sample", "--ckpt", str(student / "distill"), "--out",
+                       str(tmp_path / "student.png"), "--num", "4")
+    assert code == 0, err
+    with Image.open(tmp_path / "student.png") as grid:
+        assert grid.mode == "RGB" and grid.size == (68, 68)
