@@ -537,10 +537,12 @@ def row_preferences(row: Row) -> None:
     device = row.s.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    timings = preferences.measure_and_store(device)["seconds"]
-    for op, by_backend in timings.items():
+    entry = preferences.measure_and_store(device)
+    for op, by_backend in entry["seconds"].items():
         for backend, seconds in sorted(by_backend.items(), key=lambda i: i[1]):
             row.add(case=op, contender=backend, ms=round(seconds * 1e3, 4))
+        for backend, error in entry.get("failed", {}).get(op, {}).items():
+            row.add(case=op, contender=backend, error=error)
 
 
 ROWS: dict[str, Callable[[Row], None]] = {

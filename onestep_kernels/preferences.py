@@ -171,11 +171,13 @@ def _time(fn, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(device: torch.device) -> dict:
-    """Times every backend that can run each op's representative call on `device`."""
+def measure(device: torch.device) -> tuple[dict, dict]:
+    """(seconds, failed): the time of every backend that can run each op's representative
+    call on `device`, and the error of each that should have run it but failed (left out of
+    the order, so that the table still regenerates; the error is reported)."""
     from .dispatch import OPS
 
-    results = {}
+    results, failed = {}, {}
     with torch.no_grad():
         for op_name, call in _calls(device).items():
             op = OPS[op_name]
@@ -183,10 +185,18 @@ def measure(device: torch.device) -> dict:
             for name in op.backends:
                 try:
                     timings[name] = _time(lambda: call(name), device)
-                except ValueError:  # this backend cannot take the call here
-                    continue
+                except ValueError as err:
+                    if "cannot run" in str(err):  # the resolver: not for this call or device
+                        continue
+                    failed.setdefault(op_name, {})[name] = _first_line(err)
+                except Exception as err:  # noqa: BLE001 - a failing backend is a result
+                    failed.setdefault(op_name, {})[name] = _first_line(err)
             results[op_name] = timings
-    return results
+    return results, failed
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 def main(argv=None) -> int:
@@ -206,17 +216,21 @@ def main(argv=None) -> int:
     for op, t in entry["seconds"].items():
         print(f"{op}: " + ", ".join(f"{n} {s * 1e3:.3f} ms" for n, s in sorted(t.items(),
                                                                             key=lambda i: i[1])))
+        for name, error in entry.get("failed", {}).get(op, {}).items():
+            print(f"{op}: {name} failed ({error})")
     print(f"stored for {device_key(device)} in {cache_path()}")
     return 0
 
 
 def measure_and_store(device: torch.device) -> dict:
     """Time every backend here and store the order for this device; returns the entry."""
-    timings = measure(device)
+    timings, failed = measure(device)
     key = device_key(device)
     entry = {"order": {op: sorted(t, key=t.get) for op, t in timings.items()},
              "seconds": timings, "dtype": str(_shapes(device)["dtype"]),
              "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    if failed:
+        entry["failed"] = failed
     path = cache_path()
     try:
         stored = json.loads(path.read_text())

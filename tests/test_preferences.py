@@ -1,0 +1,66 @@
+"""`python -m onestep_kernels.preferences --measure` on this machine's CPU: it times every
+backend that can run each op, stores the order per device, and the resolver then follows it;
+a backend that fails is reported and left out of the order, not the end of the measurement."""
+
+import json
+
+import pytest
+import torch
+
+from onestep_kernels import dispatch, gpu_check, preferences
+from onestep_kernels.dispatch import OPS
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def own_cache(monkeypatch, tmp_path):
+    """A preference cache of the test's own, read (not ignored), with the backends a CPU
+    machine has when TRITON_INTERPRET is not set (a user's measurement)."""
+    monkeypatch.setenv("ONESTEP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ONESTEP_PREFERENCES", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dispatch.clear_cache()
+    yield tmp_path / "preferences.json"
+    dispatch.clear_cache()
+
+
+def test_measure_stores_an_order_the_resolver_follows(own_cache, capsys):
+    assert preferences.main(["--measure", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    entry = json.loads(own_cache.read_text())[preferences.device_key(CPU)]
+    assert set(entry["order"]) == set(OPS) and "failed" not in entry
+    assert entry["dtype"] == "torch.float32" and entry["torch"] == torch.__version__
+    for op, order in entry["order"].items():
+        seconds = entry["seconds"][op]
+        assert order == sorted(seconds, key=seconds.get) and all(s > 0 for s in seconds.values())
+        runnable = {name for name, reason in OPS[op].reasons(CPU, torch.float32, 384, False)
+                    .items() if reason is None}
+        assert set(order) == runnable, op
+        assert f"{op}: {order[0]} " in printed
+        assert preferences.order(op, CPU) == tuple(order)
+        width = 64 if OPS[op].width_name == "head dim" else 384
+        assert OPS[op].resolve(None, CPU, torch.float32, width, False).name == order[0]
+    assert preferences.main(["--device", "cpu"]) == 0  # without --measure: the order in use
+    assert f"attention: {', '.join(entry['order']['attention'])}" in capsys.readouterr().out
+
+
+def test_a_backend_that_fails_is_reported_and_left_out(own_cache, monkeypatch):
+    calls = {"layernorm_modulate": lambda backend: ok_or_fail(backend)}
+
+    def ok_or_fail(backend):
+        if backend in ("triton", "cuda"):  # as the resolver refuses a backend named for a call
+            raise ValueError(f"backend: backend {backend!r} cannot run layernorm_modulate here")
+        if backend == "reference":
+            raise RuntimeError("a kernel crashed\nmore lines")
+        return torch.zeros(1)
+
+    monkeypatch.setattr(preferences, "_calls", lambda device: calls)
+    row = gpu_check.Row("preferences", gpu_check.smoke_setting(), {})
+    gpu_check.row_preferences(row)
+    entry = json.loads(own_cache.read_text())[preferences.device_key(CPU)]
+    assert entry["order"]["layernorm_modulate"] == ["cpu"]
+    assert entry["failed"] == {"layernorm_modulate": {
+        "reference": "RuntimeError: a kernel crashed"}}
+    assert {r["contender"]: "error" in r for r in row.records} == {"cpu": False,
+                                                                   "reference": True}
