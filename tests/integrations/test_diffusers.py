@@ -1,6 +1,8 @@
 """onestep in diffusers' DiT: `fuse` keeps outputs and gradients; `DiT.from_diffusers` gives
 the same outputs. Models are built from configs with random weights (nothing downloaded)."""
 
+import re
+
 import pytest
 import torch
 from conftest import assert_close_rel
@@ -60,6 +62,41 @@ def test_fuse_refuses_what_it_cannot_run_and_changes_nothing(generator):
     assert "forward" not in vars(model.transformer_blocks[0])  # block 0 untouched too
     with pytest.raises(ValueError, match="model:"):
         fuse(torch.nn.Linear(2, 2))
+
+
+def _mutate(block, change):
+    """One thing that fuse cannot run, made in a diffusers block."""
+    if change == "norm_type":
+        block.norm_type = "layer_norm"
+    elif change == "cross_attention":
+        block.attn2 = torch.nn.Identity()
+    elif change == "pos_embed":
+        block.pos_embed = torch.nn.Identity()
+    elif change == "embedder":
+        block.norm1.emb = None
+    elif change == "affine_norm":
+        block.norm3 = torch.nn.LayerNorm(block.norm3.normalized_shape)
+    elif change == "gelu":
+        block.ff.net[0].approximate = "none"
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("norm_type", "norm_type 'layer_norm'"), ("cross_attention", "cross-attention"),
+    ("pos_embed", "positional embedding"), ("embedder", "no timestep/label embedder"),
+    ("affine_norm", "MLP norm is missing or affine"), ("gelu", "not Linear -> GELU(tanh)")])
+def test_fuse_names_each_reason_a_block_cannot_run(change, reason, generator):
+    model = make_model(generator)
+    _mutate(model.transformer_blocks[0], change)
+    with pytest.raises(ValueError, match=f"model: block 0 cannot be fused: .*{re.escape(reason)}"):
+        fuse(model)
+    assert "forward" not in vars(model.transformer_blocks[1])
+
+
+def test_from_diffusers_refuses_other_output_channels(generator):
+    model = make_model(generator)
+    model.register_to_config(out_channels=5)
+    with pytest.raises(ValueError, match="out_channels 5 is neither"):
+        DiT.from_diffusers(model)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -36,6 +36,27 @@ def test_shipped_classifier_is_accurate_on_held_out_digits():
         metrics.load_classifier("/no/such/file.safetensors")
 
 
+@pytest.mark.slow
+def test_classifier_training_writes_weights_that_load(tmp_path, capsys):
+    """`python -m onestep_models.metrics`, which made the shipped weights, at 60 steps: the
+    weights it writes load and score the held-out accuracy it printed, well above chance."""
+    from safetensors import safe_open
+
+    path = tmp_path / "classifier.safetensors"
+    threads = torch.get_num_threads()
+    try:
+        metrics.main(["--out", str(path), "--steps", "60", "--seed", "1"])
+    finally:
+        torch.set_num_threads(threads)  # main runs on one thread, for a fixed arithmetic order
+    printed = float(capsys.readouterr().out.split("accuracy ")[1].split(";")[0])
+    images, labels = digits().tensors
+    accuracy = metrics.class_accuracy(images[-297:], labels[-297:], metrics.load_classifier(path))
+    assert accuracy == pytest.approx(printed, abs=1e-4) and accuracy > 0.25  # chance: 0.1
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"heldout_accuracy": f"{printed:.4f}", "steps": "60",
+                                "seed": "1"}
+
+
 def test_straightness():
     x0 = torch.randn(4, 3)
     c = torch.randn(4, 3)
