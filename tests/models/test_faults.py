@@ -122,9 +122,20 @@ def two_checkpoints(tmp_path):
     return root / "step_00000002", root / "step_00000004"
 
 
+def flip_a_bit(path):
+    """Silent damage: one bit of the last tensor's data, the file's size unchanged."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda c: (c / "ema.safetensors").write_bytes((c / "ema.safetensors").read_bytes()[:100]),
      "ema.safetensors: 100 bytes"),
+    (lambda c: flip_a_bit(c / "model.safetensors"),
+     "model.safetensors: its contents differ from the manifest's checksum"),
+    (lambda c: (c / "state.json").write_text('{"step": 4}'),
+     "state.json: not a checkpoint's state"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt"),
     (lambda c: (c / "state.json").write_text('{"step": 4, "con'), "state.json: truncated"),
     (lambda c: (c / "model.safetensors").unlink(), "model.safetensors: missing"),

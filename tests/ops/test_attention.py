@@ -199,6 +199,12 @@ def test_no_keys_gives_zeros(backend):
     ((torch.randn(1, 2, 3, 8), torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8)), ValueError, "k:"),
     ((torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)), ValueError, "v:"),
     ((torch.randn(1, 2, 3, 8).int(), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)), TypeError, "q:"),
+    ((torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8, device="meta"), torch.randn(1, 2, 3, 8)),
+     ValueError, "k:"),
+    ((torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8, device="meta")),
+     ValueError, "v:"),
+    ((torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 0), torch.randn(1, 2, 3, 0)), ValueError,
+     "q: the head dimension"),
 ])
 def test_bad_input_names_the_argument(args, exc, match):
     with pytest.raises(exc, match=match):

@@ -173,9 +173,11 @@ def good():
     (3, [0.0] * 16, TypeError, "shift:"),
     (4, torch.randn(2, 32)[:, ::2], ValueError, "scale:"),
     (0, torch.randn(2, 16, 3).transpose(1, 2), ValueError, "x:"),
+    (5, -1.0, ValueError, "eps:"),
+    (5, "1e-6", TypeError, "eps:"),
 ])
 def test_bad_input_names_the_argument(index, bad, exc, match):
-    args = good()
+    args = good() + [1e-6]  # x, y, gate, shift, scale, eps
     args[index] = bad
     with pytest.raises(exc, match=match):
         ok.gated_residual_layernorm_modulate(*args)

@@ -218,6 +218,8 @@ def test_out_buffer_bad_input():
         ok.layernorm_modulate(x.requires_grad_(), shift, scale, out=torch.empty(2, 3, 16))
     with pytest.raises(ValueError, match="out:"):
         ok.layernorm_modulate(x.detach(), shift, scale, out=x.detach())
+    with pytest.raises(TypeError, match="out: expected a torch.Tensor, got list"):
+        ok.layernorm_modulate(x.detach(), shift, scale, out=[0.0])
 
 
 # ---- bad input --------------------------------------------------------------------------------
