@@ -402,7 +402,7 @@ def load_run(ckpt: Path, device: torch.device):
     if checkpoint is None:
         raise UsageError(f"--ckpt: no checkpoint (checkpoints/step_*/state.json) under {ckpt}")
     run = read_checkpoint_state(checkpoint)["config"]
-    model = recipes.build(run)
+    model = recipes.build(run, training=False)
     load_weights(model, checkpoint, "ema")
     return model.to(device).eval(), run, checkpoint
 

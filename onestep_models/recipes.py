@@ -93,8 +93,9 @@ def model_kwargs(size: str, sample_shape: tuple[int, ...], num_classes: int,
                 class_dropout_prob=0.1 if num_classes else 0.0, fused=fused, **MODEL_SIZES[size])
 
 
-def build(config: dict[str, Any]) -> nn.Module:
-    """The recipe module (networks freshly initialised) for a run config."""
+def build(config: dict[str, Any], training: bool = True) -> nn.Module:
+    """The recipe module (networks freshly initialised) for a run config; `training=False`
+    builds it for sampling, without what only its loss needs (LPIPS' weight files)."""
     recipe, model, options = config["recipe"], config["model"], dict(config.get("options", {}))
     num_classes = model.get("num_classes", 0)
     if recipe == "flow":
@@ -111,7 +112,9 @@ def build(config: dict[str, Any]) -> nn.Module:
 
         options.pop("init", None)  # where the weights started: stage 1's checkpoint
         weights = options.pop("lpips_weights", None)
-        if options.get("distance") == "lpips":
+        if options.get("distance") == "lpips" and not training:
+            options["distance"] = "pseudo_huber"  # (the samplers never call the distance)
+        elif options.get("distance") == "lpips":
             from onestep_models.lpips import LPIPS
 
             if not weights:
@@ -133,7 +136,7 @@ def load_teacher(ckpt: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     if checkpoint is None:
         raise FileNotFoundError(f"--teacher: no checkpoint under {ckpt}")
     run = read_checkpoint_state(checkpoint)["config"]
-    recipe = build(run)
+    recipe = build(run, training=False)
     load_weights(recipe, checkpoint, "ema")
     if not isinstance(getattr(recipe, "v", None), nn.Module):
         raise ValueError(f"--teacher: {checkpoint} is a {run['recipe']!r} run without a "

@@ -124,6 +124,19 @@ class AnnealingReflow(nn.Module):
                 "flow_euler_128step": lambda z0, y: flow.euler(self.v, z0, 128, y)}
 
 
+def _hold_as_constant(module: nn.Module) -> None:
+    """A fixed function's weights (LPIPS' VGG) as non-persistent buffers: `.to()` moves them
+    with the recipe, but they are not the recipe's state: not in its checkpoints (VGG16's
+    59 MB, twice, beside a student of a few hundred kB), its parameters or its EMA; they come
+    from their own files when the recipe is built."""
+    for sub in module.modules():
+        for name, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
+            sub._parameters.pop(name, None)
+            sub._buffers.pop(name, None)
+            sub.register_buffer(name, None if tensor is None else tensor.detach(),
+                                persistent=False)
+
+
 class FlowGuidedDistillation(nn.Module):
     """Stage 2, a recipe on the pairs dataset: the student v and a frozen guide (both from
     stage 1; see the module docstring). `distance`: "pseudo_huber", or an LPIPS module (any
@@ -141,6 +154,8 @@ class FlowGuidedDistillation(nn.Module):
                 raise ValueError("distance: 'lpips' needs an LPIPS module (see lpips.py); "
                                  f"expected 'pseudo_huber' or a module, got {distance!r}")
             distance = pseudo_huber
+        elif isinstance(distance, nn.Module):
+            _hold_as_constant(distance)
         self.distance = distance
         lo, hi = t_range
         if not 0.0 <= lo <= hi <= 1.0:

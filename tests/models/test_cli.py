@@ -298,3 +298,36 @@ def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys):
     assert code == 0, err
     with Image.open(tmp_path / "student.png") as grid:
         assert grid.mode == "RGB" and grid.size == (68, 68)
+
+
+@pytest.mark.slow
+def test_slimflow_with_lpips_keeps_vgg_out_of_its_checkpoints(trained_run, tmp_path, capsys):
+    """--distance lpips (random weights in torchvision's and lpips' file layouts: no real ones
+    offline): the distillation trains, resumes, and its checkpoints hold the student and its
+    guide only, not LPIPS' fixed VGG16 (59 MB); sampling does not need the weight files."""
+    from onestep_models.lpips import LPIPS
+
+    torch.manual_seed(0)
+    lpips = LPIPS()
+    vgg, lins = tmp_path / "vgg16.pth", tmp_path / "vgg.pth"
+    torch.save({f"features.{k}": v for k, v in lpips.features.state_dict().items()}, vgg)
+    torch.save({f"lin{i}.model.1.weight": torch.rand_like(lin.weight)
+                for i, lin in enumerate(lpips.lins)}, lins)
+    out = tmp_path / "sf"
+    args = ["train", "slimflow", "--teacher", str(trained_run), "--out", str(out),
+            "--num-pairs", "16", "--heun-steps", "2", "--steps", "1", "--anneal-steps", "1",
+            "--batch-size", "4", "--no-progress", "--checkpoint-every", "1",
+            "--distance", "lpips", "--vgg", str(vgg), "--lpips", str(lins)]
+    code, _, err = run(capsys, *args, "--distill-steps", "1")
+    assert code == 0, err
+    code, stdout, err = run(capsys, *args, "--distill-steps", "2")  # resumes at step 1
+    assert code == 0 and "trained 1 steps (1 -> 2)" in stdout, err
+    reflow = out / "reflow" / "checkpoints" / "step_00000001" / "model.safetensors"
+    distill = out / "distill" / "checkpoints" / "step_00000002" / "model.safetensors"
+    # the student and its frozen guide: twice stage 1's single network, give or take
+    assert distill.stat().st_size < 3 * reflow.stat().st_size < 5e6
+    vgg.unlink()
+    lins.unlink()
+    code, _, err = run(capsys, "sample", "--ckpt", str(out / "distill"), "--out",
+                       str(tmp_path / "s.png"), "--num", "4")
+    assert code == 0, err
