@@ -219,19 +219,21 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def _check_labels(self, y: Tensor) -> None:
-        """Labels in 0..num_classes (num_classes is the null class). On the CPU a plain check;
-        on a GPU an asynchronous device-side assert (no host sync: forwards stay
-        CUDA-graph safe); the meta device has no values to check."""
+        """Labels in 0..num_classes, num_classes being the null class where the model has one
+        (class_dropout_prob > 0), else in 0..num_classes - 1. On the CPU a plain check; on a
+        GPU an asynchronous device-side assert (no host sync: forwards stay CUDA-graph safe);
+        the meta device has no values to check."""
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise TypeError(f"y: expected integer labels, got {y.dtype}")
-        top = self.num_classes
+        top = self.y_embedder.embedding_table.num_embeddings - 1
+        allowed = f"0..{top}" + (f" ({top} is the null class)" if top == self.num_classes
+                                 else " (this model has no null class)")
         if y.device.type == "cpu":
             if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
-                raise ValueError(f"y: labels must be in 0..{top} ({top} is the null class), "
+                raise ValueError(f"y: labels must be in {allowed}, "
                                  f"got {int(y.min())}..{int(y.max())}")
         elif y.is_cuda:
-            torch._assert_async(((y >= 0) & (y <= top)).all(),
-                                f"y: labels must be in 0..{top} ({top} is the null class)")
+            torch._assert_async(((y >= 0) & (y <= top)).all(), f"y: labels must be in {allowed}")
 
     @classmethod
     def from_diffusers(cls, model, fused: bool = True) -> "DiT":

@@ -178,5 +178,9 @@ def test_inputs_are_checked_by_name():
         with pytest.raises(ValueError, match=r"y: labels must be in 0\.\.10"):
             model(torch.randn(2, 1, 8, 8), t, torch.tensor(bad))
     model(torch.randn(2, 1, 8, 8), t, torch.tensor([0, 10]))  # 10: the null class
+    no_null_class = FlowDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1,
+                            num_heads=2, num_classes=10, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match=r"y: labels must be in 0\.\.9 \(this model has no null"):
+        no_null_class(torch.randn(2, 1, 8, 8), t, torch.tensor([0, 10]))
     with pytest.raises(ValueError, match=r"c: expected \(B, 32\)"):
         FusedDiTBlock(32, 2)(torch.randn(2, 4, 32), torch.randn(2, 1, 32))
