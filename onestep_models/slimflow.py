@@ -127,8 +127,9 @@ class AnnealingReflow(nn.Module):
 def _hold_as_constant(module: nn.Module) -> None:
     """A fixed function's weights (LPIPS' VGG) as non-persistent buffers: `.to()` moves them
     with the recipe, but they are not the recipe's state: not in its checkpoints (VGG16's
-    59 MB, twice, beside a student of a few hundred kB), its parameters or its EMA; they come
-    from their own files when the recipe is built."""
+    59 MB, twice, beside a student of a few hundred kB) and not among its parameters (the
+    optimiser and the EMA average none of them); they come from their own files when the
+    recipe is built."""
     for sub in module.modules():
         for name, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
             sub._parameters.pop(name, None)
