@@ -440,8 +440,9 @@ def evaluate(ckpt: Path, num: int, seed: int, device: torch.device,
     x0, y = grid_inputs(tuple(dataset[0][0].shape), num_classes, num, seed, device)
     is_digits = data["kind"] == "digits"
     real = dataset.tensors[0]
-    if run["data"].get("vae"):
-        real = to_images(real.to(device)).cpu()
+    if data.get("vae"):  # (a SlimFlow student's pairs: its teacher's data)
+        # a batch at a time: the decoded images of a whole folder need not fit on the device
+        real = torch.cat([to_images(part.to(device)).cpu() for part in real.split(256)])
     classifier = metrics.load_classifier() if is_digits else None
     fid = None
     if inception is not None:

@@ -244,7 +244,7 @@ def test_compiled_networks_leave_the_ema_copy_eager(tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys):
+def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys, monkeypatch):
     """--data FOLDER --vae: the run trains on the VAE's latents; its grids, `sample` and `eval`
     decode them into images, and so does a SlimFlow student on pairs of its latents. `sample`
     needs only the checkpoint (and the VAE), not the data."""
@@ -282,8 +282,22 @@ def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys):
         assert grid.mode == "RGB" and grid.size == (68, 68)
     (tmp_path / "cat").rename(data / "cat")
     (tmp_path / "moved.safetensors").rename(data / "latents_16.safetensors")
-    code, stdout, err = run(capsys, "eval", "--ckpt", str(teacher), "--num", "4")
+    from onestep_models import metrics
+    from onestep_models.inception import FIDInception
+
+    # FID's features come from the decoded images; the distance itself (tested in
+    # test_metrics) is a mean gap here: its 2048 x 2048 matrix square roots take minutes on
+    # this CPU with 4 samples (a singular covariance: computed twice)
+    monkeypatch.setattr(metrics, "frechet_distance",
+                        lambda a, b: float(((a.mean(0) - b.mean(0)) ** 2).sum()))
+    inception = tmp_path / "pt_inception.pth"  # random weights in pytorch-fid's layout
+    torch.save({k: v for k, v in FIDInception().state_dict().items()
+                if not k.endswith("num_batches_tracked")}, inception)
+    code, stdout, err = run(capsys, "eval", "--ckpt", str(teacher), "--num", "4",
+                            "--inception", str(inception))
     assert code == 0 and "direct_1step" in stdout, err
+    fid = json.loads((teacher / "metrics.json").read_text())["samplers"]["direct_1step"]["fid"]
+    assert fid >= 0  # decoded samples against the decoded real latents
 
     student = tmp_path / "sf"
     code, _, err = run(capsys, "train", "slimflow", "--teacher", str(teacher), "--out",
@@ -298,6 +312,11 @@ def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys):
     assert code == 0, err
     with Image.open(tmp_path / "student.png") as grid:
         assert grid.mode == "RGB" and grid.size == (68, 68)
+    code, _, err = run(capsys, "eval", "--ckpt", str(student / "distill"), "--num", "4",
+                       "--inception", str(inception))
+    assert code == 0, err
+    metrics = json.loads((student / "distill" / "metrics.json").read_text())
+    assert metrics["samplers"]["slimflow_1step"]["fid"] >= 0  # against its teacher's images
 
 
 @pytest.mark.slow
