@@ -35,6 +35,25 @@ def test_cfm_loss_by_hand():
     assert flow.cfm_loss(lambda x, t, y: x1 - x0, x1, x0=x0, t=t).item() == 0.0
 
 
+def test_cfm_loss_draws_x0_and_t_from_its_generator():
+    """Without x0 and t the loss draws them, x0 first then t, from `generator`: the same seed
+    gives the same loss, equal to the loss at those draws; a model's wrong output shape is
+    named."""
+    x1 = torch.randn(5, 3)
+
+    def v(x, t, y):
+        return x * t[:, None]
+
+    g = torch.Generator().manual_seed(3)
+    x0, t = torch.randn(5, 3, generator=g), torch.rand(5, generator=g)
+    expected = flow.cfm_loss(v, x1, x0=x0, t=t)
+    for _ in range(2):
+        drawn = flow.cfm_loss(v, x1, generator=torch.Generator().manual_seed(3))
+        assert drawn.item() == expected.item()
+    with pytest.raises(ValueError, match="v: returned shape"):
+        flow.cfm_loss(lambda x, t, y: x[:, :2], x1)
+
+
 def linear_ode(rate):
     return lambda x, t, y: rate * x  # x(1) = x(0) e^rate
 
