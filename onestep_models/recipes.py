@@ -89,6 +89,10 @@ def model_kwargs(size: str, sample_shape: tuple[int, ...], num_classes: int,
     channels, height, width = sample_shape
     if height != width:
         raise ValueError(f"data: DiT needs square inputs, got {height}x{width}")
+    patch = MODEL_SIZES[size]["patch_size"]
+    if height % patch:
+        raise ValueError(f"data: samples of side {height} do not split into model {size}'s "
+                         f"{patch}x{patch} patches (pick a --size whose samples do)")
     return dict(input_size=height, in_channels=channels, num_classes=num_classes,
                 class_dropout_prob=0.1 if num_classes else 0.0, fused=fused, **MODEL_SIZES[size])
 

@@ -73,6 +73,7 @@ def test_demo_tiny(tmp_path, capsys):
     (["train", "direct", "--out", "x", "--vae", "/nonexistent"], "--vae"),
     (["train", "direct", "--out", "x", "--skip-nonfinite", "-1"], "--skip-nonfinite"),
     (["sample", "--ckpt", "/no/such/run", "--out", "run/x"], "--out"),
+    (["train", "direct", "--out", "x", "--size", "9"], "side 9 do not split into model tiny's"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
     code, _, err = run(capsys, *argv)
