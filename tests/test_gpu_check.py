@@ -133,3 +133,37 @@ def test_autotune_row_reports_each_option_and_the_choice(monkeypatch):
         {"case": "autotune _bwd_kernel", "contender": "PREFETCH=True,warps=8", "ms": 0.15,
          "chosen": True},
     ]
+
+
+@pytest.mark.slow
+def test_tests_row_reports_a_whole_run_and_a_run_its_budget_cut(tmp_path):
+    """The tests row's pytest run (in smoke mode, tests/test_cuda_graph.py on the CPU): a whole
+    run passes; one whose deadline comes before its first test skips every test with the
+    budget's reason and ends by itself, its report saying that nothing failed but not all ran."""
+    import time
+
+    row = gpu_check.Row("tests", gpu_check.smoke_setting(), {})
+    row.out = tmp_path
+    gpu_check.row_tests(row)
+    whole = row.records[-1]
+    assert whole["exit_code"] == 0 and whole["tests"] > 0 and whole["failures"] == 0
+    assert whole["cut"] == 0 and row.targets[-1]["met"] is True
+
+    row.deadline = time.perf_counter() + 30.5  # its tests' deadline: half a second from now
+    gpu_check.row_tests(row)
+    cut = row.records[-1]
+    assert cut["exit_code"] == 0 and cut["tests"] == cut["skipped"] == whole["tests"]
+    assert cut["cut"] == whole["tests"] - whole["skipped"]  # the rest skip for want of a GPU
+    assert row.targets[-1]["met"] is None  # not measured: no test ran
+
+
+def test_tests_row_runs_every_test_file_once_the_gpu_ones_first():
+    from pathlib import Path
+
+    files = gpu_check.ordered_test_files()
+    every = sorted(str(p.relative_to(gpu_check.REPO))
+                   for p in (gpu_check.REPO / "tests").rglob("test_*.py"))
+    assert sorted(files) == every and len(set(files)) == len(files)
+    gpu_ones = [f for f in files if any(f == name or f.startswith(name + "/")
+                                        for name in gpu_check.GPU_TESTS_FIRST)]
+    assert files[:len(gpu_ones)] == gpu_ones and Path(files[0]).parent.name == "ops"
