@@ -418,10 +418,12 @@ class Trainer:
             # EMA with the usual warm-up: decay min(d, (1 + s) / (10 + s)) so that early
             # averages are not dominated by the random initialisation.
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p.detach(), 1 - decay)
-            for e, b in zip(self.ema.buffers(), self.model.buffers()):
-                e.copy_(b)
+            # (multi-tensor kernels: a DiT-XL/2 has hundreds of tensors, one launch each before)
+            torch._foreach_lerp_(list(self.ema.parameters()),
+                                 [p.detach() for p in self.model.parameters()], 1 - decay)
+            buffers = list(self.model.buffers())
+            if buffers:
+                torch._foreach_copy_(list(self.ema.buffers()), buffers)
         return {"loss": loss_value, "grad_norm": norm_value,
                 **{k: float(v) for k, v in logs.items()}}
 

@@ -59,6 +59,23 @@ def weights(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
+def test_ema_follows_the_weights_with_its_warm_up(tmp_path):
+    """After each step the EMA moves towards the new weights by 1 - decay, decay = min(
+    ema_decay, (1 + step) / (10 + step)) (the warm-up), every parameter of the recipe."""
+    trainer = make_trainer(tmp_path, 3)
+    expected = [e.detach().clone() for e in trainer.ema.parameters()]
+    for step in range(3):
+        trainer.train_step()
+        decay = min(trainer.config.ema_decay, (1 + step) / (10 + step))
+        expected = [e.lerp(p.detach(), 1 - decay)
+                    for e, p in zip(expected, trainer.model.parameters())]
+        assert trainer.step == step + 1
+        for got, want in zip(trainer.ema.parameters(), expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(e, p) for e, p in zip(trainer.ema.parameters(),
+                                                     trainer.model.parameters()))
+
+
 @pytest.mark.parametrize("recipe", ["direct", "flow"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, recipe):
     full = make_trainer(tmp_path / "full", 6, recipe)
