@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import timing
+from . import preferences, timing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,11 +91,6 @@ def peak_bytes(fn: Callable, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _headline(err: BaseException) -> str:
-    first = (str(err).strip().splitlines() or [""])[0][:300]
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
 def describe_error(err: BaseException) -> dict:
     """A failure as a record: the error's first line, and where its root cause was raised (the
     innermost exception of the chain, its last frames: an inductor AssertionError has no
@@ -104,7 +99,7 @@ def describe_error(err: BaseException) -> dict:
     while (root.__cause__ or root.__context__) is not None:
         root = root.__cause__ or root.__context__
     frames = traceback.extract_tb(root.__traceback__)[-4:]
-    return {"error": _headline(err), "root_cause": _headline(root),
+    return {"error": preferences.headline(err), "root_cause": preferences.headline(root),
             "raised_at": [f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '')[:120]}"
                           for f in frames]}
 
@@ -512,7 +507,12 @@ def ordered_test_files() -> list[str]:
     first = [f for name in GPU_TESTS_FIRST for f in files(REPO / name)]
     rest = [f for f in files(REPO / "tests") if f not in first]
     return [str(f.relative_to(REPO)) for f in first + rest]
-DEADLINE_SKIP = "ONESTEP_TEST_DEADLINE"  # in the skip message of tests the budget cut
+
+
+# A time.time() value after which the test suite starts no test (tests/conftest.py skips them
+# with this reason, which the tests row counts).
+TEST_DEADLINE_ENV = "ONESTEP_TEST_DEADLINE"
+TEST_DEADLINE_SKIP = f"the run's time budget is spent ({TEST_DEADLINE_ENV})"
 
 
 def junit_counts(path: Path) -> dict:
@@ -530,14 +530,14 @@ def junit_counts(path: Path) -> dict:
             found = case.find(kind)
             if found is not None:
                 counts[key] += 1
-                if kind == "skipped" and DEADLINE_SKIP in (found.get("message") or ""):
+                if kind == "skipped" and TEST_DEADLINE_SKIP in (found.get("message") or ""):
                     counts["cut"] += 1
     return counts
 
 
 def row_tests(row: Row) -> None:
     """The test suite on this machine's GPU (pytest-xdist when installed), the GPU's own tests
-    first. Tests that would start after the pass's deadline are skipped (ONESTEP_TEST_DEADLINE,
+    first. Tests that would start after the pass's deadline are skipped (TEST_DEADLINE_ENV,
     tests/conftest.py), so a run cut short still reports what it ran."""
     out = row.out / "tests.xml"
     out.unlink(missing_ok=True)
@@ -560,7 +560,7 @@ def row_tests(row: Row) -> None:
     env.setdefault("ONESTEP_AUTOTUNE", "0")
     left = row.deadline - time.perf_counter()
     # no test starts in the last 30 s, which the running ones and the report take
-    env.setdefault("ONESTEP_TEST_DEADLINE", str(time.time() + left - 30))
+    env.setdefault(TEST_DEADLINE_ENV, str(time.time() + left - 30))
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
@@ -580,8 +580,6 @@ def row_tests(row: Row) -> None:
 
 def row_preferences(row: Row) -> None:
     """Time every backend of every op here and store the order (onestep_kernels.preferences)."""
-    from . import preferences
-
     device = row.s.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -75,13 +75,14 @@ def pytest_runtest_call(item):
 # A run with a time budget (gpu_check's tests row, on a GPU lent for minutes) sets
 # ONESTEP_TEST_DEADLINE, a time.time() value: tests that would start after it are skipped, so
 # the run still ends by itself, with its summary and report, instead of being killed.
-_DEADLINE = float(os.environ.get("ONESTEP_TEST_DEADLINE") or "inf")
-DEADLINE_SKIP = "the run's time budget is spent (ONESTEP_TEST_DEADLINE)"
+from onestep_kernels.gpu_check import TEST_DEADLINE_ENV, TEST_DEADLINE_SKIP  # noqa: E402
+
+_DEADLINE = float(os.environ.get(TEST_DEADLINE_ENV) or "inf")
 
 
 def pytest_runtest_setup(item):
     if time.time() > _DEADLINE:
-        pytest.skip(DEADLINE_SKIP)
+        pytest.skip(TEST_DEADLINE_SKIP)
 
 
 # ---- the backend matrix, read from the ops' own backend records -------------------------------

@@ -316,8 +316,8 @@ def test_runs_on_vae_latents_of_an_image_folder(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "eval", "--ckpt", str(student / "distill"), "--num", "4",
                        "--inception", str(inception))
     assert code == 0, err
-    metrics = json.loads((student / "distill" / "metrics.json").read_text())
-    assert metrics["samplers"]["slimflow_1step"]["fid"] >= 0  # against its teacher's images
+    scores = json.loads((student / "distill" / "metrics.json").read_text())
+    assert scores["samplers"]["slimflow_1step"]["fid"] >= 0  # against its teacher's images
 
 
 @pytest.mark.slow
