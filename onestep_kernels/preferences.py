@@ -188,15 +188,18 @@ def measure(device: torch.device) -> tuple[dict, dict]:
                 except ValueError as err:
                     if "cannot run" in str(err):  # the resolver: not for this call or device
                         continue
-                    failed.setdefault(op_name, {})[name] = _first_line(err)
+                    failed.setdefault(op_name, {})[name] = headline(err)
                 except Exception as err:  # noqa: BLE001 - a failing backend is a result
-                    failed.setdefault(op_name, {})[name] = _first_line(err)
+                    failed.setdefault(op_name, {})[name] = headline(err)
             results[op_name] = timings
     return results, failed
 
 
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+def headline(err: BaseException) -> str:
+    """An error in one line: its type and the first line of its message (gpu_check's records
+    use it too)."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def main(argv=None) -> int:
@@ -241,7 +244,11 @@ def measure_and_store(device: torch.device) -> dict:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(stored, indent=1))
     tmp.replace(path)
-    _measured.cache_clear()
+    from .dispatch import clear_cache
+
+    # the stored order takes effect in this process too: forget resolutions made before it
+    # (the measured calls themselves resolve inner ops, fused_linear's "separate" for one)
+    clear_cache()
     return entry
 
 

@@ -29,7 +29,7 @@ def test_measure_stores_an_order_the_resolver_follows(own_cache, capsys):
     assert preferences.main(["--measure", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     entry = json.loads(own_cache.read_text())[preferences.device_key(CPU)]
-    assert set(entry["order"]) == set(OPS) and "failed" not in entry
+    assert set(entry["order"]) == set(OPS) and "failed" not in entry, entry.get("failed")
     assert entry["dtype"] == "torch.float32" and entry["torch"] == torch.__version__
     for op, order in entry["order"].items():
         seconds = entry["seconds"][op]
@@ -64,3 +64,23 @@ def test_a_backend_that_fails_is_reported_and_left_out(own_cache, monkeypatch):
         "reference": "RuntimeError: a kernel crashed"}}
     assert {r["contender"]: "error" in r for r in row.records} == {"cpu": False,
                                                                    "reference": True}
+
+
+def test_a_new_order_takes_effect_in_the_same_process(own_cache, monkeypatch):
+    """Calls made while measuring resolve ops themselves (fused_linear's "separate" runs
+    layernorm_modulate on its default): those resolutions, made under the old order, must not
+    outlive the new one."""
+    op = OPS["layernorm_modulate"]
+
+    def call(backend):
+        if backend not in ("cpu", "reference"):
+            raise ValueError(f"backend: backend {backend!r} cannot run layernorm_modulate here")
+        assert op.resolve(None, CPU, torch.float32, 16, False).name == "cpu"  # the table's
+        return backend
+
+    monkeypatch.setattr(preferences, "_calls", lambda device: {"layernorm_modulate": call})
+    monkeypatch.setattr(preferences, "_time",  # the reference measures faster here
+                        lambda fn, device: {"cpu": 2e-3, "reference": 1e-3}[fn()])
+    preferences.measure_and_store(CPU)
+    assert preferences.order("layernorm_modulate", CPU) == ("reference", "cpu")
+    assert op.resolve(None, CPU, torch.float32, 16, False).name == "reference"
