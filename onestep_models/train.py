@@ -271,6 +271,20 @@ def grid_inputs(shape: tuple[int, ...], num_classes: int, n: int, seed: int,
 
 # ---------------------------------------------------------------------------- the loop
 
+def _ema_pairs(model: nn.Module, ema: nn.Module) -> tuple[tuple[list[Tensor], list[Tensor]],
+                                                          tuple[list[Tensor], list[Tensor]]]:
+    """(EMA, model) tensors the EMA follows: the parameters being trained, averaged, and the
+    persistent buffers (state such as normalisation statistics), copied. Frozen parameters
+    (SlimFlow's guide) and constant buffers (LPIPS' VGG, held non-persistent) are left as
+    the copy made them: averaging a tensor that never changes rewrites it unchanged, and
+    on a GPU each such tensor costs a read and a write every step."""
+    persistent = set(model.state_dict(keep_vars=True))
+    params = [(e, p) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+    buffers = [(e, b) for (name, b), e in zip(model.named_buffers(), ema.buffers())
+               if name in persistent]
+    return tuple(([e for e, _ in pairs], [m for _, m in pairs]) for pairs in (params, buffers))
+
+
 class Trainer:
     """Trains `model` (a recipe) on `dataset`, writing into `out_dir` (see
     onestep_models.run_dir): checkpoints/, log.jsonl (one line per `log_every` steps),
@@ -312,6 +326,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_loss = DistributedDataParallel(self.step_loss, device_ids=ids)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._ema_params, self._ema_buffers = _ema_pairs(self.model, self.ema)
         if compile:  # torch.compile each network the recipe trains (in place: same state_dict;
             for child in self.model.children():  # after the EMA copy, which stays eager)
                 child.compile()
@@ -419,11 +434,11 @@ class Trainer:
             # averages are not dominated by the random initialisation.
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             # (multi-tensor kernels: a DiT-XL/2 has hundreds of tensors, one launch each before)
-            torch._foreach_lerp_(list(self.ema.parameters()),
-                                 [p.detach() for p in self.model.parameters()], 1 - decay)
-            buffers = list(self.model.buffers())
-            if buffers:
-                torch._foreach_copy_(list(self.ema.buffers()), buffers)
+            averaged, trained = self._ema_params
+            if averaged:
+                torch._foreach_lerp_(averaged, trained, 1 - decay)
+            if self._ema_buffers[0]:
+                torch._foreach_copy_(*self._ema_buffers)
         return {"loss": loss_value, "grad_norm": norm_value,
                 **{k: float(v) for k, v in logs.items()}}
 

@@ -76,6 +76,33 @@ def test_ema_follows_the_weights_with_its_warm_up(tmp_path):
                                                      trainer.model.parameters()))
 
 
+def test_ema_follows_trained_parameters_and_persistent_buffers_only(tmp_path):
+    """Frozen parameters and non-persistent buffers (a SlimFlow guide, LPIPS' VGG) are not
+    followed: the EMA's copies stay as they were made, even when the model's change; the
+    trained parameters are averaged and the persistent buffers copied."""
+    trainer = make_trainer(tmp_path, 3)
+    model, ema = trainer.model, trainer.ema
+    model.register_buffer("statistic", torch.zeros(3))
+    model.register_buffer("constant", torch.zeros(3), persistent=False)
+    model.v.requires_grad_(False)
+    ema.register_buffer("statistic", torch.zeros(3))
+    ema.register_buffer("constant", torch.zeros(3), persistent=False)
+    trainer._ema_params, trainer._ema_buffers = train._ema_pairs(model, ema)
+    frozen = weights(ema.v)
+    with torch.no_grad():
+        for p in model.v.parameters():
+            p.add_(1.0)
+    model.statistic.fill_(2.0)
+    model.constant.fill_(3.0)
+    trained = {k: v.clone() for k, v in ema.w.state_dict().items()}
+    for _ in range(3):  # (the warm-up's first step has learning rate 0)
+        trainer.train_step()
+    assert all(torch.equal(frozen[k], v) for k, v in ema.v.state_dict().items())
+    assert torch.equal(ema.statistic, torch.full((3,), 2.0))
+    assert torch.equal(ema.constant, torch.zeros(3))
+    assert any(not torch.equal(trained[k], v) for k, v in ema.w.state_dict().items())
+
+
 @pytest.mark.parametrize("recipe", ["direct", "flow"])
 def test_resume_matches_an_uninterrupted_run(tmp_path, recipe):
     full = make_trainer(tmp_path / "full", 6, recipe)
