@@ -125,7 +125,13 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--ema", type=_number(float, 0, 1, high_open=True), default=0.999,
                    help="EMA decay")
     p.add_argument("--checkpoint-every", type=_positive(int), default=500)
+    p.add_argument("--keep-checkpoints", type=_positive(int), default=2,
+                   help="how many of the newest checkpoints stay on disk")
     p.add_argument("--log-every", type=_positive(int), default=50)
+    p.add_argument("--sample-every", type=_number(int, 0), default=0, metavar="N",
+                   help="also write sample grids every N steps (0: at the end only)")
+    p.add_argument("--grid-size", type=_positive(int), default=10, metavar="N",
+                   help="N x N samples per grid, from each of the recipe's samplers")
     p.add_argument("--class-dropout", type=_number(float, 0, 1), default=0.1,
                    help="probability of the null label (classifier-free guidance)")
     p.add_argument("--dt", type=_number(float, 0, 0.5, low_open=True, high_open=True),
@@ -576,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                                    weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                                    grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed,
                                    checkpoint_every=args.checkpoint_every,
-                                   log_every=args.log_every, skip_nonfinite=args.skip_nonfinite)
+                                   keep_checkpoints=args.keep_checkpoints,
+                                   log_every=args.log_every, sample_every=args.sample_every,
+                                   grid_size=args.grid_size, skip_nonfinite=args.skip_nonfinite)
                 if recipe == "slimflow":
                     run = dataset = num_classes = None  # the stages make their own
                 else:

@@ -42,6 +42,23 @@ def test_train_sample_eval(tmp_path, capsys):
     assert "direct_1step" in stdout
 
 
+def test_grids_along_the_way_and_checkpoints_kept(tmp_path, capsys):
+    """--sample-every writes step-tagged grids during training, --grid-size sets their size
+    (digits: 8-pixel images, shown at 32 with a 1-pixel frame), --keep-checkpoints how many
+    checkpoints stay."""
+    from PIL import Image
+
+    code, _, err = run(capsys, "train", "direct", "--out", str(tmp_path), "--steps", "3",
+                       "--batch-size", "8", "--no-progress", "--checkpoint-every", "1",
+                       "--keep-checkpoints", "1", "--sample-every", "2", "--grid-size", "3")
+    assert code == 0, err
+    tagged = sorted(p.name for p in tmp_path.glob("grid_direct_1step_step*.png"))
+    assert tagged == ["grid_direct_1step_step00000002.png"]
+    for name in tagged + ["grid_direct_1step.png"]:  # 3 x 3 digits of 32 + 2 pixels
+        assert Image.open(tmp_path / name).size == (102, 102)
+    assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+
+
 @pytest.mark.slow
 def test_demo_tiny(tmp_path, capsys):
     code, stdout, err = run(capsys, "demo", "--out", str(tmp_path), "--steps", "2",
