@@ -219,3 +219,35 @@ def test_bf16_inference_is_as_accurate_as_the_reference_block(B, N, D, H, genera
     error = ((ours - want).norm() / want.norm()).item()
     bound = ((theirs - want).norm() / want.norm()).item()
     assert error <= 2 * bound + 1e-4, (error, bound)
+
+
+def test_attention_gradient_reaches_the_projection_in_one_copy(generator):
+    """The fused attention's q, k, v are the reference's views of the QKV projection, taken so
+    that autograd writes their gradients into the projection's layout with one stack: no
+    second copy of 3 B N D elements (split_heads' backward makes one, as timm's does)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from onestep_kernels.layers import Attention, split_heads, split_heads_packed_grad
+
+    qkv = torch.randn(2, 7, 3 * 24, generator=generator)
+    for a, b in zip(split_heads(qkv, 4), split_heads_packed_grad(qkv, 4)):
+        assert (a.shape, a.stride(), a.data_ptr()) == (b.shape, b.stride(), b.data_ptr())
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.stack, torch.ops.aten.cat,
+                                       torch.ops.aten.clone, torch.ops.aten.copy_):
+                seen.append((func.overloadpacket.__name__, tuple(out.shape)))
+            return out
+
+    x = torch.randn(2, 7, 24, generator=generator, requires_grad=True)
+    for fused, copies in ((False, 2), (True, 1)):
+        attention = Attention(24, 4, fused=fused)
+        with use_backend("sdpa"):
+            out = attention(x)
+        seen = []
+        with Copies():
+            out.backward(torch.ones_like(out))
+        assert len(seen) == copies, seen
+    assert seen == [("stack", (2, 7, 3, 4, 6))]
