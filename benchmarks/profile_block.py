@@ -14,7 +14,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import onestep_kernels as ok
 from onestep_kernels import gpu_check, timing
@@ -31,28 +30,8 @@ def wall_ms(fn, repeat: int = 20) -> float:
 
 
 def kernel_table(fn, rows: int, host_rows: int = 0) -> str:
-    """The GPU's kernels by time per call; with host_rows, also the host's operations by their
-    own time (where a fixed cost such as a synchronisation or an allocation shows)."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-    averages = prof.key_averages()
-    events = [e for e in averages if e.device_type.name == "CUDA"]
-    busy = sum(e.self_device_time_total for e in events) / 5 / 1e3
-    events.sort(key=lambda e: -e.self_device_time_total)
-    lines = [f"  GPU busy {busy:.3f} ms per call"]
-    for e in events[:rows]:
-        lines.append(f"  {e.self_device_time_total / 5 / 1e3:8.4f} ms x{e.count // 5:<3d} "
-                     f"{e.key[:110]}")
-    host = sorted((e for e in averages if e.device_type.name == "CPU"),
-                  key=lambda e: -e.self_cpu_time_total)
-    for e in host[:host_rows]:
-        lines.append(f"  host {e.self_cpu_time_total / 5 / 1e3:8.4f} ms x{e.count // 5:<3d} "
-                     f"{e.key[:100]}")
-    return "\n".join(lines)
+    busy, lines = gpu_check.kernel_table(fn, torch.device("cuda"), rows, host_rows)
+    return "\n".join(f"  {line}" for line in lines)
 
 
 def blocks(batches, rows: int) -> None:

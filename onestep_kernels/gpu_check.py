@@ -348,6 +348,72 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def kernel_table(fn: Callable, device: torch.device, rows: int = 14, host_rows: int = 0,
+                 calls: int = 5) -> tuple[float, list[str]]:
+    """Where fn's time goes, under torch.profiler: (the device's busy ms per call, lines of its
+    kernels by time per call), and with host_rows the host's operations by their own time (a
+    synchronisation or an allocation shows there). On the CPU the 'kernels' are operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    timing.sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        timing.sync(device)
+    averages = prof.key_averages()
+    work = "CUDA" if device.type == "cuda" else "CPU"
+    kernels = sorted((e for e in averages if e.device_type.name == work),
+                     key=lambda e: -_self_us(e, work))
+    if work == "CPU":  # operators: those that do work themselves, not their callers
+        kernels = [e for e in kernels if not e.key.startswith("ProfilerStep")]
+    busy = sum(_self_us(e, work) for e in kernels) / calls / 1e3
+    lines = [f"busy {busy:.4f} ms per call"]
+    lines += [f"{_self_us(e, work) / calls / 1e3:8.4f} ms x{e.count // calls:<3d} {e.key[:110]}"
+              for e in kernels[:rows]]
+    host = sorted((e for e in averages if e.device_type.name == "CPU"),
+                  key=lambda e: -e.self_cpu_time_total)
+    lines += [f"host {e.self_cpu_time_total / calls / 1e3:8.4f} ms x{e.count // calls:<3d} "
+              f"{e.key[:100]}" for e in host[:host_rows if work == "CUDA" else 0]]
+    return busy, lines
+
+
+def _self_us(event, work: str) -> float:
+    return event.self_device_time_total if work == "CUDA" else event.self_cpu_time_total
+
+
+def row_profile(row: Row) -> None:
+    """The reference and the fused block at the training batch, forward and forward+backward,
+    under torch.profiler: the GPU's busy time per call and its kernels by time (the tables in
+    profile.txt; the records keep the busy time and the five longest). Where the block's time
+    goes, beside the block row's wall-clock numbers."""
+    s = row.s
+    B = s.batches[0]
+    reference, fused = _blocks(s)
+    x, c = _rand(s, B, s.N, s.D), _rand(s, B, s.D)
+    xg = x.clone().requires_grad_()
+    text = []
+    for name, block in (("eager", reference), ("onestep", fused)):
+        def forward(b=block):
+            with torch.no_grad():
+                b(x, c)
+
+        def step(b=block):
+            b.zero_grad(set_to_none=True)
+            b(xg, c).sum().backward()
+
+        for case, fn, host_rows in ((f"B={B} forward", forward, 0),
+                                    (f"B={B} forward+backward", step, 12)):
+            busy, lines = kernel_table(fn, s.device, host_rows=host_rows)
+            row.add(case=case, contender=name, busy_ms=round(busy, 4),
+                    longest=[line.strip() for line in lines[1:6]])
+            text += [f"{name} block, {case}", *(f"  {line}" for line in lines), ""]
+    (row.out / "profile.txt").write_text("\n".join(text))
+
+
 def row_memory_bound(row: Row) -> None:
     from .dispatch import OPS
 
@@ -592,7 +658,7 @@ def row_preferences(row: Row) -> None:
 
 
 ROWS: dict[str, Callable[[Row], None]] = {
-    "ceilings": row_ceilings, "block": row_block, "dit": row_dit,
+    "ceilings": row_ceilings, "block": row_block, "dit": row_dit, "profile": row_profile,
     "memory_bound": row_memory_bound, "attention": row_attention,
     "fused_linear": row_fused_linear, "host": row_host, "autotune": row_autotune,
     "preferences": row_preferences, "tests": row_tests,

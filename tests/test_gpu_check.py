@@ -24,7 +24,7 @@ def test_unknown_row_is_refused(tmp_path):
 
 def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     out = tmp_path / "results"
-    rows = ["ceilings", "block", "dit", "memory_bound", "attention", "host"]
+    rows = ["ceilings", "block", "dit", "profile", "memory_bound", "attention", "host"]
     assert gpu_check.main(["--out", str(out), "--smoke", "--only", ",".join(rows)]) == 0
     assert gpu_check.main(["--out", str(out), "--smoke", "--only", "fused_linear"]) == 0
     results = json.loads((out / "gpu_check.json").read_text())
@@ -43,6 +43,11 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     measured = targets["block fwd B=2: speed-up over eager >= 1.25"]
     assert measured["value"] > 0 and measured["met"] in (True, False)
     assert targets["block fwd B=2: speed-up over torch.compile >= 1.05"]["met"] is None
+    profile = {(r["case"], r["contender"]): r for r in results["rows"]["profile"]["records"]}
+    assert set(profile) == {(f"B=2 {case}", name) for case in ("forward", "forward+backward")
+                            for name in ("eager", "onestep")}
+    assert all(r["busy_ms"] > 0 and len(r["longest"]) == 5 for r in profile.values())
+    assert "onestep block, B=2 forward+backward" in (out / "profile.txt").read_text()
     table = (out / "gpu_check.md").read_text()
     assert "## memory_bound" in table and "## fused_linear" in table
     assert "layernorm_modulate fwd | cpu |" in table
