@@ -251,3 +251,22 @@ def test_attention_gradient_reaches_the_projection_in_one_copy(generator):
             out.backward(torch.ones_like(out))
         assert len(seen) == copies, seen
     assert seen == [("stack", (2, 7, 3, 4, 6))]
+
+
+@pytest.mark.slow
+def test_compiled_block_trains_across_batch_sizes(generator):
+    """torch.compile recompiles with dynamic shapes when the batch size changes (the second
+    size): the ops' fake implementations must follow symbolic shapes, forward and backward."""
+    block = randomised(FusedDiTBlock(64, 4), generator)
+    compiled = torch.compile(copy.deepcopy(block))
+    for B, N in ((2, 9), (3, 7)):
+        x = torch.randn(B, N, 64, generator=generator, requires_grad=True)
+        c = torch.randn(B, 64, generator=generator, requires_grad=True)
+        compiled(x, c).square().sum().backward()
+        got = (x.grad, c.grad)
+        x.grad = c.grad = None
+        reference = block.double()(x.double(), c.double())
+        reference.square().sum().backward()
+        block.float()
+        for name, g, want in (("x", got[0], x.grad), ("c", got[1], c.grad)):
+            assert_close_rel(g, want, torch.float32, f"B={B} d{name}")
