@@ -368,8 +368,6 @@ def kernel_table(fn: Callable, device: torch.device, rows: int = 14, host_rows: 
     work = "CUDA" if device.type == "cuda" else "CPU"
     kernels = sorted((e for e in averages if e.device_type.name == work),
                      key=lambda e: -_self_us(e, work))
-    if work == "CPU":  # operators: those that do work themselves, not their callers
-        kernels = [e for e in kernels if not e.key.startswith("ProfilerStep")]
     busy = sum(_self_us(e, work) for e in kernels) / calls / 1e3
     lines = [f"busy {busy:.4f} ms per call"]
     lines += [f"{_self_us(e, work) / calls / 1e3:8.4f} ms x{e.count // calls:<3d} {e.key[:110]}"
