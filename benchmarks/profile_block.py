@@ -46,11 +46,11 @@ def blocks(batches, rows: int) -> None:
                 print(kernel_table(lambda b=block: b(x, c), rows))
             if B != min(batches):
                 continue
-            xg = x.clone().requires_grad_()
+            xg, dout = x.clone().requires_grad_(), gpu_check._rand(s, B, s.N, s.D)
 
             def step(b=block):
                 b.zero_grad(set_to_none=True)
-                b(xg, c).sum().backward()
+                b(xg, c).backward(dout)
             print(f"\n{name} block, B={B} forward+backward: {wall_ms(step):.3f} ms wall")
             print(kernel_table(step, rows, host_rows=12))
 

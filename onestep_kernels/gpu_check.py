@@ -234,12 +234,12 @@ def row_block(row: Row) -> None:
             for name, block in contenders.items():
                 forward[name] = row.time(f"B={B} forward", name, lambda b=block: b(x, c))
         roof = _roofline_forward(row, B, reference)
-        xg = x.clone().requires_grad_()
+        xg, dout = x.clone().requires_grad_(), _rand(s, B, s.N, s.D)
         training = {}
         for name, block in contenders.items():
             def step(b=block):
                 b.zero_grad(set_to_none=True)
-                b(xg, c).sum().backward()
+                b(xg, c).backward(dout)  # (a dense gradient, as the next block would give)
             training[name] = row.time(f"B={B} forward+backward", name, step, memory=True)
         ours = forward["onestep"]
         row.target(f"block fwd B={B}: speed-up over eager >= 1.25",
@@ -392,7 +392,7 @@ def row_profile(row: Row) -> None:
     B = s.batches[0]
     reference, fused = _blocks(s)
     x, c = _rand(s, B, s.N, s.D), _rand(s, B, s.D)
-    xg = x.clone().requires_grad_()
+    xg, dout = x.clone().requires_grad_(), _rand(s, B, s.N, s.D)
     text = []
     for name, block in (("eager", reference), ("onestep", fused)):
         def forward(b=block):
@@ -401,7 +401,7 @@ def row_profile(row: Row) -> None:
 
         def step(b=block):
             b.zero_grad(set_to_none=True)
-            b(xg, c).sum().backward()
+            b(xg, c).backward(dout)
 
         for case, fn, host_rows in ((f"B={B} forward", forward, 0),
                                     (f"B={B} forward+backward", step, 12)):
@@ -463,6 +463,7 @@ def row_attention(row: Row) -> None:
     s = row.s
     for B, H, N, Dh in s.attention_shapes:
         q, k, v = (_rand(s, B, H, N, Dh, grad=True) for _ in range(3))
+        dout = _rand(s, B, H, N, Dh)
         flops = 4 * B * H * N * N * Dh
         case = f"({B}, {H}, {N}, {Dh})"
         times = {}
@@ -475,7 +476,7 @@ def row_attention(row: Row) -> None:
                 times[name, "fwd"] = row.time(f"{case} fwd", name, call, amount=flops,
                                               unit="GFLOP/s")
             times[name, "fwd+bwd"] = row.time(f"{case} fwd+bwd", name,
-                                              lambda c=call: c().sum().backward(),
+                                              lambda c=call: c().backward(dout),
                                               amount=3.5 * flops, unit="GFLOP/s")
         for kind in ("fwd", "fwd+bwd"):
             row.target(f"attention {case} {kind}: triton / SDPA speed >= 0.8",
