@@ -42,9 +42,13 @@ def _check(x0: Tensor, t: Tensor, dt: float, parametrization: str) -> None:
         raise ValueError(f"dt: expected a step in (0, 0.5), got {dt}")
     if t.shape != (x0.shape[0],):
         raise ValueError(f"t: expected shape ({x0.shape[0]},), got {tuple(t.shape)}")
-    if parametrization == "residual" and bool((t <= 0).any()):
-        raise ValueError("t: the residual parametrization divides by t'; expected t' > 0 "
-                         "(sample it from U[dt, 1 - dt])")
+    if parametrization == "residual":
+        message = ("t: the residual parametrization divides by t'; expected t' > 0 (sample it "
+                   "from U[dt, 1 - dt])")
+        if t.is_cuda:  # an asynchronous device-side assert: no host sync in a training step
+            torch._assert_async((t > 0).all(), message)
+        elif bool((t <= 0).any()):
+            raise ValueError(message)
 
 
 def _weights_frozen(v: Net) -> Net:

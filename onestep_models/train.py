@@ -339,6 +339,7 @@ class Trainer:
         self.skipped = 0     # non-finite steps skipped in this process
         self.start_step = 0  # where this process's fit() began
         self._stop_signal: int | None = None
+        self._stop_agreed = False  # a signal seen by any process, as of the last step's sync
 
     # -- state
     def config_changes(self, saved: dict[str, Any]) -> list[str]:
@@ -412,12 +413,23 @@ class Trainer:
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        # one host sync for the loss, the norm and whether any process saw a non-finite loss
+        # One host sync for the loss, the norm, the recipe's logs and two flags that every
+        # process agrees on (one collective, on the loss's device, which nccl needs): a
+        # non-finite loss anywhere, a stop signal anywhere. All before the optimiser's step is
+        # queued: read after it, a value would wait for that step and the EMA to finish, and
+        # the next batch could not be prepared and launched while the device runs them.
         local_bad = (~torch.isfinite(loss.detach())).float()
+        flags = torch.stack([local_bad, local_bad.new_full((), self._stop_signal is not None)])
         if self.world_size > 1:
-            dist.all_reduce(local_bad, op=dist.ReduceOp.MAX)
-        loss_value, norm_value, bad = torch.stack(
-            [loss.detach().float(), norm.float(), local_bad]).tolist()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        on_device = [k for k, v in logs.items()
+                     if isinstance(v, Tensor) and v.device == loss.device]
+        values = torch.stack([loss.detach().float(), norm.float(), *flags,
+                              *(logs[k].detach().float().reshape(()) for k in on_device)]).tolist()
+        loss_value, norm_value, bad, stop = values[:4]
+        self._stop_agreed = bool(stop)
+        read = dict(zip(on_device, values[4:]))
+        logged = {k: read[k] if k in read else float(v) for k, v in logs.items()}
         self.step += 1
         if bad or not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
@@ -439,8 +451,7 @@ class Trainer:
                 torch._foreach_lerp_(averaged, trained, 1 - decay)
             if self._ema_buffers[0]:
                 torch._foreach_copy_(*self._ema_buffers)
-        return {"loss": loss_value, "grad_norm": norm_value,
-                **{k: float(v) for k, v in logs.items()}}
+        return {"loss": loss_value, "grad_norm": norm_value, **logged}
 
     # -- outputs
     def write_grids(self, tag: str = "") -> list[Path]:
@@ -475,12 +486,6 @@ class Trainer:
     # -- the run
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
-
-    def _stop_requested(self) -> bool:
-        stop = torch.tensor(float(self._stop_signal is not None))
-        if self.world_size > 1:  # every process stops at the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        return bool(stop.item())
 
     def fit(self, resume: bool = True) -> dict[str, float]:
         """Train to `config.steps`, resuming from out_dir's newest intact checkpoint if
@@ -532,7 +537,9 @@ class Trainer:
                     if not use_bar:
                         print(f"step {self.step}/{cfg.steps}  loss {logs['loss']:.4g}  "
                               f"{self.seconds:.1f} s", flush=True)
-            stop = self._stop_requested()
+            # alone: at once; among processes: as every one of them read it at the step's sync
+            # (seen by one after that sync, it stops them all after the next step)
+            stop = self._stop_signal is not None if self.world_size == 1 else self._stop_agreed
             if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.checkpoint()
             if stop:

@@ -210,6 +210,34 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
         assert torch.equal(weights(resumed.model)[k], v), k
 
 
+def test_among_processes_one_collective_per_step_carries_the_stop(tmp_path, monkeypatch):
+    """With several processes a step makes one collective, on the loss's device (nccl takes no
+    CPU tensor), and it carries both agreed flags: a non-finite loss and a stop signal. A
+    signal that one process sees after a step's sync stops every process after the next
+    step. (Two processes are played by one, its collectives recorded; the real ones run in
+    test_train's gloo test.)"""
+    trainer = make_trainer(tmp_path, 8, checkpoint_every=100)
+    trainer.world_size = 2  # (rank 0 of 2: half of each batch)
+    reduced = []
+
+    def all_reduce(tensor, op=None):
+        reduced.append((tuple(tensor.shape), tensor.device, trainer.step))
+    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    original = trainer.train_step
+
+    def step_then_signal():
+        logs = original()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return logs
+    trainer.train_step = step_then_signal
+    with pytest.raises(train.Interrupted, match="interrupted at step 4"):
+        trainer.fit()
+    assert reduced == [((2,), trainer.device, step) for step in range(4)]
+    assert train.latest_checkpoint(tmp_path).name == "step_00000004"
+
+
 def test_resume_removes_temporaries_and_truncates_the_log(tmp_path):
     make_trainer(tmp_path, 4, checkpoint_every=2).fit()
     root = tmp_path / train.CHECKPOINT_DIR
