@@ -331,8 +331,11 @@ class Trainer:
             for child in self.model.children():  # after the EMA copy, which stays eager)
                 child.compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # (on a GPU PyTorch's fused AdamW: one kernel per group of tensors, step counts kept on
+        # the device; elsewhere its default, which the CPU runs and their tests were made with)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay,
+                                           fused=True if self.device.type == "cuda" else None)
         self.sampler = EpochSampler(len(dataset), config.batch_size, config.seed)
         self.step = 0
         self.seconds = 0.0   # training time over the run's life, resumes included
