@@ -199,12 +199,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device) -> torch.device:
     """Join the process group that torchrun describes in the environment (nccl on GPU, gloo
-    on CPU); nothing outside torchrun."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+    on CPU), and return the device this process trains on: under torchrun, "cuda" without an
+    index means this process's own GPU, cuda:LOCAL_RANK (made the current device), since
+    every process would otherwise take GPU 0 and nccl refuses two ranks on one GPU. Outside
+    torchrun: nothing joined, `device` as given."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -305,8 +314,8 @@ class Trainer:
                  num_classes: int = 0, device: str | torch.device | None = None,
                  progress: bool = True, allow_config_change: bool = False,
                  compile: bool = False, to_images: Callable[[Tensor], Tensor] | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        init_distributed(self.device)
+        self.device = init_distributed(
+            torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.rank, self.world_size = world()
         if config.batch_size % self.world_size:
             raise ValueError(f"batch_size: {config.batch_size} does not split evenly over "

@@ -209,6 +209,32 @@ def relative_difference(a, b):
 
 
 @pytest.mark.slow
+def test_under_torchrun_each_process_takes_its_own_gpu(monkeypatch):
+    """torchrun's LOCAL_RANK picks the GPU of a process asked for "cuda" (every process took
+    GPU 0 before, which nccl refuses), made current before nccl joins; an explicit index is
+    kept; outside torchrun nothing is joined. (The CUDA and nccl calls are recorded, not made.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train.dist, "init_process_group",
+                        lambda backend: calls.append(("init", backend)))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.init_distributed(torch.device("cuda")) == torch.device("cuda")
+    assert calls == []
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert train.init_distributed(torch.device("cuda")) == torch.device("cuda", 3)
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl")]
+    calls.clear()
+    assert train.init_distributed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+    calls.clear()
+    assert train.init_distributed(torch.device("cpu")) == torch.device("cpu")
+    assert calls == [("init", "gloo")]
+
+
 def test_two_gloo_processes_match_one(tmp_path):
     """Under torchrun (2 gloo processes): every rank holds bit-identical weights after the
     steps, also when the processes built different networks; and they equal one process
