@@ -7,6 +7,7 @@ Images come as float32 (N, C, H, W) scaled to [-1, 1], labels as int64 (N,).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,9 @@ def vae_latents(images: TensorDataset, vae_path: str | Path, cache: str | Path,
     if rest:
         tensors["labels"] = rest[0].contiguous()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp")
+    # (a temporary per process: under torchrun every process encodes and writes the cache,
+    # and two writing one file could leave it torn; each rename puts a whole file in place)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=key)
     tmp.replace(cache)
     return TensorDataset(*tensors.values())
