@@ -32,11 +32,13 @@ from onestep_models.train import (
     TrainConfig,
     Trainer,
     grid_inputs,
+    init_distributed,
     latest_checkpoint,
     load_weights,
     read_checkpoint_state,
     save_grid,
     seed_everything,
+    world,
     write_json_atomic,
 )
 
@@ -192,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--teacher", type=Path, required=True,
                        help="a trained flow, direct or SlimFlow run (its EMA velocity)")
     pairs.add_argument("--out", type=Path, required=True, help="pairs directory (resumes)")
-    pairs.add_argument("--num", type=_positive(int), default=10_000)
+    pairs.add_argument("--num", "--num-pairs", dest="num", type=_positive(int), default=10_000,
+                       help="how many pairs (under torchrun write --num-pairs: torchrun takes "
+                            "--num for its own --numa-binding)")
     pairs.add_argument("--heun-steps", type=_positive(int), default=32,
                        help="Heun steps of the teacher's ODE (2 evaluations each)")
     pairs.add_argument("--rk45", action="store_true",
@@ -323,22 +327,32 @@ def draw_pairs(teacher_ckpt: Path, out: Path, num: int, *, heun_steps: int, seed
     pairs per second; the manifest records the teacher's checkpoint and data."""
     from onestep_models import slimflow as sf
 
+    # under torchrun the processes share the shards, each on its own GPU, then wait for all
+    device = init_distributed(device)
+    rank, world_size = world()
     teacher, teacher_run, checkpoint = recipes.load_teacher(teacher_ckpt, device)
     model = teacher_run["model"]
     shape = _sample_shape(teacher_run)
     start = time.perf_counter()
+    made = [0]
 
-    def report(done: int, total: int) -> None:
-        rate = done * shard_size / max(time.perf_counter() - start, 1e-9)
-        print(f"shard {done}/{total}  {rate:.0f} pairs/s", flush=True)
+    def report(shard: int, total: int) -> None:
+        made[0] += 1
+        rate = made[0] * shard_size * world_size / max(time.perf_counter() - start, 1e-9)
+        if rank == 0:
+            print(f"shard {shard}/{total}  {rate:.0f} pairs/s", flush=True)
 
     sf.generate_pairs(teacher, out, num, shape, model.get("num_classes", 0),
                       shard_size=shard_size, heun_steps=heun_steps, solver=solver, seed=seed,
-                      device=device, progress=report,
+                      device=device, progress=report, part=(rank, world_size),
                       settings={"checkpoint": str(checkpoint.resolve()),
                                 "data": teacher_run["data"]})
+    if world_size > 1:
+        torch.distributed.barrier()
     seconds = time.perf_counter() - start
-    print(f"{num} pairs in {out} ({seconds:.1f} s, {num / max(seconds, 1e-9):.0f} pairs/s)")
+    if rank == 0:
+        print(f"{num} pairs in {out} ({seconds:.1f} s, {num / max(seconds, 1e-9):.0f} "
+              "pairs/s)")
 
 
 def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, heun_steps: int,

@@ -200,18 +200,24 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
                    num_classes: int, *, shard_size: int = 1024, heun_steps: int = 32,
                    solver: str = "heun", seed: int = 0, device: torch.device | str = "cpu",
                    settings: dict | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
+                   progress: Callable[[int, int], None] | None = None,
+                   part: tuple[int, int] = (0, 1)) -> dict:
     """Draw `num` pairs (z0, x1 = the teacher's ODE solution from z0 by `heun_steps` Heun
     steps, or by scipy's adaptive RK45 with solver="rk45", label) into
     `out`/shard_*/{z0,x1,y}.npy, shard by shard: each is written under a temporary name and
     renamed, so a killed run resumes without redoing finished shards (the manifest pairs.json
     must match: teacher settings, count, shard size, seed). Labels cycle 0..num_classes-1
-    (balanced); each shard's noise comes from a generator seeded by (seed, shard). Returns
-    the manifest."""
+    (balanced); each shard's noise comes from a generator seeded by (seed, shard). `part` =
+    (i, n): this process draws the shards whose index is i modulo n (under torchrun: its rank
+    and the world size), so that n processes fill one directory together, the same shards
+    as one process would. Returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if solver not in ("heun", "rk45"):
         raise ValueError(f"solver: expected 'heun' or 'rk45', got {solver!r}")
+    mine, parts = part
+    if not 0 <= mine < parts:
+        raise ValueError(f"part: expected (i, n) with 0 <= i < n, got {part}")
     manifest = {"num": num, "shape": list(shape), "num_classes": num_classes,
                 "shard_size": shard_size, "solver": solver,
                 "heun_steps": heun_steps if solver == "heun" else None, "seed": seed,
@@ -222,15 +228,13 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         if saved != json.loads(json.dumps(manifest)):
             raise ValueError(f"--out: {out} holds pairs made with other settings ({saved}); "
                              "use another directory")
-    else:
-        tmp = path.with_name(path.name + ".tmp")
+    else:  # (a temporary per process: the processes of one torchrun may all write it)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, path)
-    for stale in out.glob(".tmp_shard_*"):
-        shutil.rmtree(stale, ignore_errors=True)
     shards = -(-num // shard_size)
     teacher = teacher.to(device).eval()
-    for index in range(shards):
+    for index in range(mine, shards, parts):
         final = out / _shard_name(index)
         if final.is_dir():
             continue
@@ -249,6 +253,7 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         if not bool(torch.isfinite(x1).all()):
             raise ValueError(f"teacher: shard {index} holds non-finite samples")
         tmp = out / f".tmp_{_shard_name(index)}"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         tmp.mkdir()
         np.save(tmp / "z0.npy", z0.numpy())
         np.save(tmp / "x1.npy", x1.numpy())

@@ -203,6 +203,32 @@ def test_slimflow_stages_from_a_teacher(trained_run, tmp_path, capsys):
     assert code == 2 and "other settings" in err
 
 
+@pytest.mark.slow
+def test_pairs_under_torchrun_share_the_shards(trained_run, tmp_path, capsys):
+    """`onestep pairs` in two gloo processes: each draws its shards into the one directory,
+    both wait for all, and the result is the pairs of one process, file for file (before,
+    each process drew every shard and removed the other's half-written ones)."""
+    import os
+    import subprocess
+    import sys
+
+    from onestep_models import slimflow
+
+    args = ["pairs", "--teacher", str(trained_run), "--num-pairs", "20", "--heun-steps", "2",
+            "--shard-size", "6"]
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--standalone", "-m", "onestep_models.cli", *args, "--out",
+                           str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("20 pairs in") == 1  # (the closing line from rank 0 only)
+    (a, _), (b, _) = (slimflow.load_pairs(tmp_path / name) for name in ("one", "two"))
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert torch.equal(ta, tb)
+
+
 def test_slimflow_refuses_what_it_cannot_use(tmp_path, capsys):
     code, _, err = run(capsys, "train", "slimflow", "--teacher", str(tmp_path / "none"),
                        "--out", str(tmp_path / "sf"))

@@ -95,6 +95,32 @@ def test_pair_shards_resume_without_redoing_finished_ones(tmp_path):
         slimflow.generate_pairs(teacher, out, **{**kwargs, "heun_steps": 3})
 
 
+def test_processes_share_the_shards_of_one_directory(tmp_path):
+    """Under torchrun each process draws the shards of its rank modulo the world size into the
+    same directory: together, the pairs one process draws (the same files, bit for bit), and
+    no process touches another's shards, finished or half-written."""
+    teacher = tiny_dit()
+    kwargs = dict(num=10, shape=(1, 4, 4), num_classes=3, shard_size=3, heun_steps=2, seed=3)
+    slimflow.generate_pairs(teacher, tmp_path / "one", **kwargs)
+    out = tmp_path / "two"
+    out.mkdir()
+    (out / ".tmp_shard_00001").mkdir()  # rank 1's shard, being written
+    made = []
+    slimflow.generate_pairs(teacher, out, **kwargs, part=(0, 2),
+                            progress=lambda i, n: made.append(i))
+    assert made == [1, 3] and (out / ".tmp_shard_00001").is_dir()
+    with pytest.raises(ValueError, match="incomplete"):
+        slimflow.load_pairs(out)
+    slimflow.generate_pairs(teacher, out, **kwargs, part=(1, 2),
+                            progress=lambda i, n: made.append(i))
+    assert made == [1, 3, 2, 4] and not list(out.glob(".tmp_*"))
+    (a, _), (b, _) = slimflow.load_pairs(tmp_path / "one"), slimflow.load_pairs(out)
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert torch.equal(ta, tb)
+    with pytest.raises(ValueError, match="part"):
+        slimflow.generate_pairs(teacher, out, **kwargs, part=(2, 2))
+
+
 def fixed_batch():
     g = torch.Generator().manual_seed(2)
     return (torch.randn(16, 1, 4, 4, generator=g).clamp(-1, 1),
