@@ -7,13 +7,14 @@ Images come as float32 (N, C, H, W) scaled to [-1, 1], labels as int64 (N,).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+
+from onestep_models.run_dir import temporary_for
 
 DIGITS_CLASSES = 10
 
@@ -114,9 +115,7 @@ def vae_latents(images: TensorDataset, vae_path: str | Path, cache: str | Path,
     if rest:
         tensors["labels"] = rest[0].contiguous()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    # (a temporary per process: under torchrun every process encodes and writes the cache,
-    # and two writing one file could leave it torn; each rename puts a whole file in place)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    tmp = temporary_for(cache)  # (under torchrun every process encodes and writes the cache)
     save_file(tensors, str(tmp), metadata=key)
     tmp.replace(cache)
     return TensorDataset(*tensors.values())

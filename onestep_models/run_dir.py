@@ -103,11 +103,18 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def temporary_for(path: Path) -> Path:
+    """Where to write a file that is then renamed over `path`: beside it, one name per process
+    (the processes of one torchrun may all write the same file, and two writing one
+    temporary could rename a torn file into place)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write strict JSON to a temporary file and rename it over path (never a half-written
     file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_for(path)
     tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
@@ -135,7 +142,7 @@ def truncate_log(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary_for(path)
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
     return dropped

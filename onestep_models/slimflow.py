@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from onestep_models import flow
+from onestep_models.run_dir import write_json_atomic
 
 SCHEDULES = ("linear", "exp", "cos")
 DISTANCES = ("pseudo_huber", "lpips")
@@ -228,10 +229,8 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         if saved != json.loads(json.dumps(manifest)):
             raise ValueError(f"--out: {out} holds pairs made with other settings ({saved}); "
                              "use another directory")
-    else:  # (a temporary per process: the processes of one torchrun may all write it)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)
+    else:  # (the processes of one torchrun may all write it)
+        write_json_atomic(path, manifest)
     shards = -(-num // shard_size)
     teacher = teacher.to(device).eval()
     for index in range(mine, shards, parts):
