@@ -47,10 +47,7 @@ def blocks(batches, rows: int) -> None:
             if B != min(batches):
                 continue
             xg, dout = x.clone().requires_grad_(), gpu_check._rand(s, B, s.N, s.D)
-
-            def step(b=block):
-                b.zero_grad(set_to_none=True)
-                b(xg, c).backward(dout)
+            step = gpu_check._training_step(block, xg, c, dout)
             print(f"\n{name} block, B={B} forward+backward: {wall_ms(step):.3f} ms wall")
             print(kernel_table(step, rows, host_rows=12))
 

@@ -235,12 +235,9 @@ def row_block(row: Row) -> None:
                 forward[name] = row.time(f"B={B} forward", name, lambda b=block: b(x, c))
         roof = _roofline_forward(row, B, reference)
         xg, dout = x.clone().requires_grad_(), _rand(s, B, s.N, s.D)
-        training = {}
-        for name, block in contenders.items():
-            def step(b=block):
-                b.zero_grad(set_to_none=True)
-                b(xg, c).backward(dout)  # (a dense gradient, as the next block would give)
-            training[name] = row.time(f"B={B} forward+backward", name, step, memory=True)
+        training = {name: row.time(f"B={B} forward+backward", name,
+                                   _training_step(block, xg, c, dout), memory=True)
+                    for name, block in contenders.items()}
         ours = forward["onestep"]
         row.target(f"block fwd B={B}: speed-up over eager >= 1.25",
                    _ratio(forward["eager"], ours), 1.25)
@@ -258,6 +255,15 @@ def row_block(row: Row) -> None:
                  if r["case"] == f"B={B} forward+backward"}
         row.target(f"block fwd+bwd B={B}: peak memory / eager's <= 1.0",
                    _ratio(peaks.get("onestep"), peaks.get("eager")), 1.0, at_least=False)
+
+
+def _training_step(block, x: torch.Tensor, c: torch.Tensor, dout: torch.Tensor) -> Callable:
+    """A block's forward and backward from fresh gradients, back-propagating `dout` (a dense
+    gradient, as the next block would give; a sum's is an expanded scalar)."""
+    def step():
+        block.zero_grad(set_to_none=True)
+        block(x, c).backward(dout)
+    return step
 
 
 def _dit(s: Setting, fused: bool):
@@ -399,12 +405,9 @@ def row_profile(row: Row) -> None:
             with torch.no_grad():
                 b(x, c)
 
-        def step(b=block):
-            b.zero_grad(set_to_none=True)
-            b(xg, c).backward(dout)
-
         for case, fn, host_rows in ((f"B={B} forward", forward, 0),
-                                    (f"B={B} forward+backward", step, 12)):
+                                    (f"B={B} forward+backward",
+                                     _training_step(block, xg, c, dout), 12)):
             busy, lines = kernel_table(fn, s.device, host_rows=host_rows)
             row.add(case=case, contender=name, busy_ms=round(busy, 4),
                     longest=[line.strip() for line in lines[1:6]])
