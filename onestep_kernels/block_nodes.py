@@ -36,19 +36,19 @@ class _GatedMlpInput(torch.autograd.Function):
         gated, gelu = backends
         res, h, stats = gated_op._forward(gated, x, y, gate, shift, scale, eps)
         hidden, fc1_saved = gelu_op.fc1_forward(gelu, h, weight, bias)
-        ctx.save_for_backward(res, y, gate, scale, stats, *fc1_saved)
+        ctx.save_for_backward(x, y, gate, scale, stats, *fc1_saved)
         ctx.backends = backends
         return res, hidden
 
     @staticmethod
     def backward(ctx, dres, dhidden):
-        res, y, gate, scale, stats, *fc1_saved = ctx.saved_tensors
+        x, y, gate, scale, stats, *fc1_saved = ctx.saved_tensors
         gated, gelu = ctx.backends
         dh, dweight, dbias = gelu_op.fc1_backward(gelu, dhidden, fc1_saved, True,
                                                   ctx.needs_input_grad[5])
         # h's gradient in the LayerNorm's dtype (fp32 under CUDA autocast, where the product
         # ran in half precision): the cast autograd would make between the two nodes
-        dx, dy, dmod = gated_op._backward(gated, dres, checks.cast(dh, res.dtype), res, y, gate,
+        dx, dy, dmod = gated_op._backward(gated, dres, checks.cast(dh, x.dtype), x, y, gate,
                                           scale, stats)
         return dx, dy, *dmod.unbind(0), dweight, dbias, None, None
 

@@ -42,7 +42,7 @@ namespace onestep {
   X(float, eps) X(int32_t, dtype)
 
 #define ONESTEP_GATED_RESIDUAL_BWD_FIELDS(X)                                               \
-  X(const void*, dres) X(const void*, dout) X(const void*, res) X(const void*, y)         \
+  X(const void*, dres) X(const void*, dout) X(const void*, x) X(const void*, y)           \
   X(const void*, gate) X(const void*, scale) X(const float*, mean) X(const float*, rstd)  \
   X(void*, dx) X(void*, dy) X(void*, dgate) X(void*, dshift) X(void*, dscale)             \
   X(int64_t, B) X(int64_t, N) X(int64_t, D) X(int64_t, gate_sb) X(int64_t, gate_sn)       \

@@ -19,11 +19,20 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 32;  // see layernorm_modulate.cpp: fixed for determinism
 
+// The fp32 residual r = x + gate * y, as the forward computes it. The backward rebuilds it
+// from the inputs rather than reading the rounded residual it returned: the statistics
+// describe the fp32 one, and at a large row mean (|r| ~ 64 in bf16) rounding r moves x_hat
+// by much more than the gradients' own rounding.
+template <typename T>
+inline float residual(const T* x, const T* y, const T* gate, int64_t d) {
+  return to_float(gate[d]) * to_float(y[d]) + to_float(x[d]);
+}
+
 template <typename T>
 void fwd_row(const T* x, const T* y, const T* gate, const T* shift, const T* scale, T* res,
              T* out, int64_t D, float eps, float* r, float* mean_out, float* rstd_out) {
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) r[d] = to_float(gate[d]) * to_float(y[d]) + to_float(x[d]);
+  for (int64_t d = 0; d < D; ++d) r[d] = residual(x, y, gate, d);
   const float mean = static_cast<float>(blocked_sum(D, [r](int64_t d) { return r[d]; }) /
                                         static_cast<double>(D));
   const double m2 = blocked_sum(D, [r, mean](int64_t d) {
@@ -46,18 +55,18 @@ void fwd_row(const T* x, const T* y, const T* gate, const T* shift, const T* sca
 // the LayerNorm's gradient is added to it. Per-sample modulation gradients go to the acc_*
 // rows, per-token ones straight to dgate/dshift/dscale.
 template <typename T, bool kPerToken>
-void bwd_row(const T* dres, const T* dout, const T* res, const T* y, const T* gate,
+void bwd_row(const T* dres, const T* dout, const T* x, const T* y, const T* gate,
              const T* scale, float mean, float rstd, T* dx, T* dy, int64_t D, float* acc_gate,
              float* acc_shift, float* acc_scale, T* dgate, T* dshift, T* dscale) {
   const auto g = [=](int64_t d) { return to_float(dout[d]) * (1.0f + to_float(scale[d])); };
   const float mean_g = static_cast<float>(blocked_sum(D, g) / static_cast<double>(D));
   const float mean_gx = static_cast<float>(
-      blocked_sum(D, [=](int64_t d) { return g(d) * (to_float(res[d]) - mean) * rstd; }) /
+      blocked_sum(D, [=](int64_t d) { return g(d) * (residual(x, y, gate, d) - mean) * rstd; }) /
       static_cast<double>(D));
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const float doutf = to_float(dout[d]);
-    const float xhat = (to_float(res[d]) - mean) * rstd;
+    const float xhat = (residual(x, y, gate, d) - mean) * rstd;
     const float g = doutf * (1.0f + to_float(scale[d]));
     const float dr = to_float(dres[d]) + layernorm_dx(g, xhat, mean_g, mean_gx, rstd);
     dx[d] = from_float<T>(dr);
@@ -105,7 +114,7 @@ template <typename T>
 int bwd(const GatedResidualBwdParams& p, int num_threads) {
   const T* dres = static_cast<const T*>(p.dres);
   const T* dout = static_cast<const T*>(p.dout);
-  const T* res = static_cast<const T*>(p.res);
+  const T* x = static_cast<const T*>(p.x);
   const T* y = static_cast<const T*>(p.y);
   const T* gate = static_cast<const T*>(p.gate);
   const T* scale = static_cast<const T*>(p.scale);
@@ -125,7 +134,7 @@ int bwd(const GatedResidualBwdParams& p, int num_threads) {
   if (p.per_token) {
     parallel_for(num_threads, rows, [&](int64_t row) {
       const int64_t b = row / N, n = row % N;
-      bwd_row<T, true>(dres + row * D, dout + row * D, res + row * D, y + row * D,
+      bwd_row<T, true>(dres + row * D, dout + row * D, x + row * D, y + row * D,
                        gate + b * g_sb + n * g_sn, scale + b * s_sb + n * s_sn, mean[row],
                        rstd[row], dx + row * D, dy + row * D, D, nullptr, nullptr, nullptr,
                        dgate + row * D, dshift + row * D, dscale + row * D);
@@ -142,7 +151,7 @@ int bwd(const GatedResidualBwdParams& p, int num_threads) {
     const int64_t n_end = min_i64(N, (c + 1) * kRowsPerChunk);
     for (int64_t n = c * kRowsPerChunk; n < n_end; ++n) {
       const int64_t row = b * N + n;
-      bwd_row<T, false>(dres + row * D, dout + row * D, res + row * D, y + row * D,
+      bwd_row<T, false>(dres + row * D, dout + row * D, x + row * D, y + row * D,
                         gate + b * g_sb, scale + b * s_sb, mean[row], rstd[row], dx + row * D,
                         dy + row * D, D, acc, acc + D, acc + 2 * D, nullptr, nullptr, nullptr);
     }

@@ -85,27 +85,27 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 
 
 @triton.jit
-def _gated_residual_layernorm_modulate_bwd_loads(DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows,
+def _gated_residual_layernorm_modulate_bwd_loads(DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows,
                                                  b, n, N, D, gate_sb, gate_sn, scale_sb,
                                                  scale_sn, cols, width):
-    """Row n of sample b's backward inputs, as stored: dres, dout, res, y, gate, scale, mean,
+    """Row n of sample b's backward inputs, as stored: dres, dout, x, y, gate, scale, mean,
     rstd (`width`: D, or 0 for a row past the chunk, which loads zeros)."""
     row = b * N + n
     mask = cols < width
     dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0)
     dout = tl.load(DOUT + row * D + cols, mask=mask, other=0.0)
-    res = tl.load(RES + row * D + cols, mask=mask, other=0.0)
+    x = tl.load(X + row * D + cols, mask=mask, other=0.0)
     y = tl.load(Y + row * D + cols, mask=mask, other=0.0)
     gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0)
     scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
     mean = tl.load(STATS + row, mask=n < N, other=0.0)
     rstd = tl.load(STATS + n_rows + row, mask=n < N, other=0.0)
-    return dres, dout, res, y, gate, scale, mean, rstd
+    return dres, dout, x, y, gate, scale, mean, rstd
 
 
 @triton.jit
 def _gated_residual_layernorm_modulate_bwd_kernel(
-    DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, DX, DY, DMOD, plane,
+    DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, DX, DY, DMOD, plane,
     N, D, gate_sb, gate_sn, scale_sb, scale_sn,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -115,7 +115,8 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     # per-sample the program's partial sums at [b, c] of (3, B, chunks, D) fp32, which the
     # launcher adds up. PREFETCH: each row's loads are issued one iteration ahead, so that
     # their latency overlaps the previous row's reductions (Triton does not pipeline this
-    # loop itself).
+    # loop itself). The residual is rebuilt in fp32 from x and y, as the forward computed it:
+    # the statistics describe that one, not the rounded residual the forward returned.
     DGATE = DMOD
     DSHIFT = DMOD + plane
     DSCALE = DMOD + 2 * plane
@@ -129,37 +130,37 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     n_start = c * ROWS
     n_end = tl.minimum(n_start + ROWS, N)
     if PREFETCH:
-        (dres_next, dout_next, res_next, y_next, gate_next, scale_next, mean_next,
+        (dres_next, dout_next, x_next, y_next, gate_next, scale_next, mean_next,
          rstd_next) = _gated_residual_layernorm_modulate_bwd_loads(
-            DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, b, n_start, N, D, gate_sb, gate_sn,
+            DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, b, n_start, N, D, gate_sb, gate_sn,
             scale_sb, scale_sn, cols, tl.where(n_start < n_end, D, 0))
     for n in range(n_start, n_end):
         row = b * N + n
         if PREFETCH:
-            dres, dout, res, y, gate, scale, mean, rstd = (
-                dres_next, dout_next, res_next, y_next, gate_next, scale_next, mean_next,
+            dres, dout, x, y, gate, scale, mean, rstd = (
+                dres_next, dout_next, x_next, y_next, gate_next, scale_next, mean_next,
                 rstd_next)
-            (dres_next, dout_next, res_next, y_next, gate_next, scale_next, mean_next,
+            (dres_next, dout_next, x_next, y_next, gate_next, scale_next, mean_next,
              rstd_next) = _gated_residual_layernorm_modulate_bwd_loads(
-                DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, b, n + 1, N, D, gate_sb,
+                DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, b, n + 1, N, D, gate_sb,
                 gate_sn, scale_sb, scale_sn, cols, tl.where(n + 1 < n_end, D, 0))
         else:
-            dres, dout, res, y, gate, scale, mean, rstd = (
+            dres, dout, x, y, gate, scale, mean, rstd = (
                 _gated_residual_layernorm_modulate_bwd_loads(
-                    DRES, DOUT, RES, Y, GATE, SCALE, STATS, n_rows, b, n, N, D, gate_sb,
+                    DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, b, n, N, D, gate_sb,
                     gate_sn, scale_sb, scale_sn, cols, D))
         dout = dout.to(tl.float32)
-        xhat = normalised(res.to(tl.float32), mask, mean, rstd)
+        y = y.to(tl.float32)
+        gate = gate.to(tl.float32)
+        xhat = normalised(x.to(tl.float32) + gate * y, mask, mean, rstd)
         if PER_TOKEN:  # stored once known (after the row sums, Triton 3.6 spilled at fp16)
             tl.store(DSHIFT + row * D + cols, dout.to(DSHIFT.dtype.element_ty), mask=mask)
             tl.store(DSCALE + row * D + cols, (dout * xhat).to(DSCALE.dtype.element_ty),
                      mask=mask)
         g = dout * (1.0 + scale.to(tl.float32))
         dr = dres.to(tl.float32) + layernorm_input_grad(g, xhat, rstd, D)
-        y = y.to(tl.float32)
         tl.store(DX + row * D + cols, dr.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DY + row * D + cols, (dr * gate.to(tl.float32)).to(DY.dtype.element_ty),
-                 mask=mask)
+        tl.store(DY + row * D + cols, (dr * gate).to(DY.dtype.element_ty), mask=mask)
         if PER_TOKEN:
             tl.store(DGATE + row * D + cols, (dr * y).to(DGATE.dtype.element_ty), mask=mask)
         else:
@@ -204,18 +205,18 @@ def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
         KEEP_STATS=stats is not None, **options)
 
 
-def _triton_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token,
+def _triton_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token,
                 launch=direct):
-    B, N, D = res.shape
+    B, N, D = x.shape
     block_d = _block(D)
     kernel, options = tuning.select_variants(
         _gated_residual_layernorm_modulate_bwd_kernel,
-        core.bwd_options(block_d, res.element_size(), MAX_PER_THREAD), ("D",))
+        core.bwd_options(block_d, x.element_size(), MAX_PER_THREAD), ("D",))
     chunks = cdiv(N, BWD_ROWS_PER_PROGRAM)
     # Per-sample: the programs' partial sums, added up into dmod after the launch.
-    grads = dmod if per_token else res.new_empty((3, B, chunks, D), dtype=torch.float32)
+    grads = dmod if per_token else x.new_empty((3, B, chunks, D), dtype=torch.float32)
     launch(kernel)[(B, chunks)](
-        dres, dout, res, y, gate, scale, stats, B * N, dx, dy, grads, grads.stride(0), N, D,
+        dres, dout, x, y, gate, scale, stats, B * N, dx, dy, grads, grads.stride(0), N, D,
         *bn_strides(gate), *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
         PER_TOKEN=per_token, **options)
     if not per_token:
@@ -246,8 +247,8 @@ def _cpu_fwd(*args):
     native.run_cpu("gated_residual_layernorm_modulate_fwd", _fwd_params(*args))
 
 
-def _cpu_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
-    B, N, D = res.shape
+def _cpu_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token):
+    B, N, D = x.shape
     mean = stats.data_ptr()
     g_sb, g_sn = bn_strides(gate)
     sc_sb, sc_sn = bn_strides(scale)
@@ -255,26 +256,26 @@ def _cpu_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
     plane = dmod.stride(0) * dmod.element_size()
     native.run_cpu("gated_residual_layernorm_modulate_bwd", native.positional_params(
         "GatedResidualBwdParams",
-        "dres dout res y gate scale mean rstd dx dy dgate dshift dscale B N D gate_sb gate_sn "
+        "dres dout x y gate scale mean rstd dx dy dgate dshift dscale B N D gate_sb gate_sn "
         "scale_sb scale_sn per_token dtype")(
-            dres.data_ptr(), dout.data_ptr(), res.data_ptr(), y.data_ptr(), gate.data_ptr(),
+            dres.data_ptr(), dout.data_ptr(), x.data_ptr(), y.data_ptr(), gate.data_ptr(),
             scale.data_ptr(), mean, mean + 4 * B * N, dx.data_ptr(), dy.data_ptr(), dgate,
             dgate + plane, dgate + 2 * plane, B, N, D, g_sb, g_sn, sc_sb, sc_sn,
-            int(per_token), native.dtype_code(res)))
+            int(per_token), native.dtype_code(x)))
 
 
 def _cuda_fwd(x, *args):
     native.run_cuda("gated_residual_layernorm_modulate_fwd", _fwd_params(x, *args), x)
 
 
-def _torch_bwd(dres, dout, res, y, gate, scale, stats, dx, dy, dmod, per_token):
+def _torch_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token):
     """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
     Triton is missing)."""
     f32 = torch.float32
     g3, s3 = (gate.to(f32), scale.to(f32)) if per_token else (gate[:, None].to(f32),
                                                               scale[:, None].to(f32))
-    mean, rstd = stats.view(2, *res.shape[:2])
-    xhat = (res.to(f32) - mean[..., None]) * rstd[..., None]
+    mean, rstd = stats.view(2, *x.shape[:2])
+    xhat = (x.to(f32) + g3 * y.to(f32) - mean[..., None]) * rstd[..., None]
     g = dout.to(f32) * (1 + s3)
     dln = rstd[..., None] * (g - g.mean(-1, keepdim=True)
                              - xhat * (g * xhat).mean(-1, keepdim=True))
@@ -321,13 +322,14 @@ def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
     return res, out, stats
 
 
-def _backward(backend: Backend, dres, dout, res, y, gate, scale, stats):
+def _backward(backend: Backend, dres, dout, x, y, gate, scale, stats):
     """(dx, dy, dmod): dmod stacks the gradients of gate, shift and scale, (3, *gate.shape)
-    (one buffer, one reduction of the per-sample partial sums)."""
-    dx, dy = torch.empty_like(res), torch.empty_like(res)
-    dmod = res.new_empty((3, *gate.shape))
-    run_on(res, OP.backward_launcher(backend, res.device), dres.contiguous(),
-           dout.contiguous(), res, y, gate, scale, stats, dx, dy, dmod, gate.dim() == 3)
+    (one buffer, one reduction of the per-sample partial sums). The backward reads x and y,
+    not the rounded residual: it rebuilds the fp32 residual that the statistics describe."""
+    dx, dy = torch.empty_like(x), torch.empty_like(x)
+    dmod = x.new_empty((3, *gate.shape))
+    run_on(x, OP.backward_launcher(backend, x.device), dres.contiguous(),
+           dout.contiguous(), x, y, gate, scale, stats, dx, dy, dmod, gate.dim() == 3)
     return dx, dy, dmod
 
 
@@ -337,14 +339,14 @@ class _GatedResidualLayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale, eps, backend):
         res, out, stats = _forward(backend, x, y, gate, shift, scale, eps)
-        ctx.save_for_backward(res, y, gate, scale, stats)
+        ctx.save_for_backward(x, y, gate, scale, stats)
         ctx.backend = backend
         return res, out
 
     @staticmethod
     def backward(ctx, dres, dout):
-        res, y, gate, scale, stats = ctx.saved_tensors
-        dx, dy, dmod = _backward(ctx.backend, dres, dout, res, y, gate, scale, stats)
+        x, y, gate, scale, stats = ctx.saved_tensors
+        dx, dy, dmod = _backward(ctx.backend, dres, dout, x, y, gate, scale, stats)
         return dx, dy, *dmod.unbind(0), None, None
 
 
@@ -392,31 +394,31 @@ def _(x, y, gate, shift, scale, eps, backend):
 
 
 @torch.library.custom_op("onestep::gated_residual_layernorm_modulate_bwd", mutates_args=())
-def gated_residual_layernorm_modulate_bwd(dres: Tensor, dout: Tensor, res: Tensor, y: Tensor,
+def gated_residual_layernorm_modulate_bwd(dres: Tensor, dout: Tensor, x: Tensor, y: Tensor,
                                           gate: Tensor, scale: Tensor, stats: Tensor,
                                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dy, dmod) as `backend`'s backward computes them; dmod is
     (3, *gate.shape): the gradients of gate, shift and scale."""
-    return _backward(OP[backend], dres, dout, res, y, gate, scale, stats)
+    return _backward(OP[backend], dres, dout, x, y, gate, scale, stats)
 
 
 @gated_residual_layernorm_modulate_bwd.register_fake
-def _(dres, dout, res, y, gate, scale, stats, backend):
-    return res.new_empty(res.shape), res.new_empty(res.shape), res.new_empty((3, *gate.shape))
+def _(dres, dout, x, y, gate, scale, stats, backend):
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((3, *gate.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    _x, y, gate, _shift, scale, _eps, backend = inputs
-    res, _out, stats = output
+    x, y, gate, _shift, scale, _eps, backend = inputs
+    _res, _out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(res, y, gate, scale, stats)
+    ctx.save_for_backward(x, y, gate, scale, stats)
     ctx.backend = backend
 
 
 def _backward_op(ctx, dres, dout, _dstats):
-    res, y, gate, scale, stats = ctx.saved_tensors
+    x, y, gate, scale, stats = ctx.saved_tensors
     dx, dy, dmod = gated_residual_layernorm_modulate_bwd(
-        dres, dout, res, y, gate, scale, stats, ctx.backend)
+        dres, dout, x, y, gate, scale, stats, ctx.backend)
     return dx, dy, *dmod.unbind(0), None, None
 
 
@@ -443,27 +445,27 @@ def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor,
 
 @triton_op("onestep::gated_residual_layernorm_modulate_triton_bwd", mutates_args=())
 def gated_residual_layernorm_modulate_triton_bwd(
-        dres: Tensor, dout: Tensor, res: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
+        dres: Tensor, dout: Tensor, x: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
         stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dy, dmod), as gated_residual_layernorm_modulate_bwd."""
-    dx = res.new_empty(res.shape)
-    dy = res.new_empty(res.shape)
-    dmod = res.new_empty((3, *gate.shape))
-    _triton_bwd(dres.contiguous(), dout.contiguous(), res, y, gate, scale, stats, dx, dy, dmod,
+    dx = x.new_empty(x.shape)
+    dy = x.new_empty(x.shape)
+    dmod = x.new_empty((3, *gate.shape))
+    _triton_bwd(dres.contiguous(), dout.contiguous(), x, y, gate, scale, stats, dx, dy, dmod,
                 gate.dim() == 3, launch=wrap_triton)
     return dx, dy, dmod
 
 
 def _setup_triton_context(ctx, inputs, output):
-    _x, y, gate, _shift, scale, _eps = inputs
-    res, _out, stats = output
+    x, y, gate, _shift, scale, _eps = inputs
+    _res, _out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(res, y, gate, scale, stats)
+    ctx.save_for_backward(x, y, gate, scale, stats)
 
 
 def _backward_triton_op(ctx, dres, dout, _dstats):
-    res, y, gate, scale, stats = ctx.saved_tensors
-    dx, dy, dmod = gated_residual_layernorm_modulate_triton_bwd(dres, dout, res, y, gate, scale,
+    x, y, gate, scale, stats = ctx.saved_tensors
+    dx, dy, dmod = gated_residual_layernorm_modulate_triton_bwd(dres, dout, x, y, gate, scale,
                                                                 stats)
     return dx, dy, *dmod.unbind(0), None
 

@@ -69,7 +69,7 @@ def test_launchers_write_every_element(backend, dtype, modulation, generator):
     grads = [torch.full_like(x, nan), torch.full_like(x, nan),  # dx, dy, then dgate/shift/scale
              torch.full((3, *gate.shape), nan, dtype=dtype, device=dev)]
     dres, dout = torch.randn_like(x), torch.randn_like(x)
-    op.OP[backend].backward(dres, dout, res, y, gate, scale, stats, *grads,
+    op.OP[backend].backward(dres, dout, x, y, gate, scale, stats, *grads,
                             modulation == "per_token")
     for t in grads:
         assert torch.isfinite(t).all()
@@ -82,10 +82,10 @@ def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
     assert op.OP["cuda"].backward_from == ("triton", "reference")
     B, N, D = 3, 21, 70
     inputs = [t.float() for t in make_inputs(B, N, D, modulation, generator)]
-    res, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
+    _, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
     dres, dout = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
     dx, dy, dmod = torch.ops.onestep.gated_residual_layernorm_modulate_bwd(
-        dres, dout, res, inputs[1], inputs[2], inputs[4], stats, "reference")
+        dres, dout, inputs[0], inputs[1], inputs[2], inputs[4], stats, "reference")
     got = (dx, dy, *dmod)
     ref_in = [t.double().requires_grad_() for t in inputs]
     torch.autograd.backward(list(op.reference(*ref_in)), [dres.double(), dout.double()])
@@ -121,11 +121,11 @@ def test_opcheck(backend, modulation, generator):
     torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_fwd.default,
                           (*inputs, 1e-6, backend))
     with torch.no_grad():
-        res, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(
+        _, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(
             *inputs, 1e-6, backend)
     d = [torch.randn(2, 5, 40, generator=generator).to(dev) for _ in range(2)]
     torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_bwd.default,
-                          (*d, res, inputs[1].detach(), inputs[2].detach(), inputs[4].detach(),
+                          (*d, inputs[0].detach(), inputs[1].detach(), inputs[2].detach(), inputs[4].detach(),
                            stats, backend))
 
 

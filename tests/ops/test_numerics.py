@@ -1,12 +1,14 @@
-"""LayerNorm statistics at any width: every backend's error stays within twice PyTorch's own
-fp32 error (against float64) at D = 2^20 and with inputs offset by 1000 (the widths each
-backend declares; Triton's rows stop at 4096), forward and backward."""
+"""LayerNorm statistics at any width and offset: every backend's error stays within twice
+PyTorch's own fp32 error (against float64) at D = 2^20 and with inputs offset by 1000 (the
+widths each backend declares; Triton's rows stop at 4096), forward and backward; and in fp16
+and bf16 at row means 0, 64 and 1000, within twice the op's own fp32-inside reference."""
 
 import pytest
 import torch
 from conftest import backend_device, rel_error
 
 import onestep_kernels as ok
+from onestep_kernels.dispatch import OPS
 from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
 from onestep_kernels.ops import layernorm_modulate as layernorm_op
 
@@ -74,6 +76,95 @@ def test_gated_residual_statistics(backend, isa, case, D, offset, generator, cpu
     (_, exact), (_, own), (_, ours) = results
     check(ours, own, exact, "out")
     check(ours_in[0].grad, own_in[0].grad, exact_in[0].grad, "dx")
+
+
+# ---- half precision far from zero: the backward differentiates what the forward computed ----
+#
+# Rows of mean 0, 64 and 1000 in fp16 and bf16, forward and every gradient, against float64 on
+# the same (rounded) inputs. The bar is the op's own reference, which computes in fp32 and
+# rounds once: a backend may be at most twice as far from float64. (A baseline computed in
+# half precision throughout would be as wrong as the defect this guards against: the gated
+# op's backward once rebuilt x_hat from the residual rounded to the output dtype while its
+# statistics described the fp32 one; in bf16 at mean 64 its dscale was 58x further off.)
+
+HALF_MEANS = (0.0, 64.0, 1000.0)
+HALF_BACKENDS = ("cpu-avx2", "cpu-base", "triton", "cuda")
+D_HALF = 1152
+
+
+def _half_backend(op: str, name: str, dtype: torch.dtype, cpu_isa) -> tuple[str, torch.device]:
+    """(backend, device) for a half-precision case, skipping with the reason where this
+    machine cannot run it."""
+    backend, _, isa = name.partition("-")
+    cpu_isa(isa or None)
+    device = backend_device(backend, op)
+    reason = OPS[op][backend].reason(device, dtype, D_HALF, True, OPS[op].width_name)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    return backend, device
+
+
+def _half_inputs(shapes, mean, dtype, generator):
+    """Fresh random inputs rounded to `dtype`, the first shifted by `mean`."""
+    return [(torch.randn(shape, generator=generator, dtype=torch.float64)
+             + (mean if i == 0 else 0.0)).to(dtype) for i, shape in enumerate(shapes)]
+
+
+def _compare_half(run_exact, run_own, run_ours, names):
+    """Each result's error against float64, at most twice the fp32-inside reference's."""
+    for name, exact, own, ours in zip(names, run_exact, run_own, run_ours):
+        err, bar = rel_error(ours, exact), rel_error(own, exact)
+        assert err <= 2 * bar + 1e-6, f"{name}: error {err:.3g}, the reference's {bar:.3g}"
+
+
+def _results(fn, inputs, grads):
+    """fn's outputs, then every input's gradient for the output gradients `grads`."""
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("mean", HALF_MEANS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", HALF_BACKENDS)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_layernorm_modulate_in_half_precision_far_from_zero(name, dtype, mean, per_token,
+                                                            generator, cpu_isa):
+    op = "layernorm_modulate"
+    backend, device = _half_backend(op, name, dtype, cpu_isa)
+    B, N = 2, 33
+    mod = (B, N, D_HALF) if per_token else (B, D_HALF)
+    inputs = _half_inputs([(B, N, D_HALF), mod, mod], mean, dtype, generator)
+    dy = _half_inputs([(B, N, D_HALF)], 0.0, dtype, generator)
+    exact = _results(layernorm_op.reference, [t.double() for t in inputs],
+                     [g.double() for g in dy])
+    own = _results(layernorm_op.reference, inputs, dy)
+    ours = _results(lambda *a: ok.layernorm_modulate(*a, backend=backend),
+                    [t.to(device) for t in inputs], [g.to(device) for g in dy])
+    _compare_half(exact, own, ours, ("out", "dx", "dshift", "dscale"))
+
+
+@pytest.mark.parametrize("mean", HALF_MEANS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", HALF_BACKENDS)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
+def test_gated_residual_in_half_precision_far_from_zero(name, dtype, mean, per_token,
+                                                        generator, cpu_isa):
+    op = "gated_residual_layernorm_modulate"
+    backend, device = _half_backend(op, name, dtype, cpu_isa)
+    B, N = 2, 33
+    mod = (B, N, D_HALF) if per_token else (B, D_HALF)
+    inputs = _half_inputs([(B, N, D_HALF), (B, N, D_HALF), mod, mod, mod], mean, dtype,
+                          generator)
+    grads = _half_inputs([(B, N, D_HALF)] * 2, 0.0, dtype, generator)
+    exact = _results(gated_op.reference, [t.double() for t in inputs],
+                     [g.double() for g in grads])
+    own = _results(gated_op.reference, inputs, grads)
+    ours = _results(lambda *a: ok.gated_residual_layernorm_modulate(*a, backend=backend),
+                    [t.to(device) for t in inputs], [g.to(device) for g in grads])
+    _compare_half(exact, own, ours, ("res", "out", "dx", "dy", "dgate", "dshift", "dscale"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
