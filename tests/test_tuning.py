@@ -12,6 +12,7 @@ from conftest import assert_close_rel, backend_device
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from onestep_kernels import tuning  # noqa: E402
+from onestep_kernels.ops import attention as attention_op  # noqa: E402
 from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op  # noqa: E402
 from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op  # noqa: E402
 from onestep_kernels.ops import layernorm_core as core  # noqa: E402
@@ -95,19 +96,27 @@ def _check(call, reference, inputs, dtype, what):
 
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+D_XL, F_XL = 1152, 4608  # DiT-XL/2's width and MLP width
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("option", [0, 1, 2, 3])
+def _warp_cases():
+    """(option, dtype) for every option index some op has at DiT-XL/2's widths (each op takes
+    its last option past its own count): no case stands for an option that does not exist."""
+    cases = []
+    for dtype in DTYPES:
+        count = max(len(_options(m, w, dtype)) for m, w in
+                    ((layernorm_op, D_XL), (gated_op, D_XL), (bias_gelu_op, F_XL)))
+        cases += [pytest.param(i, dtype, id=f"{i}-{str(dtype)[6:]}") for i in range(count)]
+    return cases
+
+
+@pytest.mark.parametrize("option,dtype", _warp_cases())
 def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generator):
     """At DiT-XL/2's widths (D=1152, MLP 4608), each option the launchers may pick (warp
     counts; the LayerNorm backwards' with and without PREFETCH) gives the float64 reference's
     outputs and gradients, over 37 tokens: three chunks of backward rows, the last short."""
     device = backend_device("triton", "layernorm_modulate")
-    D, F = 1152, 4608
-    if all(option >= len(_options(m, w, dtype)) for m, w in
-           ((layernorm_op, D), (gated_op, D), (bias_gelu_op, F))):
-        pytest.skip(f"no op has a warp option {option} at these widths in {dtype}")
+    D, F = D_XL, F_XL
     _force_option(monkeypatch, option)
 
     def rand(*shape):
@@ -142,18 +151,19 @@ def _attention_inputs(head_dim, dtype, generator, grad=False):
             .requires_grad_(grad) for _ in range(3)]
 
 
-@pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("option", range(8))
-@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
+def _attention_cases(options):
+    """(head_dim, option, dtype) for every option `options(head_dim, dtype)` lists."""
+    return [pytest.param(head_dim, i, dtype, id=f"{head_dim}-{i}-{str(dtype)[6:]}")
+            for dtype in ATTENTION_DTYPES for head_dim in ATTENTION_HEAD_DIMS
+            for i in range(len(options(head_dim, dtype)))]
+
+
+@pytest.mark.parametrize("head_dim,option,dtype", _attention_cases(attention_op._forward_tiles))
 def test_every_attention_forward_option_computes_attention(head_dim, option, dtype, monkeypatch,
                                                            generator):
     """Each forward option autotune may pick (tile and head-dim cover), at an awkward
     sequence length, gives the float64 reference's output."""
-    from onestep_kernels.ops import attention as attention_op
-
     options = attention_op._forward_tiles(head_dim, dtype)
-    if option >= len(options):
-        pytest.skip(f"{len(options)} forward options for head dim {head_dim} in {dtype}")
     constexprs, warps, stages = options[option]
     monkeypatch.setattr(tuning, "select_variants", lambda kernel, tiles, key: (
         kernel, {**dict(constexprs), "num_warps": warps, "num_stages": stages}))
@@ -163,19 +173,24 @@ def test_every_attention_forward_option_computes_attention(head_dim, option, dty
     assert_close_rel(out, expected, dtype, f"attention, option {constexprs}")
 
 
-@pytest.mark.parametrize("dtype", ATTENTION_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("option", range(8))
-@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
-@pytest.mark.parametrize("kernel", ["dq", "dkdv"])
-def test_every_attention_backward_option_computes_the_gradients(kernel, head_dim, option, dtype,
-                                                                monkeypatch, generator):
+@pytest.mark.parametrize("head_dim,option,dtype", _attention_cases(
+    lambda head_dim, dtype: attention_op._backward_options("dq", head_dim, dtype)))
+def test_every_attention_dq_option_computes_the_gradients(head_dim, option, dtype, monkeypatch,
+                                                          generator):
+    _check_attention_backward_option("dq", head_dim, option, dtype, monkeypatch, generator)
+
+
+@pytest.mark.parametrize("head_dim,option,dtype", _attention_cases(
+    lambda head_dim, dtype: attention_op._backward_options("dkdv", head_dim, dtype)))
+def test_every_attention_dkdv_option_computes_the_gradients(head_dim, option, dtype,
+                                                            monkeypatch, generator):
+    _check_attention_backward_option("dkdv", head_dim, option, dtype, monkeypatch, generator)
+
+
+def _check_attention_backward_option(kernel, head_dim, option, dtype, monkeypatch, generator):
     """Each option of each backward kernel (tile, head dim in one block or two) gives the
     float64 reference's gradients (the other kernels on their fixed options)."""
-    from onestep_kernels.ops import attention as attention_op
-
     options = attention_op._backward_options(kernel, head_dim, dtype)
-    if option >= len(options):
-        pytest.skip(f"{len(options)} {kernel} options for head dim {head_dim} in {dtype}")
     target = {"dq": attention_op._attention_bwd_dq_kernel,
               "dkdv": attention_op._attention_bwd_dkdv_kernel}[kernel]
 
