@@ -152,11 +152,22 @@ class Op:
     def __getitem__(self, name: str) -> Backend:
         return self.backends[name]
 
+    def reason(self, name: str, device: torch.device, dtype: torch.dtype, width: int,
+               needs_grad: bool) -> str | None:
+        """None if backend `name` can take such a call, else why not: its record's own reason,
+        and for a backend that borrows its backward, with gradients, that none of the backends
+        it borrows from can take the call."""
+        record = self.backends[name]
+        reason = record.reason(device, dtype, width, needs_grad, self.width_name)
+        if reason is None and needs_grad and record.backward is None and record.backward_from:
+            reason = self._donor(record, device, dtype, width)[1]
+        return reason
+
     def reasons(self, device: torch.device, dtype: torch.dtype, width: int,
                 needs_grad: bool) -> dict[str, str | None]:
         """Every backend mapped to None (can run the call) or the reason it cannot."""
-        return {name: b.reason(device, dtype, width, needs_grad, self.width_name)
-                for name, b in self.backends.items()}
+        return {name: self.reason(name, device, dtype, width, needs_grad)
+                for name in self.backends}
 
     def resolve(self, backend: str | None, device: torch.device, dtype: torch.dtype, width: int,
                 needs_grad: bool) -> Backend:
@@ -199,7 +210,7 @@ class Op:
                 raise ValueError(f"backend: {self.name} has no backend {requested!r}; expected "
                                  f"one of {tuple(self.backends)}")
             if chosen is not None:
-                reason = chosen.reason(device, dtype, width, needs_grad, self.width_name)
+                reason = self.reason(requested, device, dtype, width, needs_grad)
                 if reason is not None:
                     raise ValueError(f"{source}: backend {requested!r} cannot run {self.name} "
                                      f"here: {reason}")
@@ -209,29 +220,43 @@ class Op:
         order = [n for n in preferences.order(self.name, device) if n in self.backends]
         order += [n for n in self.backends if n not in order]
         for name in order:
-            if self.backends[name].reason(device, dtype, width, needs_grad,
-                                          self.width_name) is None:
+            if self.reason(name, device, dtype, width, needs_grad) is None:
                 return self.backends[name]
         reasons = self.reasons(device, dtype, width, needs_grad)
         raise ValueError(f"{self.name}: no backend can run this call: "
                          + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
 
-    def backward_launcher(self, backend: Backend, device: torch.device) -> Callable:
-        """The launcher that computes `backend`'s backward on `device`."""
+    def backward_launcher(self, backend: Backend, device: torch.device, dtype: torch.dtype,
+                          width: int) -> Callable:
+        """The launcher that computes `backend`'s backward of a call on `device` in `dtype` at
+        `width`: its own, or that of the first backend in its `backward_from` that can take
+        the same call (each donor is asked its full reason: a donor whose kernels stop at a
+        width must not be handed a wider row)."""
         if backend.backward is not None:
             return backend.backward
-        key = (backend.name, device.type)
+        key = (backend.name, device, dtype, width)
         found = self._backward_cache.get(key)
         if found is None:
-            for name in backend.backward_from:
-                other = self.backends[name]
-                if _runtime_reason(other.runtime) is None and other.backward is not None:
-                    found = other.backward
-                    break
-            else:
-                raise RuntimeError(f"{self.name}: no backward for backend {backend.name!r}")
-            self._backward_cache[key] = found
+            donor, reason = self._donor(backend, device, dtype, width)
+            if donor is None:
+                raise RuntimeError(f"{self.name}: no backward for backend {backend.name!r} "
+                                   f"here: {reason}")
+            found = self._backward_cache[key] = donor.backward
         return found
+
+    def _donor(self, backend: Backend, device: torch.device, dtype: torch.dtype,
+               width: int) -> tuple[Backend | None, str | None]:
+        """(the first backend in `backend.backward_from` whose backward can take the call,
+        None), or (None, why none can)."""
+        reasons = []
+        for name in backend.backward_from:
+            donor = self.backends[name]
+            reason = donor.reason(device, dtype, width, True, self.width_name)
+            if reason is None and donor.backward is not None:
+                return donor, None
+            reasons.append(f"{name}: {reason or 'has no backward launcher'}")
+        return None, "no backend it borrows a backward from can take it (" + "; ".join(
+            reasons) + ")"
 
     def backward_name(self, backend: Backend) -> str:
         """Which backward runs for `backend`, in words (for reports)."""

@@ -163,7 +163,7 @@ def reference_rows(op: str, backend: str, B: int, N: int) -> tuple[int, int]:
 def refused(op: str, backend: str, device: torch.device, dtype: torch.dtype, width: int,
             needs_grad: bool = True) -> str | None:
     """The reason `backend`'s record gives for not taking such a call, or None."""
-    return OPS[op][backend].reason(device, dtype, width, needs_grad, OPS[op].width_name)
+    return OPS[op].reason(backend, device, dtype, width, needs_grad)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 the deprecated alias, the availability report, and an import that needs no GPU and no
 Triton."""
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -250,3 +251,53 @@ def test_import_touches_no_gpu():
         print("ok")
     """)
     assert result.returncode == 0, result.stderr
+
+
+# ---- a backend that borrows its backward -----------------------------------------------------
+
+GATED = "gated_residual_layernorm_modulate"
+
+
+def test_a_borrowed_backward_asks_the_donor_about_the_whole_call():
+    """The gated op's cuda backend is forward-only and borrows Triton's backward, whose rows
+    stop at MAX_TRITON_D: at wider rows (Flux's 3072) the backward must be the next donor's,
+    not a Triton kernel at a tile that spills. The choice is cached per width and dtype."""
+    from onestep_kernels.ops import gated_residual_layernorm_modulate as gated
+
+    op, gpu = OPS[GATED], torch.device("cuda", 0)  # (only resolved: nothing runs)
+    assert op["cuda"].backward_from == ("triton", "reference")
+    assert gated.MAX_TRITON_D < 3072
+    for width, dtype, expected in ((1152, torch.bfloat16, gated._triton_bwd),
+                                   (3072, torch.bfloat16, gated._torch_bwd),
+                                   (1152, torch.bfloat16, gated._triton_bwd),
+                                   (3072, torch.float16, gated._torch_bwd)):
+        assert op.backward_launcher(op["cuda"], gpu, dtype, width) is expected, (width, dtype)
+    assert op.reason("triton", gpu, torch.bfloat16, 3072, True) is not None
+
+
+def test_a_borrower_whose_donors_all_refuse_cannot_take_a_call_with_gradients(monkeypatch):
+    import dataclasses
+
+    op = OPS[GATED]
+    narrow = dataclasses.replace(op["triton"], max_width=64)
+    monkeypatch.setitem(op.backends, "triton", narrow)
+    monkeypatch.setitem(op.backends, "cuda", dataclasses.replace(
+        op["cuda"], backward_from=("triton",)))
+    monkeypatch.setattr(op, "_cache", {})
+    monkeypatch.setattr(op, "_backward_cache", {})
+    gpu = torch.device("cuda", 0)
+    # as on a GPU with the CUDA library built (only resolved: nothing runs)
+    monkeypatch.setattr(dispatch, "_runtime_reason", functools.cache(lambda runtime: None))
+    reason = op.reason("cuda", gpu, torch.float16, 128, True)
+    assert reason is not None and "triton: takes D in 1..64" in reason, reason
+    assert op.reason("cuda", gpu, torch.float16, 128, False) is None  # no gradient: fine
+    assert op.reason("cuda", gpu, torch.float16, 64, True) is None
+    with pytest.raises(RuntimeError, match="no backend it borrows a backward from"):
+        op.backward_launcher(op["cuda"], gpu, torch.float16, 128)
+
+
+def test_the_interpreter_refuses_bfloat16():
+    for op in OPS.values():
+        if "triton" in op.backends:
+            reason = op.reason("triton", CPU, torch.bfloat16, 64, False)
+            assert reason == "the Triton interpreter computes bfloat16 wrongly", op.name

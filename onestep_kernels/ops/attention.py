@@ -516,7 +516,8 @@ def _forward(backend: Backend, q, k, v, scale):
 def _backward(backend: Backend, dout, q, k, v, out, lse, scale):
     if q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    return run_on(q, OP.backward_launcher(backend, q.device), dout, q, k, v, out, lse, scale)
+    launcher = OP.backward_launcher(backend, q.device, q.dtype, q.shape[-1])
+    return run_on(q, launcher, dout, q, k, v, out, lse, scale)
 
 
 class _Attention(torch.autograd.Function):

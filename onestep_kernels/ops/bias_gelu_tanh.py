@@ -206,7 +206,8 @@ def _forward(backend: Backend, x, bias):
 
 def _backward(backend: Backend, dy, x, bias):
     dx, dbias = torch.empty_like(x), torch.empty_like(bias)
-    run_on(x, OP.backward_launcher(backend, x.device), dy.contiguous(), x, bias, dx, dbias)
+    launcher = OP.backward_launcher(backend, x.device, x.dtype, x.shape[-1])
+    run_on(x, launcher, dy.contiguous(), x, bias, dx, dbias)
     return dx, dbias
 
 

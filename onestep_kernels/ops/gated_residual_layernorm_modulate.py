@@ -328,8 +328,9 @@ def _backward(backend: Backend, dres, dout, x, y, gate, scale, stats):
     not the rounded residual: it rebuilds the fp32 residual that the statistics describe."""
     dx, dy = torch.empty_like(x), torch.empty_like(x)
     dmod = x.new_empty((3, *gate.shape))
-    run_on(x, OP.backward_launcher(backend, x.device), dres.contiguous(),
-           dout.contiguous(), x, y, gate, scale, stats, dx, dy, dmod, gate.dim() == 3)
+    launcher = OP.backward_launcher(backend, x.device, x.dtype, x.shape[-1])
+    run_on(x, launcher, dres.contiguous(), dout.contiguous(), x, y, gate, scale, stats, dx, dy,
+           dmod, gate.dim() == 3)
     return dx, dy, dmod
 
 

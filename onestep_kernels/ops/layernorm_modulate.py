@@ -284,8 +284,8 @@ def _backward(backend: Backend, dout, x, scale, stats):
     buffer, one reduction of the per-sample partial sums)."""
     dx = torch.empty_like(x) if x.is_contiguous() else x.new_empty(x.shape)
     dmod = x.new_empty((2, *scale.shape))
-    run_on(x, OP.backward_launcher(backend, x.device), dout.contiguous(), x, scale, stats, dx,
-           dmod, scale.dim() == 3)
+    launcher = OP.backward_launcher(backend, x.device, x.dtype, x.shape[-1])
+    run_on(x, launcher, dout.contiguous(), x, scale, stats, dx, dmod, scale.dim() == 3)
     return dx, dmod
 
 

@@ -98,7 +98,7 @@ def _half_backend(op: str, name: str, dtype: torch.dtype, cpu_isa) -> tuple[str,
     backend, _, isa = name.partition("-")
     cpu_isa(isa or None)
     device = backend_device(backend, op)
-    reason = OPS[op][backend].reason(device, dtype, D_HALF, True, OPS[op].width_name)
+    reason = OPS[op].reason(backend, device, dtype, D_HALF, True)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     return backend, device
