@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import onestep_kernels as ok
-from onestep_kernels import gpu_check, timing
+import onestep_gpu_check as gpu_check
+from onestep_kernels import timing
 
 
 def wall_ms(fn, repeat: int = 20) -> float:

@@ -1,9 +1,10 @@
 """Compile-only check of every Triton kernel configuration for sm_80 and sm_90 (no GPU needed).
 
-Each configuration that an op's launcher can pick (listed by `triton_configs()` in the op
-modules of onestep_kernels.ops.OP_MODULES, as `kernel_config.KernelConfig`s: the kernel, the element type of
-its data, its constexprs and warps) is compiled with `triton.compile` for a GPUTarget, with the
-signature derived from the kernel's own parameters, and its PTX is assembled by the ptxas
+Each configuration that an op's launcher can pick (listed by each op's `triton_configs()`,
+declared with its records in onestep_kernels.dispatch.OPS, as `kernel_config.KernelConfig`s:
+the kernel, the element type of its data, its constexprs and warps) is compiled with
+`triton.compile` for a GPUTarget, with the signature derived from the kernel's own
+parameters, and its PTX is assembled by the ptxas
 shipped in the Triton wheel with `-v`; a configuration with spill stores, or one that fails to
 compile, is reported.
 
@@ -53,10 +54,11 @@ def _ptxas(arch: int) -> str:
 
 
 def configs():
-    from .ops import OP_MODULES
+    from .dispatch import OPS
 
-    for module in OP_MODULES:
-        yield from module.triton_configs()
+    for op in OPS.values():
+        if op.triton_configs is not None:
+            yield from op.triton_configs()
 
 
 def compile_config(config, arch: int, aligned: bool = False):
@@ -107,12 +109,9 @@ def compile_one(index: int, arch: int) -> Result:
 
 # ---- vector width of the memory-bound kernels -------------------------------------------------
 
-# The memory-bound kernels, the row blocks DiT widths use (384..1152 → 512..2048; the MLP's
-# 4x width → bias_gelu_tanh's 1024-wide column block), and how many scalar accesses each
-# kernel makes per row besides the row itself (the LayerNorm statistics: two stores forward,
-# two loads backward).
-VECTOR_KERNELS = {"layernorm_modulate": 2, "gated_residual_layernorm_modulate": 2,
-                  "bias_gelu_tanh": 0}
+# The row blocks DiT widths use (384..1152 → 512..2048; the MLP's 4x width → bias_gelu_tanh's
+# 1024-wide column block), at which the memory-bound kernels (KernelConfig.row_scalars) must
+# move whole 128-bit vectors.
 DIT_BLOCKS = (512, 1024, 2048)
 
 
@@ -128,11 +127,9 @@ def global_accesses(ptx: str) -> list[int]:
 
 def vector_configs():
     for config in configs():
-        op = config.name.split("[")[0].rsplit("_", 1)[0]
         block = config.constexprs.get("BLOCK_D", config.constexprs.get("BLOCK_F"))
-        if op in VECTOR_KERNELS and block in DIT_BLOCKS:
-            # a PREFETCH backward loads the first row's statistics before its loop too
-            yield config, VECTOR_KERNELS[op] * (2 if config.constexprs.get("PREFETCH") else 1)
+        if config.row_scalars is not None and block in DIT_BLOCKS:
+            yield config, config.row_scalars
 
 
 def vector_check_one(index: int) -> tuple[str, str]:

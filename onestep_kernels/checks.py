@@ -1,8 +1,10 @@
 """Argument validation and dtype handling shared by the public op entry points.
 
-Every failure raises TypeError (wrong kind of thing, wrong dtype) or ValueError (wrong shape,
-device or layout) whose message starts with the argument's name. The checks read only cheap
-tensor attributes: they run once per public call, never inside composed ops.
+Every failure raises errors.ArgumentTypeError (a TypeError: wrong kind of thing, wrong dtype)
+or errors.ArgumentError (a ValueError: wrong shape or value) whose message starts with the
+argument's name. The checks read only cheap tensor attributes: they run once per public call,
+never inside composed ops. Devices and layouts are checked where every path passes, at the
+launch boundary (op_spec.Op.check, written by op_entry).
 """
 
 from __future__ import annotations
@@ -13,32 +15,20 @@ import torch
 from torch import Tensor
 
 from .dispatch import ALL_DTYPES as FLOAT_DTYPES  # what some backend of every op takes
+from .errors import ArgumentError, ArgumentTypeError
+from .torch_compat import any_autocast
 
 
 def tensor(name: str, value, ndims: tuple[int, ...]) -> Tensor:
+    """A float Tensor of one of the ranks `ndims`."""
     if not isinstance(value, Tensor):
         _not_tensor(name, value)
     if value.dtype not in FLOAT_DTYPES:  # (float_dtype inline: this runs at every call)
         _not_float(name, value)
-    dim = value.dim()
-    if dim not in ndims:
+    if value.dim() not in ndims:
         shapes = " or ".join(f"{n}-D" for n in ndims)
-        raise ValueError(f"{name}: expected a {shapes} tensor, got shape {tuple(value.shape)}")
-    # (is_contiguous() is the cheaper question, and the usual answer)
-    if dim > 0 and not value.is_contiguous() and value.stride(-1) != 1 and value.shape[-1] > 1:
-        _not_unit_stride(name, value)
-    return value
-
-
-def unit_stride_rows(name: str, value) -> Tensor:
-    """The part of `tensor` that needs no other argument: a Tensor whose last dimension is
-    contiguous. For arguments whose dtype and shape the entry point compares with another's
-    (the same dtype, the same shape): those comparisons check them, and `float_dtype` where
-    the dtypes differ (~0.15 us less per argument than `tensor`)."""
-    if not isinstance(value, Tensor):
-        _not_tensor(name, value)
-    if not value.is_contiguous() and value.stride(-1) != 1 and value.shape[-1] > 1:
-        _not_unit_stride(name, value)
+        raise ArgumentError(f"{name}: expected a {shapes} tensor, got shape "
+                            f"{tuple(value.shape)}")
     return value
 
 
@@ -51,29 +41,25 @@ def float_dtype(name: str, value: Tensor) -> None:
 
 
 def _not_tensor(name: str, value):
-    raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-
-
-def _not_unit_stride(name: str, value: Tensor):
-    raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides "
-                     f"{value.stride()}; call .contiguous() first")
+    raise ArgumentTypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
 
 
 def _not_float(name: str, value: Tensor):
-    raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
-                    f"got {value.dtype}")
+    raise ArgumentTypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, "
+                            f"got {value.dtype}")
 
 
 def same_device(name: str, value: Tensor, like: Tensor, like_name: str) -> None:
     if value.device != like.device:
-        raise ValueError(f"{name}: is on {value.device} but {like_name} is on {like.device}")
+        raise ArgumentError(f"{name}: is on {value.device} but {like_name} is on "
+                            f"{like.device}")
 
 
 def positive_float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a finite positive number, got {value}")
+        raise ArgumentError(f"{name}: expected a finite positive number, got {value}")
     return float(value)
 
 
@@ -91,10 +77,9 @@ def autocast_enabled(device_type: str) -> bool:
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
-# Whether any autocast is on: one cheap call before asking about a device (whose type string
-# costs more than the question). Entry points whose tensors share a dtype skip compute_dtype
-# when it says no.
-any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+# `any_autocast()` (torch_compat): whether any autocast is on, one cheap call before asking
+# about a device (whose type string costs more than the question). Entry points whose tensors
+# share a dtype skip compute_dtype when it says no.
 
 
 def compute_dtype(policy: str, tensors) -> torch.dtype:

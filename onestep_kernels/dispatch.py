@@ -3,8 +3,10 @@ run on, which dtypes, which widths, their forward and backward launchers); one r
 them, and so do the tests' backend matrix, `backend_choices()` and the README's op table.
 
 Precedence for a call: the ``backend=`` argument, then the innermost ``use_backend(...)``
-context, then the ``ONESTEP_BACKEND`` environment variable, then the preference table for the
-tensor's device (`onestep_kernels.preferences`), then the op's records in declaration order.
+context, then the ``ONESTEP_BACKEND`` environment variable, then the default order for the
+tensor's device: the user's own measurement (`onestep_kernels.preferences`) or the op's
+`default_order` row (measured, declared with its records), then the op's records in
+declaration order.
 The first record on that list that can take the call runs it; a backend named explicitly that
 cannot take it is an error naming its reason. A context or environment choice applies to the
 ops that have a backend of that name and leaves the others on their default. ``torch`` is a
@@ -26,7 +28,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import native
+from . import native, preferences
+from .errors import ArgumentError
+from .preferences import device_capability
+from .torch_compat import environment_lookup
 from .triton_compat import HAS_TRITON, interpreter_problem
 
 ENV_VAR = "ONESTEP_BACKEND"
@@ -60,11 +65,6 @@ def _runtime_reason(runtime: str) -> str | None:
     if runtime == "cpu_library":
         return native.CPU_IMPORT_ERROR
     return None
-
-
-@functools.cache
-def device_capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +137,27 @@ class Backend:
 
 
 class Op:
-    """An op's backends, declared once; resolves a call to one of them."""
+    """An op's backends, declared once; resolves a call to one of them.
+
+    default_order: per device class ("cpu", "sm_90", ...) the backends fastest first, as
+        measured (onestep_kernels.preferences says where each row comes from); a GPU whose
+        class has no row uses preferences.FALLBACK_GPU_CLASS's.
+    """
 
     def __init__(self, name: str, backends: list[Backend], *, torch_alias: str = "reference",
-                 width_name: str = "D"):
+                 width_name: str = "D", default_order: dict[str, tuple[str, ...]] | None = None):
+        if name in OPS:
+            raise ArgumentError(f"name: an op named {name!r} is already declared")
         self.name = name
         self.backends = {b.name: b for b in backends}
         self.torch_alias = torch_alias
         self.width_name = width_name
+        self.default_order = dict(default_order or {})
+        for row, order in self.default_order.items():
+            unknown = [n for n in order if n not in self.backends]
+            if unknown:
+                raise ArgumentError(f"default_order: {name}'s row {row!r} names backends it "
+                                    f"does not declare: {unknown}")
         self._cache: dict[tuple, Backend] = {}
         self._backward_cache: dict[tuple, Callable] = {}
         OPS[name] = self
@@ -180,7 +193,7 @@ class Op:
             # The usual call, which asks for nothing itself: its key holds the environment
             # variable's raw value (decoded only when the key is new), so that the hot path
             # is one look-up in the environment and one here (~0.3 us less per op call).
-            key = (_ENV_DATA.get(_ENV_KEY), device, dtype, width, needs_grad)
+            key = (_ENV_MAPPING.get(_ENV_KEY), device, dtype, width, needs_grad)
             found = self._cache.get(key)
             if found is None:
                 found = self._cache[key] = self._cached(*_requested(), device, dtype, width,
@@ -207,24 +220,34 @@ class Op:
         if requested:
             chosen = self.backends.get(requested)
             if chosen is None and source == "backend":
-                raise ValueError(f"backend: {self.name} has no backend {requested!r}; expected "
-                                 f"one of {tuple(self.backends)}")
+                raise ArgumentError(f"backend: {self.name} has no backend {requested!r}; "
+                                    f"expected one of {tuple(self.backends)}")
             if chosen is not None:
                 reason = self.reason(requested, device, dtype, width, needs_grad)
                 if reason is not None:
-                    raise ValueError(f"{source}: backend {requested!r} cannot run {self.name} "
-                                     f"here: {reason}")
+                    raise ArgumentError(f"{source}: backend {requested!r} cannot run "
+                                        f"{self.name} here: {reason}")
                 return chosen
-        from . import preferences
-
-        order = [n for n in preferences.order(self.name, device) if n in self.backends]
+        order = [n for n in self.order(device) if n in self.backends]
         order += [n for n in self.backends if n not in order]
         for name in order:
             if self.reason(name, device, dtype, width, needs_grad) is None:
                 return self.backends[name]
+        # Every op has a PyTorch expression that runs anywhere: reaching this is a bug.
         reasons = self.reasons(device, dtype, width, needs_grad)
-        raise ValueError(f"{self.name}: no backend can run this call: "
-                         + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+        raise RuntimeError(f"{self.name}: no backend can run this call: "
+                           + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+
+    def order(self, device: torch.device) -> tuple[str, ...]:
+        """This op's backends for `device`, fastest first: the user's own measurement
+        (preferences), else the op's default_order row for the device's class."""
+        measured = preferences.measured_order(self.name, device)
+        if measured:
+            return measured
+        row = self.default_order.get(preferences.device_class(device))
+        if row is None and device.type == "cuda":
+            row = self.default_order.get(preferences.FALLBACK_GPU_CLASS)
+        return row or ()
 
     def backward_launcher(self, backend: Backend, device: torch.device, dtype: torch.dtype,
                           width: int) -> Callable:
@@ -282,18 +305,14 @@ def _resolve_name(op: str, requested: str, source: str, device: str, dtype: torc
 
 def backend_names() -> tuple[str, ...]:
     """Every backend name some op declares, plus the deprecated alias."""
-    from . import ops  # noqa: F401  (registers the ops)
-
     names = dict.fromkeys(n for op in OPS.values() for n in op.backends)
     return (*sorted(names), TORCH_ALIAS)
 
 
 def clear_cache() -> None:
     """Forget cached resolutions (after changing what is installed, in tests)."""
-    from . import preferences
-
     _runtime_reason.cache_clear()
-    preferences._measured.cache_clear()
+    preferences.forget_measurements()
     for op in OPS.values():
         op._cache.clear()
         op._backward_cache.clear()
@@ -301,7 +320,8 @@ def clear_cache() -> None:
 
 def _check_name(name: str, source: str) -> str:
     if name not in backend_names():
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {backend_names()}")
+        raise ArgumentError(f"{source}: unknown backend {name!r}; expected one of "
+                            f"{backend_names()}")
     return name
 
 
@@ -332,26 +352,16 @@ def _requested() -> tuple[str, str]:
     return _environment_backend(), ENV_VAR
 
 
-# os.environ.get costs about a microsecond (it encodes the key); its mapping's raw dict, when
-# CPython has one, answers the same question in a tenth of that.
-_ENV_DATA = getattr(os.environ, "_data", None)
-if isinstance(_ENV_DATA, dict):
-    _ENV_KEY = os.environ.encodekey(ENV_VAR)
-else:
-    _ENV_DATA, _ENV_KEY = os.environ, ENV_VAR
+# ONESTEP_BACKEND as stored, read with one dict look-up on the hot path (torch_compat says why)
+_ENV_MAPPING, _ENV_KEY, _decode_environment = environment_lookup(ENV_VAR)
 
 
 def _environment_backend() -> str:
-    value = _ENV_DATA.get(_ENV_KEY)
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else os.environ.decodevalue(value)
+    return _decode_environment(_ENV_MAPPING.get(_ENV_KEY)) or ""
 
 
 def available_backends() -> dict[str, str]:
     """Each backend name mapped to "available" or to the reason this machine cannot run it."""
-    from . import ops  # noqa: F401
-
     report = {}
     for op in OPS.values():
         for name, b in op.backends.items():
@@ -364,8 +374,6 @@ def backend_choices(device: str | torch.device = "cpu", dtype: torch.dtype = tor
                     needs_grad: bool = False) -> dict[str, dict]:
     """What each op runs on `device` for a call of `dtype` with rows of `width` (attention:
     `head_dim`), and why each other backend is not chosen."""
-    from . import ops  # noqa: F401
-
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -25,6 +25,10 @@ class KernelConfig:
     num_warps: int
     fp32: tuple[str, ...] = ()
     num_stages: int = 3  # Triton's default on NVIDIA GPUs
+    # A memory-bound kernel over rows: the scalar global accesses it may make per row besides
+    # the row's own 128-bit vectors (`python -m onestep_kernels.aot --vectors` checks); None
+    # for the others.
+    row_scalars: int | None = None
 
     def signature(self) -> dict[str, str]:
         signature = {}

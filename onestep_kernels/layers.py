@@ -21,12 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import block_nodes, checks
+from .errors import ArgumentError
+from .op_spec import needs_grad
 from .ops import attention as attention_op
-from .ops import bias_gelu_tanh as bias_gelu_tanh_op
 from .ops import fused_linear as fused_linear_op
 from .ops import gated_residual_layernorm_modulate as gated_op
 from .ops import layernorm_modulate as layernorm_modulate_op
-from .ops.common import needs_grad
+from .torch_compat import bare_linear, child, linear_gelu_tanh, linear_parameters
+
+ATTENTION, GATED, LAYERNORM = attention_op.OP, gated_op.OP, layernorm_modulate_op.OP
 
 LN_EPS = 1e-6
 
@@ -39,7 +42,8 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, fused: bool = False):
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"num_heads: {num_heads} does not divide hidden_size {hidden_size}")
+            raise ArgumentError(f"num_heads: {num_heads} does not divide hidden_size "
+                                f"{hidden_size}")
         self.num_heads = num_heads
         self.fused = fused
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
@@ -94,8 +98,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if q.dtype is not dtype:
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     Dh = q.shape[-1]
-    impl = attention_op.OP.resolve(None, q.device, dtype, Dh, needs_grad(q))
-    return attention_op.apply(impl, q, k, v, Dh ** -0.5)
+    grad = needs_grad(q)
+    return ATTENTION.apply(ATTENTION.resolve(None, q.device, dtype, Dh, grad), q, k, v,
+                           Dh ** -0.5, grad=grad)
 
 
 class Mlp(nn.Module):
@@ -114,37 +119,9 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-_module = nn.modules.module  # holds the global hook registries
-
-
-def _child(module: nn.Module, name: str):
-    """module.<name> for a registered submodule, read from `_modules` as nn.Module's own
-    __getattr__ would (~1 us less a look-up: the DiT block's host time is a few dozen of them);
-    anything else through getattr. Read at every call, never cached, so that a submodule
-    replaced after construction (a LoRA wrapper) is the one called."""
-    found = module._modules.get(name)
-    return found if found is not None else getattr(module, name)
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """A bare nn.Linear that nothing observes or wraps (no hooks, adapters, parametrizations):
-    only then may its product be fused with what surrounds it."""
-    return (type(module) is nn.Linear and not module._forward_hooks
-            and not module._forward_pre_hooks and not _module._global_forward_hooks
-            and not _module._global_forward_pre_hooks)
-
-
-def _linear_parameters(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    """(weight, bias) of a bare nn.Linear, from its parameter dict where they are registered
-    there (always, unless something removed them): an attribute costs ~0.7 us more."""
-    params = linear._parameters
-    if "weight" in params and "bias" in params:
-        return params["weight"], params["bias"]
-    return linear.weight, linear.bias
-
-
 def _gelu_epilogue(h: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """Whether fc1's bias and GELU(tanh) run in cuBLASLt's epilogue (torch._addmm_activation):
+    """Whether fc1's bias and GELU(tanh) run in cuBLASLt's epilogue (torch_compat's
+    linear_gelu_tanh):
     inference on CUDA in fp16/bf16 without autocast. On an H100 (bf16, (8192, 1152) x (1152,
     4608), 2026-11-25, benchmarks/profile_block.py) it took 0.166 ms against 0.209 for the
     product then onestep's Triton bias_gelu_tanh and 0.233 for PyTorch's Linear and GELU, and
@@ -185,8 +162,8 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     checks.same_device("modulation", modulation, x, "x")
     B, N, D = x.shape
     if modulation.shape != (B, 6 * D):
-        raise ValueError(f"modulation: expected shape {(B, 6 * D)} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(modulation.shape)}")
+        raise ArgumentError(f"modulation: expected shape {(B, 6 * D)} for x of shape "
+                            f"{tuple(x.shape)}, got {tuple(modulation.shape)}")
     if not (isinstance(eps, float) and 0.0 < eps < math.inf):  # (the usual case, cheaply)
         eps = checks.positive_float("eps", eps)
     if not (isinstance(mlp_norm_eps, float) and 0.0 < mlp_norm_eps < math.inf):
@@ -203,26 +180,25 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=1)
     grad = needs_grad(x, modulation)
 
-    impl = layernorm_modulate_op.OP.resolve(None, device, dtype, D, grad)
-    h = layernorm_modulate_op.apply(impl, x, sh1, sc1, eps, grad)
+    h = LAYERNORM.apply(LAYERNORM.resolve(None, device, dtype, D, grad), x, sh1, sc1, eps,
+                        grad=grad)
     branch = checks.cast(attention(h), dtype).contiguous()
     grad = grad or branch.requires_grad
-    impl = gated_op.OP.resolve(None, device, dtype, D, grad)
-    weight, bias = _linear_parameters(fc1) if _plain_linear(fc1) else (None, None)
+    impl = GATED.resolve(None, device, dtype, D, grad)
+    weight, bias = linear_parameters(fc1) if bare_linear(fc1) else (None, None)
     # With gradients: the gated op and fc1 as one autograd node where it can run
     fused = (block_nodes.gated_mlp_input(x, branch, g1, sh2, sc2, weight, bias, mlp_norm_eps,
                                          impl) if grad and bias is not None else None)
     if fused is not None:
         x, hidden = fused
     else:
-        x, h = gated_op.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps, grad)
+        x, h = GATED.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps, grad=grad)
         if bias is None:
             hidden = F.gelu(fc1(h), approximate="tanh")
         elif _gelu_epilogue(h, weight, bias):
-            hidden = torch._addmm_activation(bias, h.reshape(B * N, D), weight.t(),
-                                             use_gelu=True).view(B, N, -1)
+            hidden = linear_gelu_tanh(h.reshape(B * N, D), weight, bias).view(B, N, -1)
         else:
-            hidden = bias_gelu_tanh_op.linear_apply(h, weight, bias)
+            hidden = block_nodes.linear_bias_gelu(h, weight, bias)
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
 
 
@@ -230,7 +206,7 @@ def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps
     """The block as four fused_linear calls, or None where the fused kernel would not run."""
     qkv, proj = attention.qkv, attention.proj
     linears = (qkv, proj, fc1, fc2)
-    if not all(_plain_linear(m) for m in linears) or checks.autocast_enabled(x.device.type):
+    if not all(bare_linear(m) for m in linears) or checks.autocast_enabled(x.device.type):
         return None
     tensors = [x, modulation] + [p for m in linears for p in (m.weight, m.bias) if p is not None]
     if any(t.dtype != x.dtype for t in tensors):
@@ -308,13 +284,13 @@ class FusedDiTBlock(DiTBlock):
     def _check_conditioning(self, x: Tensor, c: Tensor) -> None:
         if not isinstance(c, Tensor) or c.dim() != 2 or c.shape[1] != self.hidden_size or (
                 isinstance(x, Tensor) and x.dim() >= 1 and c.shape[0] != x.shape[0]):
-            raise ValueError(f"c: expected (B, {self.hidden_size}) conditioning for x of shape "
-                             f"{tuple(getattr(x, 'shape', ()))}, got "
-                             f"{tuple(getattr(c, 'shape', ())) or type(c).__name__}")
+            raise ArgumentError(f"c: expected (B, {self.hidden_size}) conditioning for x of shape "
+                                f"{tuple(getattr(x, 'shape', ()))}, got "
+                                f"{tuple(getattr(c, 'shape', ())) or type(c).__name__}")
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         self._check_conditioning(x, c)
-        mlp = _child(self, "mlp")
-        return dit_block_forward(x, _child(self, "adaLN_modulation")(c), _child(self, "attn"),
-                                 _child(mlp, "fc1"), _child(mlp, "fc2"), eps=LN_EPS,
+        mlp = child(self, "mlp")
+        return dit_block_forward(x, child(self, "adaLN_modulation")(c), child(self, "attn"),
+                                 child(mlp, "fc1"), child(mlp, "fc2"), eps=LN_EPS,
                                  mlp_norm_eps=self.mlp_norm_eps, fuse_linears=self.fuse_linears)

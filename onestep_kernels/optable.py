@@ -1,5 +1,5 @@
-"""The README's table of ops and backends, written from the backend records and the
-preference table, so that the documentation cannot drift from the code.
+"""The README's table of ops and backends, written from the backend records and their default
+orders, so that the documentation cannot drift from the code.
 
     python -m onestep_kernels.optable            # print the table
     python -m onestep_kernels.optable --write    # replace it in README.md (between markers)
@@ -35,15 +35,14 @@ def _limits(record, width_name: str) -> str:
 
 
 def table() -> str:
-    from . import preferences
     from .dispatch import ANY_DEVICE, OPS
 
     lines = [BEGIN, "",
              "| op | backend | runs | dtypes | limits | backward | default order: CPU / sm_90 |",
              "|---|---|---|---|---|---|---|"]
     for op in OPS.values():
-        cpu_order = preferences.TABLE["cpu"].get(op.name, ())
-        gpu_order = preferences.TABLE["sm_90"].get(op.name, ())
+        cpu_order = op.default_order.get("cpu", ())
+        gpu_order = op.default_order.get("sm_90", ())
         for record in op.backends.values():
             devices = "any device" if record.devices == ANY_DEVICE else "/".join(record.devices)
             rank = "/".join(str(order.index(record.name) + 1) if record.name in order else "—"
@@ -68,8 +67,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"replace the table in {README}")
     args = parser.parse_args(argv)
-    from . import ops  # noqa: F401  (registers the ops)
-
     generated = table()
     if not args.write:
         print(generated)

@@ -75,7 +75,7 @@ def pytest_runtest_call(item):
 # A run with a time budget (gpu_check's tests row, on a GPU lent for minutes) sets
 # ONESTEP_TEST_DEADLINE, a time.time() value: tests that would start after it are skipped, so
 # the run still ends by itself, with its summary and report, instead of being killed.
-from onestep_kernels.gpu_check import TEST_DEADLINE_ENV, TEST_DEADLINE_SKIP  # noqa: E402
+from onestep_gpu_check import TEST_DEADLINE_ENV, TEST_DEADLINE_SKIP  # noqa: E402
 
 _DEADLINE = float(os.environ.get(TEST_DEADLINE_ENV) or "inf")
 
@@ -177,3 +177,23 @@ def cpu_isa(monkeypatch):
         if isa == "avx2" and native.cpu_module.active_isa() != "avx2":
             pytest.skip("this processor lacks AVX2/FMA/F16C")
     return force
+
+
+# ---- launching a backend's kernels directly, on poisoned outputs ------------------------------
+
+
+def poisoned_forward(op: str, backend: str, args: tuple) -> tuple:
+    """Every output of `backend`'s forward launcher on `args` (inputs, then params), written
+    into buffers filled with NaN first: an element a kernel forgets to write stays NaN."""
+    spec = OPS[op].spec
+    outputs = tuple(t if t is None else t.fill_(float("nan"))
+                    for t in spec.allocate(backend, True, *args))
+    return OPS[op].forward(OPS[op][backend], *args, keep=True, outputs=outputs)
+
+
+def poisoned_backward(op: str, backend: str, output_grads: tuple, saved: tuple,
+                      params: tuple) -> tuple:
+    """The gradient buffers of `backend`'s backward launcher, NaN before the launch."""
+    spec = OPS[op].spec
+    buffers = tuple(t.fill_(float("nan")) for t in spec.allocate_grads(*saved, *params))
+    return OPS[op].backward(OPS[op][backend], output_grads, saved, params, buffers=buffers)

@@ -8,12 +8,15 @@ import textwrap
 
 import pytest
 
-from onestep_kernels.ops import OP_MODULES
+from onestep_kernels.dispatch import OPS
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 
-ROW_OPS = [m for m in OP_MODULES if hasattr(m, "_warps")]
+# The ops whose Triton kernels go over rows (a block of the row width, warps by size): the
+# memory-bound ones, whose modules pick launch settings with _block and _warps.
+ROW_OPS = [sys.modules[op.triton_configs.__module__] for op in OPS.values()
+           if op.spec.memory_bound and op.triton_configs is not None]
 
 
 @pytest.mark.parametrize("module", ROW_OPS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])

@@ -63,7 +63,7 @@ def test_matches_float64_reference(backend, per_token, needs, generator):
 
 
 def test_is_one_node_that_agrees_with_the_two_it_replaces(generator):
-    """One autograd node over the leaves, whose outputs equal the gated op then linear_apply
+    """One autograd node over the leaves, whose outputs equal the gated op then linear_bias_gelu
     (two nodes) bitwise and whose gradients equal theirs to rounding."""
     inputs = [t.requires_grad_() for t in _inputs(generator)]
     res, hidden = _run("cpu", inputs)
@@ -72,7 +72,7 @@ def test_is_one_node_that_agrees_with_the_two_it_replaces(generator):
     x, y, gate, shift, scale, weight, bias = inputs
     ref_res, h = ok.gated_residual_layernorm_modulate(x, y, gate, shift, scale, EPS,
                                                       backend="cpu")
-    ref_hidden = gelu_op.linear_apply(h, weight, bias)
+    ref_hidden = block_nodes.linear_bias_gelu(h, weight, bias)
     assert torch.equal(res, ref_res) and torch.equal(hidden, ref_hidden)
     grads_out = [torch.randn(t.shape, generator=generator) for t in (res, hidden)]
     grads = torch.autograd.grad((res, hidden), inputs, grads_out)
@@ -97,7 +97,7 @@ def test_follows_autocast_like_the_two_nodes(generator):
             else:
                 res, h = ok.gated_residual_layernorm_modulate(*ins[:5], EPS, backend=backend)
                 with ok.use_backend(backend):
-                    hidden = gelu_op.linear_apply(h, *ins[5:])
+                    hidden = block_nodes.linear_bias_gelu(h, *ins[5:])
         (res.square().sum() + hidden.float().square().sum()).backward()
         results.append(((res, hidden), [t.grad for t in ins]))
     ((res, hidden), grads), ((ref_res, ref_hidden), ref_grads) = results

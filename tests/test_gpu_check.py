@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from onestep_kernels import gpu_check
+import onestep_gpu_check as gpu_check
 
 
 def test_without_cuda_it_says_so(tmp_path, capsys, monkeypatch):
@@ -79,7 +79,7 @@ def test_a_failing_row_is_recorded_and_the_pass_goes_on(tmp_path, monkeypatch):
 def test_a_failing_contender_records_where_its_root_cause_was_raised():
     """An inductor failure arrives as BackendCompilerFailed around an AssertionError with no
     message: the record keeps the place it was raised."""
-    from onestep_kernels.gpu_check import describe_error
+    from onestep_gpu_check import describe_error
 
     def lowering():
         raise AssertionError  # as inductor's bare asserts arrive (no message)
@@ -143,7 +143,7 @@ def test_autotune_row_reports_each_option_and_the_choice(monkeypatch):
         (_bwd_kernel, (), ("D",)): (tuner, {}),
         (_fwd_kernel, (8,), ("D",)): (_fwd_kernel, {"num_warps": 8})})
     row = gpu_check.Row("autotune", gpu_check.smoke_setting(), {})
-    gpu_check.row_autotune(row)
+    gpu_check.rows.row_autotune(row)
     assert row.records == [
         {"case": "autotune _bwd_kernel", "contender": "PREFETCH=False,warps=8", "ms": 0.2,
          "chosen": False},
@@ -161,13 +161,13 @@ def test_tests_row_reports_a_whole_run_and_a_run_its_budget_cut(tmp_path):
 
     row = gpu_check.Row("tests", gpu_check.smoke_setting(), {})
     row.out = tmp_path
-    gpu_check.row_tests(row)
+    gpu_check.suite.row_tests(row)
     whole = row.records[-1]
     assert whole["exit_code"] == 0 and whole["tests"] > 0 and whole["failures"] == 0
     assert whole["cut"] == 0 and row.targets[-1]["met"] is True
 
     row.deadline = time.perf_counter() + 30.5  # its tests' deadline: half a second from now
-    gpu_check.row_tests(row)
+    gpu_check.suite.row_tests(row)
     cut = row.records[-1]
     assert cut["exit_code"] == 0 and cut["tests"] == cut["skipped"] == whole["tests"]
     assert cut["cut"] == whole["tests"] - whole["skipped"]  # the rest skip for want of a GPU
@@ -178,8 +178,8 @@ def test_tests_row_runs_every_test_file_once_the_gpu_ones_first():
     from pathlib import Path
 
     files = gpu_check.ordered_test_files()
-    every = sorted(str(p.relative_to(gpu_check.REPO))
-                   for p in (gpu_check.REPO / "tests").rglob("test_*.py"))
+    every = sorted(str(p.relative_to(gpu_check.suite.REPO))
+                   for p in (gpu_check.suite.REPO / "tests").rglob("test_*.py"))
     assert sorted(files) == every and len(set(files)) == len(files)
     gpu_ones = [f for f in files if any(f == name or f.startswith(name + "/")
                                         for name in gpu_check.GPU_TESTS_FIRST)]

@@ -27,9 +27,11 @@ from torch import Tensor
 
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
+from ..errors import ArgumentError
 from ..kernel_config import KernelConfig
+from ..op_spec import Op, OpSpec
 from ..triton_compat import tl, triton
-from .common import cdiv, eager_apply, needs_grad, next_power_of_2, run_on
+from .common import cdiv, needs_grad, next_power_of_2
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # fp32's IEEE backward (dK/dV) spills at head dims above 64 on sm_80/sm_90 even with 16x16 tiles
@@ -398,13 +400,11 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _triton_fwd(q, k, v, scale):
+def _triton_fwd(q, k, v, out, lse, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
     kernel, options = tuning.select_variants(_attention_fwd_kernel, _forward_tiles(Dh, q.dtype),
                                              _TUNING_KEY)
-    out = _new_output(q, "triton")
-    lse = q.new_empty((B, H, N), dtype=torch.float32)
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_M"]), B * H)
@@ -412,10 +412,9 @@ def _triton_fwd(q, k, v, scale):
     kernel[grid](
         q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), H, N, NK, Dh, scale,
         IEEE=q.dtype == torch.float32, **options)
-    return out, lse
 
 
-def _triton_bwd(dout, q, k, v, out, lse, scale):
+def _triton_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale):
     B, H, N, Dh = q.shape
     NK = k.shape[2]
     dout = dout.contiguous()
@@ -423,9 +422,6 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
     constexprs = _delta_constexprs(_head_block(Dh))
     _attention_bwd_delta_kernel[(cdiv(B * H * N, constexprs["BLOCK_R"]),)](
         out, dout, delta, B * H * N, Dh, **constexprs, num_warps=4)
-    dq = q.new_empty((B, H, N, Dh))
-    dk = q.new_empty((B, H, NK, Dh))
-    dv = q.new_empty((B, H, NK, Dh))
     ieee = q.dtype == torch.float32
     strides = (*_strides(q), *_strides(k), *_strides(v))
     kernel, options = tuning.select_variants(
@@ -436,7 +432,6 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
         _attention_bwd_dq_kernel, _backward_options("dq", Dh, q.dtype), _TUNING_KEY)
     kernel[lambda meta: (cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, *strides, H, N, NK, Dh, scale, IEEE=ieee, **options)
-    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,10 +439,8 @@ def _triton_bwd(dout, q, k, v, out, lse, scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_fwd(q, k, v, scale):
+def _cpu_fwd(q, k, v, out, lse, scale):
     B, H, N, Dh = q.shape
-    out = _new_output(q, "cpu")
-    lse = torch.empty((B, H, N), dtype=torch.float32)
     (q_sb, q_sh, q_sn, _), (k_sb, k_sh, k_sn, _) = q.stride(), k.stride()
     (v_sb, v_sh, v_sn, _), (o_sb, o_sh, o_sn, _) = v.stride(), out.stride()
     native.run_cpu("attention_fwd", native.params_type("AttentionFwdParams")(
@@ -455,14 +448,12 @@ def _cpu_fwd(q, k, v, scale):
         B=B, H=H, N=N, NK=k.shape[2], D=Dh, q_sb=q_sb, q_sh=q_sh, q_sn=q_sn, k_sb=k_sb,
         k_sh=k_sh, k_sn=k_sn, v_sb=v_sb, v_sh=v_sh, v_sn=v_sn, out_sb=o_sb, out_sh=o_sh,
         out_sn=o_sn, scale=scale, dtype=native.dtype_code(q)))
-    return out, lse
 
 
-def _cpu_bwd(dout, q, k, v, out, lse, scale):
+def _cpu_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale):
     B, H, N, Dh = q.shape
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))  # contiguous
     (q_sb, q_sh, q_sn, _), (k_sb, k_sh, k_sn, _) = q.stride(), k.stride()
     (v_sb, v_sh, v_sn, _), (o_sb, o_sh, o_sn, _) = v.stride(), out.stride()
     d_sb, d_sh, d_sn, _ = dout.stride()
@@ -473,7 +464,6 @@ def _cpu_bwd(dout, q, k, v, out, lse, scale):
         k_sb=k_sb, k_sh=k_sh, k_sn=k_sn, v_sb=v_sb, v_sh=v_sh, v_sn=v_sn, out_sb=o_sb,
         out_sh=o_sh, out_sn=o_sn, dout_sb=d_sb, dout_sh=d_sh, dout_sn=d_sn, scale=scale,
         dtype=native.dtype_code(q)))
-    return dq, dk, dv
 
 
 def _sdpa(q, k, v, scale):
@@ -483,10 +473,37 @@ def _sdpa(q, k, v, scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends (see onestep_kernels.dispatch); the width they are judged by is the head dim
+# The spec and the backends (see onestep_kernels.op_spec and onestep_kernels.dispatch); the
+# width they are judged by is the head dim
 # ---------------------------------------------------------------------------------------------
 
-OP = dispatch.Op("attention", [
+
+def _allocate(backend, keep, q, k, v, scale):
+    """out in the backend's layout, and the base-2 log-sum-exp of each query's scores (fp32;
+    every kernel writes it)."""
+    B, H, N, _ = q.shape
+    return _new_output(q, backend), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _allocate_grads(q, k, v, out, lse, scale):
+    """Contiguous dq, dk, dv."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _example(sizes, device, dtype, generator):
+    """DiT's self-attention: (B, H, N, D / H) heads."""
+    q, k, v = (torch.randn(sizes.B, sizes.H, sizes.N, sizes.D // sizes.H, generator=generator,
+                           device=device).to(dtype) for _ in range(3))
+    return (q, k, v), {}
+
+
+SPEC = OpSpec(
+    "attention", inputs=("q", "k", "v"), params=(("scale", float),), outputs=("out", "lse"),
+    allocate=_allocate, saved=("q", "k", "v", "out", "lse"), grads=("dq", "dk", "dv"),
+    allocate_grads=_allocate_grads, input_grads=lambda dq, dk, dv: (dq, dk, dv),
+    empty_if=("q", "k"), grads_contiguous=False, autocast=checks.LOWER, example=_example)
+
+OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
             min_width=MIN_HEAD_DIM, max_width=MAX_HEAD_DIM,
             max_width_by_dtype=((torch.float32, MAX_HEAD_DIM_FP32),),
@@ -497,104 +514,8 @@ OP = dispatch.Op("attention", [
             summary="PyTorch's scaled_dot_product_attention (cuDNN / flash on GPUs)"),
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
             expression=reference, summary="the formula, scores materialised"),
-], torch_alias="sdpa", width_name="head dim")
-
-
-# ---------------------------------------------------------------------------------------------
-# The inner layer (no validation)
-# ---------------------------------------------------------------------------------------------
-
-
-def _forward(backend: Backend, q, k, v, scale):
-    B, H, N, Dh = q.shape
-    if B * H * N == 0 or k.shape[2] == 0:
-        return (_new_output(q, backend.name).zero_(),
-                torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
-    return run_on(q, backend.forward, q, k, v, scale)
-
-
-def _backward(backend: Backend, dout, q, k, v, out, lse, scale):
-    if q.numel() == 0 or k.numel() == 0:
-        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    launcher = OP.backward_launcher(backend, q.device, q.dtype, q.shape[-1])
-    return run_on(q, launcher, dout, q, k, v, out, lse, scale)
-
-
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, backend):
-        out, lse = _forward(backend, q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.backend = scale, backend
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*_backward(ctx.backend, dout, q, k, v, out, lse, ctx.scale), None, None)
-
-
-_apply_with_grad = eager_apply(_Attention, tensors=3)
-
-
-def apply(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Attention on a resolved backend, for validated arguments (one dtype and device, last
-    dimensions contiguous)."""
-    if backend.is_expression:
-        return backend.expression(q, k, v, scale)
-    if torch.compiler.is_compiling():
-        return attention_fwd(q, k, v, scale, backend.name)[0]
-    if needs_grad(q, k, v):
-        return _apply_with_grad(q, k, v, scale, backend)
-    return _forward(backend, q, k, v, scale)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library registration (the kernels; what torch.compile traces)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("onestep::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                  backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (out, lse); lse is the fp32 base-2 log-sum-exp of each query's scores."""
-    return _forward(OP[backend], q, k, v, scale)
-
-
-@attention_fwd.register_fake
-def _(q, k, v, scale, backend):
-    B, H, N, Dh = q.shape
-    return _new_output(q, backend), q.new_empty((B, H, N), dtype=torch.float32)
-
-
-@torch.library.custom_op("onestep::attention_bwd", mutates_args=())
-def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns contiguous (dq, dk, dv)."""
-    return _backward(OP[backend], dout, q, k, v, out, lse, scale)
-
-
-@attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, backend):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale, backend = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-    ctx.backend = backend
-
-
-def _backward_op(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None
-
-
-attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
+], default_order={"cpu": ("sdpa", "cpu", "reference"), "sm_90": ("sdpa", "triton", "reference")},
+    torch_alias="sdpa", width_name="head dim", triton_configs=triton_configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,36 +523,36 @@ attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
+@OP.public_entry
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
               backend: str | None = None) -> Tensor:
     """softmax(q k^T * scale) v over the token dimension, non-causal; see the module docstring.
 
     Args:
         q: (B, H, N, Dh); k, v: (B, H, Nk, Dh); float32/float16/bfloat16/float64 on one
-            device. Mixed dtypes are promoted to a common one; under autocast the op follows
-            SDPA (it runs in the autocast dtype).
+            device, last dimension contiguous. Mixed dtypes are promoted to a common one;
+            under autocast the op follows SDPA (it runs in the autocast dtype).
         scale: multiplies the scores; default 1 / sqrt(Dh).
         backend: one of the op's backends, or None for the fastest that can take the call.
     """
     checks.tensor("q", q, (4,))
     checks.tensor("k", k, (4,))
     checks.tensor("v", v, (4,))
-    device = q.device
-    if not (k.device == v.device == device):
-        checks.same_device("k", k, q, "q")
-        checks.same_device("v", v, q, "q")
     B, H, N, Dh = q.shape
     k_shape = k.shape  # (each .shape makes a new torch.Size)
     if k_shape[0] != B or k_shape[1] != H or k_shape[3] != Dh:
-        raise ValueError(f"k: expected shape ({B}, {H}, Nk, {Dh}) for q of shape "
-                         f"{tuple(q.shape)}, got {tuple(k_shape)}")
+        raise ArgumentError(f"k: expected shape ({B}, {H}, Nk, {Dh}) for q of shape "
+                            f"{tuple(q.shape)}, got {tuple(k_shape)}")
     if v.shape != k_shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k_shape)}, got {tuple(v.shape)}")
+        raise ArgumentError(f"v: expected the shape of k {tuple(k_shape)}, got "
+                            f"{tuple(v.shape)}")
     if Dh == 0:
-        raise ValueError(f"q: the head dimension must be positive, got shape {tuple(q.shape)}")
+        raise ArgumentError(f"q: the head dimension must be positive, got shape "
+                            f"{tuple(q.shape)}")
     scale = Dh ** -0.5 if scale is None else checks.positive_float("scale", scale)
     dtype = q.dtype
     if not (k.dtype is v.dtype is dtype) or checks.any_autocast():
-        dtype = checks.compute_dtype(checks.LOWER, (q, k, v))
+        dtype = checks.compute_dtype(SPEC.autocast, (q, k, v))
         q, k, v = (checks.cast(t, dtype) for t in (q, k, v))
-    return apply(OP.resolve(backend, device, dtype, Dh, needs_grad(q, k, v)), q, k, v, scale)
+    grad = needs_grad(q, k, v)
+    return OP.apply(OP.resolve(backend, q.device, dtype, Dh, grad), q, k, v, scale, grad=grad)

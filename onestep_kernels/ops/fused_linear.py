@@ -38,11 +38,13 @@ from torch import Tensor
 
 from .. import checks, dispatch
 from ..dispatch import Backend
+from ..errors import ArgumentError
 from ..kernel_config import KernelConfig
+from ..op_spec import Op, OpSpec
 from ..triton_compat import tl, triton
 from . import bias_gelu_tanh as bias_gelu_tanh_op
 from . import layernorm_modulate as layernorm_modulate_op
-from .common import bn_strides, cdiv, needs_grad, run_on
+from .common import bn_strides, cdiv, needs_grad
 from .layernorm_core import modulate  # by bare name: see layernorm_modulate's import
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -184,12 +186,9 @@ def triton_configs():
                                constexprs, cfg["num_warps"])
 
 
-def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gelu):
+def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, out, eps, gelu):
     B, N, K = x.shape
     cols = weight.shape[0]
-    out = x.new_empty((B, N, cols))
-    if B * N == 0:
-        return out
     cfg = _launch_config(x.dtype)
     x2d = x.reshape(B * N, K)
     dummy = x2d  # stands in for absent tensors; their loads are compiled out
@@ -207,10 +206,9 @@ def _triton_fused_linear(x, weight, bias, shift, scale, gate, residual, eps, gel
         HAS_BIAS=bias is not None, NORM=shift is not None, GELU=gelu, GATED=gate is not None,
         IEEE=x.dtype == torch.float32, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"])
-    return out
 
 
-def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residual):
+def _separate_steps(x, weight, bias, shift, scale, gate, residual, eps, gelu):
     """The same computation as onestep's separate (differentiable) ops on their default
     backends, and PyTorch's products. Under autocast each step follows it as the reference
     DiT block's expressions do (the LayerNorm as F.layer_norm, the products in the autocast
@@ -219,15 +217,14 @@ def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residu
     if shift is not None:
         dtype = checks.compute_dtype(checks.LAYER_NORM, (x, shift, scale))
         h, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
-        impl = layernorm_modulate_op.OP.resolve(None, h.device, dtype, h.shape[-1],
-                                                needs_grad(h, shift, scale))
-        h = layernorm_modulate_op.apply(impl, h, shift, scale, eps)
-    if activation == "gelu_tanh":
+        ln = layernorm_modulate_op.OP
+        h = ln.apply(ln.resolve(None, h.device, dtype, h.shape[-1], needs_grad(h, shift, scale)),
+                     h, shift, scale, eps)
+    if gelu:
         u = F.linear(h, weight)
         b = u.new_zeros(u.shape[-1]) if bias is None else checks.cast(bias, u.dtype)
-        impl = bias_gelu_tanh_op.OP.resolve(None, u.device, u.dtype, u.shape[-1],
-                                            needs_grad(u, b))
-        y = bias_gelu_tanh_op.apply(impl, u, b)
+        op = bias_gelu_tanh_op.OP
+        y = op.apply(op.resolve(None, u.device, u.dtype, u.shape[-1], needs_grad(u, b)), u, b)
     else:
         y = F.linear(h, weight, bias)
     if gate is None:
@@ -235,52 +232,56 @@ def _separate_steps(x, weight, bias, shift, scale, eps, activation, gate, residu
     return torch.addcmul(residual, gate[:, None] if gate.dim() == 2 else gate, y)
 
 
+def _reference(x, weight, bias, shift, scale, gate, residual, eps, gelu):
+    """`reference` in the spec's argument order."""
+    return reference(x, weight, bias, shift, scale, eps, "gelu_tanh" if gelu else None, gate,
+                     residual)
+
+
 # ---------------------------------------------------------------------------------------------
-# Backends (see onestep_kernels.dispatch); the width is x's feature count K
+# The spec and the backends (see onestep_kernels.op_spec and onestep_kernels.dispatch); the
+# width is x's feature count K
 # ---------------------------------------------------------------------------------------------
 
-OP = dispatch.Op("fused_linear", [
+
+def _example(sizes, device, dtype, generator):
+    """A DiT block's QKV projection with the first modulated LayerNorm in its prologue."""
+    def rand(*shape):
+        return torch.randn(shape, generator=generator, device=device).to(dtype)
+
+    shift, scale = rand(sizes.B, 6 * sizes.D).chunk(6, dim=1)[:2]
+    weight = rand(3 * sizes.D, sizes.D) * sizes.D ** -0.5
+    return (rand(sizes.B, sizes.N, sizes.D), weight), {"shift": shift, "scale": scale}
+
+
+SPEC = OpSpec(
+    "fused_linear", inputs=("x", "weight", "bias?", "shift?", "scale?", "gate?", "residual?"),
+    params=(("eps", float), ("gelu", bool)), outputs=("out",),
+    allocate=lambda backend, keep, x, weight, *rest: (
+        x.new_empty((*x.shape[:2], weight.shape[0])),),
+    empty_if=("x",), contiguous=("x", "weight", "bias", "residual"), example=_example)
+
+OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fused_linear,
             summary="one kernel, forward only; tensors under 2^31 elements; not under autocast"),
     Backend("separate", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
             expression=_separate_steps,
             summary="onestep's separate ops and PyTorch's (cuBLAS) products"),
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
-            expression=reference, summary="the formula in PyTorch"),
-], torch_alias="separate", width_name="K")
+            expression=_reference, summary="the formula in PyTorch"),
+], default_order={"cpu": ("separate", "reference"), "sm_90": ("separate", "reference", "triton")},
+    torch_alias="separate", width_name="K", triton_configs=triton_configs)
 
 
 def apply(backend: Backend, x, weight, bias, shift, scale, eps, activation, gate, residual):
-    """fused_linear on a resolved backend, for validated arguments."""
-    if backend.is_expression:
-        return backend.expression(x, weight, bias, shift, scale, eps, activation, gate,
-                                  residual)
-    x = x.contiguous()
-    weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    residual = None if residual is None else residual.contiguous()
-    gelu = activation == "gelu_tanh"
-    if torch.compiler.is_compiling():
-        return fused_linear_op(x, weight, bias, shift, scale, gate, residual, eps, gelu)
-    return run_on(x, backend.forward, x, weight, bias, shift, scale, gate, residual, eps, gelu)
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library registration (the fused kernel, forward only: see the module docstring)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("onestep::fused_linear", mutates_args=())
-def fused_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, shift: Tensor | None,
-                    scale: Tensor | None, gate: Tensor | None, residual: Tensor | None,
-                    eps: float, gelu: bool) -> Tensor:
-    return run_on(x, _triton_fused_linear, x, weight, bias, shift, scale, gate, residual, eps,
-                  gelu)
-
-
-@fused_linear_op.register_fake
-def _(x, weight, bias, shift, scale, gate, residual, eps, gelu):
-    return x.new_empty((*x.shape[:2], weight.shape[0]))
+    """fused_linear on a resolved backend, for validated arguments (the kernel's operands made
+    contiguous)."""
+    if not backend.is_expression:
+        x, weight = x.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        residual = None if residual is None else residual.contiguous()
+    return OP.apply(backend, x, weight, bias, shift, scale, gate, residual, eps,
+                    activation == "gelu_tanh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,10 +294,11 @@ def _check_modulation(name: str, t: Tensor, x: Tensor, width: int, like: str) ->
     checks.same_device(name, t, x, "x")
     B, N = x.shape[:2]
     if tuple(t.shape) not in ((B, width), (B, N, width)):
-        raise ValueError(f"{name}: expected shape ({B}, {width}) or ({B}, {N}, {width}) "
-                         f"({like}), got {tuple(t.shape)}")
+        raise ArgumentError(f"{name}: expected shape ({B}, {width}) or ({B}, {N}, {width}) "
+                            f"({like}), got {tuple(t.shape)}")
 
 
+@OP.public_entry
 def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                  shift: Tensor | None = None, scale: Tensor | None = None, eps: float = 1e-6,
                  activation: str | None = None, gate: Tensor | None = None,
@@ -321,41 +323,41 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     checks.same_device("weight", weight, x, "x")
     B, N, K = x.shape
     if K == 0 or weight.shape[1] != K:
-        raise ValueError(f"weight: expected shape (M_out, {K}) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
+        raise ArgumentError(f"weight: expected shape (M_out, {K}) for x of shape "
+                            f"{tuple(x.shape)}, got {tuple(weight.shape)}")
     cols = weight.shape[0]
     if bias is not None:
         checks.tensor("bias", bias, (1,))
         checks.same_device("bias", bias, x, "x")
         if bias.shape != (cols,):
-            raise ValueError(f"bias: expected shape ({cols},), got {tuple(bias.shape)}")
+            raise ArgumentError(f"bias: expected shape ({cols},), got {tuple(bias.shape)}")
     if (shift is None) != (scale is None):
-        raise ValueError("shift: shift and scale come together (the modulated LayerNorm)")
+        raise ArgumentError("shift: shift and scale come together (the modulated LayerNorm)")
     if shift is not None:
         _check_modulation("shift", shift, x, K, "per sample or per token, over x's features")
         _check_modulation("scale", scale, x, K, "per sample or per token, over x's features")
         if scale.shape != shift.shape:
-            raise ValueError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
-                             f"got {tuple(scale.shape)}")
+            raise ArgumentError(f"scale: expected the shape of shift {tuple(shift.shape)}, "
+                                f"got {tuple(scale.shape)}")
         eps = checks.positive_float("eps", eps)
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        raise ArgumentError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     if (gate is None) != (residual is None):
-        raise ValueError("gate: gate and residual come together (the gated residual)")
+        raise ArgumentError("gate: gate and residual come together (the gated residual)")
     if gate is not None:
         _check_modulation("gate", gate, x, cols, "per sample or per token, over the outputs")
         checks.tensor("residual", residual, (3,))
         checks.same_device("residual", residual, x, "x")
         if residual.shape != (B, N, cols):
-            raise ValueError(f"residual: expected shape ({B}, {N}, {cols}), "
-                             f"got {tuple(residual.shape)}")
+            raise ArgumentError(f"residual: expected shape ({B}, {N}, {cols}), "
+                                f"got {tuple(residual.shape)}")
 
     tensors = [x, weight, bias, shift, scale, gate, residual]
     if checks.autocast_enabled(x.device.type):
         impl = OP.resolve(backend or "separate", x.device, x.dtype, K, needs_grad(*tensors))
         if not impl.is_expression:
-            raise ValueError(f"backend: {impl.name!r} does not follow autocast; the separate "
-                             "ops do (backend='separate' or None)")
+            raise ArgumentError(f"backend: {impl.name!r} does not follow autocast; the "
+                                "separate ops do (backend='separate' or None)")
         return apply(impl, x, weight, bias, shift, scale, eps, activation, gate, residual)
     dtype = checks.compute_dtype(checks.PROMOTE, tensors)
     x, weight, bias, shift, scale, gate, residual = (checks.cast(t, dtype) for t in tensors)
@@ -363,7 +365,7 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     if not impl.is_expression and (B * N * cols >= 2**31
                                    or max(t.numel() for t in tensors if t is not None) >= 2**31):
         if backend is not None:
-            raise ValueError("x: the fused kernel's int32 offsets take tensors under 2^31 "
-                             "elements")
+            raise ArgumentError("x: the fused kernel's int32 offsets take tensors under 2^31 "
+                                "elements")
         impl = OP["separate"]
     return apply(impl, x, weight, bias, shift, scale, eps, activation, gate, residual)

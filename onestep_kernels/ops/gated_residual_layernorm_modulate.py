@@ -9,7 +9,8 @@ Returns (residual, out); both carry gradients. Arithmetic in fp32 (the LayerNorm
 residual, before its rounding to the output dtype); outputs in x's dtype.
 
 The op's whole story lives here: reference, Triton kernels and launchers, native launchers,
-backend records, the inner layer, torch.library registration and the public entry point.
+the backend records with the op's spec (onestep_kernels.op_spec builds the eager paths and the
+torch.library registration from it) and the public entry point.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from torch import Tensor
 
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
-from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
+from ..errors import ArgumentError
+from ..op_spec import Op, OpSpec
+from ..triton_compat import direct, tl, triton
 from . import layernorm_core as core
-from .common import (add_up_partials, bn_strides, cdiv, eager_apply, modulation_strides,
-                     needs_grad, run_on)
+from .common import add_up_partials, bn_strides, cdiv, modulation_strides, needs_grad
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -205,9 +207,9 @@ def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
         KEEP_STATS=stats is not None, **options)
 
 
-def _triton_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token,
-                launch=direct):
+def _triton_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps, launch=direct):
     B, N, D = x.shape
+    per_token = gate.dim() == 3
     block_d = _block(D)
     kernel, options = tuning.select_variants(
         _gated_residual_layernorm_modulate_bwd_kernel,
@@ -247,7 +249,7 @@ def _cpu_fwd(*args):
     native.run_cpu("gated_residual_layernorm_modulate_fwd", _fwd_params(*args))
 
 
-def _cpu_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token):
+def _cpu_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps):
     B, N, D = x.shape
     mean = stats.data_ptr()
     g_sb, g_sn = bn_strides(gate)
@@ -261,17 +263,18 @@ def _cpu_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token):
             dres.data_ptr(), dout.data_ptr(), x.data_ptr(), y.data_ptr(), gate.data_ptr(),
             scale.data_ptr(), mean, mean + 4 * B * N, dx.data_ptr(), dy.data_ptr(), dgate,
             dgate + plane, dgate + 2 * plane, B, N, D, g_sb, g_sn, sc_sb, sc_sn,
-            int(per_token), native.dtype_code(x)))
+            int(gate.dim() == 3), native.dtype_code(x)))
 
 
 def _cuda_fwd(x, *args):
     native.run_cuda("gated_residual_layernorm_modulate_fwd", _fwd_params(x, *args), x)
 
 
-def _torch_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token):
+def _torch_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps):
     """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
-    Triton is missing)."""
+    Triton is missing or cannot take the width)."""
     f32 = torch.float32
+    per_token = gate.dim() == 3
     g3, s3 = (gate.to(f32), scale.to(f32)) if per_token else (gate[:, None].to(f32),
                                                               scale[:, None].to(f32))
     mean, rstd = stats.view(2, *x.shape[:2])
@@ -289,190 +292,64 @@ def _torch_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, per_token):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends (see onestep_kernels.dispatch)
+# The spec and the backends (see onestep_kernels.op_spec and onestep_kernels.dispatch)
 # ---------------------------------------------------------------------------------------------
 
-OP = dispatch.Op("gated_residual_layernorm_modulate", [
+
+def _allocate(backend, keep, x, y, gate, shift, scale, eps):
+    """res and out (x is contiguous), and for a backward the rows' means then rstds (one flat
+    fp32 buffer)."""
+    B, N, _ = x.shape
+    stats = x.new_empty(2 * B * N, dtype=torch.float32) if keep else None
+    return torch.empty_like(x), torch.empty_like(x), stats
+
+
+def _allocate_grads(x, y, gate, scale, stats, eps):
+    """dx, dy, and dmod: the gradients of gate, shift and scale stacked, (3, *gate.shape) (one
+    buffer, one reduction of the per-sample partial sums)."""
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty((3, *gate.shape))
+
+
+def _example(sizes, device, dtype, generator):
+    """DiT's attention branch joining the residual: gate, shift, scale views of adaLN's output."""
+    x, y = (torch.randn(sizes.B, sizes.N, sizes.D, generator=generator, device=device).to(dtype)
+            for _ in range(2))
+    mods = torch.randn(sizes.B, 6 * sizes.D, generator=generator, device=device).to(dtype)
+    return (x, y, *mods.chunk(6, dim=1)[2:5]), {}
+
+
+def _eager(x, y, gate, shift, scale):
+    """As a DiT writes it (per-sample modulation), in the inputs' dtype."""
+    residual = x + gate[:, None] * y
+    normed = torch.nn.functional.layer_norm(residual, x.shape[-1:], eps=1e-6)
+    return residual, normed * (1 + scale[:, None]) + shift[:, None]
+
+
+# The backward reads x and y, not the rounded residual it returned: it rebuilds the fp32
+# residual that the statistics describe (in a DiT block x is saved by the first LayerNorm
+# anyway, so this costs no memory there).
+SPEC = OpSpec(
+    "gated_residual_layernorm_modulate", inputs=("x", "y", "gate", "shift", "scale"),
+    params=(("eps", float),), outputs=("res", "out", "stats"), returns=2, allocate=_allocate,
+    saved=("x", "y", "gate", "scale", "stats"), grads=("dx", "dy", "dmod"),
+    allocate_grads=_allocate_grads,
+    input_grads=lambda dx, dy, dmod: (dx, dy, dmod[0], dmod[1], dmod[2]), empty_if=("x",),
+    contiguous=("x", "y"), autocast=checks.LAYER_NORM, triton_op=True, memory_bound=True,
+    example=_example, eager=_eager)
+
+OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
             max_width=MAX_TRITON_D, summary="a row per program, in registers"),
     Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd,
             backward_from=("triton", "reference"), summary="forward only in CUDA C++"),
     Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
             summary="OpenMP over rows, AVX2 or portable"),
-    # The backward launcher here serves the cuda backend where Triton is missing; the
-    # reference backend itself is differentiated by autograd.
+    # The backward launcher here serves the cuda backend where Triton cannot; the reference
+    # backend itself is differentiated by autograd.
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
             expression=reference, backward=_torch_bwd, summary="PyTorch ops"),
-])
-
-
-# ---------------------------------------------------------------------------------------------
-# The inner layer (no validation)
-# ---------------------------------------------------------------------------------------------
-
-
-def _forward(backend: Backend, x, y, gate, shift, scale, eps, keep_stats=True):
-    B, N, _ = x.shape
-    res, out = torch.empty_like(x), torch.empty_like(x)  # x is contiguous here
-    # The rows' means then rstds, for the backward (one flat buffer: ~0.5 us less to make
-    # than a (2, B, N) tensor); inference needs none.
-    stats = x.new_empty(2 * B * N, dtype=torch.float32) if keep_stats else None
-    if B * N > 0:
-        run_on(x, backend.forward, x, y, gate, shift, scale, res, out, stats, eps)
-    return res, out, stats
-
-
-def _backward(backend: Backend, dres, dout, x, y, gate, scale, stats):
-    """(dx, dy, dmod): dmod stacks the gradients of gate, shift and scale, (3, *gate.shape)
-    (one buffer, one reduction of the per-sample partial sums). The backward reads x and y,
-    not the rounded residual: it rebuilds the fp32 residual that the statistics describe."""
-    dx, dy = torch.empty_like(x), torch.empty_like(x)
-    dmod = x.new_empty((3, *gate.shape))
-    launcher = OP.backward_launcher(backend, x.device, x.dtype, x.shape[-1])
-    run_on(x, launcher, dres.contiguous(), dout.contiguous(), x, y, gate, scale, stats, dx, dy,
-           dmod, gate.dim() == 3)
-    return dx, dy, dmod
-
-
-class _GatedResidualLayerNormModulate(torch.autograd.Function):
-    """The eager path with gradients: the launchers called directly."""
-
-    @staticmethod
-    def forward(ctx, x, y, gate, shift, scale, eps, backend):
-        res, out, stats = _forward(backend, x, y, gate, shift, scale, eps)
-        ctx.save_for_backward(x, y, gate, scale, stats)
-        ctx.backend = backend
-        return res, out
-
-    @staticmethod
-    def backward(ctx, dres, dout):
-        x, y, gate, scale, stats = ctx.saved_tensors
-        dx, dy, dmod = _backward(ctx.backend, dres, dout, x, y, gate, scale, stats)
-        return dx, dy, *dmod.unbind(0), None, None
-
-
-_apply_with_grad = eager_apply(_GatedResidualLayerNormModulate, tensors=5)
-
-
-def apply(backend: Backend, x, y, gate, shift, scale, eps,
-          grad: bool | None = None) -> tuple[Tensor, Tensor]:
-    """The op on a resolved backend, for validated arguments (one dtype and device, x and y
-    contiguous); `grad`: whether the call records gradients, if the caller knows."""
-    if backend.is_expression:
-        return backend.expression(x, y, gate, shift, scale, eps)
-    if torch.compiler.is_compiling():
-        if backend.runtime == "triton" and x.is_cuda:  # inductor launches the kernels itself
-            res, out, _ = gated_residual_layernorm_modulate_triton(x, y, gate, shift, scale, eps)
-        else:
-            res, out, _ = gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps,
-                                                                backend.name)
-        return res, out
-    if needs_grad(x, y, gate, shift, scale) if grad is None else grad:
-        return _apply_with_grad(x, y, gate, shift, scale, eps, backend)
-    res, out, _ = _forward(backend, x, y, gate, shift, scale, eps, keep_stats=False)
-    return res, out
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library registration (what torch.compile traces)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("onestep::gated_residual_layernorm_modulate_fwd", mutates_args=())
-def gated_residual_layernorm_modulate_fwd(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
-                                          scale: Tensor, eps: float, backend: str
-                                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (residual, out, stats); stats is fp32 (2 B N,), the rows' means then their rstds,
-    for the backward."""
-    return _forward(OP[backend], x, y, gate, shift, scale, eps)
-
-
-@gated_residual_layernorm_modulate_fwd.register_fake
-def _(x, y, gate, shift, scale, eps, backend):
-    B, N, D = x.shape
-    return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
-            x.new_empty(2 * B * N, dtype=torch.float32))
-
-
-@torch.library.custom_op("onestep::gated_residual_layernorm_modulate_bwd", mutates_args=())
-def gated_residual_layernorm_modulate_bwd(dres: Tensor, dout: Tensor, x: Tensor, y: Tensor,
-                                          gate: Tensor, scale: Tensor, stats: Tensor,
-                                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dy, dmod) as `backend`'s backward computes them; dmod is
-    (3, *gate.shape): the gradients of gate, shift and scale."""
-    return _backward(OP[backend], dres, dout, x, y, gate, scale, stats)
-
-
-@gated_residual_layernorm_modulate_bwd.register_fake
-def _(dres, dout, x, y, gate, scale, stats, backend):
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((3, *gate.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, gate, _shift, scale, _eps, backend = inputs
-    _res, _out, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(x, y, gate, scale, stats)
-    ctx.backend = backend
-
-
-def _backward_op(ctx, dres, dout, _dstats):
-    x, y, gate, scale, stats = ctx.saved_tensors
-    dx, dy, dmod = gated_residual_layernorm_modulate_bwd(
-        dres, dout, x, y, gate, scale, stats, ctx.backend)
-    return dx, dy, *dmod.unbind(0), None, None
-
-
-gated_residual_layernorm_modulate_fwd.register_autograd(_backward_op,
-                                                        setup_context=_setup_context)
-
-
-# The Triton backend as triton_ops: under torch.compile on a GPU, inductor sees the kernels
-# (wrap_triton) and launches them from its generated code.
-
-
-@triton_op("onestep::gated_residual_layernorm_modulate_triton", mutates_args=())
-def gated_residual_layernorm_modulate_triton(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
-                                             scale: Tensor, eps: float
-                                             ) -> tuple[Tensor, Tensor, Tensor]:
-    B, N, D = x.shape
-    res = x.new_empty((B, N, D))
-    out = x.new_empty((B, N, D))
-    stats = x.new_empty(2 * B * N, dtype=torch.float32)
-    if B * N > 0:
-        _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=wrap_triton)
-    return res, out, stats
-
-
-@triton_op("onestep::gated_residual_layernorm_modulate_triton_bwd", mutates_args=())
-def gated_residual_layernorm_modulate_triton_bwd(
-        dres: Tensor, dout: Tensor, x: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
-        stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dy, dmod), as gated_residual_layernorm_modulate_bwd."""
-    dx = x.new_empty(x.shape)
-    dy = x.new_empty(x.shape)
-    dmod = x.new_empty((3, *gate.shape))
-    _triton_bwd(dres.contiguous(), dout.contiguous(), x, y, gate, scale, stats, dx, dy, dmod,
-                gate.dim() == 3, launch=wrap_triton)
-    return dx, dy, dmod
-
-
-def _setup_triton_context(ctx, inputs, output):
-    x, y, gate, _shift, scale, _eps = inputs
-    _res, _out, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(x, y, gate, scale, stats)
-
-
-def _backward_triton_op(ctx, dres, dout, _dstats):
-    x, y, gate, scale, stats = ctx.saved_tensors
-    dx, dy, dmod = gated_residual_layernorm_modulate_triton_bwd(dres, dout, x, y, gate, scale,
-                                                                stats)
-    return dx, dy, *dmod.unbind(0), None
-
-
-gated_residual_layernorm_modulate_triton.register_autograd(_backward_triton_op,
-                                                           setup_context=_setup_triton_context)
+], default_order={"cpu": ("cpu", "reference"), "sm_90": ("triton", "cuda", "reference")},
+    triton_configs=triton_configs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +357,7 @@ gated_residual_layernorm_modulate_triton.register_autograd(_backward_triton_op,
 # ---------------------------------------------------------------------------------------------
 
 
+@OP.public_entry
 def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor,
                                       scale: Tensor, eps: float = 1e-6, *,
                                       backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -496,39 +374,35 @@ def gated_residual_layernorm_modulate(x: Tensor, y: Tensor, gate: Tensor, shift:
         backend: one of the op's backends, or None for the fastest that can take the call.
     """
     # x fully; the others' ranks by the shape comparisons below, their dtypes by the dtype
-    # comparison (and float_dtype where it fails)
+    # comparison (and float_dtype where it fails); devices and layouts at the launch boundary
     checks.tensor("x", x, (3,))
-    checks.unit_stride_rows("y", y)
-    checks.unit_stride_rows("gate", gate)
-    checks.unit_stride_rows("shift", shift)
-    checks.unit_stride_rows("scale", scale)
-    device = x.device
-    if not (y.device == gate.device == shift.device == scale.device == device):
-        for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
-            checks.same_device(name, t, x, "x")
+    for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
+        if not isinstance(t, Tensor):
+            checks.tensor(name, t, ())
     if not (isinstance(eps, float) and 0.0 < eps < math.inf):
         eps = checks.positive_float("eps", eps)
     shape, modulation_shape = x.shape, gate.shape  # (each .shape makes a new torch.Size)
     B, N, D = shape
     if D == 0:
-        raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(shape)}")
+        raise ArgumentError(f"x: the last dimension (D) must be positive, got shape "
+                            f"{tuple(shape)}")
     if y.shape != shape:
-        raise ValueError(f"y: expected the shape of x {tuple(shape)}, got {tuple(y.shape)}")
+        raise ArgumentError(f"y: expected the shape of x {tuple(shape)}, got {tuple(y.shape)}")
     if len(modulation_shape) not in (2, 3) or modulation_shape[0] != B or (
             modulation_shape[-1] != D) or (len(modulation_shape) == 3 and modulation_shape[1] != N):
-        raise ValueError(f"gate: expected shape {(B, D)} or {(B, N, D)} for x of shape "
-                         f"{tuple(shape)}, got {tuple(modulation_shape)}")
+        raise ArgumentError(f"gate: expected shape {(B, D)} or {(B, N, D)} for x of shape "
+                            f"{tuple(shape)}, got {tuple(modulation_shape)}")
     if not (shift.shape == modulation_shape == scale.shape):
         name, t = ("shift", shift) if shift.shape != modulation_shape else ("scale", scale)
-        raise ValueError(f"{name}: expected the shape of gate {tuple(modulation_shape)}, "
-                         f"got {tuple(t.shape)}")
+        raise ArgumentError(f"{name}: expected the shape of gate {tuple(modulation_shape)}, "
+                            f"got {tuple(t.shape)}")
     dtype = x.dtype
     if not (y.dtype is gate.dtype is shift.dtype is scale.dtype is dtype) or checks.any_autocast():
         for name, t in (("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
             checks.float_dtype(name, t)
         tensors = (x, y, gate, shift, scale)
-        dtype = checks.compute_dtype(checks.LAYER_NORM, tensors)
+        dtype = checks.compute_dtype(SPEC.autocast, tensors)
         x, y, gate, shift, scale = (checks.cast(t, dtype) for t in tensors)
     grad = needs_grad(x, y, gate, shift, scale)
-    impl = OP.resolve(backend, device, dtype, D, grad)
-    return apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps, grad)
+    impl = OP.resolve(backend, x.device, dtype, D, grad)
+    return OP.apply(impl, x.contiguous(), y.contiguous(), gate, shift, scale, eps, grad=grad)

@@ -71,10 +71,10 @@ def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_pe
         for dtype, element_bytes in ELEMENT_BYTES.items():
             for warps in row_warps(block, element_bytes, max_per_thread):
                 for keep in (False, True):
-                    yield KernelConfig(
+                    yield KernelConfig(  # (the statistics: two scalar stores per row)
                         f"{name}_fwd[{dtype},BLOCK_D={block},KEEP_STATS={keep},warps={warps}]",
                         fwd_kernel, dtype, {"BLOCK_D": block, "KEEP_STATS": keep}, warps,
-                        fp32=("STATS",))
+                        fp32=("STATS",), row_scalars=2)
                 for per_token in (False, True):
                     for prefetch in _prefetch_options(block):
                         yield KernelConfig(
@@ -83,7 +83,10 @@ def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_pe
                             bwd_kernel, dtype,
                             {"ROWS": bwd_rows, "BLOCK_D": block, "PER_TOKEN": per_token,
                              "PREFETCH": prefetch},
-                            warps, fp32=("STATS", *(() if per_token else partial_sums)))
+                            warps, fp32=("STATS", *(() if per_token else partial_sums)),
+                            # two scalar loads per row; a PREFETCH backward loads the first
+                            # row's before its loop too
+                            row_scalars=4 if prefetch else 2)
         block *= 2
 
 

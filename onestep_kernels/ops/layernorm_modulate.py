@@ -7,8 +7,8 @@ x is (B, N, D); shift and scale are (B, D) (one vector per sample, as in DiT) or
 contains NaN or inf gives NaN in that row of the output and leaves other rows alone.
 
 This file holds the op's whole story: the reference, the Triton kernels and launchers, the
-native (CPU C++ / CUDA C++) launchers, the backend records, the inner layer (eager calls go
-straight to the launchers), the torch.library registration that torch.compile traces, and the
+native (CPU C++ / CUDA C++) launchers, the backend records with the op's spec (from which
+onestep_kernels.op_spec builds the eager paths and the torch.library registration), and the
 public entry point.
 """
 
@@ -20,10 +20,13 @@ import torch
 from torch import Tensor
 
 from .. import checks, dispatch, native, tuning
+from ..compile_cache import tag_once
 from ..dispatch import Backend
-from ..triton_compat import direct, tl, triton, triton_op, wrap_triton
+from ..errors import ArgumentError, ArgumentTypeError
+from ..op_spec import Op, OpSpec
+from ..triton_compat import direct, tl, triton
 from . import layernorm_core as core
-from .common import add_up_partials, bn_strides, cdiv, eager_apply, needs_grad, run_on
+from .common import add_up_partials, bn_strides, cdiv, needs_grad
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
@@ -177,8 +180,9 @@ def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
         KEEP_STATS=stats is not None, **options)
 
 
-def _triton_bwd(dy, x, scale, stats, dx, dmod, per_token, launch=direct):
+def _triton_bwd(dy, x, scale, stats, dx, dmod, eps, launch=direct):
     B, N, D = x.shape
+    per_token = scale.dim() == 3
     block_d = _block(D)
     kernel, options = tuning.select_variants(
         _layernorm_modulate_bwd_kernel,
@@ -216,7 +220,7 @@ def _fwd_params(x, shift, scale, out, stats, eps):
                  native.dtype_code(x))
 
 
-def _bwd_params(dy, x, scale, stats, dx, dmod, per_token):
+def _bwd_params(dy, x, scale, stats, dx, dmod, eps):
     B, N, D = x.shape
     mean = stats.data_ptr()
     x_sb, x_sn, _ = x.stride()
@@ -227,7 +231,7 @@ def _bwd_params(dy, x, scale, stats, dx, dmod, per_token):
         "dy x scale mean rstd dx dshift dscale B N D x_sb x_sn scale_sb scale_sn per_token "
         "dtype")(dy.data_ptr(), x.data_ptr(), scale.data_ptr(), mean, mean + 4 * B * N,
                  dx.data_ptr(), dshift, dshift + dmod.stride(0) * dmod.element_size(), B, N, D,
-                 x_sb, x_sn, scale_sb, scale_sn, int(per_token), native.dtype_code(x))
+                 x_sb, x_sn, scale_sb, scale_sn, int(scale.dim() == 3), native.dtype_code(x))
 
 
 def _cpu_fwd(*args):
@@ -247,10 +251,49 @@ def _cuda_bwd(dy, x, *args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends: what each implementation takes, declared once (see onestep_kernels.dispatch)
+# The spec and the backends (see onestep_kernels.op_spec and onestep_kernels.dispatch)
 # ---------------------------------------------------------------------------------------------
 
-OP = dispatch.Op("layernorm_modulate", [
+
+def _allocate(backend, keep, x, shift, scale, eps):
+    """out (x's layout where x is contiguous: empty_like costs half of new_empty(shape)), and
+    for a backward the rows' means then rstds (one flat fp32 buffer: ~0.5 us less to make
+    than a (2, B, N) tensor)."""
+    B, N, D = x.shape
+    out = torch.empty_like(x) if x.is_contiguous() else x.new_empty((B, N, D))
+    return out, (x.new_empty(2 * B * N, dtype=torch.float32) if keep else None)
+
+
+def _allocate_grads(x, scale, stats, eps):
+    """dx, and dmod: the gradients of shift and scale stacked, (2, *scale.shape) (one buffer,
+    one reduction of the per-sample partial sums)."""
+    dx = torch.empty_like(x) if x.is_contiguous() else x.new_empty(x.shape)
+    return dx, x.new_empty((2, *scale.shape))
+
+
+def _example(sizes, device, dtype, generator):
+    """DiT's first modulated LayerNorm: shift and scale are views of the adaLN output."""
+    x = torch.randn(sizes.B, sizes.N, sizes.D, generator=generator, device=device).to(dtype)
+    mods = torch.randn(sizes.B, 6 * sizes.D, generator=generator, device=device).to(dtype)
+    shift, scale = mods.chunk(6, dim=1)[:2]
+    return (x, shift, scale), {}
+
+
+def _eager(x, shift, scale):
+    """As a DiT writes it (per-sample modulation), in the inputs' dtype."""
+    normed = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
+    return normed * (1 + scale[:, None]) + shift[:, None]
+
+
+SPEC = OpSpec(
+    "layernorm_modulate", inputs=("x", "shift", "scale"), params=(("eps", float),),
+    outputs=("out", "stats"), allocate=_allocate, saved=("x", "scale", "stats"),
+    grads=("dx", "dmod"), allocate_grads=_allocate_grads,
+    input_grads=lambda dx, dmod: (dx, dmod[0], dmod[1]), empty_if=("x",),
+    autocast=checks.LAYER_NORM, triton_op=True, memory_bound=True, example=_example,
+    eager=_eager)
+
+OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
             max_width=MAX_TRITON_D, summary="a row per program, in registers"),
     Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd, backward=_cuda_bwd,
@@ -259,173 +302,23 @@ OP = dispatch.Op("layernorm_modulate", [
             summary="OpenMP over rows, AVX2 or portable"),
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
             expression=reference, summary="F.layer_norm and PyTorch ops"),
-])
+], default_order={"cpu": ("cpu", "reference"), "sm_90": ("triton", "reference", "cuda")},
+    triton_configs=triton_configs)
 
 
-# ---------------------------------------------------------------------------------------------
-# The inner layer: no validation (the public function and composed ops have done it)
-# ---------------------------------------------------------------------------------------------
-
-
-def _forward(backend: Backend, x, shift, scale, eps, out=None, keep_stats=True):
-    B, N, D = x.shape
-    if out is None:  # (empty_like costs half of new_empty(shape); it keeps x's strides)
-        out = torch.empty_like(x) if x.is_contiguous() else x.new_empty((B, N, D))
-    # The rows' means then rstds, for the backward (one flat buffer: ~0.5 us less to make
-    # than a (2, B, N) tensor); inference needs none.
-    stats = x.new_empty(2 * B * N, dtype=torch.float32) if keep_stats else None
-    if B * N > 0:
-        run_on(x, backend.forward, x, shift, scale, out, stats, eps)
-    return out, stats
-
-
-def _backward(backend: Backend, dout, x, scale, stats):
-    """(dx, dmod): dmod stacks the gradients of shift and scale, (2, *scale.shape) (one
-    buffer, one reduction of the per-sample partial sums)."""
-    dx = torch.empty_like(x) if x.is_contiguous() else x.new_empty(x.shape)
-    dmod = x.new_empty((2, *scale.shape))
-    launcher = OP.backward_launcher(backend, x.device, x.dtype, x.shape[-1])
-    run_on(x, launcher, dout.contiguous(), x, scale, stats, dx, dmod, scale.dim() == 3)
-    return dx, dmod
-
-
-class _LayerNormModulate(torch.autograd.Function):
-    """The eager path with gradients: the launchers called directly (no op dispatch)."""
-
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps, backend):
-        out, stats = _forward(backend, x, shift, scale, eps)
-        ctx.save_for_backward(x, scale, stats)
-        ctx.backend = backend
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, scale, stats = ctx.saved_tensors
-        dx, dmod = _backward(ctx.backend, dout, x, scale, stats)
-        return dx, *dmod.unbind(0), None, None
-
-
-_apply_with_grad = eager_apply(_LayerNormModulate, tensors=3)
-
-
-def apply(backend: Backend, x: Tensor, shift: Tensor, scale: Tensor, eps: float,
-          grad: bool | None = None) -> Tensor:
-    """layernorm_modulate on a resolved backend, for arguments already validated (one dtype,
-    one device, x's last dimension contiguous); `grad`: whether the call records gradients,
-    if the caller knows. Eager calls go straight to the launchers; under torch.compile the
-    registered op below is traced instead."""
-    if backend.is_expression:
-        return backend.expression(x, shift, scale, eps)
-    if torch.compiler.is_compiling():
-        if backend.runtime == "triton" and x.is_cuda:  # inductor launches the kernels itself
-            return layernorm_modulate_triton(x, shift, scale, eps)[0]
-        return layernorm_modulate_fwd(x, shift, scale, eps, backend.name)[0]
-    if needs_grad(x, shift, scale) if grad is None else grad:
-        return _apply_with_grad(x, shift, scale, eps, backend)
-    return _forward(backend, x, shift, scale, eps, keep_stats=False)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.library registration: what torch.compile traces and opcheck checks (same launchers)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("onestep::layernorm_modulate_fwd", mutates_args=())
-def layernorm_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
-                           backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (out, stats); stats is fp32 (2 B N,), the rows' means then their rstds, kept
-    for the backward."""
-    return _forward(OP[backend], x, shift, scale, eps)
-
-
-@layernorm_modulate_fwd.register_fake
-def _(x, shift, scale, eps, backend):
-    B, N, D = x.shape
-    return x.new_empty((B, N, D)), x.new_empty(2 * B * N, dtype=torch.float32)
-
-
-@torch.library.custom_op("onestep::layernorm_modulate_bwd", mutates_args=())
-def layernorm_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, stats: Tensor,
-                           backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (dx, dmod); dmod is (2, *scale.shape): the gradients of shift and scale."""
-    return _backward(OP[backend], dy, x, scale, stats)
-
-
-@layernorm_modulate_bwd.register_fake
-def _(dy, x, scale, stats, backend):
-    return x.new_empty(x.shape), x.new_empty((2, *scale.shape))
+# The forward into a caller's buffer, as torch.compile traces it (inference: no autograd).
 
 
 @torch.library.custom_op("onestep::layernorm_modulate_out", mutates_args=("out",))
 def layernorm_modulate_out(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str,
                            out: Tensor) -> None:
-    """Forward into a caller's buffer (inference: no autograd)."""
-    _forward(OP[backend], x, shift, scale, eps, out, keep_stats=False)
+    OP.forward(OP[backend], x, shift, scale, eps, outputs=(out, None))
 
 
 @layernorm_modulate_out.register_fake
 def _(x, shift, scale, eps, backend, out):
+    tag_once()
     return None
-
-
-def _setup_context(ctx, inputs, output):
-    x, _shift, scale, _eps, backend = inputs
-    _out, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(x, scale, stats)
-    ctx.backend = backend
-
-
-def _backward_op(ctx, dout, _dstats):
-    x, scale, stats = ctx.saved_tensors
-    dx, dmod = layernorm_modulate_bwd(dout, x, scale, stats, ctx.backend)
-    return dx, *dmod.unbind(0), None, None
-
-
-layernorm_modulate_fwd.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-# The Triton backend as triton_ops: under torch.compile on a GPU, inductor sees the kernels
-# (wrap_triton) and launches them from its generated code, with no Python op in between.
-
-
-@triton_op("onestep::layernorm_modulate_triton", mutates_args=())
-def layernorm_modulate_triton(x: Tensor, shift: Tensor, scale: Tensor,
-                              eps: float) -> tuple[Tensor, Tensor]:
-    B, N, D = x.shape
-    out = x.new_empty((B, N, D))
-    stats = x.new_empty(2 * B * N, dtype=torch.float32)
-    if B * N > 0:
-        _triton_fwd(x, shift, scale, out, stats, eps, launch=wrap_triton)
-    return out, stats
-
-
-@triton_op("onestep::layernorm_modulate_triton_bwd", mutates_args=())
-def layernorm_modulate_triton_bwd(dy: Tensor, x: Tensor, scale: Tensor,
-                                  stats: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns (dx, dmod), as layernorm_modulate_bwd."""
-    dx = x.new_empty(x.shape)
-    dmod = x.new_empty((2, *scale.shape))
-    _triton_bwd(dy.contiguous(), x, scale, stats, dx, dmod, scale.dim() == 3,
-                launch=wrap_triton)
-    return dx, dmod
-
-
-def _setup_triton_context(ctx, inputs, output):
-    x, _shift, scale, _eps = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, scale, output[1])
-
-
-def _backward_triton_op(ctx, dout, _dstats):
-    x, scale, stats = ctx.saved_tensors
-    dx, dmod = layernorm_modulate_triton_bwd(dout, x, scale, stats)
-    return dx, *dmod.unbind(0), None
-
-
-layernorm_modulate_triton.register_autograd(_backward_triton_op,
-                                            setup_context=_setup_triton_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +326,7 @@ layernorm_modulate_triton.register_autograd(_backward_triton_op,
 # ---------------------------------------------------------------------------------------------
 
 
+@OP.public_entry
 def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, *,
                        backend: str | None = None, out: Tensor | None = None) -> Tensor:
     """LayerNorm(x) * (1 + scale) + shift, fused; see the module docstring.
@@ -454,52 +348,49 @@ def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-
     checks.tensor("x", x, (3,))
     checks.tensor("shift", shift, (2, 3))
     checks.tensor("scale", scale, (2, 3))
-    device = x.device
-    if not (shift.device == scale.device == device):
-        checks.same_device("shift", shift, x, "x")
-        checks.same_device("scale", scale, x, "x")
     if not (isinstance(eps, float) and 0.0 < eps < math.inf):
         eps = checks.positive_float("eps", eps)
     modulation_shape = shift.shape  # (each .shape makes a new torch.Size)
     B, N, D = x.shape
     if D == 0:
-        raise ValueError(f"x: the last dimension (D) must be positive, got shape {tuple(x.shape)}")
+        raise ArgumentError(f"x: the last dimension (D) must be positive, got shape "
+                            f"{tuple(x.shape)}")
     if modulation_shape[0] != B or modulation_shape[-1] != D or (
             len(modulation_shape) == 3 and modulation_shape[1] != N):
-        raise ValueError(f"shift: expected shape {(B, D)} or {(B, N, D)} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(modulation_shape)}")
+        raise ArgumentError(f"shift: expected shape {(B, D)} or {(B, N, D)} for x of shape "
+                            f"{tuple(x.shape)}, got {tuple(modulation_shape)}")
     if scale.shape != modulation_shape:
-        raise ValueError(f"scale: expected the shape of shift {tuple(modulation_shape)}, "
-                         f"got {tuple(scale.shape)}")
+        raise ArgumentError(f"scale: expected the shape of shift {tuple(modulation_shape)}, "
+                            f"got {tuple(scale.shape)}")
     dtype = x.dtype
     if not (shift.dtype is scale.dtype is dtype) or checks.any_autocast():
-        dtype = checks.compute_dtype(checks.LAYER_NORM, (x, shift, scale))
+        dtype = checks.compute_dtype(SPEC.autocast, (x, shift, scale))
         x, shift, scale = (checks.cast(t, dtype) for t in (x, shift, scale))
     grad = needs_grad(x, shift, scale)
-    impl = OP.resolve(backend, device, dtype, D, grad)
+    impl = OP.resolve(backend, x.device, dtype, D, grad)
     if out is None:
-        return apply(impl, x, shift, scale, eps, grad)
+        return OP.apply(impl, x, shift, scale, eps, grad=grad)
     _check_out(out, x, shift, scale, grad)
     if impl.is_expression:
         return out.copy_(impl.expression(x, shift, scale, eps))
     if torch.compiler.is_compiling():
         layernorm_modulate_out(x, shift, scale, eps, impl.name, out)
     else:
-        _forward(impl, x, shift, scale, eps, out, keep_stats=False)
+        OP.forward(impl, x, shift, scale, eps, outputs=(out, None))
     return out
 
 
 def _check_out(out, x: Tensor, shift: Tensor, scale: Tensor, grad: bool) -> None:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        raise ArgumentTypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
     checks.same_device("out", out, x, "x")
     if out.dtype != x.dtype:
-        raise TypeError(f"out: has dtype {out.dtype} but the result has {x.dtype}")
+        raise ArgumentTypeError(f"out: has dtype {out.dtype} but the result has {x.dtype}")
     if out.shape != x.shape or not out.is_contiguous():
-        raise ValueError(f"out: expected a contiguous tensor of shape {tuple(x.shape)}, got shape "
-                         f"{tuple(out.shape)} with strides {out.stride()}")
+        raise ArgumentError(f"out: expected a contiguous tensor of shape {tuple(x.shape)}, got "
+                            f"shape {tuple(out.shape)} with strides {out.stride()}")
     if grad or (torch.is_grad_enabled() and out.requires_grad):
-        raise ValueError("out: writing into a buffer does not record gradients; call without "
-                         "out=, or under torch.no_grad()")
+        raise ArgumentError("out: writing into a buffer does not record gradients; call "
+                            "without out=, or under torch.no_grad()")
     if out.data_ptr() in (x.data_ptr(), shift.data_ptr(), scale.data_ptr()) and out.numel():
-        raise ValueError("out: must not share memory with x, shift or scale")
+        raise ArgumentError("out: must not share memory with x, shift or scale")

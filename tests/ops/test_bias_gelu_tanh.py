@@ -5,10 +5,12 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close_rel, backend_device, backend_matrix, reference_rows, refused
+from conftest import (assert_close_rel, backend_device, backend_matrix, poisoned_backward,
+                      poisoned_forward, reference_rows, refused)
 from test_layernorm_modulate import BATCH_TOKENS, DIMS
 
 import onestep_kernels as ok
+from onestep_kernels.block_nodes import linear_bias_gelu
 from onestep_kernels.ops import bias_gelu_tanh as op
 
 
@@ -45,13 +47,10 @@ def test_launchers_write_every_element(backend, dtype, generator):
     dev = backend_device(backend, "bias_gelu_tanh")
     x = torch.randn(R, F, generator=generator).to(dev, dtype)
     bias = torch.randn(F, generator=generator).to(dev, dtype)
-    record = op.OP[backend]
-    if record.forward is not None:
-        y = torch.full_like(x, float("nan"))
-        record.forward(x, bias, y)
+    if op.OP[backend].forward is not None:  # (the reference record has a backward launcher)
+        (y,) = poisoned_forward("bias_gelu_tanh", backend, (x, bias))
         assert torch.isfinite(y).all()
-    dx, dbias = torch.full_like(x, float("nan")), torch.full_like(bias, float("nan"))
-    record.backward(torch.randn_like(x), x, bias, dx, dbias)
+    dx, dbias = poisoned_backward("bias_gelu_tanh", backend, (torch.randn_like(x),), (x, bias), ())
     assert torch.isfinite(dx).all() and torch.isfinite(dbias).all()
 
 
@@ -113,7 +112,7 @@ def test_torch_compile_fullgraph(generator):
     assert_close_rel(bias.grad, ref_in[1].grad, torch.float32, "dbias")
 
 
-# ---- linear_apply: fc1's product, bias and GELU as one autograd node --------------------------
+# ---- linear_bias_gelu: fc1's product, bias and GELU as one autograd node ----------------------
 
 
 def _linear_reference(x, weight, bias):
@@ -123,7 +122,7 @@ def _linear_reference(x, weight, bias):
 @pytest.mark.parametrize("needs", ["all", "frozen weight", "x only", "weight only"])
 @pytest.mark.parametrize("shape", [(2, 7, 24), (5, 24)])
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-def test_linear_apply_matches_float64_reference(backend, shape, needs, generator):
+def test_linear_bias_gelu_matches_float64_reference(backend, shape, needs, generator):
     """Forward and every gradient asked for, against float64; gradients not asked for stay
     None (ctx.needs_input_grad), on each backend (the reference backend takes the composed
     path)."""
@@ -138,7 +137,7 @@ def test_linear_apply_matches_float64_reference(backend, shape, needs, generator
     ref_in = [t.double().requires_grad_(w) for t, w in zip((x, weight, bias), wants)]
     dy = torch.randn(*shape[:-1], F, generator=generator)
     with ok.use_backend(backend):
-        out = op.linear_apply(*test_in)
+        out = linear_bias_gelu(*test_in)
     out.backward(dy.to(dev))
     ref = _linear_reference(*ref_in)
     ref.backward(dy.double())
@@ -151,13 +150,13 @@ def test_linear_apply_matches_float64_reference(backend, shape, needs, generator
             assert t.grad is None, name
 
 
-def test_linear_apply_records_one_node_and_agrees_with_the_composed_path(generator):
+def test_linear_bias_gelu_records_one_node_and_agrees_with_the_composed_path(generator):
     """With gradients the eager call is one autograd node whose results equal the product
     then the op (the path torch.compile traces), to rounding."""
     x, weight, bias = (torch.randn(s, generator=generator, requires_grad=True)
                        for s in ((3, 5, 16), (40, 16), (40,)))
-    out = op.linear_apply(x, weight, bias)
-    assert type(out.grad_fn).__name__ == "_LinearBiasGeluTanhBackward"
+    out = linear_bias_gelu(x, weight, bias)
+    assert type(out.grad_fn).__name__ == "_LinearBiasGeluBackward"
     assert {type(f).__name__ for f, _ in out.grad_fn.next_functions} == {"AccumulateGrad"}
     composed = op.bias_gelu_tanh(torch.nn.functional.linear(x, weight), bias)
     dy = torch.randn(out.shape, generator=generator)
@@ -168,12 +167,12 @@ def test_linear_apply_records_one_node_and_agrees_with_the_composed_path(generat
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_linear_apply_follows_autocast_like_the_linear(generator):
+def test_linear_bias_gelu_follows_autocast_like_the_linear(generator):
     """Under CPU autocast the product is bf16 as F.linear's would be; gradients come back in
     the inputs' dtypes, close to those of Linear then F.gelu under the same autocast."""
     x, weight, bias = (torch.randn(s, generator=generator) for s in ((2, 6, 32), (48, 32), (48,)))
     results = []
-    for call in (op.linear_apply, lambda x, w, b: torch.nn.functional.gelu(
+    for call in (linear_bias_gelu, lambda x, w, b: torch.nn.functional.gelu(
             torch.nn.functional.linear(x, w, b), approximate="tanh")):
         ins = [t.clone().requires_grad_() for t in (x, weight, bias)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -201,7 +200,6 @@ def test_empty_rows():
     ((torch.randn(3, 16), torch.randn(2, 8)), ValueError, "bias:"),
     ((torch.randn(3, 16).int(), torch.randn(16)), TypeError, "x:"),
     ((torch.randn(3, 16), torch.randn(16, device="meta")), ValueError, "bias:"),
-    ((torch.randn(16, 3).t(), torch.randn(16)), ValueError, "x:"),
     ((torch.randn(3, 0), torch.randn(0)), ValueError, "x:"),
     (([1.0], torch.randn(1)), TypeError, "x:"),
 ])

@@ -76,19 +76,19 @@ def test_attention(backend, generator):
         assert torch.equal(a, b)
 
 
-# ---- eager_apply: the eager paths' shortcut to the C++ autograd.Function apply ------------------
+# ---- function_apply: the eager paths' shortcut to the C++ autograd.Function apply ------------------
 
 
 def _eager_op(generator):
     from onestep_kernels.ops import layernorm_modulate as op
 
     shift, scale = (torch.randn(2, 16, generator=generator) for _ in range(2))
-    return op, op.OP.resolve(None, shift.device, shift.dtype, 16, True), shift, scale
+    return op.OP, op.OP.resolve(None, shift.device, shift.dtype, 16, True), shift, scale
 
 
-def test_eager_apply_unwraps_tensors_that_escaped_a_functorch_transform(generator):
+def test_function_apply_unwraps_tensors_that_escaped_a_functorch_transform(generator):
     """A tensor kept from inside torch.func.grad is a dead functorch wrapper afterwards; the
-    C++ apply alone cannot read it (no storage), so eager_apply unwraps it as
+    C++ apply alone cannot read it (no storage), so function_apply unwraps it as
     Function.apply does, and both give the same result."""
     op, backend, shift, scale = _eager_op(generator)
     kept = []
@@ -101,26 +101,26 @@ def test_eager_apply_unwraps_tensors_that_escaped_a_functorch_transform(generato
     assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
     shift.requires_grad_()
     out = op._apply_with_grad(kept[0], shift, scale, 1e-6, backend)
-    expected = op._LayerNormModulate.apply(kept[0], shift, scale, 1e-6, backend)
+    expected = op._function.apply(kept[0], shift, scale, 1e-6, backend)
     assert torch.equal(out, expected)
     assert not torch._C._functorch.is_functorch_wrapped_tensor(out)
     out.sum().backward()
     assert shift.grad is not None
 
 
-def test_eager_apply_under_a_functorch_transform_behaves_as_function_apply(generator):
+def test_function_apply_under_a_functorch_transform_behaves_as_function_apply(generator):
     op, backend, shift, scale = _eager_op(generator)
     x = torch.randn(2, 3, 16, generator=generator)
     messages = []
-    for apply in (op._apply_with_grad, op._LayerNormModulate.apply):
+    for apply in (op._apply_with_grad, op._function.apply):
         with pytest.raises(RuntimeError) as error:
             torch.func.grad(lambda s, apply=apply: apply(x, s, scale, 1e-6, backend).sum())(shift)
         messages.append(str(error.value))
     assert messages[0] == messages[1] and "setup_context" in messages[0]
 
 
-def test_eager_apply_refuses_functions_with_setup_context():
-    from onestep_kernels.ops.common import eager_apply
+def test_function_apply_refuses_functions_with_setup_context():
+    from onestep_kernels.torch_compat import function_apply
 
     class WithSetupContext(torch.autograd.Function):
         @staticmethod
@@ -132,7 +132,7 @@ def test_eager_apply_refuses_functions_with_setup_context():
             pass
 
     with pytest.raises(TypeError, match="setup_context"):
-        eager_apply(WithSetupContext, tensors=1)
+        function_apply(WithSetupContext, tensors=1)
 
 
 BAD_CALLS = {
@@ -141,7 +141,9 @@ BAD_CALLS = {
         lambda: ok.layernorm_modulate(torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8),
                                       eps=-1.0),
         lambda: ok.layernorm_modulate(torch.randn(2, 8, 3).transpose(1, 2), torch.randn(2, 3),
-                                      torch.randn(2, 3))],
+                                      torch.randn(2, 3)),
+        lambda: ok.layernorm_modulate(torch.randn(2, 3, 8), torch.randn(2, 8),
+                                      torch.randn(2, 8, device="meta"))],
     "gated_residual_layernorm_modulate": [
         lambda: ok.gated_residual_layernorm_modulate(
             torch.randn(2, 3, 8), torch.randn(2, 4, 8), *[torch.randn(2, 8)] * 3),
@@ -149,7 +151,8 @@ BAD_CALLS = {
             torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8),
             torch.randn(2, 8), torch.randn(2, 8))],
     "bias_gelu_tanh": [lambda: ok.bias_gelu_tanh(torch.randn(3, 8), torch.randn(7)),
-                       lambda: ok.bias_gelu_tanh(torch.randn(3, 8).int(), torch.randn(8))],
+                       lambda: ok.bias_gelu_tanh(torch.randn(3, 8).int(), torch.randn(8)),
+                       lambda: ok.bias_gelu_tanh(torch.randn(3, 8), torch.randn(8, device="meta"))],
     "attention": [lambda: ok.attention(*[torch.randn(1, 2, 3, 8)] * 2, torch.randn(1, 2, 4, 8)),
                   lambda: ok.attention(*[torch.randn(1, 2, 3, 8)] * 3, scale=0.0)],
 }

@@ -110,9 +110,9 @@ def test_gradients_never_reach_the_forward_only_kernel(generator):
 
 def test_opcheck(generator):
     args = make("everything", (2, 5, 24, 20), True, torch.float32, generator)
-    torch.library.opcheck(torch.ops.onestep.fused_linear.default,
+    torch.library.opcheck(torch.ops.onestep.fused_linear_fwd.default,
                           (args["x"], args["weight"], args["bias"], args["shift"], args["scale"],
-                           args["gate"], args["residual"], 1e-6, True))
+                           args["gate"], args["residual"], 1e-6, True, "triton"))
 
 
 @pytest.mark.slow

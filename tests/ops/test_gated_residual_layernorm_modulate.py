@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close_rel, backend_device, backend_matrix, reference_rows, refused
+from conftest import (assert_close_rel, backend_device, backend_matrix, poisoned_backward,
+                      poisoned_forward, reference_rows, refused)
 from test_layernorm_modulate import BATCH_TOKENS, DIMS, MODULATION
 
 import onestep_kernels as ok
@@ -60,18 +61,14 @@ def test_launchers_write_every_element(backend, dtype, modulation, generator):
     dev = backend_device(backend, "gated_residual_layernorm_modulate")
     x, y, gate, shift, scale = (t.to(dev, dtype)
                                 for t in make_inputs(B, N, D, modulation, generator))
-    nan = float("nan")
-    res, out = torch.full_like(x, nan), torch.full_like(x, nan)
-    stats = torch.full((2, B, N), nan, device=dev)
-    op.OP[backend].forward(x, y, gate, shift, scale, res, out, stats, 1e-6)
+    res, out, stats = poisoned_forward("gated_residual_layernorm_modulate", backend,
+                                       (x, y, gate, shift, scale, 1e-6))
     for t in (res, out, stats):
         assert torch.isfinite(t).all()
-    grads = [torch.full_like(x, nan), torch.full_like(x, nan),  # dx, dy, then dgate/shift/scale
-             torch.full((3, *gate.shape), nan, dtype=dtype, device=dev)]
     dres, dout = torch.randn_like(x), torch.randn_like(x)
-    op.OP[backend].backward(dres, dout, x, y, gate, scale, stats, *grads,
-                            modulation == "per_token")
-    for t in grads:
+    grads = poisoned_backward("gated_residual_layernorm_modulate", backend, (dres, dout),
+                              (x, y, gate, scale, stats), (1e-6,))
+    for t in grads:  # dx, dy, then dgate/shift/scale stacked
         assert torch.isfinite(t).all()
 
 
@@ -85,7 +82,7 @@ def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
     _, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
     dres, dout = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
     dx, dy, dmod = torch.ops.onestep.gated_residual_layernorm_modulate_bwd(
-        dres, dout, inputs[0], inputs[1], inputs[2], inputs[4], stats, "reference")
+        dres, dout, inputs[0], inputs[1], inputs[2], inputs[4], stats, 1e-6, "reference")
     got = (dx, dy, *dmod)
     ref_in = [t.double().requires_grad_() for t in inputs]
     torch.autograd.backward(list(op.reference(*ref_in)), [dres.double(), dout.double()])
@@ -125,8 +122,8 @@ def test_opcheck(backend, modulation, generator):
             *inputs, 1e-6, backend)
     d = [torch.randn(2, 5, 40, generator=generator).to(dev) for _ in range(2)]
     torch.library.opcheck(torch.ops.onestep.gated_residual_layernorm_modulate_bwd.default,
-                          (*d, inputs[0].detach(), inputs[1].detach(), inputs[2].detach(), inputs[4].detach(),
-                           stats, backend))
+                          (*d, inputs[0].detach(), inputs[1].detach(), inputs[2].detach(),
+                           inputs[4].detach(), stats, 1e-6, backend))
 
 
 @pytest.mark.slow
@@ -172,7 +169,6 @@ def good():
     (2, torch.randn(2, 1, 3, 16), ValueError, "gate:"),
     (3, [0.0] * 16, TypeError, "shift:"),
     (4, torch.randn(2, 32)[:, ::2], ValueError, "scale:"),
-    (0, torch.randn(2, 16, 3).transpose(1, 2), ValueError, "x:"),
     (5, -1.0, ValueError, "eps:"),
     (5, "1e-6", TypeError, "eps:"),
 ])
@@ -181,3 +177,13 @@ def test_bad_input_names_the_argument(index, bad, exc, match):
     args[index] = bad
     with pytest.raises(exc, match=match):
         ok.gated_residual_layernorm_modulate(*args)
+
+
+def test_x_and_y_of_any_layout_are_made_contiguous(generator):
+    x, y, gate, shift, scale = good()
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)  # last dimension strided
+    assert x_t.stride(-1) != 1 and torch.equal(x_t, x)
+    res, out = ok.gated_residual_layernorm_modulate(x_t, y[:, :, :], gate, shift, scale)
+    ref = op.reference(*(t.double() for t in (x, y, gate, shift, scale)))
+    assert_close_rel(res, ref[0], torch.float32, "res")
+    assert_close_rel(out, ref[1], torch.float32, "out")

@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from conftest import GPU, assert_close_rel, backend_device, backend_matrix, reference_rows, refused
+from conftest import (GPU, assert_close_rel, backend_device, backend_matrix, poisoned_backward,
+                      poisoned_forward, reference_rows, refused)
 
 import onestep_kernels as ok
 from onestep_kernels.ops import layernorm_modulate_op as op
@@ -63,15 +64,10 @@ def test_launchers_write_every_element(backend, dtype, modulation, generator):
     x64, shift64, scale64 = make_inputs(B, N, D, modulation, generator)
     x, shift, scale = (t.to(dev, dtype) for t in (x64, shift64, scale64))
     dy = torch.randn(B, N, D, generator=generator).to(dev, dtype)
-    nan = float("nan")
-    out = torch.full((B, N, D), nan, dtype=dtype, device=dev)
-    stats = torch.full((2, B, N), nan, device=dev)
-    op.OP[backend].forward(x, shift, scale, out, stats, 1e-6)
+    out, stats = poisoned_forward("layernorm_modulate", backend, (x, shift, scale, 1e-6))
     assert torch.isfinite(out).all() and torch.isfinite(stats).all()
-    dx = torch.full_like(x, nan)
-    dmod = torch.full((2, *scale.shape), nan, dtype=dtype, device=dev)  # dshift, dscale
-    op.OP[backend].backward(dy, x, scale, stats, dx, dmod, modulation == "per_token")
-    for t in (dx, dmod):
+    grads = poisoned_backward("layernorm_modulate", backend, (dy,), (x, scale, stats), (1e-6,))
+    for t in grads:  # dx, and dshift and dscale stacked
         assert torch.isfinite(t).all()
 
 
@@ -170,7 +166,7 @@ def test_opcheck(backend, modulation, generator):
         _, stats = torch.ops.onestep.layernorm_modulate_fwd(x, shift, scale, 1e-6, backend)
     dy = torch.randn(2, 7, 48, generator=generator).to(dev)
     torch.library.opcheck(torch.ops.onestep.layernorm_modulate_bwd.default,
-                          (dy, x.detach(), scale.detach(), stats, backend))
+                          (dy, x.detach(), scale.detach(), stats, 1e-6, backend))
 
 
 @pytest.mark.slow

@@ -1,14 +1,4 @@
-"""The whole GPU pass in one command: build, benchmarks against their ceilings, tests,
-preference table; JSON plus a markdown table.
-
-    python -m onestep_kernels.gpu_check --out gpu_results               # everything, in order
-    python -m onestep_kernels.gpu_check --out gpu_results --only block,dit
-    python -m onestep_kernels.gpu_check --out smoke --smoke             # plumbing, on the CPU
-
-Steps run in the order of ROWS, most important first, and stop starting new ones when the
-time budget (`--budget-s`, 540 s) is spent; `--only` picks some. Results from several calls
-into one directory merge (a row's new result replaces its old one). Without CUDA (and without
-`--smoke`) it says so and exits 0.
+"""The GPU pass's benchmark rows: each contender timed beside the ceilings of the same run.
 
 Benchmark rows are bf16 at DiT-XL/2 shapes (width 1152, 16 heads of 72, N=256 tokens). Every
 contender of a row is timed in the same process as the row's ceilings: the device copy rate
@@ -19,19 +9,13 @@ host's launch time included: the latency targets of one-step sampling read it). 
 that fails records its error instead of stopping the pass. Each row lists the issue's targets
 it covers with the measured value and whether it is met.
 
-`--smoke` runs every benchmark row on the CPU in fp32 at tiny shapes without torch.compile:
+`smoke_setting()` runs every row on the CPU in fp32 at tiny shapes without torch.compile:
 numbers that mean nothing, plumbing that the test suite checks.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
-import os
-import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -41,9 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import preferences, timing
-
-REPO = Path(__file__).resolve().parent.parent
+import onestep_kernels as ok
+from onestep_kernels import measure, timing
+from onestep_kernels.dispatch import OPS
+from onestep_kernels.errors import headline
+from onestep_kernels.op_spec import Sizes, dit_sizes
 
 
 @dataclass(frozen=True)
@@ -99,7 +85,7 @@ def describe_error(err: BaseException) -> dict:
     while (root.__cause__ or root.__context__) is not None:
         root = root.__cause__ or root.__context__
     frames = traceback.extract_tb(root.__traceback__)[-4:]
-    return {"error": preferences.headline(err), "root_cause": preferences.headline(root),
+    return {"error": headline(err), "root_cause": headline(root),
             "raised_at": [f"{Path(f.filename).name}:{f.lineno} {f.name}: {(f.line or '')[:120]}"
                           for f in frames]}
 
@@ -181,7 +167,7 @@ def row_ceilings(row: Row) -> None:
 
 
 def _blocks(s: Setting):
-    from .layers import DiTBlock, FusedDiTBlock
+    from onestep_kernels.layers import DiTBlock, FusedDiTBlock
 
     torch.manual_seed(0)
     reference = DiTBlock(s.D, s.H)
@@ -279,7 +265,7 @@ def _dit(s: Setting, fused: bool):
 
 def row_dit(row: Row) -> None:
     """DiT forward throughput at the training batch, and one-step latency at small batches."""
-    from .cuda_graph import CUDAGraphed
+    from onestep_kernels.cuda_graph import CUDAGraphed
 
     s = row.s
     reference, fused = _dit(s, False), _dit(s, True)
@@ -316,42 +302,30 @@ def row_dit(row: Row) -> None:
                    at_least=False)
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def _memory_bound_cases(s: Setting):
-    """(name, eager expression, onestep call taking backend, inputs, rows of elements moved
-    forward, backward)."""
-    import onestep_kernels as ok
-
-    B, N, D = s.mb_batch, s.N, s.D
-    x, y = _rand(s, B, N, D, grad=True), _rand(s, B, N, D, grad=True)
-    mods = [_rand(s, B, D, scale=0.1, grad=True) for _ in range(3)]
-    u, bias = _rand(s, B * N, 4 * D, grad=True), _rand(s, 4 * D, grad=True)
-
-    def modulate(h, shift, scale):
-        return h * (1 + scale[:, None]) + shift[:, None]
-
-    def ln_mod(x, shift, scale):
-        return modulate(F.layer_norm(x, (D,), eps=1e-6), shift, scale)
-
-    def gated(x, y, gate, shift, scale):
-        r = x + gate[:, None] * y
-        return r, ln_mod(r, shift, scale)
-
-    def bias_gelu(u, b):
-        return F.gelu(u + b, approximate="tanh")
-
-    return [
-        ("layernorm_modulate", ln_mod, lambda be: lambda *a: ok.layernorm_modulate(*a, backend=be),
-         (x, mods[0], mods[1]), 2 * B * N * D, 3 * B * N * D),
-        ("gated_residual_layernorm_modulate", gated,
-         lambda be: lambda *a: ok.gated_residual_layernorm_modulate(*a, backend=be),
-         (x, y, *mods), 4 * B * N * D, 6 * B * N * D),
-        ("bias_gelu_tanh", bias_gelu, lambda be: lambda *a: ok.bias_gelu_tanh(*a, backend=be),
-         (u, bias), 2 * B * N * 4 * D, 3 * B * N * 4 * D),
-    ]
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
+    """For each memory-bound op (OpSpec.memory_bound): (name, eager expression, the public
+    function, its example's arguments with gradients, bytes moved forward, backward). The
+    bytes count each tensor read or written once: forward its inputs and results, backward the
+    results' gradients, what the backward reads (OpSpec.saved) and the inputs' gradients."""
+    sizes = dit_sizes(s.mb_batch, s.D, s.H, s.N)
+    generator = torch.Generator(device=s.device).manual_seed(0)
+    for op in OPS.values():
+        spec = op.spec
+        if not spec.memory_bound or spec.eager is None:
+            continue
+        args, kwargs = spec.example(sizes, s.device, s.dtype, generator)
+        inputs = [t.detach().clone().requires_grad_() for t in args]
+        params = tuple(kind(1) for _, kind in spec.params)  # (sizes do not depend on them)
+        outputs = spec.allocate("reference", True, *inputs, *params)
+        returned = outputs[:spec.returns]
+        saved = op.saved_of((*inputs, *params), outputs)
+        forward = _bytes(inputs) + _bytes(returned)
+        backward = _bytes(returned) + _bytes(saved) + _bytes(inputs)
+        yield (op.name, spec.eager, op.public, inputs, forward, backward)
 
 
 def kernel_table(fn: Callable, device: torch.device, rows: int = 14, host_rows: int = 0,
@@ -416,11 +390,8 @@ def row_profile(row: Row) -> None:
 
 
 def row_memory_bound(row: Row) -> None:
-    from .dispatch import OPS
-
     s = row.s
-    for name, eager, onestep, inputs, fwd_elems, bwd_elems in _memory_bound_cases(s):
-        size = inputs[0].element_size()
+    for name, eager, public, inputs, fwd_bytes, bwd_bytes in _memory_bound_cases(s):
         contenders = {"eager": eager}
         if s.compile:
             contenders["torch.compile"] = torch.compile(eager)
@@ -430,12 +401,12 @@ def row_memory_bound(row: Row) -> None:
             except ValueError:
                 continue
             if backend != "reference":
-                contenders[backend] = onestep(backend)
+                contenders[backend] = (lambda *a, be=backend: public(*a, backend=be))
         fwd, bwd = {}, {}
         for contender, fn in contenders.items():
             with torch.no_grad():
                 fwd[contender] = row.time(f"{name} fwd", contender, lambda f=fn: f(*inputs),
-                                          amount=fwd_elems * size, unit="GB/s")
+                                          amount=fwd_bytes, unit="GB/s")
             try:
                 outs = fn(*inputs)
                 outs = outs if isinstance(outs, tuple) else (outs,)
@@ -445,15 +416,15 @@ def row_memory_bound(row: Row) -> None:
             bwd[contender] = row.time(
                 f"{name} bwd", contender,
                 lambda o=outs, g=grads: torch.autograd.grad(o, inputs, g, retain_graph=True),
-                amount=bwd_elems * size, unit="GB/s")
+                amount=bwd_bytes, unit="GB/s")
         copy_rate = row.ceilings.get("GB/s")
-        for kind, times, elems in (("fwd", fwd, fwd_elems), ("bwd", bwd, bwd_elems)):
+        for kind, times, moved in (("fwd", fwd, fwd_bytes), ("bwd", bwd, bwd_bytes)):
             ours = [(t, c) for c, t in times.items() if t and c not in ("eager", "torch.compile")]
             if not ours:
                 row.target(f"{name} {kind}: an onestep backend ran", None, 1.0)
                 continue
             best = min(ours)
-            rate = elems * size / best[0] / 1e9
+            rate = moved / best[0] / 1e9
             row.target(f"{name} {kind} ({best[1]}): share of the copy rate >= 0.85",
                        _ratio(rate, copy_rate), 0.85)
             row.target(f"{name} {kind} ({best[1]}): speed-up over torch.compile >= 1.2",
@@ -461,8 +432,6 @@ def row_memory_bound(row: Row) -> None:
 
 
 def row_attention(row: Row) -> None:
-    import onestep_kernels as ok
-
     s = row.s
     for B, H, N, Dh in s.attention_shapes:
         q, k, v = (_rand(s, B, H, N, Dh, grad=True) for _ in range(3))
@@ -487,8 +456,6 @@ def row_attention(row: Row) -> None:
 
 
 def row_fused_linear(row: Row) -> None:
-    import onestep_kernels as ok
-
     s = row.s
     B = s.batches[0]
     x = _rand(s, B, s.N, s.D)
@@ -510,21 +477,17 @@ def row_fused_linear(row: Row) -> None:
 
 
 def row_host(row: Row) -> None:
-    """Host time per call on tiny tensors: onestep's ops on their default backend beside
-    `x + 1` and F.layer_norm."""
-    import onestep_kernels as ok
-
+    """Host time per call on tiny tensors: each op's example call (OpSpec.example) on its
+    default backend beside `x + 1` and F.layer_norm."""
     s = row.s
     x = torch.randn(2, 4, 8, device=s.device)
-    shift, scale, gate = (torch.randn(2, 8, device=s.device) for _ in range(3))
-    u, b = torch.randn(8, 8, device=s.device), torch.randn(8, device=s.device)
-    q = torch.randn(1, 1, 4, 8, device=s.device)
-    calls = {"x + 1": lambda: x + 1, "F.layer_norm": lambda: F.layer_norm(x, (8,)),
-             "layernorm_modulate": lambda: ok.layernorm_modulate(x, shift, scale),
-             "gated_residual_layernorm_modulate":
-                 lambda: ok.gated_residual_layernorm_modulate(x, x, gate, shift, scale),
-             "bias_gelu_tanh": lambda: ok.bias_gelu_tanh(u, b),
-             "attention": lambda: ok.attention(q, q, q)}
+    generator = torch.Generator(device=s.device).manual_seed(0)
+    calls = {"x + 1": lambda: x + 1, "F.layer_norm": lambda: F.layer_norm(x, (8,))}
+    for op in OPS.values():
+        if op.spec.example is not None and op.public is not None:
+            args, kwargs = op.spec.example(Sizes(2, 4, 8, 1, 8), s.device, torch.float32,
+                                           generator)
+            calls[op.name] = lambda f=op.public, a=args, k=kwargs: f(*a, **k)
     with torch.no_grad():
         for name, call in calls.items():
             for _ in range(20):
@@ -544,7 +507,7 @@ def row_autotune(row: Row) -> None:
     shapes, run before this row), beside every option's time as Triton measured it at the
     last shape it tuned: which warp counts, variants (the LayerNorm backwards' PREFETCH) and
     tiles (attention's, with its head-dim covers) win on this GPU, and by how much."""
-    from . import tuning
+    from onestep_kernels import tuning
 
     for (kernel, _options, _key), (launched, _keywords) in list(tuning._SELECTED.items()):
         timings = getattr(launched, "configs_timings", None)
@@ -560,243 +523,14 @@ def row_autotune(row: Row) -> None:
                     chosen=id(config) in chosen)
 
 
-# The tests that exercise the GPU most, first: a run cut short by its time budget has run them.
-GPU_TESTS_FIRST = ("tests/ops", "tests/test_layers.py", "tests/test_autocast.py",
-                   "tests/test_cuda_graph.py", "tests/models/test_dit.py",
-                   "tests/models/test_train.py")
-
-
-def ordered_test_files() -> list[str]:
-    """Every test file, GPU_TESTS_FIRST's first (pytest runs files in the order given; a
-    directory given beside its parent would be collected in the parent's order)."""
-    def files(path: Path) -> list[Path]:
-        return sorted(path.rglob("test_*.py")) if path.is_dir() else [path]
-
-    first = [f for name in GPU_TESTS_FIRST for f in files(REPO / name)]
-    rest = [f for f in files(REPO / "tests") if f not in first]
-    return [str(f.relative_to(REPO)) for f in first + rest]
-
-
-# A time.time() value after which the test suite starts no test (tests/conftest.py skips them
-# with this reason, which the tests row counts).
-TEST_DEADLINE_ENV = "ONESTEP_TEST_DEADLINE"
-TEST_DEADLINE_SKIP = f"the run's time budget is spent ({TEST_DEADLINE_ENV})"
-
-
-def junit_counts(path: Path) -> dict:
-    """tests, failures, errors, skipped and cut (skipped by the time budget) of a JUnit XML
-    report; {} where there is none."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        cases = list(ET.parse(path).getroot().iter("testcase"))
-    except (OSError, ET.ParseError):
-        return {}
-    counts = {"tests": len(cases), "failures": 0, "errors": 0, "skipped": 0, "cut": 0}
-    for case in cases:
-        for kind, key in (("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
-            found = case.find(kind)
-            if found is not None:
-                counts[key] += 1
-                if kind == "skipped" and TEST_DEADLINE_SKIP in (found.get("message") or ""):
-                    counts["cut"] += 1
-    return counts
-
-
-def row_tests(row: Row) -> None:
-    """The test suite on this machine's GPU (pytest-xdist when installed), the GPU's own tests
-    first. Tests that would start after the pass's deadline are skipped (TEST_DEADLINE_ENV,
-    tests/conftest.py), so a run cut short still reports what it ran."""
-    out = row.out / "tests.xml"
-    out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "-q", f"--junitxml={out}", "-p",
-               "no:cacheprovider"]
-    if row.s.device.type == "cpu":
-        command += ["tests/test_cuda_graph.py"]  # the smoke run checks the plumbing only
-    else:
-        try:
-            import xdist  # noqa: F401
-
-            # (Triton compiles and autotunes at each awkward shape: workers on every core)
-            command += ["-n", str(os.cpu_count() or 1)]
-        except ImportError:
-            pass
-        command += ordered_test_files()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # Autotune off: every awkward test shape would compile and time each option; the options'
-    # correctness is tests/test_tuning.py's, and the benchmark rows autotune as users do.
-    env.setdefault("ONESTEP_AUTOTUNE", "0")
-    left = row.deadline - time.perf_counter()
-    # no test starts in the last 30 s, which the running ones and the report take
-    env.setdefault(TEST_DEADLINE_ENV, str(time.time() + left - 30))
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=None if left == float("inf") else max(left + 30, 1))
-        tail, code = done.stdout.strip().splitlines()[-3:], done.returncode
-    except subprocess.TimeoutExpired:
-        tail, code = ["timed out"], None
-    counts = junit_counts(out)
-    row.add(case="pytest", contender=" ".join(command[3:]), exit_code=code, summary=tail,
-            seconds=round(time.perf_counter() - start, 1), **counts)
-    if code is None or (code == 0 and counts.get("cut")):
-        passed = None  # not all of it ran: nothing failed in what did, if the code is 0
-    else:
-        passed = float(code == 0)
-    row.target("GPU test suite passes (exit code 0, every test run)", passed, 1.0)
-
-
 def row_preferences(row: Row) -> None:
-    """Time every backend of every op here and store the order (onestep_kernels.preferences)."""
+    """Time every backend of every op here and store the order (onestep_kernels.measure)."""
     device = row.s.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    entry = preferences.measure_and_store(device)
+    entry = measure.measure_and_store(device)
     for op, by_backend in entry["seconds"].items():
         for backend, seconds in sorted(by_backend.items(), key=lambda i: i[1]):
             row.add(case=op, contender=backend, ms=round(seconds * 1e3, 4))
         for backend, error in entry.get("failed", {}).get(op, {}).items():
             row.add(case=op, contender=backend, error=error)
-
-
-ROWS: dict[str, Callable[[Row], None]] = {
-    "ceilings": row_ceilings, "block": row_block, "dit": row_dit, "profile": row_profile,
-    "memory_bound": row_memory_bound, "attention": row_attention,
-    "fused_linear": row_fused_linear, "host": row_host, "autotune": row_autotune,
-    "preferences": row_preferences, "tests": row_tests,
-}
-
-
-# ---------------------------------------------------------------------------- the pass
-
-def build(out: Path) -> dict:
-    """pip install -e . for this GPU's architecture (ONESTEP_CUDA_ARCHS)."""
-    major, minor = torch.cuda.get_device_capability()
-    env = dict(os.environ, ONESTEP_CUDA_ARCHS=f"{major}{minor}")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                           "--no-build-isolation", "-e", str(REPO)], env=env,
-                          capture_output=True, text=True)
-    (out / "build.log").write_text(done.stdout + done.stderr)
-    return {"arch": f"sm_{major}{minor}", "exit_code": done.returncode,
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
-def environment(setting: Setting) -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "dtype": str(setting.dtype).replace("torch.", "")}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if setting.device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    else:
-        info["device"] = "cpu (smoke: numbers mean nothing)"
-    return info
-
-
-def markdown(results: dict) -> str:
-    env = results["environment"]
-    lines = [f"# onestep GPU pass — {env.get('device')}", "",
-             f"{env.get('date')}; torch {env.get('torch')}, Triton {env.get('triton')}, "
-             f"{env.get('dtype')}; `python -m onestep_kernels.gpu_check`", ""]
-    for name in ROWS:
-        if name not in results["rows"]:
-            continue
-        row = results["rows"][name]
-        lines += [f"## {name}", "",
-                  "| case | contender | ms | ms alone | rate | of ceiling | other |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in row["records"]:
-            rate = next((f"{r[u]} {u}" for u in ("GB/s", "GFLOP/s") if u in r), "")
-            other = {k: v for k, v in r.items() if k not in (
-                "case", "contender", "ms", "alone_ms", "GB/s", "GFLOP/s", "of_ceiling")}
-            lines.append(f"| {r.get('case', '')} | {r.get('contender', '')} | {r.get('ms', '')} "
-                         f"| {r.get('alone_ms', '')} | {rate} | {r.get('of_ceiling', '')} | "
-                         f"{json.dumps(other) if other else ''} |")
-        if row["targets"]:
-            lines += ["", "| target | value | met |", "|---|---|---|"]
-            for t in row["targets"]:
-                met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-                lines.append(f"| {t['target']} | {t['value']} | {met} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def run(names: list[str], out: Path, setting: Setting, budget_s: float,
-        do_build: bool) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gpu_check.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
-        results = {"rows": {}}
-    results["environment"] = environment(setting)
-    deadline = time.perf_counter() + budget_s
-    if do_build:
-        results["build"] = build(out)
-        print(f"build: {results['build']}", flush=True)
-    ceilings = dict(results.get("ceilings", {}))
-    for name in names:
-        if time.perf_counter() > deadline:
-            print(f"{name}: skipped, the time budget is spent", flush=True)
-            continue
-        row = Row(name, setting, ceilings)
-        row.out, row.deadline = out, deadline
-        start = time.perf_counter()
-        try:
-            ROWS[name](row)
-            error = None
-        except Exception:  # noqa: BLE001 - the pass goes on; the row records why it stopped
-            error = traceback.format_exc(limit=-6)  # the innermost frames: where it was raised
-        results["rows"][name] = {"records": row.records, "targets": row.targets,
-                                 "seconds": round(time.perf_counter() - start, 1),
-                                 "error": error}
-        results["ceilings"] = ceilings
-        print(f"{name}: {len(row.records)} records in {results['rows'][name]['seconds']} s"
-              + (f"; stopped: {error.splitlines()[-1]}" if error else ""), flush=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)  # after every row: a pass cut short keeps what it measured
-        (out / "gpu_check.md").write_text(markdown(results))
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="results directory")
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated rows among: {', '.join(ROWS)}")
-    parser.add_argument("--budget-s", type=float, default=540.0,
-                        help="start no new row after this many seconds")
-    parser.add_argument("--no-build", action="store_true", help="use the installed build")
-    parser.add_argument("--smoke", action="store_true",
-                        help="run the rows on the CPU at tiny shapes (plumbing check)")
-    args = parser.parse_args(argv)
-    names = list(ROWS) if args.only is None else [n.strip() for n in args.only.split(",")]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        parser.error(f"--only: unknown rows {unknown}; expected some of {', '.join(ROWS)}")
-    if args.smoke:
-        setting = smoke_setting()
-    elif not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; nothing to do (--smoke checks the plumbing "
-              "on the CPU)")
-        return 0
-    else:
-        setting = gpu_setting()
-    if "ceilings" not in names and not args.smoke:
-        names.insert(0, "ceilings")  # every rate is read against ceilings of the same run
-    results = run(names, args.out, setting, args.budget_s,
-                  do_build=not args.no_build and not args.smoke)
-    print(f"results: {args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}")
-    failed = [name for name in names if results["rows"].get(name, {}).get("error")]
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

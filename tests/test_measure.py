@@ -1,13 +1,14 @@
-"""`python -m onestep_kernels.preferences --measure` on this machine's CPU: it times every
-backend that can run each op, stores the order per device, and the resolver then follows it;
-a backend that fails is reported and left out of the order, not the end of the measurement."""
+"""`python -m onestep_kernels.measure` on this machine's CPU: it times every backend that can
+run each op's example call, stores the order per device, and the resolver then follows it; a
+backend that fails is reported and left out of the order, not the end of the measurement."""
 
 import json
 
 import pytest
 import torch
 
-from onestep_kernels import dispatch, gpu_check, preferences
+import onestep_gpu_check as gpu_check
+from onestep_kernels import dispatch, measure, preferences
 from onestep_kernels.dispatch import OPS
 
 CPU = torch.device("cpu")
@@ -26,7 +27,7 @@ def own_cache(monkeypatch, tmp_path):
 
 
 def test_measure_stores_an_order_the_resolver_follows(own_cache, capsys):
-    assert preferences.main(["--measure", "--device", "cpu"]) == 0
+    assert measure.main(["--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     entry = json.loads(own_cache.read_text())[preferences.device_key(CPU)]
     assert set(entry["order"]) == set(OPS) and "failed" not in entry, entry.get("failed")
@@ -38,10 +39,10 @@ def test_measure_stores_an_order_the_resolver_follows(own_cache, capsys):
                     .items() if reason is None}
         assert set(order) == runnable, op
         assert f"{op}: {order[0]} " in printed
-        assert preferences.order(op, CPU) == tuple(order)
+        assert OPS[op].order(CPU) == tuple(order)
         width = 64 if OPS[op].width_name == "head dim" else 384
         assert OPS[op].resolve(None, CPU, torch.float32, width, False).name == order[0]
-    assert preferences.main(["--device", "cpu"]) == 0  # without --measure: the order in use
+    assert measure.main(["--device", "cpu", "--show"]) == 0  # the order in use
     assert f"attention: {', '.join(entry['order']['attention'])}" in capsys.readouterr().out
 
 
@@ -55,9 +56,9 @@ def test_a_backend_that_fails_is_reported_and_left_out(own_cache, monkeypatch):
             raise RuntimeError("a kernel crashed\nmore lines")
         return torch.zeros(1)
 
-    monkeypatch.setattr(preferences, "_calls", lambda device: calls)
+    monkeypatch.setattr(measure, "example_calls", lambda device: calls)
     row = gpu_check.Row("preferences", gpu_check.smoke_setting(), {})
-    gpu_check.row_preferences(row)
+    gpu_check.rows.row_preferences(row)
     entry = json.loads(own_cache.read_text())[preferences.device_key(CPU)]
     assert entry["order"]["layernorm_modulate"] == ["cpu"]
     assert entry["failed"] == {"layernorm_modulate": {
@@ -78,9 +79,9 @@ def test_a_new_order_takes_effect_in_the_same_process(own_cache, monkeypatch):
         assert op.resolve(None, CPU, torch.float32, 16, False).name == "cpu"  # the table's
         return backend
 
-    monkeypatch.setattr(preferences, "_calls", lambda device: {"layernorm_modulate": call})
-    monkeypatch.setattr(preferences, "_time",  # the reference measures faster here
+    monkeypatch.setattr(measure, "example_calls", lambda device: {"layernorm_modulate": call})
+    monkeypatch.setattr(measure, "_time",  # the reference measures faster here
                         lambda fn, device: {"cpu": 2e-3, "reference": 1e-3}[fn()])
-    preferences.measure_and_store(CPU)
-    assert preferences.order("layernorm_modulate", CPU) == ("reference", "cpu")
+    measure.measure_and_store(CPU)
+    assert OPS["layernorm_modulate"].order(CPU) == ("reference", "cpu")
     assert op.resolve(None, CPU, torch.float32, 16, False).name == "reference"
