@@ -129,11 +129,11 @@ def triton_launchers(randn) -> None:
             "layernorm_modulate fwd": lambda: layernorm_op._triton_fwd(
                 x, shift, scale, out, stats, 1e-6),
             "layernorm_modulate bwd": lambda: layernorm_op._triton_bwd(
-                dy, x, scale, stats, dx, dmod[:2], False),
+                dy, x, scale, stats, dx, dmod[:2], 1e-6),
             "gated_residual_layernorm_modulate fwd": lambda: gated_op._triton_fwd(
                 x, y, gate, shift, scale, res, out, stats, 1e-6),
             "gated_residual_layernorm_modulate bwd": lambda: gated_op._triton_bwd(
-                dy, dy, res, y, gate, scale, stats, dx, dy_out, dmod, False),
+                dy, dy, x, y, gate, scale, stats, dx, dy_out, dmod, 1e-6),
             "bias_gelu_tanh fwd": lambda: bias_gelu_op._triton_fwd(u, b, torch.empty_like(u)),
         }
         print("\nonestep's Python around a Triton launch (the launch a no-op):")

@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import onestep_kernels as ok
 import onestep_gpu_check as gpu_check
+import onestep_kernels as ok
 from onestep_kernels import timing
 
 
@@ -37,9 +37,9 @@ def kernel_table(fn, rows: int, host_rows: int = 0) -> str:
 
 def blocks(batches, rows: int) -> None:
     s = gpu_check.gpu_setting()
-    reference, fused = gpu_check._blocks(s)
+    reference, fused = gpu_check.rows._blocks(s)
     for B in batches:
-        x, c = gpu_check._rand(s, B, s.N, s.D), gpu_check._rand(s, B, s.D)
+        x, c = gpu_check.rows._rand(s, B, s.N, s.D), gpu_check.rows._rand(s, B, s.D)
         for name, block in (("reference", reference), ("fused", fused)):
             with torch.no_grad():
                 ms = wall_ms(lambda b=block: b(x, c))
@@ -47,8 +47,8 @@ def blocks(batches, rows: int) -> None:
                 print(kernel_table(lambda b=block: b(x, c), rows))
             if B != min(batches):
                 continue
-            xg, dout = x.clone().requires_grad_(), gpu_check._rand(s, B, s.N, s.D)
-            step = gpu_check._training_step(block, xg, c, dout)
+            xg, dout = x.clone().requires_grad_(), gpu_check.rows._rand(s, B, s.N, s.D)
+            step = gpu_check.rows._training_step(block, xg, c, dout)
             print(f"\n{name} block, B={B} forward+backward: {wall_ms(step):.3f} ms wall")
             print(kernel_table(step, rows, host_rows=12))
 
