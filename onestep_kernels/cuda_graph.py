@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map_only
 
+from .errors import ArgumentError, ArgumentTypeError
+
 
 def _key(args: tuple) -> tuple:
     return tuple((a.shape, a.dtype, a.device) if isinstance(a, Tensor) else ("value", a)
@@ -72,9 +74,10 @@ class CUDAGraphed(nn.Module):
                  enabled: bool = True):
         super().__init__()
         if not callable(net):
-            raise TypeError(f"net: expected an nn.Module or a function, got {type(net).__name__}")
+            raise ArgumentTypeError(f"net: expected an nn.Module or a function, got "
+                                    f"{type(net).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup: expected an int >= 1, got {warmup!r}")
+            raise ArgumentError(f"warmup: expected an int >= 1, got {warmup!r}")
         self.net, self.warmup, self.clone_outputs, self.enabled = net, warmup, clone_outputs, enabled
         self._pool = pool
         self._graphs: dict[tuple, _Graph] = {}
@@ -124,8 +127,8 @@ class CUDAGraphed(nn.Module):
         static_args = [a.clone() if isinstance(a, Tensor) else a for a in args]
         replay, static_out = _capture(self.net, static_args, self.warmup, self.pool)
         if not all(isinstance(t, Tensor) for t in tree_flatten(static_out)[0]):
-            raise TypeError("net: a CUDA-graphed function must return tensors (or tuples, "
-                            "lists or dicts of tensors)")
+            raise ArgumentTypeError("net: a CUDA-graphed function must return tensors (or tuples, "
+                                    "lists or dicts of tensors)")
         return _Graph(replay, static_args, static_out, self._weight_pointers())
 
 

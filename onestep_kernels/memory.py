@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from .errors import ArgumentError
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -23,7 +25,7 @@ def tune_cpu_allocator(mmap_threshold: int = 1 << 28, trim_threshold: int = 1 <<
     nothing, where the C library is not glibc."""
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}: expected a positive int (bytes), got {value!r}")
+            raise ArgumentError(f"{name}: expected a positive int (bytes), got {value!r}")
     path = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(path)

@@ -39,10 +39,9 @@ from torch import Tensor
 from . import dispatch, op_entry
 from .compile_cache import tag_once
 from .dispatch import Backend
-from .triton_compat import triton_op, wrap_triton
 from .op_entry import needs_grad
 from .torch_compat import current_cuda_device
-
+from .triton_compat import triton_op, wrap_triton
 
 
 @dataclasses.dataclass(frozen=True)

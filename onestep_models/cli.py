@@ -5,7 +5,11 @@
     onestep sample --ckpt runs/d1 --out samples.png
     onestep eval --ckpt runs/d1
 
-Bad arguments and missing files end with a one-line message and exit code 2.
+Errors of the user's making (bad arguments, missing, damaged or foreign files, changed
+settings, a run directory in use) end with a one-line message and exit code 2; of the
+machine's (a full disk, no memory) with one line and exit code 1; a run that stops on its own
+terms says why (a non-finite loss: 1; an interrupt: 130); anything else is a bug in onestep,
+shown with its traceback and a request for a report (onestep_kernels.errors).
 """
 
 from __future__ import annotations
@@ -23,12 +27,10 @@ from typing import Any
 import torch
 
 from onestep_kernels.cuda_graph import graph_networks
+from onestep_kernels.errors import UserError, report
 from onestep_models import recipes
 from onestep_models.run_dir import run_directory
 from onestep_models.train import (
-    Interrupted,
-    NonFiniteError,
-    RunLocked,
     TrainConfig,
     Trainer,
     grid_inputs,
@@ -43,7 +45,7 @@ from onestep_models.train import (
 )
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A problem with what the user asked for: reported in one line, exit code 2."""
 
 
@@ -682,17 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             print_table(result)
             print(f"metrics written to {out} in {time.perf_counter() - start:.1f} s")
             return 0
-    except (UsageError, FileNotFoundError, ValueError, RunLocked) as err:
-        # bad arguments, damaged or foreign files (CheckpointError), changed settings
-        # (ConfigChanged), a run directory in use
-        print(f"onestep: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteError as err:
-        print(f"onestep: error: {err}", file=sys.stderr)
-        return 1
-    except Interrupted as err:
-        print(f"onestep: {err}", file=sys.stderr)
-        return 130
+    except Exception as err:  # noqa: BLE001 - each kind reported as onestep_kernels.errors says
+        return report(err)
     return 0
 
 

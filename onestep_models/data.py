@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from onestep_kernels.errors import ArgumentError
 from onestep_models.run_dir import temporary_for
 
 DIGITS_CLASSES = 10
@@ -25,7 +26,7 @@ def digits(size: int = 8) -> TensorDataset:
     Pixel values 0..16 map linearly to [-1, 1]; `size` other than 8 resizes bilinearly
     (antialiased when shrinking) and clamps back to [-1, 1]."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size: expected a positive int, got {size!r}")
+        raise ArgumentError(f"size: expected a positive int, got {size!r}")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -50,10 +51,10 @@ def image_folder(root: str | Path, size: int, channels: int = 3) -> tuple[Tensor
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     if channels not in (1, 3):
-        raise ValueError(f"channels: expected 1 or 3, got {channels}")
+        raise ArgumentError(f"channels: expected 1 or 3, got {channels}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"root: {root} has no class subfolders (expected root/<class>/<image>)")
+        raise ArgumentError(f"root: {root} has no class subfolders (expected root/<class>/<image>)")
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
@@ -70,7 +71,7 @@ def image_folder(root: str | Path, size: int, channels: int = 3) -> tuple[Tensor
             images.append(pixels.reshape(size, size, channels).permute(2, 0, 1) / 127.5 - 1.0)
             labels.append(label)
     if not images:
-        raise ValueError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise ArgumentError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return TensorDataset(torch.stack(images), torch.tensor(labels)), classes
 
 

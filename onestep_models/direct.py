@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from onestep_kernels.errors import ArgumentError
 from onestep_models import flow
 
 PARAMETRIZATIONS = ("residual", "plain")
@@ -36,19 +37,19 @@ Net = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 def _check(x0: Tensor, t: Tensor, dt: float, parametrization: str) -> None:
     if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization: expected one of {PARAMETRIZATIONS}, "
-                         f"got {parametrization!r}")
+        raise ArgumentError(f"parametrization: expected one of {PARAMETRIZATIONS}, "
+                            f"got {parametrization!r}")
     if not 0.0 < dt < 0.5:
-        raise ValueError(f"dt: expected a step in (0, 0.5), got {dt}")
+        raise ArgumentError(f"dt: expected a step in (0, 0.5), got {dt}")
     if t.shape != (x0.shape[0],):
-        raise ValueError(f"t: expected shape ({x0.shape[0]},), got {tuple(t.shape)}")
+        raise ArgumentError(f"t: expected shape ({x0.shape[0]},), got {tuple(t.shape)}")
     if parametrization == "residual":
         message = ("t: the residual parametrization divides by t'; expected t' > 0 (sample it "
                    "from U[dt, 1 - dt])")
         if t.is_cuda:  # an asynchronous device-side assert: no host sync in a training step
             torch._assert_async((t > 0).all(), message)
         elif bool((t <= 0).any()):
-            raise ValueError(message)
+            raise ArgumentError(message)
 
 
 def _weights_frozen(v: Net) -> Net:
@@ -89,7 +90,7 @@ def propagation_loss(w: Net, v: Net, x0: Tensor, t: Tensor, dt: float,
                                 parametrization=parametrization)
     pred = w(x0, t + dt, y)
     if pred.shape != x0.shape:
-        raise ValueError(f"w: returned shape {tuple(pred.shape)}, expected {tuple(x0.shape)}")
+        raise ArgumentError(f"w: returned shape {tuple(pred.shape)}, expected {tuple(x0.shape)}")
     return (pred - target).square().mean()
 
 

@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from onestep_kernels import layernorm_modulate
+from onestep_kernels.errors import ArgumentError, ArgumentTypeError
 from onestep_kernels.layers import LN_EPS, DiTBlock, FusedDiTBlock
 
 
@@ -30,7 +31,8 @@ def sincos_2d_pos_embed(dim: int, grid_size: int) -> Tensor:
     """The frozen 2-D sin-cos positional embedding of the official code (MAE's recipe):
     (grid_size**2, dim), first half from the column index, second half from the row index."""
     if dim % 4:
-        raise ValueError(f"hidden_size: must be a multiple of 4 for the 2-D sin-cos embedding, got {dim}")
+        raise ArgumentError(f"hidden_size: must be a multiple of 4 for the 2-D sin-cos embedding, "
+                            f"got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
@@ -48,7 +50,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(f"patch_size: {patch_size} does not divide input_size {input_size}")
+            raise ArgumentError(f"patch_size: {patch_size} does not divide input_size {input_size}")
         self.patch_size = (patch_size, patch_size)
         self.num_patches = (input_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
@@ -141,7 +143,8 @@ class DiT(nn.Module):
                  timestep_freq_shift: int = 0, mlp_norm_eps: float = LN_EPS):
         super().__init__()
         if num_classes < 0:
-            raise ValueError(f"num_classes: expected >= 0 (0 = unconditional), got {num_classes}")
+            raise ArgumentError(f"num_classes: expected >= 0 (0 = unconditional), got "
+                                f"{num_classes}")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -202,15 +205,15 @@ class DiT(nn.Module):
     def _forward(self, x: Tensor, t: Tensor, y: Tensor | None, drop_labels: bool) -> Tensor:
         side = self.input_size
         if x.dim() != 4 or x.shape[1:] != (self.in_channels, side, side):
-            raise ValueError(f"x: expected (B, {self.in_channels}, {side}, {side}), got "
-                             f"{tuple(x.shape)}")
+            raise ArgumentError(f"x: expected (B, {self.in_channels}, {side}, {side}), got "
+                                f"{tuple(x.shape)}")
         if t.shape != (x.shape[0],):
-            raise ValueError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
+            raise ArgumentError(f"t: expected shape ({x.shape[0]},), got {tuple(t.shape)}")
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             if y is None or y.shape != (x.shape[0],):
-                raise ValueError(f"y: expected ({x.shape[0]},) labels for a class-conditional "
-                                 f"DiT, got {None if y is None else tuple(y.shape)}")
+                raise ArgumentError(f"y: expected ({x.shape[0]},) labels for a class-conditional "
+                                    f"DiT, got {None if y is None else tuple(y.shape)}")
             self._check_labels(y)
             c = c + self.y_embedder(y, drop_labels)
         h = (self.x_embedder(x) + self.pos_embed).contiguous()  # tokens as rows of hidden_size
@@ -224,21 +227,21 @@ class DiT(nn.Module):
         GPU an asynchronous device-side assert (no host sync: forwards stay CUDA-graph safe);
         the meta device has no values to check."""
         if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise TypeError(f"y: expected integer labels, got {y.dtype}")
+            raise ArgumentTypeError(f"y: expected integer labels, got {y.dtype}")
         top = self.y_embedder.embedding_table.num_embeddings - 1
         allowed = f"0..{top}" + (f" ({top} is the null class)" if top == self.num_classes
                                  else " (this model has no null class)")
         if y.device.type == "cpu":
             if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
-                raise ValueError(f"y: labels must be in {allowed}, "
-                                 f"got {int(y.min())}..{int(y.max())}")
+                raise ArgumentError(f"y: labels must be in {allowed}, "
+                                    f"got {int(y.min())}..{int(y.max())}")
         elif y.is_cuda:
             torch._assert_async(((y >= 0) & (y <= top)).all(), f"y: labels must be in {allowed}")
 
     @classmethod
     def from_diffusers(cls, model, fused: bool = True) -> "DiT":
         """A DiT with the weights of a diffusers `DiTTransformer2DModel` (same outputs)."""
-        from onestep_kernels.integrations.diffusers import dit_state_dict, dit_config
+        from onestep_kernels.integrations.diffusers import dit_config, dit_state_dict
 
         dit = cls(**dit_config(model), fused=fused)
         dit.load_state_dict(dit_state_dict(model), strict=True)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from onestep_kernels.errors import ArgumentError
+
 Velocity = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
@@ -26,9 +28,10 @@ def _bcast(t: Tensor, x: Tensor) -> Tensor:
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """x_t = (1 - t) x0 + t x1, t of shape (B,)."""
     if x0.shape != x1.shape:
-        raise ValueError(f"x1: expected the shape of x0 {tuple(x0.shape)}, got {tuple(x1.shape)}")
+        raise ArgumentError(f"x1: expected the shape of x0 {tuple(x0.shape)}, got "
+                            f"{tuple(x1.shape)}")
     if t.shape != (x0.shape[0],):
-        raise ValueError(f"t: expected shape ({x0.shape[0]},), got {tuple(t.shape)}")
+        raise ArgumentError(f"t: expected shape ({x0.shape[0]},), got {tuple(t.shape)}")
     tb = _bcast(t, x0)
     return (1 - tb) * x0 + tb * x1
 
@@ -43,13 +46,13 @@ def cfm_loss(v: Velocity, x1: Tensor, y: Tensor | None = None, *, x0: Tensor | N
         t = torch.rand(x1.shape[0], generator=generator).to(x1.device, x1.dtype)
     pred = v(interpolate(x0, x1, t), t, y)
     if pred.shape != x1.shape:
-        raise ValueError(f"v: returned shape {tuple(pred.shape)}, expected {tuple(x1.shape)}")
+        raise ArgumentError(f"v: returned shape {tuple(pred.shape)}, expected {tuple(x1.shape)}")
     return (pred - (x1 - x0)).square().mean()
 
 
 def _times(steps: int, t0: float, t1: float) -> list[float]:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+        raise ArgumentError(f"steps: expected a positive int, got {steps!r}")
     return np.linspace(t0, t1, steps + 1).tolist()
 
 
@@ -109,7 +112,7 @@ def guided(v: Velocity, cfg_scale: float, null_class: int) -> Velocity:
 
     def v_cfg(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         if y is None:
-            raise ValueError("y: classifier-free guidance needs class labels")
+            raise ArgumentError("y: classifier-free guidance needs class labels")
         y_null = torch.full_like(y, null_class)
         out = v(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
         cond, uncond = out.chunk(2)
@@ -122,7 +125,7 @@ def drop_labels(y: Tensor, p: float, null_class: int,
                 generator: torch.Generator | None = None) -> Tensor:
     """Replace each label by the null class with probability p (class dropout for CFG)."""
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+        raise ArgumentError(f"p: expected a probability in [0, 1], got {p}")
     drop = torch.rand(y.shape, generator=generator).to(y.device) < p
     return torch.where(drop, torch.full_like(y, null_class), y)
 
@@ -136,7 +139,7 @@ class FlowMatching(nn.Module):
                  sample_steps: tuple[int, ...] = (1, 128)):
         super().__init__()
         if not 0.0 <= class_dropout <= 1.0:
-            raise ValueError(f"class_dropout: expected a probability, got {class_dropout}")
+            raise ArgumentError(f"class_dropout: expected a probability, got {class_dropout}")
         self.v, self.num_classes, self.class_dropout = v, num_classes, class_dropout
         self.sample_steps = tuple(sample_steps)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onestep_kernels.errors import ArgumentError
+
 
 class BasicConv2d(nn.Module):
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
@@ -171,7 +173,7 @@ class FIDInception(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"x: expected images (B, 1 or 3, H, W), got {tuple(x.shape)}")
+            raise ArgumentError(f"x: expected images (B, 1 or 3, H, W), got {tuple(x.shape)}")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onestep_kernels.errors import ArgumentError
+
 # VGG16's convolutional layers, "M" a 2x2 max-pool; LPIPS taps the ReLU after the last conv
 # of each block.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -81,8 +83,8 @@ class LPIPS(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if a.shape != b.shape or a.dim() != 4 or a.shape[1] not in (1, 3):
-            raise ValueError(f"a, b: expected two (B, 1 or 3, H, W) images of one shape, got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+            raise ArgumentError(f"a, b: expected two (B, 1 or 3, H, W) images of one shape, got "
+                                f"{tuple(a.shape)} and {tuple(b.shape)}")
         both = torch.cat([a, b]).float()
         if both.shape[1] == 1:
             both = both.expand(-1, 3, -1, -1)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onestep_kernels.errors import ArgumentError
 from onestep_models import flow
 
 CLASSIFIER_WEIGHTS = Path(__file__).with_name("assets") / "digits_classifier.safetensors"
@@ -40,7 +41,7 @@ class DigitsClassifier(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 1:
-            raise ValueError(f"x: expected grey images (B, 1, H, W), got {tuple(x.shape)}")
+            raise ArgumentError(f"x: expected grey images (B, 1, H, W), got {tuple(x.shape)}")
         if x.shape[-2:] != (8, 8):
             x = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
         return self.features(x)
@@ -105,7 +106,7 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
 
     for name, f in (("feat_a", feat_a), ("feat_b", feat_b)):
         if f.ndim != 2 or len(f) < 2:
-            raise ValueError(f"{name}: expected (N >= 2, D) features, got shape {f.shape}")
+            raise ArgumentError(f"{name}: expected (N >= 2, D) features, got shape {f.shape}")
     mu_a, mu_b = feat_a.mean(0), feat_b.mean(0)
     cov_a, cov_b = np.cov(feat_a, rowvar=False), np.cov(feat_b, rowvar=False)
     covmean = linalg.sqrtm(cov_a @ cov_b)
@@ -126,7 +127,7 @@ def class_accuracy(samples: Tensor, labels: Tensor,
                    classifier: DigitsClassifier | None = None) -> float:
     """The fraction of samples the classifier assigns to the class they were generated for."""
     if labels.shape != (len(samples),):
-        raise ValueError(f"labels: expected ({len(samples)},), got {tuple(labels.shape)}")
+        raise ArgumentError(f"labels: expected ({len(samples)},), got {tuple(labels.shape)}")
     classifier = classifier or load_classifier()
     pred = torch.cat([classifier(samples[i:i + 500].float()).argmax(1)
                       for i in range(0, len(samples), 500)])

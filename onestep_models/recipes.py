@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from onestep_kernels.errors import ArgumentError
 from onestep_models import data as datasets
 from onestep_models.direct import DirectConfig, DirectModel
 from onestep_models.dit import DIT_SIZES, FlowDiT
@@ -64,7 +65,7 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
             cache = spec.get("cache") or str(default)
             images = datasets.vae_latents(images, spec["vae"], cache)
         return images, len(classes)
-    raise ValueError(f"data: unknown kind {kind!r} (expected 'digits', 'folder' or 'pairs')")
+    raise ArgumentError(f"data: unknown kind {kind!r} (expected 'digits', 'folder' or 'pairs')")
 
 
 def real_data(spec: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def real_data(spec: dict[str, Any]) -> dict[str, Any]:
     manifest = json.loads((Path(spec["path"]) / "pairs.json").read_text())
     teacher_data = manifest.get("teacher", {}).get("data")
     if teacher_data is None:
-        raise ValueError(f"data: the pairs in {spec['path']} do not record their teacher's data")
+        raise ArgumentError(f"data: the pairs in {spec['path']} do not record their teacher's data")
     return teacher_data
 
 
@@ -85,14 +86,15 @@ def model_kwargs(size: str, sample_shape: tuple[int, ...], num_classes: int,
                  fused: bool = True) -> dict[str, Any]:
     """FlowDiT arguments for a named size on data of shape (C, H, W)."""
     if size not in MODEL_SIZES:
-        raise ValueError(f"model: unknown size {size!r} (expected one of {', '.join(MODEL_SIZES)})")
+        raise ArgumentError(f"model: unknown size {size!r} (expected one of "
+                            f"{', '.join(MODEL_SIZES)})")
     channels, height, width = sample_shape
     if height != width:
-        raise ValueError(f"data: DiT needs square inputs, got {height}x{width}")
+        raise ArgumentError(f"data: DiT needs square inputs, got {height}x{width}")
     patch = MODEL_SIZES[size]["patch_size"]
     if height % patch:
-        raise ValueError(f"data: samples of side {height} do not split into model {size}'s "
-                         f"{patch}x{patch} patches (pick a --size whose samples do)")
+        raise ArgumentError(f"data: samples of side {height} do not split into model {size}'s "
+                            f"{patch}x{patch} patches (pick a --size whose samples do)")
     return dict(input_size=height, in_channels=channels, num_classes=num_classes,
                 class_dropout_prob=0.1 if num_classes else 0.0, fused=fused, **MODEL_SIZES[size])
 
@@ -122,12 +124,12 @@ def build(config: dict[str, Any], training: bool = True) -> nn.Module:
             from onestep_models.lpips import LPIPS
 
             if not weights:
-                raise ValueError("options: distance 'lpips' needs lpips_weights "
-                                 "{'vgg': ..., 'lins': ...} (local files)")
+                raise ArgumentError("options: distance 'lpips' needs lpips_weights "
+                                    "{'vgg': ..., 'lins': ...} (local files)")
             options["distance"] = LPIPS.from_files(weights["vgg"], weights["lins"])
         return FlowGuidedDistillation(FlowDiT(**model), FlowDiT(**model), num_classes,
                                       **options)
-    raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
+    raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 
 def load_teacher(ckpt: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict, Path]:
@@ -143,8 +145,8 @@ def load_teacher(ckpt: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     recipe = build(run, training=False)
     load_weights(recipe, checkpoint, "ema")
     if not isinstance(getattr(recipe, "v", None), nn.Module):
-        raise ValueError(f"--teacher: {checkpoint} is a {run['recipe']!r} run without a "
-                         "velocity network v")
+        raise ArgumentError(f"--teacher: {checkpoint} is a {run['recipe']!r} run without a "
+                            "velocity network v")
     return recipe.v.to(device).eval().requires_grad_(False), run, checkpoint
 
 
@@ -157,7 +159,7 @@ def default_options(recipe: str) -> dict[str, Any]:
         return {"anneal_steps": 1000, "schedule": "linear", "hflip": False}
     if recipe == "slimflow_distill":
         return {"distance": "pseudo_huber", "guidance": True}
-    raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
+    raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 
 def run_config(recipe: str, data: dict[str, Any], size: str, fused: bool,
@@ -165,7 +167,7 @@ def run_config(recipe: str, data: dict[str, Any], size: str, fused: bool,
     """(the run config, the dataset, its number of classes): the named size expanded into
     FlowDiT arguments for the data's shape, in the schema of the module docstring."""
     if recipe not in RECIPES:
-        raise ValueError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
+        raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
     dataset, num_classes = load_data(data)
     model = model_kwargs(size, tuple(dataset[0][0].shape), num_classes, fused)
     return ({"recipe": recipe, "data": data, "model": model, "options": dict(options)},

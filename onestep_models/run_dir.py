@@ -31,21 +31,26 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from onestep_kernels.errors import DataError, RunStopped, UserError
+
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint or weights file that cannot be used; the message names the file."""
 
 
-class NonFiniteError(RuntimeError):
-    """A non-finite value where only finite ones may go (a loss, a gradient, a checkpoint)."""
+class NonFiniteError(RunStopped):
+    """A non-finite value where only finite ones may go (a loss, a gradient, a checkpoint):
+    the run stops (the command line's exit code 1)."""
+
+    exit_code = 1
 
 
-class RunLocked(RuntimeError):
-    """Another process is writing the run directory."""
+class RunLocked(UserError):
+    """Another process is writing the run directory (the user's second command)."""
 
 
 # ---------------------------------------------------------------------------- one writer

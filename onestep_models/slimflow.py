@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from onestep_kernels.errors import ArgumentError, DataError
 from onestep_models import flow
 from onestep_models.run_dir import write_json_atomic
 
@@ -49,9 +50,9 @@ def annealing_beta(step: int, K: int, schedule: str = "linear") -> float:
     """β at training step `step` of an annealing over K steps: from 1 at step 0 towards 0;
     linear 1 − min(1, k/K) (the paper's), exp e^(−k/K), cos (1 + cos(π·min(1, k/K))) / 2."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        raise ArgumentError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if K < 0:
-        raise ValueError(f"K: expected >= 0 annealing steps, got {K}")
+        raise ArgumentError(f"K: expected >= 0 annealing steps, got {K}")
     if K == 0:
         return 0.0
     progress = min(1.0, step / K)
@@ -153,15 +154,15 @@ class FlowGuidedDistillation(nn.Module):
         self.guide = guide.requires_grad_(False).eval()
         if isinstance(distance, str):
             if distance != "pseudo_huber":
-                raise ValueError("distance: 'lpips' needs an LPIPS module (see lpips.py); "
-                                 f"expected 'pseudo_huber' or a module, got {distance!r}")
+                raise ArgumentError("distance: 'lpips' needs an LPIPS module (see lpips.py); "
+                                    f"expected 'pseudo_huber' or a module, got {distance!r}")
             distance = pseudo_huber
         elif isinstance(distance, nn.Module):
             _hold_as_constant(distance)
         self.distance = distance
         lo, hi = t_range
         if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"t_range: expected 0 <= low <= high <= 1, got {t_range}")
+            raise ArgumentError(f"t_range: expected 0 <= low <= high <= 1, got {t_range}")
         self.t_range = (lo, hi)
 
     def train(self, mode: bool = True):
@@ -215,10 +216,10 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if solver not in ("heun", "rk45"):
-        raise ValueError(f"solver: expected 'heun' or 'rk45', got {solver!r}")
+        raise ArgumentError(f"solver: expected 'heun' or 'rk45', got {solver!r}")
     mine, parts = part
     if not 0 <= mine < parts:
-        raise ValueError(f"part: expected (i, n) with 0 <= i < n, got {part}")
+        raise ArgumentError(f"part: expected (i, n) with 0 <= i < n, got {part}")
     manifest = {"num": num, "shape": list(shape), "num_classes": num_classes,
                 "shard_size": shard_size, "solver": solver,
                 "heun_steps": heun_steps if solver == "heun" else None, "seed": seed,
@@ -227,7 +228,7 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
     if path.exists():
         saved = json.loads(path.read_text())
         if saved != json.loads(json.dumps(manifest)):
-            raise ValueError(f"--out: {out} holds pairs made with other settings ({saved}); "
+            raise DataError(f"--out: {out} holds pairs made with other settings ({saved}); "
                              "use another directory")
     else:  # (the processes of one torchrun may all write it)
         write_json_atomic(path, manifest)
@@ -250,7 +251,7 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
                 x1 = flow.rk45(teacher, z0.to(device), labels)[0]
         x1 = x1.float().cpu()
         if not bool(torch.isfinite(x1).all()):
-            raise ValueError(f"teacher: shard {index} holds non-finite samples")
+            raise DataError(f"teacher: shard {index} holds non-finite samples")
         tmp = out / f".tmp_{_shard_name(index)}"
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         tmp.mkdir()
@@ -274,7 +275,7 @@ def load_pairs(directory: Path) -> tuple[TensorDataset, dict]:
     shards = -(-manifest["num"] // manifest["shard_size"])
     missing = [i for i in range(shards) if not (directory / _shard_name(i)).is_dir()]
     if missing:
-        raise ValueError(f"--pairs: {directory} is incomplete (shard {missing[0]} of {shards} "
+        raise DataError(f"--pairs: {directory} is incomplete (shard {missing[0]} of {shards} "
                          "missing); run `onestep pairs` again to finish it")
     parts = {name: [] for name in ("x1", "y", "z0")}
     for i in range(shards):

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from onestep_kernels.errors import ArgumentError, RunStopped
 from onestep_models.run_dir import (  # noqa: F401 - re-exported: the trainer's file API
     CHECKPOINT_DIR,
     CheckpointError,
@@ -65,12 +66,14 @@ FREE_SETTINGS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "
                  "grid_size", "skip_nonfinite")
 
 
-class ConfigChanged(ValueError):
+class ConfigChanged(ArgumentError):
     """Resuming with settings that change the math, without allow_config_change."""
 
 
-class Interrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint."""
+class Interrupted(RunStopped):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint (exit 130)."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -97,19 +100,19 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+                raise ArgumentError(f"{name}: expected a positive int, got {value!r}")
         for name in ("warmup_steps", "sample_every", "skip_nonfinite"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+                raise ArgumentError(f"{name}: expected an int >= 0, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr: expected a finite value > 0, got {self.lr}")
+            raise ArgumentError(f"lr: expected a finite value > 0, got {self.lr}")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+                raise ArgumentError(f"{name}: expected a finite value >= 0, got {value}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
+            raise ArgumentError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
 
 
 def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -158,7 +161,7 @@ class EpochSampler:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n < 1:
-            raise ValueError("dataset: it is empty")
+            raise ArgumentError("dataset: it is empty")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self._perm: tuple[int, Tensor] | None = None
 
@@ -251,7 +254,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int) -> None:
 
     images = images.detach().float().cpu().clamp(-1, 1)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images: expected (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        raise ArgumentError(f"images: expected (B, 1 or 3, H, W), got {tuple(images.shape)}")
     scale = max(1, -(-32 // images.shape[-1]))
     images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     b = images.shape[0]
@@ -318,8 +321,8 @@ class Trainer:
             torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.rank, self.world_size = world()
         if config.batch_size % self.world_size:
-            raise ValueError(f"batch_size: {config.batch_size} does not split evenly over "
-                             f"{self.world_size} processes")
+            raise ArgumentError(f"batch_size: {config.batch_size} does not split evenly over "
+                                f"{self.world_size} processes")
         self.config, self.out_dir = config, Path(out_dir)
         self.run_config = dict(run_config or {})
         self.run_config["train"] = dataclasses.asdict(config)

@@ -6,7 +6,6 @@ runs through the interpreter (which ignores the warp count, so there it checks t
 
 import pytest
 import torch
-
 from conftest import assert_close_rel, backend_device
 
 triton = pytest.importorskip("triton", reason="triton is not installed")

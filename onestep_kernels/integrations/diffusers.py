@@ -17,6 +17,7 @@ import types
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from ..layers import dit_block_forward
 
 
@@ -41,7 +42,7 @@ def _check_block(block: nn.Module, name: str) -> None:
     elif net[1].p != 0.0:
         problems.append("its feed-forward has dropout")
     if problems:
-        raise ValueError(f"model: block {name} cannot be fused: " + "; ".join(problems))
+        raise ArgumentError(f"model: block {name} cannot be fused: " + "; ".join(problems))
 
 
 def _fused_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -72,8 +73,8 @@ def fuse(model: nn.Module) -> nn.Module:
     Parameters, state_dict and the model's own forward are untouched."""
     blocks = getattr(model, "transformer_blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ValueError("model: expected a diffusers DiTTransformer2DModel "
-                         "(a module with transformer_blocks)")
+        raise ArgumentError("model: expected a diffusers DiTTransformer2DModel "
+                            "(a module with transformer_blocks)")
     for i, block in enumerate(blocks):
         _check_block(block, str(i))
     for block in blocks:
@@ -89,7 +90,8 @@ def dit_config(model: nn.Module) -> dict:
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
     out_channels = cfg.out_channels or cfg.in_channels
     if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
-        raise ValueError(f"model: out_channels {out_channels} is neither in_channels nor twice it")
+        raise ArgumentError(f"model: out_channels {out_channels} is neither in_channels nor "
+                            "twice it")
     emb = blocks[0].norm1.emb
     return dict(
         input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
@@ -114,8 +116,8 @@ def dit_state_dict(model: nn.Module) -> dict[str, Tensor]:
         _check_block(block, str(i))
         for key, value in block.norm1.emb.state_dict().items():
             if not torch.equal(value, reference[key]):
-                raise ValueError(f"model: block {i}'s timestep/label embedder differs from block "
-                                 f"0's ({key}); onestep's DiT has one shared embedder")
+                raise ArgumentError(f"model: block {i}'s timestep/label embedder differs from "
+                                    f"block 0's ({key}); onestep's DiT has one shared embedder")
     sd = {
         "pos_embed": model.pos_embed.pos_embed.detach().clone(),
         "x_embedder.proj.weight": model.pos_embed.proj.weight,

@@ -8,7 +8,6 @@ from torch import Tensor
 
 from ..op_spec import needs_grad  # noqa: F401  (the op files' import of it)
 
-
 # Host-side sizes of launch grids and blocks. (Triton 3.9's triton.cdiv and
 # triton.next_power_of_2 are ConstexprFunction objects: 2.3 us per call from Python.)
 

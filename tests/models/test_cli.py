@@ -1,6 +1,8 @@
-"""The `onestep` command with tiny settings: train, resume, sample, eval, the demo, and one-line
-errors with exit code 2."""
+"""The `onestep` command with tiny settings: train, resume, sample, eval, the demo; the user's
+errors in one line with exit code 2, the machine's with exit code 1, a bug with its
+traceback."""
 
+import errno
 import json
 
 import pytest
@@ -96,6 +98,50 @@ def test_bad_arguments_one_line_exit_2(argv, needle, capsys):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("onestep: error:") and needle in err
+
+
+# ---- the one error hierarchy: the user's errors exit 2, the machine's 1, a bug shows itself ----
+
+
+def _sample_raising(monkeypatch, tmp_path, capsys, error):
+    """`onestep sample` whose loading of the run raises `error` (from deep inside)."""
+    def load_run(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "load_run", load_run)
+    return run(capsys, "sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "s.png"))
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("boom"),  # a plain ValueError is no longer taken for the user's
+    RuntimeError("layernorm_modulate: no backend can run this call: ..."),
+    KeyError("step"),
+], ids=["ValueError", "no-backend", "KeyError"])
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(error, monkeypatch, tmp_path, capsys):
+    code, _, err = _sample_raising(monkeypatch, tmp_path, capsys, error)
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "load_run" in err
+    assert "bug in onestep" in err and "report it" in err
+
+
+def test_the_users_errors_are_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    from onestep_kernels.errors import ArgumentError, DataError
+
+    for error in (ArgumentError("model: unknown size 'huge'"),
+                  DataError("runs/x/pairs/x1.npy: truncated"), FileNotFoundError("no such file")):
+        code, _, err = _sample_raising(monkeypatch, tmp_path, capsys, error)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("onestep: error:"), err
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   MemoryError("cannot allocate"),
+                                   torch.OutOfMemoryError("CUDA out of memory")],
+                         ids=["disk-full", "no-memory", "cuda-oom"])
+def test_the_machines_errors_are_one_line_exit_1(error, monkeypatch, tmp_path, capsys):
+    code, _, err = _sample_raising(monkeypatch, tmp_path, capsys, error)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("onestep: error:"), err
+    assert "Traceback" not in err
 
 
 def test_eval_without_checkpoint(tmp_path, capsys):

@@ -8,8 +8,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_close_rel, backend_device, poisoned_backward, poisoned_forward,
-                      rel_error, refused, to_backend)
+from conftest import (
+    assert_close_rel,
+    backend_device,
+    poisoned_backward,
+    poisoned_forward,
+    refused,
+    rel_error,
+    to_backend,
+)
 from einops import rearrange
 
 import onestep_kernels as ok

@@ -5,8 +5,15 @@ import re
 
 import pytest
 import torch
-from conftest import (assert_close_rel, backend_device, backend_matrix, poisoned_backward,
-                      poisoned_forward, reference_rows, refused)
+from conftest import (
+    assert_close_rel,
+    backend_device,
+    backend_matrix,
+    poisoned_backward,
+    poisoned_forward,
+    reference_rows,
+    refused,
+)
 from test_layernorm_modulate import BATCH_TOKENS, DIMS
 
 import onestep_kernels as ok

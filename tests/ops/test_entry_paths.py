@@ -5,7 +5,6 @@ so outputs and gradients must be identical."""
 
 import pytest
 import torch
-
 from conftest import to_backend
 
 import onestep_kernels as ok

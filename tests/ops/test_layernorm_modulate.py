@@ -6,8 +6,16 @@ import re
 
 import pytest
 import torch
-from conftest import (GPU, assert_close_rel, backend_device, backend_matrix, poisoned_backward,
-                      poisoned_forward, reference_rows, refused)
+from conftest import (
+    GPU,
+    assert_close_rel,
+    backend_device,
+    backend_matrix,
+    poisoned_backward,
+    poisoned_forward,
+    reference_rows,
+    refused,
+)
 
 import onestep_kernels as ok
 from onestep_kernels.ops import layernorm_modulate_op as op
