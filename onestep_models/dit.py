@@ -241,7 +241,7 @@ class DiT(nn.Module):
     @classmethod
     def from_diffusers(cls, model, fused: bool = True) -> "DiT":
         """A DiT with the weights of a diffusers `DiTTransformer2DModel` (same outputs)."""
-        from onestep_kernels.integrations.diffusers import dit_config, dit_state_dict
+        from onestep_models.diffusers_dit import dit_config, dit_state_dict
 
         dit = cls(**dit_config(model), fused=fused)
         dit.load_state_dict(dit_state_dict(model), strict=True)

@@ -9,7 +9,8 @@ from conftest import assert_close_rel
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
 
-from onestep_kernels.integrations.diffusers import dit_state_dict, fuse  # noqa: E402
+from onestep_kernels.integrations.diffusers import fuse  # noqa: E402
+from onestep_models.diffusers_dit import dit_state_dict  # noqa: E402
 from onestep_models.dit import DiT  # noqa: E402
 
 
