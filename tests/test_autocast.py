@@ -2,16 +2,17 @@
 values as their reference expressions (CPU bf16 autocast without a GPU; CUDA bf16 autocast
 on CUDA tensors with one)."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import assert_close_rel, backend_device
 from test_layers import randomised
 
 import onestep_kernels as ok
+from onestep_kernels.dispatch import OPS
 from onestep_kernels.layers import DiTBlock, FusedDiTBlock
-from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op
-from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op
-from onestep_kernels.ops import layernorm_modulate as layernorm_op
+from onestep_kernels.op_spec import Sizes
 
 BF16 = torch.bfloat16
 DEVICE = backend_device("triton", "layernorm_modulate")  # the GPU when there is one
@@ -21,29 +22,41 @@ def autocast():
     return torch.autocast(DEVICE.type, dtype=BF16)
 
 
-def cases(generator):
-    """op name -> (onestep call, reference expression, fp32 inputs)."""
-    def r(*shape):
-        return torch.randn(shape, generator=generator).to(DEVICE)
+SIZES = Sizes(B=2, N=7, D=48, H=2, F=48)
 
-    return {
-        "layernorm_modulate": (ok.layernorm_modulate, layernorm_op.reference,
-                               [r(2, 7, 48), r(2, 48), r(2, 48)]),
-        "gated_residual_layernorm_modulate": (
-            ok.gated_residual_layernorm_modulate, gated_op.reference,
-            [r(2, 7, 48), r(2, 7, 48), r(2, 48), r(2, 48), r(2, 48)]),
-        "bias_gelu_tanh": (ok.bias_gelu_tanh, bias_gelu_op.reference, [r(5, 48), r(48)]),
-        "attention": (ok.attention, torch.nn.functional.scaled_dot_product_attention,
-                      [r(1, 2, 9, 32), r(1, 2, 9, 32), r(1, 2, 9, 32)]),
-    }
+
+def _example(op, generator):
+    return op.spec.example(SIZES, DEVICE, torch.float32, generator)
+
+
+# Every op whose example call takes its tensors alone (fused_linear's takes keyword arguments,
+# and its fused kernel refuses autocast: tests/ops/test_fused_linear.py covers it).
+OP_NAMES = [op.name for op in OPS.values() if op.spec.example is not None
+            and not _example(op, torch.Generator(device=DEVICE))[1]]
+
+
+def cases(generator):
+    """op name -> (onestep call, reference expression, fp32 inputs): each op's public function
+    and its PyTorch backend's expression (the reference, or SDPA for attention) with the
+    public function's default parameters, on its example's tensors."""
+    generator = torch.Generator(device=DEVICE).manual_seed(generator.initial_seed())
+    found = {}
+    for name in OP_NAMES:
+        op = OPS[name]
+        defaults = inspect.signature(op.public).parameters
+        params = [defaults[p].default for p, _ in op.spec.params]
+        expression = op[op.torch_alias].expression
+        args, _ = _example(op, generator)
+        found[name] = (op.public, lambda *a, e=expression, p=params: e(*a, *p),
+                       [t.clone() for t in args])
+    return found
 
 
 def outputs(result):
     return result if isinstance(result, tuple) else (result,)
 
 
-@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate",
-                                "bias_gelu_tanh", "attention"])
+@pytest.mark.parametrize("op", OP_NAMES)
 @pytest.mark.parametrize("half_inputs", ["none", "modulation"])
 def test_ops_follow_autocast_like_their_references(op, half_inputs, generator):
     """Under autocast, with fp32 inputs or some of them in bf16 (as adaLN's Linear gives), the
@@ -67,8 +80,7 @@ def test_ops_follow_autocast_like_their_references(op, half_inputs, generator):
         assert_close_rel(a.grad.float(), b.grad.double(), BF16, f"{op} grad")
 
 
-@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate",
-                                "bias_gelu_tanh", "attention"])
+@pytest.mark.parametrize("op", OP_NAMES)
 def test_mixed_dtypes_are_promoted(op, generator):
     """Without autocast, inputs of several float dtypes compute in their promoted dtype."""
     fn, reference, inputs = cases(generator)[op]
@@ -85,7 +97,7 @@ def test_float64_runs_the_reference(generator):
                        for s in ((2, 3, 16), (2, 16), (2, 16)))
     out = ok.layernorm_modulate(x, shift, scale)
     assert out.dtype == torch.float64
-    assert torch.equal(out, layernorm_op.reference(x, shift, scale))
+    assert torch.equal(out, OPS["layernorm_modulate"]["reference"].expression(x, shift, scale))
 
 
 def test_fused_block_follows_autocast_like_the_reference_block(generator):
