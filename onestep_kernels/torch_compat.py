@@ -59,17 +59,18 @@ any_autocast: Callable[[], bool] = _any_autocast or _any_autocast_public
 
 # os.environ.get encodes the key at every call (~1 us); CPython's mapping keeps a raw dict of
 # encoded keys that answers in a tenth of that.
-_ENV_DATA = _private("os.environ._data", getattr(os.environ, "_data", None))
+PRIVATE["os.environ._data"] = isinstance(getattr(os.environ, "_data", None), dict)
 
 
-def environment_lookup(name: str) -> tuple[object, object, Callable[[object], str | None]]:
+def environment_lookup(name: str, environ=os.environ) -> tuple[object, object, Callable]:
     """(mapping, key, decode): `mapping.get(key)` is the variable's value as stored (cheap: a
     cache key on the hot path), `decode(value)` its str (None if unset)."""
-    if isinstance(_ENV_DATA, dict):
-        return _ENV_DATA, os.environ.encodekey(name), (
+    raw = getattr(environ, "_data", None)
+    if isinstance(raw, dict):
+        return raw, environ.encodekey(name), (
             lambda value: value if value is None or isinstance(value, str)
-            else os.environ.decodevalue(value))
-    return os.environ, name, lambda value: value
+            else environ.decodevalue(value))
+    return environ, name, lambda value: value
 
 
 # ---- an autograd.Function's apply, less the Python wrapper's cost -----------------------------
