@@ -52,7 +52,9 @@ def _conditions(spec, kernel_flag: bool) -> tuple[str, str]:
         if n in spec.contiguous:
             test = f"{n}.is_contiguous()"
         else:
-            test = f"({n}.is_contiguous() or {n}.stride()[-1] == 1 or {n}.shape[-1] == 1)"
+            # (a modulation chunk or a head of a QKV projection is a strided view: its last
+            # stride is the question; is_contiguous would be asked in vain)
+            test = f"({n}.stride()[-1] == 1 or {n}.shape[-1] == 1)"
         layouts.append(f"({n} is None or {test})" if n in optional else test)
     return ("\n            or ".join(devices) or "False",
             "\n            and ".join(layouts))

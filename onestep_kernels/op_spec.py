@@ -20,11 +20,14 @@ Launcher conventions (every backend of an op alike):
   backward(*output_grads, *saved, *grad_buffers, *params[, launch=])
 
 `launch` (Triton launchers only) is `triton_compat.direct` eagerly, `wrap_triton` in a
-triton_op. Every launcher call goes through `Op.launch`, the launch boundary: a tensor a
+triton_op. Every forward launch goes through `Op.check`, the launch boundary: a tensor a
 kernel cannot read (on the meta device, on another device than the first input, or without
 the layout its spec declares) is refused there, by its argument's name, before any pointer
 is taken. Every path goes through it: the public functions, the inner layer that composed ops
-and layers call (`Op.apply`, `Op.forward`), blocks and integrations.
+and layers call (`Op.apply`, `Op.forward`), blocks and integrations. (A backward reads what
+its forward checked and made, and the output gradients autograd gives, made contiguous.)
+The eager functions are written out per op as Python source (op_entry), so that the hot path
+runs no generic argument handling.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ class OpSpec:
     grads_contiguous: whether the output gradients are made contiguous for the backward.
     autocast: the dtype rule under autocast and for mixed inputs (checks.PROMOTE, LAYER_NORM,
         LOWER), which the public function applies.
-    triton_op: build the triton_ops, and trace them under torch.compile on CUDA tensors.
+    triton_op: build the triton_ops, and trace them under torch.compile on CUDA tensors
+        (set where inductor's launch of the kernels has been checked on a GPU).
     memory_bound: the op moves memory rather than computing (the GPU pass times it against
         the copy rate).
     example: (Sizes, device, dtype, generator) -> (args, kwargs) of a representative call of
