@@ -110,13 +110,6 @@ def _half_inputs(shapes, mean, dtype, generator):
              + (mean if i == 0 else 0.0)).to(dtype) for i, shape in enumerate(shapes)]
 
 
-def _compare_half(run_exact, run_own, run_ours, names):
-    """Each result's error against float64, at most twice the fp32-inside reference's."""
-    for name, exact, own, ours in zip(names, run_exact, run_own, run_ours):
-        err, bar = rel_error(ours, exact), rel_error(own, exact)
-        assert err <= 2 * bar + 1e-6, f"{name}: error {err:.3g}, the reference's {bar:.3g}"
-
-
 def _results(fn, inputs, grads):
     """fn's outputs, then every input's gradient for the output gradients `grads`."""
     inputs = [t.clone().requires_grad_() for t in inputs]
@@ -126,45 +119,39 @@ def _results(fn, inputs, grads):
     return [o.detach() for o in outs] + [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("mean", HALF_MEANS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("name", HALF_BACKENDS)
-@pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-def test_layernorm_modulate_in_half_precision_far_from_zero(name, dtype, mean, per_token,
-                                                            generator, cpu_isa):
-    op = "layernorm_modulate"
-    backend, device = _half_backend(op, name, dtype, cpu_isa)
-    B, N = 2, 33
-    mod = (B, N, D_HALF) if per_token else (B, D_HALF)
-    inputs = _half_inputs([(B, N, D_HALF), mod, mod], mean, dtype, generator)
-    dy = _half_inputs([(B, N, D_HALF)], 0.0, dtype, generator)
-    exact = _results(layernorm_op.reference, [t.double() for t in inputs],
-                     [g.double() for g in dy])
-    own = _results(layernorm_op.reference, inputs, dy)
-    ours = _results(lambda *a: ok.layernorm_modulate(*a, backend=backend),
-                    [t.to(device) for t in inputs], [g.to(device) for g in dy])
-    _compare_half(exact, own, ours, ("out", "dx", "dshift", "dscale"))
+# op -> (its reference, its tensors' shapes for rows (B, N) and modulation `mod`, the names of
+# its outputs then of its inputs' gradients); x first (shifted by the row mean)
+HALF_OPS = {
+    "layernorm_modulate": (layernorm_op.reference, lambda rows, mod: [rows, mod, mod],
+                           ("out", "dx", "dshift", "dscale")),
+    "gated_residual_layernorm_modulate": (
+        gated_op.reference, lambda rows, mod: [rows, rows, mod, mod, mod],
+        ("res", "out", "dx", "dy", "dgate", "dshift", "dscale")),
+}
 
 
 @pytest.mark.parametrize("mean", HALF_MEANS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", HALF_BACKENDS)
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sample", "per_token"])
-def test_gated_residual_in_half_precision_far_from_zero(name, dtype, mean, per_token,
-                                                        generator, cpu_isa):
-    op = "gated_residual_layernorm_modulate"
+@pytest.mark.parametrize("op", list(HALF_OPS))
+def test_half_precision_far_from_zero(op, name, dtype, mean, per_token, generator, cpu_isa):
+    """Every output and gradient at most twice as far from float64 as the op's own reference
+    (fp32 inside, rounded once) is."""
+    reference, shapes, names = HALF_OPS[op]
     backend, device = _half_backend(op, name, dtype, cpu_isa)
-    B, N = 2, 33
-    mod = (B, N, D_HALF) if per_token else (B, D_HALF)
-    inputs = _half_inputs([(B, N, D_HALF), (B, N, D_HALF), mod, mod, mod], mean, dtype,
+    rows = (2, 33, D_HALF)
+    inputs = _half_inputs(shapes(rows, rows if per_token else (2, D_HALF)), mean, dtype,
                           generator)
-    grads = _half_inputs([(B, N, D_HALF)] * 2, 0.0, dtype, generator)
-    exact = _results(gated_op.reference, [t.double() for t in inputs],
-                     [g.double() for g in grads])
-    own = _results(gated_op.reference, inputs, grads)
-    ours = _results(lambda *a: ok.gated_residual_layernorm_modulate(*a, backend=backend),
+    returns = OPS[op].spec.returns
+    grads = _half_inputs([rows] * returns, 0.0, dtype, generator)
+    exact = _results(reference, [t.double() for t in inputs], [g.double() for g in grads])
+    own = _results(reference, inputs, grads)
+    ours = _results(lambda *a: OPS[op].public(*a, backend=backend),
                     [t.to(device) for t in inputs], [g.to(device) for g in grads])
-    _compare_half(exact, own, ours, ("res", "out", "dx", "dy", "dgate", "dshift", "dscale"))
+    for what, e, o, u in zip(names, exact, own, ours):
+        err, bar = rel_error(u, e), rel_error(o, e)
+        assert err <= 2 * bar + 1e-6, f"{what}: error {err:.3g}, the reference's {bar:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
