@@ -142,14 +142,21 @@ def source(spec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(op) -> dict:
-    """Compile `op`'s hot path; returns its functions by name (and `source`)."""
-    spec = op.spec
+def check_names(spec) -> tuple[str, ...]:
+    """The spec's argument and output names, in order, once checked to differ from each other
+    and from the hot path's own (they become its variables)."""
     every = (*spec.input_names, *(n for n, _ in spec.params), *spec.outputs)
     if len(set(every)) != len(every) or {"backend", "keep", "launch", "outputs", "grad",
                                            "kernel", "device", "ctx"} & set(every):
         raise ArgumentError(f"spec: {spec.name}'s argument and output names must differ from "
                             f"each other and from the hot path's own: {every}")
+    return every
+
+
+def build(op) -> dict:
+    """Compile `op`'s hot path; returns its functions by name (and `source`)."""
+    spec = op.spec
+    every = check_names(spec)
     text = source(spec)
     filename = f"<onestep op {spec.name}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)

@@ -131,6 +131,7 @@ class Op(dispatch.Op):
                  default_order: dict[str, tuple[str, ...]] | None = None,
                  torch_alias: str = "reference", width_name: str = "D",
                  triton_configs: Callable | None = None):
+        op_entry.check_names(spec)  # (before the op is registered anywhere)
         super().__init__(spec.name, backends, torch_alias=torch_alias, width_name=width_name,
                          default_order=default_order)
         self.spec = spec
