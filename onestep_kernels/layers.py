@@ -182,24 +182,39 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
 
     h = LAYERNORM.apply(LAYERNORM.resolve(None, device, dtype, D, grad), x, sh1, sc1, eps,
                         grad=grad)
+    x, hidden = attention_then_mlp_input(x, h, attention, fc1, g1, sh2, sc2, mlp_norm_eps,
+                                         grad)
+    return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
+
+
+def attention_then_mlp_input(x: Tensor, h: Tensor, attention: Callable[[Tensor], Tensor],
+                             fc1: nn.Module, gate: Tensor, shift: Tensor, scale: Tensor,
+                             eps: float, grad: bool) -> tuple[Tensor, Tensor]:
+    """The middle of an adaLN-Zero block, from the attention's modulated input `h` to the MLP's
+    activation: (x + gate * attention(h), GELU_tanh(fc1(LN(that) * (1 + scale) + shift))),
+    the gated residual and the modulated LayerNorm as one op, fc1's bias and GELU as one op
+    (for inference on CUDA in half precision in cuBLASLt's epilogue), and with gradients the
+    gated op and a bare fc1 as one autograd node (block_nodes). For arguments validated by the
+    caller (dit_block_forward, depth_loop), `grad` whether x or the gates need gradients."""
+    B, N, D = x.shape
+    dtype = x.dtype
     branch = checks.cast(attention(h), dtype).contiguous()
     grad = grad or branch.requires_grad
-    impl = GATED.resolve(None, device, dtype, D, grad)
+    impl = GATED.resolve(None, x.device, dtype, D, grad)
     weight, bias = linear_parameters(fc1) if bare_linear(fc1) else (None, None)
     # With gradients: the gated op and fc1 as one autograd node where it can run
-    fused = (block_nodes.gated_mlp_input(x, branch, g1, sh2, sc2, weight, bias, mlp_norm_eps,
-                                         impl) if grad and bias is not None else None)
+    fused = (block_nodes.gated_mlp_input(x, branch, gate, shift, scale, weight, bias, eps, impl)
+             if grad and bias is not None else None)
     if fused is not None:
-        x, hidden = fused
+        return fused
+    x, h = GATED.apply(impl, x, branch, gate, shift, scale, eps, grad=grad)
+    if bias is None:
+        hidden = F.gelu(fc1(h), approximate="tanh")
+    elif _gelu_epilogue(h, weight, bias):
+        hidden = linear_gelu_tanh(h.reshape(B * N, D), weight, bias).view(B, N, -1)
     else:
-        x, h = GATED.apply(impl, x, branch, g1, sh2, sc2, mlp_norm_eps, grad=grad)
-        if bias is None:
-            hidden = F.gelu(fc1(h), approximate="tanh")
-        elif _gelu_epilogue(h, weight, bias):
-            hidden = linear_gelu_tanh(h.reshape(B * N, D), weight, bias).view(B, N, -1)
-        else:
-            hidden = block_nodes.linear_bias_gelu(h, weight, bias)
-    return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
+        hidden = block_nodes.linear_bias_gelu(h, weight, bias)
+    return x, hidden
 
 
 def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps):
