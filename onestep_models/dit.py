@@ -135,6 +135,24 @@ class FinalLayer(nn.Module):
         return self.linear(x)
 
 
+def check_labels(y: Tensor, embedder: LabelEmbedder, num_classes: int) -> None:
+    """Labels in 0..num_classes, num_classes being the null class where the model has one
+    (class_dropout_prob > 0), else in 0..num_classes - 1. On the CPU a plain check; on a
+    GPU an asynchronous device-side assert (no host sync: forwards stay CUDA-graph safe);
+    the meta device has no values to check."""
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ArgumentTypeError(f"y: expected integer labels, got {y.dtype}")
+    top = embedder.embedding_table.num_embeddings - 1
+    allowed = f"0..{top}" + (f" ({top} is the null class)" if top == num_classes
+                             else " (this model has no null class)")
+    if y.device.type == "cpu":
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
+            raise ArgumentError(f"y: labels must be in {allowed}, "
+                                f"got {int(y.min())}..{int(y.max())}")
+    elif y.is_cuda:
+        torch._assert_async(((y >= 0) & (y <= top)).all(), f"y: labels must be in {allowed}")
+
+
 class DiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
@@ -222,21 +240,7 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def _check_labels(self, y: Tensor) -> None:
-        """Labels in 0..num_classes, num_classes being the null class where the model has one
-        (class_dropout_prob > 0), else in 0..num_classes - 1. On the CPU a plain check; on a
-        GPU an asynchronous device-side assert (no host sync: forwards stay CUDA-graph safe);
-        the meta device has no values to check."""
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ArgumentTypeError(f"y: expected integer labels, got {y.dtype}")
-        top = self.y_embedder.embedding_table.num_embeddings - 1
-        allowed = f"0..{top}" + (f" ({top} is the null class)" if top == self.num_classes
-                                 else " (this model has no null class)")
-        if y.device.type == "cpu":
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
-                raise ArgumentError(f"y: labels must be in {allowed}, "
-                                    f"got {int(y.min())}..{int(y.max())}")
-        elif y.is_cuda:
-            torch._assert_async(((y >= 0) & (y <= top)).all(), f"y: labels must be in {allowed}")
+        check_labels(y, self.y_embedder, self.num_classes)
 
     @classmethod
     def from_diffusers(cls, model, fused: bool = True) -> "DiT":
