@@ -118,8 +118,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="image folders: grey or colour")
     p.add_argument("--vae", type=Path, default=None,
                    help="image folders: a local AutoencoderKL directory; train on its latents")
-    p.add_argument("--model", default=None, choices=list(recipes.MODEL_SIZES),
-                   help="network size (default: tiny; slimflow's student: slim-32)")
+    p.add_argument("--model", default=None,
+                   choices=list(recipes.MODEL_SIZES) + list(recipes.SLT_SIZES),
+                   help="network size (default: tiny; slimflow's student: slim-32; slt: "
+                        "slt-tiny)")
     p.add_argument("--unfused", action="store_true", help="reference DiT blocks, not fused")
     p.add_argument("--weight-decay", type=_number(float, 0), default=0.0)
     p.add_argument("--warmup-steps", type=_number(int, 0), default=0,
@@ -146,7 +148,7 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="direct: phi = x0 + t w (residual) or x0 + w (the paper's ablation)")
 
 
-TRAIN_RECIPES = ("flow", "direct", "slimflow")
+TRAIN_RECIPES = ("flow", "direct", "slimflow", "slt")
 # The SlimFlow demo's settings (after the Direct Models demo, whose flow is the teacher).
 SLIMFLOW_DEMO = dict(num_pairs=4000, heun_steps=16, steps=3000, anneal_steps=1500,
                      distill_steps=1000, student="slim-32", batch_size=128, lr=2e-3)
@@ -177,6 +179,22 @@ def _add_slimflow_arguments(p: argparse.ArgumentParser) -> None:
                    help="the lpips package's VGG heads (v0.1 vgg.pth), for LPIPS")
 
 
+def _add_slt_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slt (train slt --teacher RUN: a Single-Layer Transformer distilled "
+                             "from a one-step run, data-free)")
+    g.add_argument("--depth-steps", type=_positive(int), default=None,
+                   help="K, the applications of the one block (default: the teacher's depth)")
+    g.add_argument("--patches", type=_positive(int), default=4,
+                   help="P, the depth patches matched against the teacher (and fused by the "
+                        "head)")
+    g.add_argument("--feature-weight", type=_number(float, 0), default=1.0,
+                   help="the weight of depth-patch feature matching (0: output only)")
+    g.add_argument("--output-weight", type=_number(float, 0), default=1.0,
+                   help="the weight of the output alignment")
+    g.add_argument("--slt-patch-size", type=_positive(int), default=None,
+                   help="the SLT's patch size (a multiple of the teacher's; default: its size's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="onestep", description="One-step image generators on fused DiT kernels.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -185,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", choices=TRAIN_RECIPES)
     _add_train_arguments(train, demo=False)
     _add_slimflow_arguments(train)
+    _add_slt_arguments(train)
     demo = sub.add_parser("demo", help="train a Direct Model on digits, then evaluate it",
                           **defaults)
     _add_train_arguments(demo, demo=True)
@@ -292,6 +311,24 @@ def _run_config(args, recipe: str):
         options.update(dt=args.dt, stop_gradient=not args.no_stop_gradient,
                        parametrization=args.parametrization)
     return recipes.run_config(recipe, data, args.model or "tiny", not args.unfused, options)
+
+
+def _slt_run_config(args):
+    """(run config, data-free dataset, classes) of `train slt` (onestep_models.recipes)."""
+    if args.teacher is None:
+        raise UsageError("--teacher: required: the one-step run (Direct Models or SlimFlow) "
+                         "to distil")
+    if not args.teacher.exists():
+        raise UsageError(f"--teacher: no such file or directory: {args.teacher}")
+    model = args.model or "slt-tiny"
+    if model not in recipes.SLT_SIZES:
+        raise UsageError(f"--model: {model!r} is not an SLT size (expected one of "
+                         f"{', '.join(recipes.SLT_SIZES)})")
+    options = {**recipes.default_options("slt"), "class_dropout": args.class_dropout,
+               "patches": args.patches, "feature_weight": args.feature_weight,
+               "output_weight": args.output_weight}
+    return recipes.slt_run_config(args.teacher, model, not args.unfused, options,
+                                  depth_steps=args.depth_steps, patch_size=args.slt_patch_size)
 
 
 def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out: Path,
@@ -603,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                                    grid_size=args.grid_size, skip_nonfinite=args.skip_nonfinite)
                 if recipe == "slimflow":
                     run = dataset = num_classes = None  # the stages make their own
+                elif recipe == "slt":
+                    run, dataset, num_classes = _slt_run_config(args)
                 else:
                     run, dataset, num_classes = _run_config(args, recipe)
             if recipe == "slimflow":

@@ -4,12 +4,18 @@ the same run loaded back from a checkpoint for sampling and evaluation.
 The run configuration has one schema, from the command line (`run_config`) through the
 trainer to every checkpoint's state.json and back (`build`):
 
-    {"recipe": "direct" | "flow" | "slimflow_reflow" | "slimflow_distill",
+    {"recipe": "direct" | "flow" | "slimflow_reflow" | "slimflow_distill" | "slt",
      "data": {"kind": "digits", "size": 8}
            | {"kind": "folder", "path": ..., "size": ..., "channels": 3, "vae": null, "cache": ...}
-           | {"kind": "pairs", "path": ...} (onestep_models.slimflow's teacher pairs),
-     "model": {keyword arguments of onestep_models.dit.FlowDiT},
-     "options": {DirectConfig fields, FlowMatching's class_dropout, or the SlimFlow stage's}}
+           | {"kind": "pairs", "path": ...} (onestep_models.slimflow's teacher pairs)
+           | {"kind": "noise", "shape": [C, H, W], "num_classes": K, "size": N,
+              "teacher_data": {the teacher's data}} (data-free distillation: labels only,
+              the noise drawn per step),
+     "model": {keyword arguments of onestep_models.dit.FlowDiT, or for "slt" of
+               onestep_models.slt.SingleLayerTransformer},
+     "options": {DirectConfig fields, FlowMatching's class_dropout, the SlimFlow stage's, or
+                 the SLT distillation's with its "teacher": {"checkpoint", "digest",
+                 "recipe"}}}
 
 (the trainer adds "train": its TrainConfig). Named sizes (`MODEL_SIZES`) expand into "model"
 once, where the config is made, from the data's shape and classes.
@@ -30,8 +36,9 @@ from onestep_models import data as datasets
 from onestep_models.direct import DirectConfig, DirectModel
 from onestep_models.dit import DIT_SIZES, FlowDiT
 from onestep_models.flow import FlowMatching
+from onestep_models.slt import SLT_SIZES, SingleLayerTransformer, SLTDistillation
 
-RECIPES = ("flow", "direct", "slimflow_reflow", "slimflow_distill")
+RECIPES = ("flow", "direct", "slimflow_reflow", "slimflow_distill", "slt")
 
 # Network sizes for FlowDiT (patch size, width, depth, heads): two small ones for the embedded
 # digits, and DiT-S/B/L/XL with patch 2 (onestep_models.dit's sizes) for real data.
@@ -41,6 +48,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     # SlimFlow students of the "tiny" teacher: 21% and 12% of its parameters
     "slim-32": {"patch_size": 2, "hidden_size": 32, "depth": 3, "num_heads": 2},
     "slim-24": {"patch_size": 2, "hidden_size": 24, "depth": 3, "num_heads": 2},
+    # a deep one-step teacher for the SLT's layer-number distillation on digits
+    "deep": {"patch_size": 2, "hidden_size": 64, "depth": 8, "num_heads": 4},
     **{f"DiT-{name}/2": {"patch_size": 2, "hidden_size": width, "depth": depth,
                          "num_heads": heads}
        for name, (depth, width, heads) in DIT_SIZES.items()},
@@ -57,6 +66,8 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
         return pairs, manifest["num_classes"]
     if kind == "digits":
         return datasets.digits(spec.get("size", 8)), datasets.DIGITS_CLASSES
+    if kind == "noise":
+        return noise_labels(spec), spec["num_classes"]
     if kind == "folder":
         images, classes = datasets.image_folder(spec["path"], spec["size"],
                                                 spec.get("channels", 3))
@@ -65,12 +76,25 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
             cache = spec.get("cache") or str(default)
             images = datasets.vae_latents(images, spec["vae"], cache)
         return images, len(classes)
-    raise ArgumentError(f"data: unknown kind {kind!r} (expected 'digits', 'folder' or 'pairs')")
+    raise ArgumentError(f"data: unknown kind {kind!r} (expected 'digits', 'folder', 'pairs' or "
+                        "'noise')")
+
+
+def noise_labels(spec: dict[str, Any]) -> TensorDataset:
+    """The data-free "dataset": `size` rows of balanced labels (0, 1, ..., K-1, 0, ...) beside a
+    zero sample of the data's shape that no recipe reads (the noise is drawn per step from the
+    run's seeded generators); no memory per row (the zero sample is a broadcast view)."""
+    shape, size, classes = tuple(spec["shape"]), spec["size"], spec["num_classes"]
+    samples = torch.zeros(1, *shape).expand(size, *shape)
+    labels = torch.arange(size) % classes if classes else torch.zeros(size, dtype=torch.long)
+    return TensorDataset(samples, labels)
 
 
 def real_data(spec: dict[str, Any]) -> dict[str, Any]:
     """The data a run's samples are compared with: its own, or for teacher pairs the data the
     teacher was trained on (recorded in the pairs' manifest)."""
+    if spec.get("kind") == "noise":
+        return spec["teacher_data"]
     if spec.get("kind") != "pairs":
         return spec
     import json
@@ -129,6 +153,13 @@ def build(config: dict[str, Any], training: bool = True) -> nn.Module:
             options["distance"] = LPIPS.from_files(weights["vgg"], weights["lins"])
         return FlowGuidedDistillation(FlowDiT(**model), FlowDiT(**model), num_classes,
                                       **options)
+    if recipe == "slt":
+        recorded, teacher = options.pop("teacher"), None
+        if training:
+            teacher, _ = load_one_step_teacher(Path(recorded["checkpoint"]),
+                                               expected_digest=recorded["digest"])
+        return SLTDistillation(SingleLayerTransformer(**model), teacher,
+                               num_classes=num_classes, **options)
     raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 
@@ -150,6 +181,90 @@ def load_teacher(ckpt: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     return recipe.v.to(device).eval().requires_grad_(False), run, checkpoint
 
 
+# The one-step map of each recipe that has one: (the network, the time it is evaluated at):
+# x1 = x0 + f(x0, t, y). A Direct Model's w at t = 1 (phi(x0, 1) = x0 + 1 * w), a SlimFlow
+# student's v at its smallest time (slimflow.one_step).
+def _one_step_network(recipe: str, module: nn.Module) -> tuple[nn.Module, float] | None:
+    if recipe == "direct":
+        return module.w, 1.0
+    if recipe in ("slimflow_reflow", "slimflow_distill"):
+        from onestep_models.slimflow import EPS
+
+        return module.v, EPS
+    return None
+
+
+def load_one_step_teacher(ckpt: Path, device: torch.device | str = "cpu",
+                          expected_digest: str | None = None
+                          ) -> tuple[nn.Module, dict[str, Any]]:
+    """(the one-step map's network with its EMA weights, frozen; its description: the run
+    config, the checkpoint, the time the network is evaluated at, and the digest of its
+    weights) of a trained one-step run (Direct Models, or a SlimFlow stage): what a
+    layer-number distillation takes as its teacher. A flow run is no one-step map, and is
+    refused by name; so is a checkpoint whose weights are not the `expected_digest` ones."""
+    from onestep_models.run_dir import latest_checkpoint, load_weights, read_checkpoint_state
+
+    checkpoint = latest_checkpoint(ckpt)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--teacher: no checkpoint under {ckpt}")
+    state = read_checkpoint_state(checkpoint)
+    run = state["config"]
+    digest = state.get("files", {}).get("ema.safetensors", {}).get("sha256")
+    if expected_digest is not None and digest != expected_digest:
+        from onestep_kernels.errors import DataError
+
+        raise DataError(f"--teacher: {checkpoint}'s weights are not the ones this run was "
+                        f"distilled from (sha256 {digest} against {expected_digest})")
+    module = build(run, training=False)
+    found = _one_step_network(run["recipe"], module)
+    if found is None:
+        raise ArgumentError(f"--teacher: {checkpoint} is a {run['recipe']!r} run, not a "
+                            "one-step map (a flow needs many steps): distil a Direct Models "
+                            "or SlimFlow run")
+    load_weights(module, checkpoint, "ema")
+    network, time = found
+    network = network.to(device).eval().requires_grad_(False)
+    return network, {"run": run, "checkpoint": str(Path(checkpoint).resolve()), "time": time,
+                     "digest": digest}
+
+
+def slt_run_config(teacher_ckpt: Path, size: str, fused: bool, options: dict[str, Any],
+                   depth_steps: int | None = None, patch_size: int | None = None,
+                   data_size: int = 10_000) -> tuple[dict[str, Any], TensorDataset, int]:
+    """(the run config, the data-free dataset, the number of classes) of an SLT distilled from
+    the one-step run `teacher_ckpt`: the named SLT size (`SLT_SIZES`) at the teacher's data
+    shape and classes, K = the teacher's depth unless `depth_steps` is given, P = the feature
+    patches (`options["patches"]`, default 4) fused states; the teacher recorded by
+    checkpoint and digest."""
+    if size not in SLT_SIZES:
+        raise ArgumentError(f"model: unknown SLT size {size!r} (expected one of "
+                            f"{', '.join(SLT_SIZES)})")
+    _, teacher = load_one_step_teacher(teacher_ckpt)
+    teacher_model = teacher["run"]["model"]
+    options = dict(options)
+    patches = options.pop("patches", 4)
+    model = dict(SLT_SIZES[size], input_size=teacher_model["input_size"],
+                 in_channels=teacher_model["in_channels"],
+                 num_classes=teacher_model.get("num_classes", 0),
+                 class_dropout_prob=0.1 if teacher_model.get("num_classes", 0) else 0.0,
+                 fused=fused)
+    model["depth_steps"] = depth_steps or teacher_model["depth"]
+    if patch_size is not None:
+        model["patch_size"] = patch_size
+    model["fusion_states"] = patches
+    num_classes = model["num_classes"]
+    data = {"kind": "noise", "shape": [teacher_model["in_channels"], teacher_model["input_size"],
+                                       teacher_model["input_size"]],
+            "num_classes": num_classes, "size": data_size,
+            "teacher_data": real_data(teacher["run"]["data"])}
+    options.update(teacher_time=teacher["time"], teacher_width=teacher_model["hidden_size"],
+                   teacher_patch=teacher_model["patch_size"], teacher_depth=teacher_model["depth"],
+                   teacher={"checkpoint": teacher["checkpoint"], "digest": teacher["digest"],
+                            "recipe": teacher["run"]["recipe"]})
+    return ({"recipe": "slt", "data": data, "model": model, "options": options},
+            noise_labels(data), num_classes)
+
+
 def default_options(recipe: str) -> dict[str, Any]:
     if recipe == "direct":
         return dataclasses.asdict(DirectConfig())
@@ -159,6 +274,9 @@ def default_options(recipe: str) -> dict[str, Any]:
         return {"anneal_steps": 1000, "schedule": "linear", "hflip": False}
     if recipe == "slimflow_distill":
         return {"distance": "pseudo_huber", "guidance": True}
+    if recipe == "slt":
+        return {"output_weight": 1.0, "feature_weight": 1.0, "class_dropout": 0.1,
+                "patches": 4}
     raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 

@@ -241,5 +241,155 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["SLT_SIZES", "SingleLayerTransformer", "fusion_depths", "parameter_count",
-           "step_sizes"]
+
+
+# ---------------------------------------------------------------------------- distillation
+
+
+class FrozenTeacher:
+    """A frozen network a recipe holds outside its module tree: not a parameter or buffer (no
+    checkpoint, EMA, optimiser or DDP broadcast ever sees it: at DiT-XL/2 it would add 2.7 GB
+    to each), shared, not copied, by the trainer's EMA copy (`copy.deepcopy`), and moved with
+    the recipe by the recipe's `_apply`."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net.eval().requires_grad_(False)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _teacher_blocks(teacher: nn.Module) -> nn.ModuleList:
+    blocks = getattr(teacher, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ArgumentError("teacher: expected a DiT-shaped network (a `blocks` ModuleList)")
+    return blocks
+
+
+def teacher_depths(layers: int, patches: int) -> tuple[int, ...]:
+    """The teacher layers after which its P = `patches` matched states are taken: after L/P,
+    2L/P, ..., L layers (rounded), as 0-based layer indices."""
+    if not 1 <= patches <= layers:
+        raise ArgumentError(f"patches: expected 1..{layers} (the teacher's depth), got "
+                            f"{patches}")
+    return tuple(round(layers * (p + 1) / patches) - 1 for p in range(patches))
+
+
+def _pool_tokens(states: Tensor, factor: int) -> Tensor:
+    """(B, N, D) tokens of a side-s grid averaged over factor x factor cells: the teacher's
+    finer tokens on the SLT's coarser patches."""
+    if factor == 1:
+        return states
+    B, N, D = states.shape
+    side = int(N ** 0.5)
+    grid = states.transpose(1, 2).reshape(B, D, side, side)
+    return torch.nn.functional.avg_pool2d(grid, factor).flatten(2).transpose(1, 2)
+
+
+class SLTDistillation(nn.Module):
+    """Layer-number distillation of a deep one-step teacher into a Single-Layer Transformer
+    (a recipe for onestep_models.train, data-free by default).
+
+    The teacher is a one-step map x1 = x0 + f(x0, t, y) at a fixed t (`teacher_time`: a Direct
+    Model's w at t = 1, a SlimFlow student's v at its ε), frozen and read through forward hooks
+    on its blocks (its code is not touched). Per step, on seeded noise x0 and labels (dropped
+    to the null class with `class_dropout`, so that the SLT also runs unconditioned, as the
+    screening uses it):
+
+    - output alignment (`output_weight`): mean (SLT(x0) - f(x0))^2;
+    - depth-patch feature matching (`feature_weight`): the teacher's states after layers L/P,
+      2L/P, ..., L against the SLT's after the matching applications (its `fusion` depths),
+      through one learned projection from the SLT's width to the teacher's (`projection`),
+      the teacher's tokens averaged over the SLT's patch where those are coarser; each patch's
+      term is the squared error relative to the teacher state's mean square, so that every
+      depth weighs alike whatever its scale;
+    - patch fusion: the SLT's head reads its learned fusion of those P states
+      (SingleLayerTransformer.fusion_states = P).
+
+    The cosine similarity of each patch's states (projected SLT, teacher) is logged. `teacher`
+    None builds the recipe for sampling (its samplers need only the SLT).
+    """
+
+    def __init__(self, student: SingleLayerTransformer, teacher: nn.Module | None, *,
+                 num_classes: int = 0, teacher_time: float = 1.0, teacher_width: int,
+                 teacher_patch: int, teacher_depth: int, output_weight: float = 1.0,
+                 feature_weight: float = 1.0, class_dropout: float = 0.1, **_recorded):
+        super().__init__()
+        self.student, self.num_classes = student, num_classes
+        self.teacher_time = float(teacher_time)
+        self.output_weight, self.feature_weight = float(output_weight), float(feature_weight)
+        self.class_dropout = float(class_dropout)
+        if student.patch_size % teacher_patch:
+            raise ArgumentError(f"model: the SLT's patch {student.patch_size} is not a multiple "
+                                f"of the teacher's {teacher_patch}")
+        self.pool = student.patch_size // teacher_patch
+        self.student_depths = student.fusion
+        self.teacher_depths = teacher_depths(teacher_depth, len(student.fusion))
+        self.projection = nn.Linear(student.block.hidden_size, teacher_width)
+        self._teacher = None
+        self._captured: dict[int, Tensor] = {}
+        if teacher is not None:
+            blocks = _teacher_blocks(teacher)
+            if len(blocks) != teacher_depth or blocks[0].hidden_size != teacher_width:
+                raise ArgumentError(f"teacher: expected depth {teacher_depth} and width "
+                                    f"{teacher_width} (the run's), got {len(blocks)} and "
+                                    f"{blocks[0].hidden_size}")
+            self._teacher = FrozenTeacher(teacher)
+            for layer in self.teacher_depths:
+                blocks[layer].register_forward_hook(self._capture(layer))
+
+    def _capture(self, layer: int):
+        def hook(module, args, output):
+            self._captured[layer] = output
+        return hook
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._teacher is not None:
+            self._teacher.net._apply(fn, recurse)
+        return self
+
+    def teacher_outputs(self, x0: Tensor, y: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """(f(x0, t, y), the matched states, pooled to the SLT's tokens), without gradients."""
+        if self._teacher is None:
+            raise ArgumentError("teacher: this recipe was built for sampling, without its "
+                                "teacher")
+        t = torch.full((x0.shape[0],), self.teacher_time, dtype=x0.dtype, device=x0.device)
+        self._captured.clear()
+        with torch.no_grad():
+            out = self._teacher.net(x0, t, y)
+        states = [_pool_tokens(self._captured[layer], self.pool)
+                  for layer in self.teacher_depths]
+        self._captured.clear()
+        return out, states
+
+    def loss(self, x1: Tensor, y: Tensor | None, rng):
+        x0 = rng.normal(*x1.shape[1:]).to(x1.dtype)
+        y = rng.drop_labels(y, self.class_dropout, self.num_classes)  # (drawn with or without y)
+        target, teacher_states = self.teacher_outputs(x0, y)
+        t = torch.full((x0.shape[0],), self.teacher_time, dtype=x0.dtype, device=x0.device)
+        out, states = self.student.forward_with_states(x0, t, y, keep=self.student_depths)
+        output_term = (out - target).square().mean()
+        logs = {"output": output_term.detach()}
+        feature_terms = []
+        for p, (ours, theirs) in enumerate(zip(states, teacher_states)):
+            projected = self.projection(ours)
+            feature_terms.append((projected - theirs).square().mean()
+                                 / theirs.square().mean().clamp_min(1e-12))
+            logs[f"cos_{p}"] = torch.nn.functional.cosine_similarity(
+                projected.flatten(1), theirs.flatten(1), dim=1).mean().detach()
+        feature_term = torch.stack(feature_terms).mean()
+        logs["feature"] = feature_term.detach()
+        return self.output_weight * output_term + self.feature_weight * feature_term, logs
+
+    def one_step(self, x0: Tensor, y: Tensor | None) -> Tensor:
+        """x1 = x0 + SLT(x0, t, y): the SLT's own one-step sample."""
+        t = torch.full((x0.shape[0],), self.teacher_time, dtype=x0.dtype, device=x0.device)
+        return x0 + self.student(x0, t, y)
+
+    def samplers(self) -> dict:
+        return {"slt_1step": self.one_step}
+
+
+__all__ = ["SLT_SIZES", "FrozenTeacher", "SLTDistillation", "SingleLayerTransformer",
+           "fusion_depths", "parameter_count", "step_sizes", "teacher_depths"]

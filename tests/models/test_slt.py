@@ -151,3 +151,127 @@ def test_inputs_are_checked_by_name(generator):
         model(x, t, torch.tensor([0, 11]))
     unconditional = small(num_classes=0)
     assert unconditional(x, t, None).shape == x.shape
+
+
+# ---- the distillation recipe ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A Direct Models run on digits, two steps: a one-step teacher of depth 4."""
+    from onestep_models import cli
+
+    out = tmp_path_factory.mktemp("teacher")
+    assert cli.main(["train", "direct", "--out", str(out), "--steps", "2", "--batch-size", "8",
+                     "--no-progress", "--checkpoint-every", "1"]) == 0
+    return out
+
+
+def _distil(teacher_run, out, *extra):
+    from onestep_models import cli
+
+    return cli.main(["train", "slt", "--teacher", str(teacher_run), "--out", str(out),
+                     "--steps", "2", "--batch-size", "8", "--no-progress",
+                     "--checkpoint-every", "1", "--grid-size", "2", *extra])
+
+
+def test_distillation_trains_checkpoints_and_samples_without_the_teacher(teacher_run, tmp_path,
+                                                                         capsys):
+    import json
+
+    from onestep_models import cli, recipes
+    from onestep_models.run_dir import load_tensors
+
+    assert _distil(teacher_run, tmp_path) == 0
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"output", "feature", "cos_0", "cos_3"} <= set(log[-1])
+    checkpoint = tmp_path / "checkpoints" / "step_00000002"
+    state = json.loads((checkpoint / "state.json").read_text())
+    options = state["config"]["options"]
+    assert options["teacher"]["recipe"] == "direct" and len(options["teacher"]["digest"]) == 64
+    assert state["config"]["data"]["kind"] == "noise"  # data-free
+    for which in ("model", "ema"):  # the student and the projection; no teacher weight
+        names = load_tensors(checkpoint / f"{which}.safetensors")
+        assert names and all(k.startswith(("student.", "projection.")) for k in names), names
+    model, run, _ = cli.load_run(tmp_path, torch.device("cpu"))  # sampling: no teacher loaded
+    assert model._teacher is None and list(model.samplers()) == ["slt_1step"]
+    x0, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    ones = torch.ones(3)
+    assert torch.equal(model.samplers()["slt_1step"](x0, y), x0 + model.student(x0, ones, y))
+    recipe = recipes.build(run)  # training: the teacher, frozen, outside the module tree
+    assert recipe._teacher is not None
+    assert not any(p is t for p in recipe.parameters()
+                   for t in recipe._teacher.net.parameters())
+    import copy
+
+    assert copy.deepcopy(recipe)._teacher is recipe._teacher  # the EMA copy shares it
+
+
+def test_two_seeded_distillations_are_bit_identical(teacher_run, tmp_path):
+    from onestep_models.run_dir import load_tensors
+
+    for name in ("a", "b"):
+        assert _distil(teacher_run, tmp_path / name) == 0
+    a, b = (load_tensors(tmp_path / n / "checkpoints" / "step_00000002" / "model.safetensors")
+            for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_that_is_no_one_step_map_or_changed_is_refused(teacher_run, tmp_path, capsys):
+    import json
+
+    from onestep_models import cli
+
+    assert cli.main(["train", "flow", "--out", str(tmp_path / "flow"), "--steps", "1",
+                     "--batch-size", "8", "--no-progress", "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    assert _distil(tmp_path / "flow", tmp_path / "slt") == 2
+    err = capsys.readouterr().err
+    assert "'flow' run, not a one-step map" in err and err.count("\n") == 1
+    # a run distilled from one teacher does not resume with other weights under its path
+    assert _distil(teacher_run, tmp_path / "slt2") == 0
+    state_path = tmp_path / "slt2" / "checkpoints" / "step_00000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["config"]["options"]["teacher"]["digest"] = "0" * 64
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    from onestep_models import recipes
+
+    with pytest.raises(ValueError, match="not the ones this run was distilled from"):
+        recipes.build(state["config"])
+
+
+def test_the_data_free_dataset_is_balanced_labels_and_no_memory():
+    from onestep_models.recipes import noise_labels
+
+    data = noise_labels({"shape": [1, 8, 8], "num_classes": 10, "size": 25})
+    samples, labels = data.tensors
+    assert samples.shape == (25, 1, 8, 8) and samples.stride(0) == 0
+    assert labels.tolist() == [i % 10 for i in range(25)]
+
+
+def test_feature_matching_reads_the_teacher_through_hooks(teacher_run):
+    """The matched teacher states are its blocks' outputs after layers L/P..L, captured by
+    forward hooks on the unchanged teacher; pooled where the SLT's patch is coarser."""
+    from onestep_models import recipes
+    from onestep_models.slt import _pool_tokens, teacher_depths
+
+    assert teacher_depths(28, 4) == (6, 13, 20, 27) and teacher_depths(4, 4) == (0, 1, 2, 3)
+    run, _, _ = recipes.slt_run_config(teacher_run, "slt-tiny", True,
+                                       recipes.default_options("slt"), data_size=16)
+    recipe = recipes.build(run)
+    teacher = recipe._teacher.net
+    x0, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 10])
+    expected = []
+
+    def keep(module, args, out):
+        expected.append(out)
+
+    handles = [b.register_forward_hook(keep) for b in teacher.blocks]
+    out, states = recipe.teacher_outputs(x0, y)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(out, teacher(x0, torch.ones(2), y))
+    assert all(torch.equal(s, expected[k]) for s, k in zip(states, recipe.teacher_depths))
+    pooled = _pool_tokens(torch.arange(32.0).reshape(1, 16, 2), 2)  # a 4 x 4 grid to 2 x 2
+    assert pooled.shape == (1, 4, 2) and pooled[0, 0, 0] == (0 + 2 + 8 + 10) / 4
