@@ -207,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a Direct Model on digits, then evaluate it",
                           **defaults)
     _add_train_arguments(demo, demo=True)
-    demo.add_argument("--method", choices=("direct", "slimflow"), default="direct",
+    demo.add_argument("--method", choices=("direct", "slimflow", "slt"), default="direct",
                       help="slimflow: then distil the Direct Model's flow into a student "
-                           "with SlimFlow, and evaluate it")
+                           "with SlimFlow, and evaluate it; slt: a deep Direct Model (depth 8), "
+                           "then a Single-Layer Transformer distilled from its one-step map")
     pairs = sub.add_parser("pairs", help="draw (noise, sample) pairs from a teacher's ODE",
                            **defaults)
     pairs.add_argument("--teacher", type=Path, required=True,
@@ -602,6 +603,64 @@ def slimflow_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
     return all(bars.values())
 
 
+# The SLT demo's settings: the Direct Model of the demo at the "deep" size is the teacher.
+SLT_DEMO = dict(teacher="deep", student="slt-tiny", steps=2000, batch_size=128, lr=2e-3,
+                patches=4)
+
+
+def slt_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
+    """The SLT after the Direct Models demo at the deep size: its one-step map (w at t = 1) is
+    the teacher; an SLT is distilled into <out>/slt (data-free), evaluated, its per-patch
+    cosine similarity to the teacher's states measured, and checked against the bars (printed
+    as PASS/FAIL); True when all pass."""
+    from onestep_models.run_dir import load_weights
+
+    scale = min(1.0, args.steps / DEMO["steps"])
+    steps = max(1, round(SLT_DEMO["steps"] * scale))
+    out = args.out / "slt"
+    options = {**recipes.default_options("slt"), "patches": SLT_DEMO["patches"]}
+    run, dataset, num_classes = recipes.slt_run_config(args.out, SLT_DEMO["student"], True,
+                                                       options)
+    tcfg = TrainConfig(steps=steps, batch_size=SLT_DEMO["batch_size"], lr=SLT_DEMO["lr"],
+                       warmup_steps=100, grad_clip=1.0, ema_decay=0.999, seed=args.seed,
+                       checkpoint_every=max(1, steps // 4), log_every=max(1, min(100, steps // 10)))
+    start = time.perf_counter()
+    trainer = train(run, dataset, num_classes, tcfg, out, device, progress=not args.no_progress,
+                    allow_config_change=args.allow_config_change)
+    report_training(trainer, tcfg, out, time.perf_counter() - start)
+    result = evaluate(out, args.eval_samples, 1, device)
+    # per-patch cosine similarity of the SLT's (EMA) states to the teacher's, on fixed noise
+    recipe = recipes.build(run).to(device).eval()
+    load_weights(recipe, latest_checkpoint(out), "ema")
+    x0, y = grid_inputs(_sample_shape(run), num_classes, args.eval_samples, 1, device)
+    with torch.no_grad():
+        cosines = recipe.patch_cosines(x0, y)
+    teacher_parameters = sum(p.numel() for p in recipe._teacher.net.parameters())
+    slt_parameters = sum(p.numel() for p in recipe.student.parameters() if p.requires_grad)
+    slt, teacher = result["samplers"]["slt_1step"], direct["samplers"]["direct_1step"]
+    bars = {
+        "SLT parameters <= 1/4 of the teacher's": slt_parameters <= teacher_parameters / 4,
+        "SLT 1-step FD <= 2x the teacher's 1-step FD": slt["digits_fd"] <= 2 * teacher["digits_fd"],
+        "SLT class accuracy within 3 points of the teacher's":
+            slt["class_accuracy"] >= teacher["class_accuracy"] - 0.03,
+    }
+    summary = {"parameters": {"slt": slt_parameters, "teacher": teacher_parameters},
+               "digits_fd": {"slt_1step": slt["digits_fd"], "teacher_1step": teacher["digits_fd"]},
+               "class_accuracy": {"slt_1step": slt["class_accuracy"],
+                                  "teacher_1step": teacher["class_accuracy"]},
+               "patch_cosines": cosines, "bars": bars, "slt": result,
+               "seconds": round(time.perf_counter() - start, 1)}
+    write_json_atomic(out / "metrics.json", summary)
+    print(f"SLT: {slt_parameters:,} parameters (teacher {teacher_parameters:,}); 1-step "
+          f"digits-FD {slt['digits_fd']:.4g} (teacher {teacher['digits_fd']:.4g}), accuracy "
+          f"{slt['class_accuracy']:.3f} (teacher {teacher['class_accuracy']:.3f}); per-patch "
+          f"cosine similarity " + ", ".join(f"{c:.3f}" for c in cosines))
+    for what, ok in bars.items():
+        print(f"{'PASS' if ok else 'FAIL'}: {what}")
+    print(f"SLT in {summary['seconds']:.0f} s; metrics in {out}")
+    return all(bars.values())
+
+
 def quality_bar(result: dict[str, Any]) -> dict[str, Any]:
     """The Direct Models bar on digits: 1-step w's digits-FD at most 1/3 of 1-step Euler flow's;
     its class accuracy at least 80% of the 128-step flow's."""
@@ -628,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                                    log_every=max(1, min(100, args.steps // 10)),
                                    skip_nonfinite=args.skip_nonfinite)
                 run, dataset, num_classes = recipes.run_config(
-                    "direct", {"kind": "digits", "size": 8}, DEMO["model"], True,
+                    "direct", {"kind": "digits", "size": 8},
+                    SLT_DEMO["teacher"] if args.method == "slt" else DEMO["model"], True,
                     {**recipes.default_options("direct"), "dt": DEMO["dt"]})
             else:
                 tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -685,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
                 passed = bar["fd_ratio_ok"] and bar["accuracy_ratio_ok"]
                 if args.method == "slimflow":
                     passed = slimflow_demo(args, device, result) and passed
+                if args.method == "slt":
+                    passed = slt_demo(args, device, result) and passed
                 if not passed:
                     return 1
             return 0

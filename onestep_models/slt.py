@@ -382,6 +382,21 @@ class SLTDistillation(nn.Module):
         logs["feature"] = feature_term.detach()
         return self.output_weight * output_term + self.feature_weight * feature_term, logs
 
+    def patch_cosines(self, x0: Tensor, y: Tensor | None, batch: int = 256) -> list[float]:
+        """Each patch's cosine similarity of the SLT's projected states to the teacher's,
+        averaged over the samples x0 (the demo's measure of how far the matching went)."""
+        totals = torch.zeros(len(self.teacher_depths), dtype=torch.float64)
+        for start in range(0, x0.shape[0], batch):
+            xs = x0[start:start + batch]
+            ys = None if y is None else y[start:start + batch]
+            _, theirs = self.teacher_outputs(xs, ys)
+            t = torch.full((xs.shape[0],), self.teacher_time, dtype=xs.dtype, device=xs.device)
+            _, ours = self.student.forward_with_states(xs, t, ys, keep=self.student_depths)
+            for p, (a, b) in enumerate(zip(ours, theirs)):
+                totals[p] += torch.nn.functional.cosine_similarity(
+                    self.projection(a).flatten(1), b.flatten(1), dim=1).double().sum().cpu()
+        return (totals / x0.shape[0]).tolist()
+
     def one_step(self, x0: Tensor, y: Tensor | None) -> Tensor:
         """x1 = x0 + SLT(x0, t, y): the SLT's own one-step sample."""
         t = torch.full((x0.shape[0],), self.teacher_time, dtype=x0.dtype, device=x0.device)

@@ -440,3 +440,20 @@ def test_slimflow_with_lpips_keeps_vgg_out_of_its_checkpoints(trained_run, tmp_p
     code, _, err = run(capsys, "sample", "--ckpt", str(out / "distill"), "--out",
                        str(tmp_path / "s.png"), "--num", "4")
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_demo_slt_tiny(tmp_path, capsys):
+    """The SLT demo end to end at tiny settings (scaled down with --steps): the deep Direct
+    Model, the SLT distilled from its one-step map, both evaluated, the per-patch cosine
+    similarities, PASS/FAIL lines for its bars."""
+    code, stdout, err = run(capsys, "demo", "--method", "slt", "--out", str(tmp_path),
+                            "--steps", "2", "--eval-samples", "20", "--no-progress")
+    assert code in (0, 1), err  # 2 steps need not pass the bars
+    summary = json.loads((tmp_path / "slt" / "metrics.json").read_text())
+    assert summary["parameters"]["slt"] * 4 <= summary["parameters"]["teacher"]
+    assert len(summary["patch_cosines"]) == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["samplers"]  # the teacher's
+    assert "SLT 1-step FD <= 2x the teacher's 1-step FD" in stdout
+    assert (stdout.count("PASS: ") + stdout.count("FAIL: ")) == 2 + 3
+    assert (tmp_path / "slt" / "grid_slt_1step.png").is_file()
