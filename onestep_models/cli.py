@@ -191,6 +191,9 @@ def _add_slt_arguments(p: argparse.ArgumentParser) -> None:
                    help="the weight of depth-patch feature matching (0: output only)")
     g.add_argument("--output-weight", type=_number(float, 0), default=1.0,
                    help="the weight of the output alignment")
+    g.add_argument("--no-fusion", action="store_true",
+                   help="the SLT's head reads its last state alone (the ablation), not the "
+                        "fusion of the P matched ones")
     g.add_argument("--slt-patch-size", type=_positive(int), default=None,
                    help="the SLT's patch size (a multiple of the teacher's; default: its size's)")
 
@@ -329,7 +332,8 @@ def _slt_run_config(args):
                "patches": args.patches, "feature_weight": args.feature_weight,
                "output_weight": args.output_weight}
     return recipes.slt_run_config(args.teacher, model, not args.unfused, options,
-                                  depth_steps=args.depth_steps, patch_size=args.slt_patch_size)
+                                  depth_steps=args.depth_steps, patch_size=args.slt_patch_size,
+                                  fusion=not args.no_fusion)
 
 
 def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out: Path,

@@ -230,19 +230,19 @@ def load_one_step_teacher(ckpt: Path, device: torch.device | str = "cpu",
 
 def slt_run_config(teacher_ckpt: Path, size: str, fused: bool, options: dict[str, Any],
                    depth_steps: int | None = None, patch_size: int | None = None,
-                   data_size: int = 10_000) -> tuple[dict[str, Any], TensorDataset, int]:
+                   fusion: bool = True, data_size: int = 10_000
+                   ) -> tuple[dict[str, Any], TensorDataset, int]:
     """(the run config, the data-free dataset, the number of classes) of an SLT distilled from
     the one-step run `teacher_ckpt`: the named SLT size (`SLT_SIZES`) at the teacher's data
-    shape and classes, K = the teacher's depth unless `depth_steps` is given, P = the feature
-    patches (`options["patches"]`, default 4) fused states; the teacher recorded by
-    checkpoint and digest."""
+    shape and classes, K = the teacher's depth unless `depth_steps` is given, the P feature
+    patches (`options["patches"]`, default 4) fused by its head (`fusion`; else its last state
+    alone); the teacher recorded by checkpoint and digest."""
     if size not in SLT_SIZES:
         raise ArgumentError(f"model: unknown SLT size {size!r} (expected one of "
                             f"{', '.join(SLT_SIZES)})")
     _, teacher = load_one_step_teacher(teacher_ckpt)
     teacher_model = teacher["run"]["model"]
-    options = dict(options)
-    patches = options.pop("patches", 4)
+    options = {"patches": 4, **options}
     model = dict(SLT_SIZES[size], input_size=teacher_model["input_size"],
                  in_channels=teacher_model["in_channels"],
                  num_classes=teacher_model.get("num_classes", 0),
@@ -251,7 +251,7 @@ def slt_run_config(teacher_ckpt: Path, size: str, fused: bool, options: dict[str
     model["depth_steps"] = depth_steps or teacher_model["depth"]
     if patch_size is not None:
         model["patch_size"] = patch_size
-    model["fusion_states"] = patches
+    model["fusion_states"] = options["patches"] if fusion else 1
     num_classes = model["num_classes"]
     data = {"kind": "noise", "shape": [teacher_model["in_channels"], teacher_model["input_size"],
                                        teacher_model["input_size"]],

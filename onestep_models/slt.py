@@ -303,8 +303,8 @@ class SLTDistillation(nn.Module):
       the teacher's tokens averaged over the SLT's patch where those are coarser; each patch's
       term is the squared error relative to the teacher state's mean square, so that every
       depth weighs alike whatever its scale;
-    - patch fusion: the SLT's head reads its learned fusion of those P states
-      (SingleLayerTransformer.fusion_states = P).
+    - patch fusion: the SLT's head reads its learned fusion of those P states where the SLT
+      was built with fusion_states = P (1: the last state alone, the ablation).
 
     The cosine similarity of each patch's states (projected SLT, teacher) is logged. `teacher`
     None builds the recipe for sampling (its samplers need only the SLT).
@@ -312,8 +312,9 @@ class SLTDistillation(nn.Module):
 
     def __init__(self, student: SingleLayerTransformer, teacher: nn.Module | None, *,
                  num_classes: int = 0, teacher_time: float = 1.0, teacher_width: int,
-                 teacher_patch: int, teacher_depth: int, output_weight: float = 1.0,
-                 feature_weight: float = 1.0, class_dropout: float = 0.1, **_recorded):
+                 teacher_patch: int, teacher_depth: int, patches: int = 4,
+                 output_weight: float = 1.0, feature_weight: float = 1.0,
+                 class_dropout: float = 0.1):
         super().__init__()
         self.student, self.num_classes = student, num_classes
         self.teacher_time = float(teacher_time)
@@ -323,8 +324,8 @@ class SLTDistillation(nn.Module):
             raise ArgumentError(f"model: the SLT's patch {student.patch_size} is not a multiple "
                                 f"of the teacher's {teacher_patch}")
         self.pool = student.patch_size // teacher_patch
-        self.student_depths = student.fusion
-        self.teacher_depths = teacher_depths(teacher_depth, len(student.fusion))
+        self.student_depths = fusion_depths(student.depth_steps, patches)
+        self.teacher_depths = teacher_depths(teacher_depth, patches)
         self.projection = nn.Linear(student.block.hidden_size, teacher_width)
         self._teacher = None
         self._captured: dict[int, Tensor] = {}

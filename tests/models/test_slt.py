@@ -275,3 +275,18 @@ def test_feature_matching_reads_the_teacher_through_hooks(teacher_run):
     assert all(torch.equal(s, expected[k]) for s, k in zip(states, recipe.teacher_depths))
     pooled = _pool_tokens(torch.arange(32.0).reshape(1, 16, 2), 2)  # a 4 x 4 grid to 2 x 2
     assert pooled.shape == (1, 4, 2) and pooled[0, 0, 0] == (0 + 2 + 8 + 10) / 4
+
+
+def test_the_ablations_are_settings(teacher_run, tmp_path):
+    """No fusion (the head reads the last state; the four patches still matched), output
+    alone (--feature-weight 0) and fewer depth steps than the teacher's layers."""
+    import json
+
+    assert _distil(teacher_run, tmp_path / "a", "--no-fusion", "--feature-weight", "0",
+                   "--depth-steps", "2", "--patches", "2") == 0
+    config = json.loads((tmp_path / "a" / "checkpoints" / "step_00000002" /
+                         "state.json").read_text())["config"]
+    assert config["model"]["fusion_states"] == 1 and config["model"]["depth_steps"] == 2
+    assert config["options"]["patches"] == 2 and config["options"]["feature_weight"] == 0
+    last = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[-1])
+    assert "cos_1" in last and "cos_2" not in last
