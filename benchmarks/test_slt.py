@@ -13,14 +13,13 @@ tokens). Rates are GFLOP/s of the loop's matrix products and attention.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from onestep_gpu_check.rows import slt_eager_loop, slt_floor, slt_models
 from onestep_kernels.depth_loop import depth_loop
-from onestep_kernels.layers import DiTBlock
-from onestep_models.slt import SingleLayerTransformer
 
 # name -> (width, heads, K, latent side, channels, candidates forward, candidates training)
 SIZES = {"slt-S": (384, 6, 28, 16, 4, 16, 4), "slt-tiny": (48, 4, 8, 8, 1, 64, 64)}
+# (the models, the eager loop and the floor are the GPU pass's slt row's: onestep_gpu_check)
 
 
 def loop_flops(D: int, K: int, B: int, N: int) -> int:
@@ -31,52 +30,7 @@ def loop_flops(D: int, K: int, B: int, N: int) -> int:
 
 def _models(name: str):
     D, H, K, side, C, _, _ = SIZES[name]
-    torch.manual_seed(0)
-    fused = SingleLayerTransformer(input_size=side, in_channels=C, hidden_size=D, num_heads=H,
-                                   depth_steps=K, fusion_states=1, num_classes=10, fused=True)
-    with torch.no_grad():
-        for p in fused.parameters():  # adaLN-Zero's zeros would make the block the identity
-            if p.requires_grad:
-                p.normal_(0, 0.02)
-    block = DiTBlock(D, H)
-    block.load_state_dict(fused.block.state_dict())
-    return fused, block
-
-
-def _eager_loop(model, block):
-    """The SLT as a plain eager loop over the reference block's modules: each application's
-    modulation from its own product, its gates scaled by the step."""
-    def modulated(h, shift, scale):
-        return F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-
-    def forward(x, t, y):
-        c = model.conditioning(t * model.time_scale, y)
-        tau = model.tau_embedder(model.depth_time * model.time_scale)
-        h = model.x_embedder(x) + model.pos_embed
-        for k in range(model.depth_steps):
-            sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c + tau[k]).chunk(6, dim=1)
-            step = model.steps[k]
-            h = h + (step * g1)[:, None] * block.attn(modulated(h, sh1, sc1))
-            h = h + (step * g2)[:, None] * block.mlp(modulated(h, sh2, sc2))
-        return model.unpatchify(model.final_layer(h, c))
-    return forward
-
-
-def _floor(model, B: int, N: int):
-    """The loop's matrix products and attention alone, K times."""
-    D, H = model.block.hidden_size, model.block.attn.num_heads
-    a, m = model.block.attn, model.block.mlp
-    h, u = torch.randn(B, N, D), torch.randn(B, N, m.fc1.out_features)
-    q = torch.randn(B, H, N, D // H)
-
-    def run():
-        for _ in range(model.depth_steps):
-            F.linear(h, a.qkv.weight, a.qkv.bias)
-            F.scaled_dot_product_attention(q, q, q)
-            F.linear(h, a.proj.weight, a.proj.bias)
-            F.linear(h, m.fc1.weight, m.fc1.bias)
-            F.linear(u, m.fc2.weight, m.fc2.bias)
-    return run
+    return slt_models(name, side, C, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])
@@ -94,9 +48,9 @@ def test_slt_forward(benchmark, record, contender, name, mode):
     if contender == "floor":
         if mode == "training":
             pytest.skip("the floor is the forward's (a training floor would be 3x it)")
-        call = _floor(model, B, N)
+        call = slt_floor(model, B, N, "cpu", torch.float32)
     else:
-        eager = _eager_loop(model, block)
+        eager = slt_eager_loop(model, block)
         with torch.no_grad():
             expected = eager(x, t, y)[:, :C]
         forward = {"eager loop": eager, "torch.compile(eager loop)": torch.compile(eager),

@@ -48,6 +48,8 @@ class Setting:
     copy_mib: int
     gemm: int
     compile: bool
+    slt: str = "slt-S"  # the SLT size of the slt row (onestep_models.slt.SLT_SIZES)
+    slt_batch: int = 128  # its candidates (of dit_input / 2 squared tokens)
 
     @property
     def Dh(self) -> int:
@@ -62,7 +64,8 @@ def gpu_setting() -> Setting:
 
 def smoke_setting() -> Setting:
     return Setting(torch.device("cpu"), torch.float32, 64, 4, 16, (2, 3), (1,), 3,
-                   ((2, 4, 16, 16), (1, 2, 24, 8)), "DiT-S/8", 16, 8, 128, False)
+                   ((2, 4, 16, 16), (1, 2, 24, 8)), "DiT-S/8", 16, 8, 128, False,
+                   slt="slt-tiny", slt_batch=2)
 
 
 def peak_bytes(fn: Callable, device: torch.device) -> int | None:
@@ -534,3 +537,121 @@ def row_preferences(row: Row) -> None:
             row.add(case=op, contender=backend, ms=round(seconds * 1e3, 4))
         for backend, error in entry.get("failed", {}).get(op, {}).items():
             row.add(case=op, contender=backend, error=error)
+
+
+# ---------------------------------------------------------------------------- the SLT
+
+
+def slt_models(size: str, input_size: int, in_channels: int, device, dtype):
+    """(the fused SLT at `size`, the reference DiTBlock with its block's weights), every
+    weight drawn (adaLN-Zero's zeros would make the block the identity)."""
+    from onestep_kernels.layers import DiTBlock
+    from onestep_models.slt import SLT_SIZES, SingleLayerTransformer
+
+    torch.manual_seed(0)
+    model = SingleLayerTransformer(**SLT_SIZES[size], input_size=input_size,
+                                   in_channels=in_channels, fusion_states=1, num_classes=1000,
+                                   fused=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    block = DiTBlock(model.block.hidden_size, model.block.attn.num_heads)
+    block.load_state_dict(model.block.state_dict())
+    return model.to(device, dtype), block.to(device, dtype)
+
+
+def slt_eager_loop(model, block) -> Callable:
+    """The SLT as a plain eager loop over the reference block's modules: each application's
+    modulation from its own product, its gates scaled by the step (what a user would write)."""
+    def modulated(h, shift, scale):
+        return F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def forward(x, t, y):
+        c = model.conditioning(t * model.time_scale, y)
+        tau = model.tau_embedder(model.depth_time * model.time_scale)
+        h = model.x_embedder(x) + model.pos_embed
+        for k in range(model.depth_steps):
+            sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c + tau[k]).chunk(6, dim=1)
+            step = model.steps[k]
+            h = h + (step * g1)[:, None] * block.attn(modulated(h, sh1, sc1))
+            h = h + (step * g2)[:, None] * block.mlp(modulated(h, sh2, sc2))
+        return model.unpatchify(model.final_layer(h, c))
+    return forward
+
+
+def slt_floor(model, B: int, N: int, device, dtype) -> Callable:
+    """The loop's matrix products and attention alone, K times: its floor."""
+    D, H = model.block.hidden_size, model.block.attn.num_heads
+    a, m = model.block.attn, model.block.mlp
+    h = torch.randn(B, N, D, device=device, dtype=dtype)
+    u = torch.randn(B, N, m.fc1.out_features, device=device, dtype=dtype)
+    q = torch.randn(B, H, N, D // H, device=device, dtype=dtype)
+
+    def run():
+        for _ in range(model.depth_steps):
+            F.linear(h, a.qkv.weight, a.qkv.bias)
+            F.scaled_dot_product_attention(q, q, q)
+            F.linear(h, a.proj.weight, a.proj.bias)
+            F.linear(h, m.fc1.weight, m.fc1.bias)
+            F.linear(u, m.fc2.weight, m.fc2.bias)
+    return run
+
+
+def row_slt(row: Row) -> None:
+    """The SLT's depth loop at its size and candidates (the issue's targets): the forward
+    against a plain eager loop over the reference block, torch.compile of that loop, and the
+    floor (the loop's products and attention alone); onestep replayed from a CUDA graph; the
+    K-step loop against K single applications timed alone; forward+backward against eager."""
+    from onestep_kernels.cuda_graph import CUDAGraphed
+    from onestep_kernels.depth_loop import depth_loop
+
+    s = row.s
+    model, block = slt_models(s.slt, s.dit_input, 4, s.device, s.dtype)
+    B, N = s.slt_batch, (s.dit_input // model.patch_size) ** 2
+    x = _rand(s, B, 4, s.dit_input, s.dit_input)
+    t = torch.ones(B, device=s.device, dtype=s.dtype)
+    y = torch.randint(0, 1000, (B,), device=s.device)
+    eager = slt_eager_loop(model, block)
+    contenders = {"eager loop": eager, "onestep": model}
+    if s.device.type == "cuda":
+        contenders["onestep + CUDA graph"] = CUDAGraphed(model)
+    if s.compile:
+        contenders["torch.compile(eager loop)"] = torch.compile(eager)
+    case = f"{s.slt} K={model.depth_steps}, {B} x {N} tokens"
+    forward = {}
+    with torch.no_grad():
+        for name, fn in contenders.items():
+            forward[name] = row.time(f"{case} forward", name, lambda f=fn: f(x, t, y))
+        floor = row.time(f"{case} forward", "floor (products + attention)",
+                         slt_floor(model, B, N, s.device, s.dtype))
+        h = _rand(s, B, N, model.block.hidden_size)
+        mods = model.modulations(_rand(s, B, model.block.hidden_size))
+        loop = {}
+        for name, m in (("K applications", mods), ("one application", mods[:1].contiguous())):
+            loop[name] = row.time(f"{case} depth loop", name, lambda m=m: depth_loop(
+                h, m, model.block.attn, model.block.mlp.fc1, model.block.mlp.fc2))
+    params = [p for p in list(model.parameters()) + list(block.parameters()) if p.requires_grad]
+
+    def training(fn):
+        def step():
+            for p in params:
+                p.grad = None
+            fn(x, t, y).float().square().mean().backward()
+        return step
+
+    backward = {name: row.time(f"{case} forward+backward", name, training(fn))
+                for name, fn in (("eager loop", eager), ("onestep", model))}
+    ours = forward.get("onestep")
+    row.target(f"SLT {case}: K applications / (K x one alone) <= 1.15",
+               _ratio(loop.get("K applications"),
+                      None if loop.get("one application") is None
+                      else loop["one application"] * model.depth_steps), 1.15, at_least=False)
+    row.target(f"SLT {case} fwd: speed-up over the eager loop >= 1.2",
+               _ratio(forward.get("eager loop"), ours), 1.2)
+    row.target(f"SLT {case} fwd: speed-up over torch.compile of it >= 1.0",
+               _ratio(forward.get("torch.compile(eager loop)"), ours), 1.0)
+    row.target(f"SLT {case} fwd: time / floor <= 1.15", _ratio(ours, floor), 1.15,
+               at_least=False)
+    row.target(f"SLT {case} fwd+bwd: speed-up over the eager loop >= 1.0",
+               _ratio(backward.get("eager loop"), backward.get("onestep")), 1.0)

@@ -26,9 +26,9 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     out = tmp_path / "results"
     rows = ["ceilings", "block", "dit", "profile", "memory_bound", "attention", "host"]
     assert gpu_check.main(["--out", str(out), "--smoke", "--only", ",".join(rows)]) == 0
-    assert gpu_check.main(["--out", str(out), "--smoke", "--only", "fused_linear"]) == 0
+    assert gpu_check.main(["--out", str(out), "--smoke", "--only", "fused_linear,slt"]) == 0
     results = json.loads((out / "gpu_check.json").read_text())
-    assert set(results["rows"]) == {*rows, "fused_linear"}
+    assert set(results["rows"]) == {*rows, "fused_linear", "slt"}
     for name, row in results["rows"].items():
         assert row["error"] is None, (name, row["error"])
         assert row["records"], name
@@ -50,6 +50,10 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
                             for name in ("eager", "onestep")}
     assert all(r["busy_ms"] > 0 and len(r["longest"]) == 5 for r in profile.values())
     assert "onestep block, B=2 forward+backward" in (out / "profile.txt").read_text()
+    slt = {(r["case"].split(", ")[-1], r["contender"]) for r in results["rows"]["slt"]["records"]}
+    assert {("2 x 64 tokens forward", "onestep"), ("2 x 64 tokens forward", "eager loop"),
+            ("2 x 64 tokens depth loop", "one application")} <= slt, slt
+    assert len(results["rows"]["slt"]["targets"]) == 5
     table = (out / "gpu_check.md").read_text()
     assert "## memory_bound" in table and "## fused_linear" in table
     assert "layernorm_modulate fwd | cpu |" in table
