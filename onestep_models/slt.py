@@ -125,7 +125,7 @@ class SingleLayerTransformer(nn.Module):
         # derived from the settings, so not in the state_dict (K is a per-run setting)
         self.register_buffer("steps", steps.float(), persistent=False)
         self.register_buffer("depth_time", tau.float(), persistent=False)
-        # (1, 1, 6 D): 1 except the two gates' columns, scaled by Delta_k per application
+        # (6 D,): which columns of the block's modulation are its two gates (scaled by Delta_k)
         self.register_buffer("_gate_columns", torch.tensor(
             [0, 0, 1, 0, 0, 1], dtype=torch.bool).repeat_interleave(hidden_size),
             persistent=False)
@@ -201,7 +201,7 @@ class SingleLayerTransformer(nn.Module):
         head = None
         if fused_head:
             head = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
-        taken = tuple(sorted(set(keep) | set(self.fusion)))
+        taken = tuple(sorted(set(keep) | (set() if fused_head else set(self.fusion))))
         block = self.block
         if self.fused:
             h, head_input, states = depth_loop(
@@ -211,7 +211,7 @@ class SingleLayerTransformer(nn.Module):
             h, head_input, states = reference_depth_loop(
                 h, self.modulations(c), block.attn, block.mlp, keep=taken, head=head)
         by_depth = dict(zip(taken, states))
-        if head_input is None:
+        if not fused_head:
             weights = self.fusion_logits.softmax(0).to(h.dtype)
             fused = by_depth[self.fusion[0]] * weights[0]
             for w, k in zip(weights[1:], self.fusion[1:]):
