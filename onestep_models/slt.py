@@ -301,8 +301,9 @@ class SLTDistillation(nn.Module):
       2L/P, ..., L against the SLT's after the matching applications (its `fusion` depths),
       through one learned projection from the SLT's width to the teacher's (`projection`),
       the teacher's tokens averaged over the SLT's patch where those are coarser; each patch's
-      term is the squared error relative to the teacher state's mean square, so that every
-      depth weighs alike whatever its scale;
+      term is the squared error relative to the teacher state's mean square, per sample and
+      then averaged, so that every depth weighs alike whatever its scale (and the loss is a
+      mean over samples: DDP's gradient average is then one process's gradient);
     - patch fusion: the SLT's head reads its learned fusion of those P states where the SLT
       was built with fusion_states = P (1: the last state alone, the ablation).
 
@@ -375,8 +376,9 @@ class SLTDistillation(nn.Module):
         feature_terms = []
         for p, (ours, theirs) in enumerate(zip(states, teacher_states)):
             projected = self.projection(ours)
-            feature_terms.append((projected - theirs).square().mean()
-                                 / theirs.square().mean().clamp_min(1e-12))
+            error = (projected - theirs).square().flatten(1).mean(1)
+            scale = theirs.square().flatten(1).mean(1).clamp_min(1e-12)
+            feature_terms.append((error / scale).mean())
             logs[f"cos_{p}"] = torch.nn.functional.cosine_similarity(
                 projected.flatten(1), theirs.flatten(1), dim=1).mean().detach()
         feature_term = torch.stack(feature_terms).mean()

@@ -290,3 +290,49 @@ def test_the_ablations_are_settings(teacher_run, tmp_path):
     assert config["options"]["patches"] == 2 and config["options"]["feature_weight"] == 0
     last = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[-1])
     assert "cos_1" in last and "cos_2" not in last
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(teacher_run, tmp_path):
+    """`onestep train slt` under torchrun (2 gloo processes): both ranks load the teacher
+    (outside DDP: nothing of it is broadcast or averaged), and the run equals one process with
+    the same global batch up to float summation order."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from onestep_models import train
+
+    args = ["train", "slt", "--teacher", str(teacher_run), "--steps", "2", "--batch-size", "8",
+            "--no-progress", "--checkpoint-every", "2", "--grid-size", "2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--standalone", "-m", "onestep_models.cli", *args, "--out",
+                           str(tmp_path / "two")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _distil(teacher_run, tmp_path / "one", "--checkpoint-every", "2") == 0
+    one, two = (load_file(train.latest_checkpoint(tmp_path / n) / "model.safetensors")
+                for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k, v in one.items():
+        difference = ((two[k].double() - v.double()).norm() / v.double().norm()).item()
+        assert difference <= 2e-6, (k, difference)
+
+
+@pytest.mark.slow
+def test_compiled_distillation_takes_the_eager_steps(teacher_run, tmp_path):
+    """--compile on the SLT recipe (the student and the projection compiled; the teacher read
+    through hooks stays eager): the same two steps as eager, up to float reassociation."""
+    from safetensors.torch import load_file
+
+    from onestep_models import train
+
+    results = []
+    for name, flag in (("eager", []), ("compiled", ["--compile"])):
+        assert _distil(teacher_run, tmp_path / name, *flag) == 0
+        results.append(load_file(train.latest_checkpoint(tmp_path / name) /
+                                 "model.safetensors"))
+    for k, v in results[0].items():
+        torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
