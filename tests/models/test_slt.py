@@ -336,3 +336,25 @@ def test_compiled_distillation_takes_the_eager_steps(teacher_run, tmp_path):
                                  "model.safetensors"))
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_distillation_trains_on_the_gpu_under_bf16_autocast(teacher_run, tmp_path):
+    """The trainer's default on a GPU (bf16 autocast, the fused depth loop, the teacher read
+    through hooks in bf16): two steps, finite losses and cosines, the student's weights move
+    and are finite on disk."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from onestep_models import train
+
+    assert _distil(teacher_run, tmp_path / "a", "--steps", "1", "--device", "cuda") == 0
+    assert _distil(teacher_run, tmp_path / "b", "--device", "cuda") == 0
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(v)).all() for entry in log for k, v in entry.items()
+               if k in ("loss", "output", "feature") or k.startswith("cos_")), log
+    one, two = (load_file(train.latest_checkpoint(tmp_path / n) / "model.safetensors")
+                for n in ("a", "b"))
+    assert all(torch.isfinite(v).all() for v in two.values())
+    assert any(not torch.equal(one[k], two[k]) for k in one if k.startswith("student."))
