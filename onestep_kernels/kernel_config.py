@@ -16,7 +16,7 @@ FLOAT_SCALARS = ("eps", "scale")
 class KernelConfig:
     """One configuration a launcher can pick. `dtype` ("fp32", "fp16", "bf16") is the element
     type of the data pointers; `fp32` names the pointers that are fp32 whatever it is
-    (statistics, partial sums)."""
+    (statistics, partial sums), `int64` those that are int64 (labels, indices)."""
 
     name: str
     kernel: Any
@@ -24,6 +24,7 @@ class KernelConfig:
     constexprs: dict
     num_warps: int
     fp32: tuple[str, ...] = ()
+    int64: tuple[str, ...] = ()
     num_stages: int = 3  # Triton's default on NVIDIA GPUs
     # A memory-bound kernel over rows: the scalar global accesses it may make per row besides
     # the row's own 128-bit vectors (`python -m onestep_kernels.aot --vectors` checks); None
@@ -36,7 +37,8 @@ class KernelConfig:
             if arg in self.constexprs:
                 signature[arg] = "constexpr"
             elif arg.isupper() and arg not in SIZE_NAMES:
-                signature[arg] = "*fp32" if arg in self.fp32 else f"*{self.dtype}"
+                signature[arg] = ("*fp32" if arg in self.fp32 else "*i64" if arg in self.int64
+                                  else f"*{self.dtype}")
             else:
                 signature[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
         return signature

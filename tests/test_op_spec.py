@@ -94,7 +94,10 @@ ARGS = {"layernorm_modulate": lambda: (torch.randn(2, 3, 8), torch.randn(2, 8),
                                                       torch.randn(2, 8), 1e-6),
         "bias_gelu_tanh": lambda: (torch.randn(3, 8), torch.randn(8)),
         "attention": lambda: (torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16),
-                              torch.randn(1, 2, 3, 16), 0.25)}
+                              torch.randn(1, 2, 3, 16), 0.25),
+        # (the class head's inputs; the cosine's `other`: tests/ops/test_score_candidates.py)
+        "score_candidates": lambda: (torch.randn(6, 3, 8), None, torch.randn(5, 8),
+                                     torch.randn(5), torch.tensor([1, 4]), 3, 2)}
 
 
 @pytest.mark.parametrize("op", list(ARGS))
@@ -105,7 +108,9 @@ def test_the_inner_layer_refuses_a_meta_tensor_by_name(op):
     names = OPS[op].spec.input_names
     for i, name in enumerate(names):
         args = list(ARGS[op]())
-        args[i] = torch.empty(args[i].shape, device="meta")
+        if args[i] is None:
+            continue
+        args[i] = torch.empty(args[i].shape, dtype=args[i].dtype, device="meta")
         for call in (lambda: OPS[op].apply(record, *args, grad=False),
                      lambda: OPS[op].apply(record, *args, grad=True),
                      lambda: OPS[op].forward(record, *args)):

@@ -113,5 +113,45 @@ ONESTEP_HD float gelu_tanh_grad(float u, float s) {
   return t == 0.0f ? s : u * t * slope + s;
 }
 
+// ---- Noise screening (score_candidates) ---------------------------------------------------
+// The order of a condition's candidates: a higher score first, equal scores by the lower
+// index, NaN read as -inf, so that every backend picks the same candidates.
+ONESTEP_HD float screening_value(float score) { return score != score ? -INFINITY : score; }
+
+ONESTEP_HD bool ranks_before(float value_a, long long index_a, float value_b, long long index_b) {
+  return value_a > value_b || (value_a == value_b && index_a < index_b);
+}
+
+// A running log-sum-exp: the largest value seen and the sum of exp(value - max); empty: sum 0.
+struct LogSumExp {
+  float max;
+  float sum;
+};
+
+ONESTEP_HD LogSumExp lse_merge(LogSumExp a, LogSumExp b) {
+  if (a.sum == 0.0f) return b;
+  if (b.sum == 0.0f) return a;
+  const float top = a.max > b.max ? a.max : b.max;
+  LogSumExp r;
+  r.max = top;
+  r.sum = a.sum * expf(a.max - top) + b.sum * expf(b.max - top);
+  return r;
+}
+
+ONESTEP_HD LogSumExp lse_push(LogSumExp a, float x) {
+  if (x == -INFINITY) return a;
+  LogSumExp one;
+  one.max = x;
+  one.sum = 1.0f;
+  return lse_merge(a, one);
+}
+
+// The cosine of two pooled vectors from their dot product and squared norms (|p| |q| floored
+// at 1e-8, as the Triton kernel and the reference floor it).
+ONESTEP_HD float cosine_score(float dot, float pp, float qq) {
+  const float norms = pp * qq;
+  return dot / sqrtf(norms > 1e-16f ? norms : 1e-16f);
+}
+
 }  // namespace
 }  // namespace onestep

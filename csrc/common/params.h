@@ -73,6 +73,17 @@ namespace onestep {
   X(int64_t, out_sh) X(int64_t, out_sn) X(int64_t, dout_sb) X(int64_t, dout_sh)           \
   X(int64_t, dout_sn) X(float, scale) X(int32_t, dtype)
 
+// Noise screening's scoring: features and other are (M, T, D) and (M, T_other, D) with
+// their own (M, T) strides; weight (C, D) and bias (C) fp32 (the class head, C > 0) or null
+// (the cosine of the pooled features and other); target (M / n) int64; scores (M) fp32 and
+// best (M / n, k) int64 are written.
+#define ONESTEP_SCORE_CANDIDATES_FIELDS(X)                                                 \
+  X(const void*, features) X(const void*, other) X(const float*, weight)                  \
+  X(const float*, bias) X(const int64_t*, target) X(float*, scores) X(int64_t*, best)      \
+  X(int64_t, M) X(int64_t, T) X(int64_t, T_other) X(int64_t, D) X(int64_t, C) X(int64_t, n) \
+  X(int64_t, k) X(int64_t, f_sm) X(int64_t, f_st) X(int64_t, o_sm) X(int64_t, o_st)       \
+  X(int32_t, dtype)
+
 // Every params struct: X(StructName, FIELDS).
 #define ONESTEP_PARAMS(X)                                                                  \
   X(LayerNormModulateFwdParams, ONESTEP_LAYERNORM_MODULATE_FWD_FIELDS)                    \
@@ -82,7 +93,8 @@ namespace onestep {
   X(BiasGeluTanhFwdParams, ONESTEP_BIAS_GELU_TANH_FWD_FIELDS)                             \
   X(BiasGeluTanhBwdParams, ONESTEP_BIAS_GELU_TANH_BWD_FIELDS)                             \
   X(AttentionFwdParams, ONESTEP_ATTENTION_FWD_FIELDS)                                     \
-  X(AttentionBwdParams, ONESTEP_ATTENTION_BWD_FIELDS)
+  X(AttentionBwdParams, ONESTEP_ATTENTION_BWD_FIELDS)                                     \
+  X(ScoreCandidatesParams, ONESTEP_SCORE_CANDIDATES_FIELDS)
 
 // Every CPU launcher: X(function name, params struct). Each takes (const Params&, threads).
 #define ONESTEP_LAUNCHERS(X)                                                               \
@@ -93,7 +105,8 @@ namespace onestep {
   X(bias_gelu_tanh_fwd, BiasGeluTanhFwdParams)                                            \
   X(bias_gelu_tanh_bwd, BiasGeluTanhBwdParams)                                            \
   X(attention_fwd, AttentionFwdParams)                                                    \
-  X(attention_bwd, AttentionBwdParams)
+  X(attention_bwd, AttentionBwdParams)                                                    \
+  X(score_candidates, ScoreCandidatesParams)
 
 #define ONESTEP_PARAMS_FIELD(type, name) type name;
 #define ONESTEP_PARAMS_STRUCT(Name, FIELDS) \

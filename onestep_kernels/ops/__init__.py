@@ -10,6 +10,7 @@ from . import bias_gelu_tanh as bias_gelu_tanh_op
 from . import fused_linear as fused_linear_op
 from . import gated_residual_layernorm_modulate as gated_residual_layernorm_modulate_op
 from . import layernorm_modulate as layernorm_modulate_op
+from . import score_candidates as score_candidates_op
 
 __all__ = ["attention_op", "bias_gelu_tanh_op", "fused_linear_op",
-           "gated_residual_layernorm_modulate_op", "layernorm_modulate_op"]
+           "gated_residual_layernorm_modulate_op", "layernorm_modulate_op", "score_candidates_op"]

@@ -154,6 +154,12 @@ BAD_CALLS = {
                        lambda: ok.bias_gelu_tanh(torch.randn(3, 8), torch.randn(8, device="meta"))],
     "attention": [lambda: ok.attention(*[torch.randn(1, 2, 3, 8)] * 2, torch.randn(1, 2, 4, 8)),
                   lambda: ok.attention(*[torch.randn(1, 2, 3, 8)] * 3, scale=0.0)],
+    "score_candidates": [
+        lambda: ok.score_candidates(torch.randn(6, 3, 8), 4, other=torch.randn(6, 3, 8)),
+        lambda: ok.score_candidates(torch.randn(6, 3, 8), 3, weight=torch.randn(5, 8),
+                                    target=torch.tensor([1, 2, 3])),
+        lambda: ok.score_candidates(torch.randn(6, 3, 8), 3, weight=torch.randn(5, 8),
+                                    target=torch.tensor([1, 2], device="meta"))],
 }
 
 
