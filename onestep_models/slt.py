@@ -230,9 +230,15 @@ class SingleLayerTransformer(nn.Module):
 
 # Named sizes: hidden size, heads, depth steps, patch size. "slt-S" is the default for a
 # DiT-XL/2-shaped teacher (about 4.3M parameters with the distillation's projection).
+# "slt-screen" is noise screening's (onestep_models.screening): patch 8 (16 tokens where the
+# teacher has 256), so that 128 candidates cost less than one DiT-XL/2 sample; "slt-screen-tiny"
+# is the same design scaled to the digits' `deep` teacher (1 token of 16, K = L, width 24: the
+# multiple of 4 nearest 64 / 3 that the sin-cos embedding takes).
 SLT_SIZES: dict[str, dict[str, int]] = {
     "slt-S": {"hidden_size": 384, "num_heads": 6, "depth_steps": 28, "patch_size": 2},
     "slt-tiny": {"hidden_size": 48, "num_heads": 4, "depth_steps": 8, "patch_size": 2},
+    "slt-screen": {"hidden_size": 384, "num_heads": 6, "depth_steps": 28, "patch_size": 8},
+    "slt-screen-tiny": {"hidden_size": 24, "num_heads": 3, "depth_steps": 8, "patch_size": 8},
 }
 
 

@@ -1,0 +1,448 @@
+"""Noise screening with a Single-Layer Transformer: for each condition, draw N noises, score
+them all with the cheap SLT, and give the teacher only the best one.
+
+One-step generators are fast but uneven: some noises give poor samples. The SLT paper's
+point (arXiv 2601.11630) is that its tiny model screens 100+ noises in the time of about two
+teacher samples; FreeFlow (arXiv 2511.19428) searched noise with its own one-step student.
+Neither publishes its scorer: here a scorer is pluggable, and three come with the module.
+
+    result = screen(slt, slt_time, teacher, y, 128, scorer, shape=(4, 32, 32), seed=0)
+    result.samples        # (B, C, H, W): the teacher's samples from the picked noises
+
+The SLT runs over all B * N candidates in batches of whole conditions (`chunk_candidates`, or
+as many as `memory_budget` bytes of activations allow, at least one condition), each batch
+scored and reduced to its conditions' picks by `onestep_kernels.score_candidates` (one pass
+over the features); the teacher then runs once, on the B picked noises. On CUDA the SLT's
+scoring and the teacher are each replayed from a CUDA graph (`onestep_kernels.cuda_graph`,
+one memory pool). The noises are drawn on the CPU from one seeded generator, in condition
+order, so the same seed gives the same candidates, and the same picks, on every device and
+at every chunk size.
+
+Scorers (what each rewards):
+- `ClassHeadScorer` (the default where there are labels): the log-probability of the target
+  label under a linear head on the SLT's pooled features, the SLT run under the NULL label:
+  how strongly this noise, by its own evidence, leads to the target class. (Under the target
+  label the features would carry the label through adaLN, and a head would read the
+  conditioning back: every candidate of a condition would score alike.) The head is trained
+  by `train_class_head` to predict the class of the teacher's sample conditioned on a random
+  label from the same noise, as a labeler sees it (see there).
+- `CosineScorer` (label-free): the cosine between the SLT's pooled features at an
+  intermediate depth and at its last application: how settled the representation is by
+  mid-depth, a proxy for a noise the block maps without hesitation.
+- `CallableScorer`: a user's function (slt, x0, t, y) -> (M,) scores, higher is better.
+
+None of these may use the classifier behind digits-FD and accuracy (onestep_models.metrics):
+selecting by the judge's own features would make the quality bar circular. It only evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import onestep_kernels as ok
+from onestep_kernels.cuda_graph import CUDAGraphed
+from onestep_kernels.errors import ArgumentError, ArgumentTypeError
+from onestep_kernels.ops.score_candidates import top_k_reference
+from onestep_models.slt import SingleLayerTransformer
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------
+
+
+def draw_candidates(conditions: int, n_candidates: int, shape: tuple[int, ...],
+                    seed: int) -> Tensor:
+    """(conditions * n_candidates, *shape) standard normal noise on the CPU, condition b's
+    candidates at rows b * N .. b * N + N - 1, from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn(conditions * n_candidates, *shape, generator=generator)
+
+
+def candidate_bytes(slt: SingleLayerTransformer, dtype: torch.dtype) -> int:
+    """A bound on one candidate's activation memory in an SLT forward without gradients: the
+    state, the attention's q, k, v and output, the MLP's hidden layer (mlp_ratio x width) and
+    the attention scores where they are materialised (heads x tokens^2, fp32)."""
+    block = slt.block
+    tokens = slt.x_embedder.num_patches
+    width = block.hidden_size
+    hidden = block.mlp.fc1.out_features
+    element = torch.finfo(dtype).bits // 8
+    heads = block.attn.num_heads
+    return tokens * (8 * width + 2 * hidden) * element + heads * tokens * tokens * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorers
+# ---------------------------------------------------------------------------------------------
+
+
+def _time(x0: Tensor, t: float) -> Tensor:
+    return torch.full((x0.shape[0],), t, dtype=x0.dtype, device=x0.device)
+
+
+def _null_labels(slt: SingleLayerTransformer, x0: Tensor) -> Tensor | None:
+    if slt.num_classes == 0:
+        return None
+    return torch.full((x0.shape[0],), slt.num_classes, dtype=torch.long, device=x0.device)
+
+
+def _check_depth(slt: SingleLayerTransformer, depth: int, name: str) -> int:
+    K = slt.depth_steps
+    if isinstance(depth, bool) or not isinstance(depth, int) or not -K <= depth < K:
+        raise ArgumentError(f"{name}: expected an application index in -{K}..{K - 1}, got "
+                            f"{depth!r}")
+    return depth % K
+
+
+def null_label_features(slt: SingleLayerTransformer, x0: Tensor, t: float,
+                        depth: int = -1) -> Tensor:
+    """The SLT's (M, T, D) state after application `depth`, run under the null label
+    (unconditioned): the features a class head reads."""
+    depth = _check_depth(slt, depth, "depth")
+    _, states = slt.forward_with_states(x0, _time(x0, t), _null_labels(slt, x0), keep=(depth,))
+    return states[0]
+
+
+def slt_preview(slt: SingleLayerTransformer, x0: Tensor, t: float,
+                labels: Tensor | None) -> Tensor:
+    """The SLT's own one-step sample x0 + SLT(x0, t, y), flattened to one (M, 1, C H W)
+    token: what a class head on images reads."""
+    return (x0 + slt(x0, _time(x0, t), labels)).flatten(1).unsqueeze(1)
+
+
+SOURCES = ("preview", "null_state")
+
+
+class ClassHeadScorer(nn.Module):
+    """log p(target | SLT features) under a linear head (`head`: C classes) with a log-softmax.
+
+    source "preview" (the default): the head reads the SLT's one-step sample under the
+        target label, flattened: a linear classifier of images fitted on the teacher's real
+        training images (`fit_image_head`). It rewards noises whose cheap preview already
+        looks like the target class. It cannot decode the conditioning: it never saw SLT
+        features in training, only real images, so the label reaches its score only through
+        what the SLT draws.
+    source "null_state": the head reads the SLT's pooled state after application `depth`
+        run under the NULL label (its own evidence, not its conditioning), trained by
+        `train_class_head` to predict the class of the teacher's sample from the same noise.
+    """
+
+    name = "class_head"
+
+    def __init__(self, head: nn.Linear, source: str = "preview", depth: int = -1):
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise ArgumentTypeError(f"head: expected an nn.Linear, got {type(head).__name__}")
+        if source not in SOURCES:
+            raise ArgumentError(f"source: expected one of {SOURCES}, got {source!r}")
+        self.head, self.source, self.depth = head, source, depth
+
+    def forward(self, slt: SingleLayerTransformer, x0: Tensor, t: float, y: Tensor | None,
+                n_candidates: int) -> tuple[Tensor, Tensor]:
+        if y is None:
+            raise ArgumentError("y: the class-head scorer scores each condition's label; an "
+                                "unconditional model takes the cosine or a callable scorer")
+        if self.source == "preview":
+            features = slt_preview(slt, x0, t, y.repeat_interleave(n_candidates))
+        else:
+            features = null_label_features(slt, x0, t, self.depth)
+        return ok.score_candidates(features, n_candidates, weight=self.head.weight,
+                                   bias=self.head.bias, target=y)
+
+
+class CosineScorer(nn.Module):
+    """cos(pooled state after application `early`, pooled state after `late`), the SLT run
+    under the candidate's own condition (or unconditioned). Label-free."""
+
+    name = "cosine"
+
+    def __init__(self, early: int | None = None, late: int = -1):
+        super().__init__()
+        self.early, self.late = early, late
+
+    def forward(self, slt, x0, t, y, n_candidates):
+        late = _check_depth(slt, self.late, "late")
+        early = _check_depth(slt, self.early if self.early is not None
+                             else slt.depth_steps // 2 - 1, "early")
+        labels = None if slt.num_classes == 0 else y.repeat_interleave(n_candidates)
+        _, (a, b) = slt.forward_with_states(x0, _time(x0, t), labels, keep=(early, late))
+        return ok.score_candidates(a, n_candidates, other=b)
+
+
+class CallableScorer(nn.Module):
+    """A user's `fn(slt, x0, t, y_per_candidate) -> (M,)` scores, higher is better; picks by
+    the same order as the kernel (ties to the lower index, NaN last)."""
+
+    name = "callable"
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        if not callable(fn):
+            raise ArgumentTypeError(f"fn: expected a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def forward(self, slt, x0, t, y, n_candidates):
+        labels = None if y is None else y.repeat_interleave(n_candidates)
+        scores = self.fn(slt, x0, t, labels)
+        if not isinstance(scores, Tensor) or scores.shape != (x0.shape[0],):
+            raise ArgumentError(f"scorer: a callable scorer must return ({x0.shape[0]},) "
+                                f"scores, got {getattr(scores, 'shape', type(scores).__name__)}")
+        scores = scores.float()
+        return scores, top_k_reference(scores, n_candidates, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Screening
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScreeningResult:
+    samples: Tensor  # (B, ...) the teacher's samples from the picked noises
+    noise: Tensor  # (B, ...) the picked noises
+    picked: Tensor  # (B,) each condition's picked candidate, 0..N-1
+    scores: Tensor  # (B, N) every candidate's score (float32)
+
+
+def _conditions_per_chunk(slt, dtype, n_candidates, conditions, chunk_candidates,
+                          memory_budget) -> int:
+    if chunk_candidates is not None:
+        if isinstance(chunk_candidates, bool) or not isinstance(chunk_candidates, int) \
+                or chunk_candidates < 1:
+            raise ArgumentError(f"chunk_candidates: expected a positive int, got "
+                                f"{chunk_candidates!r}")
+        per = chunk_candidates // n_candidates
+    else:
+        budget = memory_budget if memory_budget is not None else 2 << 30
+        per = int(budget // (candidate_bytes(slt, dtype) * n_candidates))
+    return max(1, min(conditions, per))
+
+
+def screen(slt: SingleLayerTransformer, slt_time: float, teacher: Callable,
+           y: Tensor | None, n_candidates: int, scorer: nn.Module, *,
+           shape: tuple[int, ...], conditions: int | None = None, seed: int = 0,
+           chunk_candidates: int | None = None, memory_budget: int | None = None,
+           cuda_graphs: bool = True) -> ScreeningResult:
+    """Screen N = `n_candidates` noises per condition with `slt` and `scorer`, and sample the
+    teacher once per condition from the best (see the module docstring).
+
+    slt, slt_time: the candidate model and the time it runs at (its teacher's).
+    teacher: the one-step sampler, (x0, y) -> x1.
+    y: (B,) labels, or None with `conditions` = B for unconditional models.
+    shape: one noise's shape (C, H, W). seed: the candidates' seed.
+    chunk_candidates / memory_budget: the SLT's batch, in candidates (rounded down to whole
+        conditions) or in bytes of activations (default 2 GiB); at least one condition.
+    cuda_graphs: on CUDA, replay the scoring and the teacher from CUDA graphs.
+    """
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
+        raise ArgumentError(f"n_candidates: expected an int >= 1, got {n_candidates!r}")
+    if y is None:
+        if conditions is None or conditions < 1:
+            raise ArgumentError("conditions: an unconditional screening needs the number of "
+                                "samples (conditions=B)")
+        B = conditions
+    else:
+        B = y.shape[0]
+    param = next(slt.parameters())
+    device, dtype = param.device, param.dtype
+    noise = draw_candidates(B, n_candidates, tuple(shape), seed)
+    per = _conditions_per_chunk(slt, dtype, n_candidates, B, chunk_candidates, memory_budget)
+    graphs = cuda_graphs and device.type == "cuda"
+    score = CUDAGraphed(lambda x0, labels: scorer(slt, x0, slt_time, labels, n_candidates),
+                        enabled=graphs)
+    sample = CUDAGraphed(teacher, pool=score.pool if graphs else None, enabled=graphs)
+    scores, picked = [], []
+    with torch.no_grad():
+        for start in range(0, B, per):
+            stop = min(B, start + per)
+            x0 = noise[start * n_candidates:stop * n_candidates].to(device, dtype)
+            labels = None if y is None else y[start:stop].to(device)
+            chunk_scores, best = score(x0, labels)
+            scores.append(chunk_scores.view(stop - start, n_candidates))
+            picked.append(best[:, 0])
+        scores, picked = torch.cat(scores), torch.cat(picked)
+        rows = torch.arange(B, device=picked.device) * n_candidates + picked
+        x0 = noise.to(device)[rows].to(dtype)
+        samples = sample(x0, None if y is None else y.to(device))
+    return ScreeningResult(samples, x0, picked, scores.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# The class head: its labeler and its training stage
+# ---------------------------------------------------------------------------------------------
+
+
+class PixelLabeler:
+    """A support-vector classifier (RBF kernel, Platt-scaled probabilities; scikit-learn) on
+    the pixels of the teacher's training images, `__call__(images) -> (n, C)` class
+    probabilities: the labeler that names the class of a teacher's sample for the head's
+    training. Deliberately not the evaluation classifier (a CNN on the same digits): another
+    model, so that what the head learns is not the judge's view. Of logistic regression, an
+    MLP, a random forest and this, this one's log-probability of the target class agreed best
+    with the judge's on the digits teacher's samples (within-class Spearman 0.57 against
+    0.47-0.52; README, "Noise screening"). `accuracy`: on a held-out tenth of the images."""
+
+    def __init__(self, images: Tensor, labels: Tensor, seed: int = 0):
+        from sklearn.svm import SVC
+
+        x = images.flatten(1).double().numpy()
+        labels = labels.numpy()
+        order = np.random.default_rng(seed).permutation(len(x))
+        held, fit = order[: len(x) // 10], order[len(x) // 10:]
+        check = SVC(random_state=seed).fit(x[fit], labels[fit])
+        self.accuracy = float((check.predict(x[held]) == labels[held]).mean())
+        self.model = SVC(probability=True, random_state=seed).fit(x, labels)
+        self.num_classes = len(self.model.classes_)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        x = images.detach().flatten(1).double().cpu().numpy()
+        return torch.from_numpy(self.model.predict_proba(x)).float()
+
+
+def fit_image_head(images: Tensor, labels: Tensor, strength: float = 0.1) -> nn.Linear:
+    """The preview scorer's head: a multinomial logistic regression (scikit-learn, L2 with
+    inverse strength `strength`) on the flattened real images with their labels, as an
+    nn.Linear over C H W pixels (fp32). Its own small training stage: seconds on the digits."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = images.flatten(1).double().numpy()
+    model = LogisticRegression(C=strength, max_iter=5000).fit(x, labels.numpy())
+    if list(model.classes_) != list(range(len(model.classes_))):
+        raise ArgumentError(f"labels: expected classes 0..C-1, got {list(model.classes_)}")
+    head = nn.Linear(x.shape[1], len(model.classes_))
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(model.coef_))
+        head.bias.copy_(torch.from_numpy(model.intercept_))
+    return head
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    value = spearmanr(a, b).statistic
+    return float(value) if np.isfinite(value) else 0.0
+
+
+@dataclasses.dataclass
+class HeadReport:
+    samples: int
+    labeler_accuracy: float  # the labeler on held-out real images
+    head_agreement: float  # the head's argmax against the labeler's, held-out noise
+    spearman: float  # head score vs the labeler's log p(y | teacher sample), held out
+
+
+def train_class_head(slt: SingleLayerTransformer, slt_time: float, teacher: Callable,
+                     labeler: Callable, num_classes: int, *, shape: tuple[int, ...],
+                     depth: int = -1, samples: int = 4096, batch: int = 512, seed: int = 0,
+                     weight_decay: float = 1e-3) -> tuple[nn.Linear, HeadReport]:
+    """Fit the class head of `ClassHeadScorer`: on `samples` noises x0 with random labels y,
+    the teacher's samples x1 = teacher(x0, y) are labelled by `labeler` (class probabilities,
+    soft), and a multinomial logistic regression (L-BFGS, full batch, on standardised
+    features, `weight_decay` on the weights) learns them from the SLT's pooled null-label
+    features of x0. It cannot read y (the features never saw it), so it learns which classes
+    this noise leads to, by the teacher's and the labeler's account. A fifth of the samples is
+    held out for the report: the head's agreement with the labeler and the Spearman
+    correlation of its score log p_head(y | x0) with the labeler's log p(y | x1)."""
+    if num_classes < 1:
+        raise ArgumentError(f"num_classes: the class head needs labels, got {num_classes}")
+    generator = torch.Generator().manual_seed(int(seed))
+    param = next(slt.parameters())
+    device, dtype = param.device, param.dtype
+    x0_all = torch.randn(samples, *shape, generator=generator)
+    y_all = torch.randint(0, num_classes, (samples,), generator=generator)
+    features, targets = [], []
+    with torch.no_grad():
+        for start in range(0, samples, batch):
+            x0 = x0_all[start:start + batch].to(device, dtype)
+            yb = y_all[start:start + batch].to(device)
+            targets.append(labeler(teacher(x0, yb)))
+            pooled = null_label_features(slt, x0, slt_time, depth).float().mean(1)
+            features.append(pooled.cpu())
+    features, targets = torch.cat(features).double(), torch.cat(targets).double()
+    held = samples // 5
+    fit_x, fit_q = features[held:], targets[held:]
+    mean, std = fit_x.mean(0), fit_x.std(0).clamp_min(1e-6)
+    z = (fit_x - mean) / std
+    linear = nn.Linear(z.shape[1], num_classes, dtype=torch.float64)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logp = linear(z).log_softmax(-1)
+        loss = -(fit_q * logp).sum(-1).mean() + weight_decay * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    head = nn.Linear(z.shape[1], num_classes)
+    with torch.no_grad():  # fold the standardisation into the weights
+        weight = linear.weight / std
+        head.weight.copy_(weight)
+        head.bias.copy_(linear.bias - weight @ mean)
+        logp = torch.nn.functional.linear(features[:held], weight, head.bias.double())
+        logp = logp.log_softmax(-1)
+        ours = logp.gather(1, y_all[:held, None])[:, 0]
+        theirs = targets[:held].gather(1, y_all[:held, None])[:, 0].clamp_min(1e-12).log()
+        agreement = (logp.argmax(1) == targets[:held].argmax(1)).double().mean().item()
+    report = HeadReport(samples, float(getattr(labeler, "accuracy", float("nan"))), agreement,
+                        _spearman(ours.numpy(), theirs.numpy()))
+    return head.to(device), report
+
+
+HEAD_FILE = "screening_head.safetensors"
+
+
+def save_head(path: Path, head: nn.Linear, meta: dict) -> None:
+    """The head's weights and its description (depth, the SLT checkpoint and its teacher's
+    digest, the training report), written to a temporary file and renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+               "bias": head.bias.detach().float().cpu().contiguous()}, str(tmp),
+              metadata={"onestep": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_head(path: Path) -> tuple[nn.Linear, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["onestep"])
+        weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head, meta
+
+
+def screening_flops(slt: SingleLayerTransformer, n_candidates: int) -> float:
+    """Analytic FLOPs (2 per multiply-add) of one SLT forward over `n_candidates` candidates:
+    per application the block's products (qkv, projection, MLP: (4 + 2 mlp_ratio) D^2 per
+    token) and attention (2 T^2 D), the K modulations' product, the embedders and the head."""
+    block = slt.block
+    T, D = slt.x_embedder.num_patches, block.hidden_size
+    hidden = block.mlp.fc1.out_features
+    K = slt.depth_steps
+    per_application = T * (4 * D * D + 2 * D * hidden) + 2 * T * T * D
+    patch = slt.patch_size ** 2 * slt.in_channels
+    embed = T * patch * D + T * D * patch  # patch embedding in, head out
+    modulation = K * D * 6 * D
+    return 2.0 * n_candidates * (K * per_application + embed + modulation)
+
+
+__all__ = ["CallableScorer", "ClassHeadScorer", "CosineScorer", "HeadReport", "PixelLabeler",
+           "ScreeningResult", "candidate_bytes", "draw_candidates", "fit_image_head", "load_head",
+           "null_label_features", "save_head", "screen", "screening_flops", "slt_preview",
+           "train_class_head"]

@@ -1,0 +1,167 @@
+"""Noise screening (onestep_models.screening) at tiny sizes: seeded picks independent of the
+chunking, the picks are the scores' best, the teacher runs once on the picked noise, the
+scorers' properties (the class head cannot read the label; the cosine; a callable), the head's
+training stage and its file, FLOPs, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from onestep_kernels.errors import ArgumentError
+from onestep_models import screening as S
+from onestep_models.slt import SingleLayerTransformer
+
+SHAPE = (1, 8, 8)
+
+
+def _slt(num_classes=10, patch=4, seed=0):
+    torch.manual_seed(seed)
+    slt = SingleLayerTransformer(input_size=8, patch_size=patch, in_channels=1, hidden_size=16,
+                                 num_heads=2, depth_steps=4, num_classes=num_classes,
+                                 fused=True).eval()
+    with torch.no_grad():  # past adaLN-Zero's identity start, so that states depend on input
+        for p in slt.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return slt
+
+
+class CountingTeacher:
+    """x1 = x0 / 2 + y / 10, counting its calls and samples."""
+
+    def __init__(self):
+        self.calls, self.samples = 0, 0
+
+    def __call__(self, x0, y):
+        self.calls += 1
+        self.samples += x0.shape[0]
+        shift = 0 if y is None else y[:, None, None, None].float() / 10
+        return x0 / 2 + shift
+
+
+def test_same_seed_same_picks_at_any_chunk_size():
+    slt, y = _slt(), torch.tensor([3, 1, 4, 1, 5])
+    results = [S.screen(slt, 1.0, CountingTeacher(), y, 7, S.CosineScorer(), shape=SHAPE,
+                        seed=11, chunk_candidates=chunk) for chunk in (None, 7, 14, 1)]
+    for r in results[1:]:
+        assert torch.equal(r.picked, results[0].picked)
+        torch.testing.assert_close(r.scores, results[0].scores)
+    other = S.screen(slt, 1.0, CountingTeacher(), y, 7, S.CosineScorer(), shape=SHAPE, seed=12)
+    assert not torch.equal(other.scores, results[0].scores)
+
+
+def test_the_pick_is_the_best_score_and_the_teacher_runs_once_on_it():
+    slt, y, teacher = _slt(), torch.tensor([0, 9, 2]), CountingTeacher()
+    r = S.screen(slt, 1.0, teacher, y, 6, S.CosineScorer(), shape=SHAPE, seed=5)
+    assert r.scores.shape == (3, 6) and r.picked.shape == (3,)
+    assert torch.equal(r.picked, r.scores.argmax(1))
+    noise = S.draw_candidates(3, 6, SHAPE, 5)
+    expected = noise.view(3, 6, *SHAPE)[torch.arange(3), r.picked]
+    assert torch.equal(r.noise, expected)
+    assert teacher.calls == 1 and teacher.samples == 3
+    torch.testing.assert_close(r.samples, teacher(expected, y))
+    # the scores are the scorer's on those candidates, recomputed
+    scores, _ = S.CosineScorer()(slt, noise, 1.0, y, 6)
+    torch.testing.assert_close(r.scores, scores.view(3, 6))
+
+
+def test_one_candidate_is_no_screening():
+    slt, y = _slt(), torch.tensor([1, 2])
+    r = S.screen(slt, 1.0, CountingTeacher(), y, 1, S.CosineScorer(), shape=SHAPE, seed=3)
+    assert torch.equal(r.picked, torch.zeros(2, dtype=torch.long))
+    assert torch.equal(r.noise, S.draw_candidates(2, 1, SHAPE, 3))
+
+
+def test_the_class_head_reads_null_label_features_not_the_label():
+    """The head's features come from the SLT run under the null label: the same for every
+    label, so one condition's candidates are ranked by their noise, and relabelling a
+    condition changes its scores only through the head's row for the new label."""
+    slt = _slt()
+    x0 = S.draw_candidates(1, 5, SHAPE, 0)
+    a = S.null_label_features(slt, x0, 1.0)
+    labelled = slt.forward_with_states(x0, torch.ones(5), torch.full((5,), 3), keep=(3,))[1][0]
+    assert not torch.allclose(a, labelled)  # (the label does reach the states)
+    head = nn.Linear(16, 10)
+    scorer = S.ClassHeadScorer(head)
+    s3, _ = scorer(slt, x0, 1.0, torch.tensor([3]), 5)
+    s7, _ = scorer(slt, x0, 1.0, torch.tensor([7]), 5)
+    logp = head(a.mean(1)).log_softmax(-1)
+    torch.testing.assert_close(s3, logp[:, 3])
+    torch.testing.assert_close(s7, logp[:, 7])
+    assert s3.std() > 0  # not a constant within the condition
+
+
+def test_unconditional_screening_with_cosine_and_a_callable():
+    slt = _slt(num_classes=0)
+    teacher = CountingTeacher()
+    r = S.screen(slt, 1.0, teacher, None, 4, S.CosineScorer(early=0), shape=SHAPE, seed=2,
+                 conditions=3)
+    assert r.samples.shape == (3, *SHAPE) and teacher.samples == 3
+    brightest = S.CallableScorer(lambda slt, x0, t, y: x0.flatten(1).mean(1))
+    r = S.screen(slt, 1.0, CountingTeacher(), None, 4, brightest, shape=SHAPE, seed=2,
+                 conditions=3)
+    noise = S.draw_candidates(3, 4, SHAPE, 2).view(3, 4, -1).mean(-1)
+    assert torch.equal(r.picked, noise.argmax(1))
+    with pytest.raises(ArgumentError, match="^conditions:"):
+        S.screen(slt, 1.0, CountingTeacher(), None, 4, S.CosineScorer(), shape=SHAPE)
+    with pytest.raises(ArgumentError, match="^y: the class-head scorer"):
+        S.screen(slt, 1.0, CountingTeacher(), None, 4, S.ClassHeadScorer(nn.Linear(16, 2)),
+                 shape=SHAPE, conditions=2)
+
+
+def test_bad_arguments_are_refused_by_name():
+    slt, y = _slt(), torch.tensor([1])
+    with pytest.raises(ArgumentError, match="^n_candidates:"):
+        S.screen(slt, 1.0, CountingTeacher(), y, 0, S.CosineScorer(), shape=SHAPE)
+    with pytest.raises(ArgumentError, match="^chunk_candidates:"):
+        S.screen(slt, 1.0, CountingTeacher(), y, 2, S.CosineScorer(), shape=SHAPE,
+                 chunk_candidates=0)
+    with pytest.raises(ArgumentError, match="^late:"):
+        S.screen(slt, 1.0, CountingTeacher(), y, 2, S.CosineScorer(late=9), shape=SHAPE)
+    with pytest.raises(ArgumentError, match="^scorer: a callable scorer must return"):
+        S.screen(slt, 1.0, CountingTeacher(), y, 2,
+                 S.CallableScorer(lambda *a: torch.zeros(3)), shape=SHAPE)
+
+
+class BrightnessLabeler:
+    """Class c where an image's mean is nearest c / 10 (soft)."""
+
+    accuracy = 1.0
+
+    def __call__(self, images):
+        mean = images.flatten(1).mean(1, keepdim=True)
+        return (-(mean - torch.arange(10) / 10).abs() * 40).softmax(1)
+
+
+def test_the_head_learns_what_the_noise_leads_to_and_round_trips(tmp_path):
+    """With a teacher whose sample's class depends on the noise (its mean) as much as on y,
+    the trained head ranks noises by the labeler's verdict on the teacher's samples, and its
+    file gives the same scores back."""
+    slt = _slt(patch=8)
+
+    def teacher(x0, y):
+        return x0 * 0 + x0.mean((1, 2, 3), keepdim=True) * 0.4 + y[:, None, None, None] / 20
+
+    head, report = S.train_class_head(slt, 1.0, teacher, BrightnessLabeler(), 10, shape=SHAPE,
+                                      samples=1024, seed=0)
+    assert report.samples == 1024 and report.spearman > 0.3, report
+    S.save_head(tmp_path / "head.safetensors", head, {"depth": -1, "report": report.spearman})
+    loaded, meta = S.load_head(tmp_path / "head.safetensors")
+    assert meta == {"depth": -1, "report": report.spearman}
+    x0 = S.draw_candidates(2, 9, SHAPE, 4)
+    y = torch.tensor([2, 6])
+    a = S.ClassHeadScorer(head)(slt, x0, 1.0, y, 9)
+    b = S.ClassHeadScorer(loaded)(slt, x0, 1.0, y, 9)
+    torch.testing.assert_close(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+
+
+def test_flops_grow_with_candidates_tokens_and_depth():
+    slt = _slt()
+    one = S.screening_flops(slt, 1)
+    assert S.screening_flops(slt, 8) == pytest.approx(8 * one)
+    deeper = SingleLayerTransformer(input_size=8, patch_size=4, in_channels=1, hidden_size=16,
+                                    num_heads=2, depth_steps=8, num_classes=10)
+    assert 1.9 * one < S.screening_flops(deeper, 1) < 2 * one
+    # a block application by hand: 4 tokens of 16, qkv + proj 4 D^2, MLP 2 * 4 D * D, attention
+    assert one > 2 * 4 * (4 * 16 * 16 + 2 * 16 * 64) * 4
