@@ -82,13 +82,36 @@ def test_the_class_head_reads_null_label_features_not_the_label():
     labelled = slt.forward_with_states(x0, torch.ones(5), torch.full((5,), 3), keep=(3,))[1][0]
     assert not torch.allclose(a, labelled)  # (the label does reach the states)
     head = nn.Linear(16, 10)
-    scorer = S.ClassHeadScorer(head)
+    scorer = S.ClassHeadScorer(head, source="null_state")
     s3, _ = scorer(slt, x0, 1.0, torch.tensor([3]), 5)
     s7, _ = scorer(slt, x0, 1.0, torch.tensor([7]), 5)
     logp = head(a.mean(1)).log_softmax(-1)
     torch.testing.assert_close(s3, logp[:, 3])
     torch.testing.assert_close(s7, logp[:, 7])
     assert s3.std() > 0  # not a constant within the condition
+
+
+def test_the_preview_head_scores_the_slts_own_sample():
+    """The default class head reads the SLT's one-step sample under the target label, through
+    a logistic regression fitted on real images: the score is that classifier's log-probability
+    of the label."""
+    torch.manual_seed(0)
+    images = torch.randn(200, *SHAPE)
+    labels = torch.arange(4).repeat(50)
+    images += labels[:, None, None, None] * 0.5  # separable by brightness
+    head = S.fit_image_head(images, labels)
+    assert head.weight.shape == (4, 64)
+    accuracy = (head(images.flatten(1)).argmax(1) == labels).float().mean()
+    assert accuracy > 0.9
+    slt = _slt(num_classes=4)
+    x0, y = S.draw_candidates(2, 5, SHAPE, 1), torch.tensor([0, 3])
+    scores, best = S.ClassHeadScorer(head)(slt, x0, 1.0, y, 5)
+    preview = x0 + slt(x0, torch.ones(10), y.repeat_interleave(5))
+    expected = head(preview.flatten(1)).log_softmax(-1)[torch.arange(10), y.repeat_interleave(5)]
+    torch.testing.assert_close(scores, expected)
+    assert torch.equal(best[:, 0], scores.view(2, 5).argmax(1))
+    with pytest.raises(ArgumentError, match="^source:"):
+        S.ClassHeadScorer(head, source="labels")
 
 
 def test_unconditional_screening_with_cosine_and_a_callable():
@@ -105,7 +128,7 @@ def test_unconditional_screening_with_cosine_and_a_callable():
     with pytest.raises(ArgumentError, match="^conditions:"):
         S.screen(slt, 1.0, CountingTeacher(), None, 4, S.CosineScorer(), shape=SHAPE)
     with pytest.raises(ArgumentError, match="^y: the class-head scorer"):
-        S.screen(slt, 1.0, CountingTeacher(), None, 4, S.ClassHeadScorer(nn.Linear(16, 2)),
+        S.screen(slt, 1.0, CountingTeacher(), None, 4, S.ClassHeadScorer(nn.Linear(64, 2)),
                  shape=SHAPE, conditions=2)
 
 
@@ -150,8 +173,8 @@ def test_the_head_learns_what_the_noise_leads_to_and_round_trips(tmp_path):
     assert meta == {"depth": -1, "report": report.spearman}
     x0 = S.draw_candidates(2, 9, SHAPE, 4)
     y = torch.tensor([2, 6])
-    a = S.ClassHeadScorer(head)(slt, x0, 1.0, y, 9)
-    b = S.ClassHeadScorer(loaded)(slt, x0, 1.0, y, 9)
+    a = S.ClassHeadScorer(head, source="null_state")(slt, x0, 1.0, y, 9)
+    b = S.ClassHeadScorer(loaded, source="null_state")(slt, x0, 1.0, y, 9)
     torch.testing.assert_close(a[0], b[0])
     assert torch.equal(a[1], b[1])
 
