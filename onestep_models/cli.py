@@ -28,7 +28,7 @@ import torch
 
 from onestep_kernels.cuda_graph import graph_networks
 from onestep_kernels.errors import UserError, report
-from onestep_models import recipes
+from onestep_models import recipes, screening_run
 from onestep_models.run_dir import run_directory
 from onestep_models.train import (
     TrainConfig,
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None)
     sample.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, call the networks eagerly instead of replaying CUDA graphs")
+    _add_screen_arguments(sample)
     ev = sub.add_parser("eval", help="digits-FD, class accuracy, FID and straightness",
                         **defaults)
     ev.add_argument("--ckpt", type=Path, required=True,
@@ -252,7 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON file (default: metrics.json in the run directory)")
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--device", default=None)
+    _add_screen_arguments(ev)
     return parser
+
+
+def _add_screen_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("noise screening (the teacher samples each condition's best of N "
+                             "noises, as an SLT distilled from it scores them)")
+    g.add_argument("--screen", type=_positive(int), default=None, metavar="N",
+                   help="candidate noises per sample (--ckpt: the teacher run)")
+    g.add_argument("--slt", type=Path, default=None,
+                   help="the SLT run that scores them (onestep train slt --teacher CKPT)")
+    g.add_argument("--scorer", choices=screening_run.SCORERS, default="preview",
+                   help="preview: a class head on the SLT's own sample; null_state: a class "
+                        "head on its null-label state; cosine: label-free")
+
+
+def _screen_pieces(args, device: torch.device):
+    """The screened sampler's pieces for --screen, or None; --slt alone is a usage error."""
+    if args.screen is None:
+        if args.slt is not None:
+            raise UsageError("--slt: goes with --screen N (how many noises to screen)")
+        return None
+    return screening_run.load_screening(args.ckpt, args.slt, device, args.scorer,
+                                        cuda_graphs=not getattr(args, "no_cuda_graph", False))
 
 
 def _device(name: str | None) -> torch.device:
@@ -494,7 +518,10 @@ def _to_images(run: dict[str, Any], device: torch.device):
 
 
 def evaluate(ckpt: Path, num: int, seed: int, device: torch.device,
-             inception: Path | None = None) -> dict[str, Any]:
+             inception: Path | None = None, extra_samplers: dict | None = None
+             ) -> dict[str, Any]:
+    """Every sampler of the run (and `extra_samplers`, (x0, y) -> samples, such as a screened
+    one) on the same noise and labels, judged alike."""
     from onestep_models import metrics
 
     model, run, checkpoint = load_run(ckpt, device)
@@ -518,7 +545,7 @@ def evaluate(ckpt: Path, num: int, seed: int, device: torch.device,
         real_fid = metrics.features(fid, real.to(device))
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "samples": num, "seed": seed,
                               "samplers": {}}
-    for name, sample in model.samplers().items():
+    for name, sample in {**model.samplers(), **(extra_samplers or {})}.items():
         start = time.perf_counter()
         images = to_images(sample(x0, y)).cpu()
         entry: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2)}
@@ -763,9 +790,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             check_output_file(args.out, "--out", (".png",))
             start = time.perf_counter()
-            model, run, _ = load_run(args.ckpt, device)
-            graph_networks(model, enabled=device.type == "cuda" and not args.no_cuda_graph)
-            samplers = model.samplers()
+            pieces = _screen_pieces(args, device)
+            if pieces is not None:
+                if args.sampler is not None:
+                    raise UsageError("--sampler: a screened sample is the teacher's one-step "
+                                     "map's; leave --sampler out with --screen")
+                run = pieces["teacher_run"]
+                name = f"screened_{args.screen}"
+                samplers = {name: screening_run.screened_sampler(pieces, args.screen, args.seed)}
+            else:
+                model, run, _ = load_run(args.ckpt, device)
+                graph_networks(model, enabled=device.type == "cuda" and not args.no_cuda_graph)
+                samplers = model.samplers()
             name = args.sampler or next(iter(samplers))
             if name not in samplers:
                 raise UsageError(f"--sampler: expected one of {', '.join(samplers)}, got {name!r}")
@@ -784,7 +820,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.inception is not None and not args.inception.is_file():
                 raise UsageError(f"--inception: no such file: {args.inception}")
             start = time.perf_counter()
-            result = evaluate(args.ckpt, args.num, args.seed, device, args.inception)
+            pieces = _screen_pieces(args, device)
+            extra = {} if pieces is None else {
+                f"screened_{args.screen}": screening_run.screened_sampler(pieces, args.screen,
+                                                                          args.seed)}
+            result = evaluate(args.ckpt, args.num, args.seed, device, args.inception, extra)
             write_json_atomic(out, result)
             print_table(result)
             print(f"metrics written to {out} in {time.perf_counter() - start:.1f} s")

@@ -188,3 +188,64 @@ def test_flops_grow_with_candidates_tokens_and_depth():
     assert 1.9 * one < S.screening_flops(deeper, 1) < 2 * one
     # a block application by hand: 4 tokens of 16, qkv + proj 4 D^2, MLP 2 * 4 D * D, attention
     assert one > 2 * 4 * (4 * 16 * 16 + 2 * 16 * 64) * 4
+
+
+# ---- from runs on disk: `onestep sample/eval --screen N --slt RUN` ---------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A two-step Direct Models teacher on digits, a second teacher, and a two-step
+    slt-screen-tiny distilled from the first."""
+    from onestep_models import cli
+
+    root = tmp_path_factory.mktemp("screening")
+    for name, seed in (("teacher", "0"), ("other", "1")):
+        assert cli.main(["train", "direct", "--out", str(root / name), "--steps", "2",
+                         "--batch-size", "8", "--no-progress", "--checkpoint-every", "1",
+                         "--seed", seed]) == 0
+    assert cli.main(["train", "slt", "--teacher", str(root / "teacher"), "--out",
+                     str(root / "slt"), "--model", "slt-screen-tiny", "--steps", "2",
+                     "--batch-size", "8", "--no-progress", "--checkpoint-every", "1",
+                     "--grid-size", "2"]) == 0
+    return root
+
+
+def test_sample_and_eval_screen_through_the_slt(runs, tmp_path, capsys):
+    import json
+
+    from onestep_models import cli
+
+    png = tmp_path / "grid.png"
+    assert cli.main(["sample", "--ckpt", str(runs / "teacher"), "--screen", "8", "--slt",
+                     str(runs / "slt"), "--num", "4", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert (runs / "slt" / "screening_head_preview.safetensors").exists()  # fitted once, kept
+    out = tmp_path / "metrics.json"
+    assert cli.main(["eval", "--ckpt", str(runs / "teacher"), "--screen", "4", "--slt",
+                     str(runs / "slt"), "--scorer", "cosine", "--num", "20", "--out",
+                     str(out)]) == 0
+    samplers = json.loads(out.read_text())["samplers"]
+    assert {"direct_1step", "screened_4"} <= set(samplers)
+    assert set(samplers["screened_4"]) >= {"digits_fd", "class_accuracy"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--screen", "4"], "--screen: needs --slt RUN"),
+    (["--slt", "SLT"], "--slt: goes with --screen N"),
+    (["--screen", "0", "--slt", "SLT"], "--screen: expected > 0"),
+    (["--screen", "4", "--slt", "TEACHER"], "is a 'direct' run, not an SLT"),
+    (["--screen", "4", "--slt", "SLT", "--ckpt", "OTHER"], "distilled from another teacher"),
+    (["--screen", "4", "--slt", "SLT", "--ckpt", "SLT"], "--ckpt: "),
+])
+def test_bad_screening_combinations_are_one_line_exit_2(runs, tmp_path, capsys, extra, message):
+    from onestep_models import cli
+
+    names = {"SLT": str(runs / "slt"), "TEACHER": str(runs / "teacher"),
+             "OTHER": str(runs / "other")}
+    extra = [names.get(a, a) for a in extra]
+    ckpt = ["--ckpt", str(runs / "teacher")] if "--ckpt" not in extra else []
+    capsys.readouterr()
+    assert cli.main(["sample", *ckpt, *extra, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
