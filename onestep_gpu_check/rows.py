@@ -50,6 +50,8 @@ class Setting:
     compile: bool
     slt: str = "slt-S"  # the SLT size of the slt row (onestep_models.slt.SLT_SIZES)
     slt_batch: int = 128  # its candidates (of dit_input / 2 squared tokens)
+    screen: str = "slt-screen"  # the screening row's SLT size
+    screen_candidates: int = 128
 
     @property
     def Dh(self) -> int:
@@ -65,7 +67,7 @@ def gpu_setting() -> Setting:
 def smoke_setting() -> Setting:
     return Setting(torch.device("cpu"), torch.float32, 64, 4, 16, (2, 3), (1,), 3,
                    ((2, 4, 16, 16), (1, 2, 24, 8)), "DiT-S/8", 16, 8, 128, False,
-                   slt="slt-tiny", slt_batch=2)
+                   slt="slt-tiny", slt_batch=2, screen="slt-screen-tiny", screen_candidates=4)
 
 
 def peak_bytes(fn: Callable, device: torch.device) -> int | None:
@@ -596,6 +598,120 @@ def slt_floor(model, B: int, N: int, device, dtype) -> Callable:
             F.linear(h, m.fc1.weight, m.fc1.bias)
             F.linear(u, m.fc2.weight, m.fc2.bias)
     return run
+
+
+def screening_models(s: Setting, classes: int = 1000):
+    """The time budget's networks, random weights: (a `s.dit`-shaped one-step teacher, a FlowDiT
+    whose sample is x0 + f(x0, 1, y); the `s.screen` SLT; its preview class head over the
+    latent's C H W values, `classes` classes), on the setting's device and dtype."""
+    from onestep_models.dit import DIT_SIZES, FlowDiT
+    from onestep_models.slt import SLT_SIZES, SingleLayerTransformer
+
+    size, patch = s.dit.removeprefix("DiT-").split("/")
+    depth, width, heads = DIT_SIZES[size]
+    torch.manual_seed(0)
+    teacher = FlowDiT(input_size=s.dit_input, patch_size=int(patch), in_channels=4,
+                      hidden_size=width, depth=depth, num_heads=heads, num_classes=classes,
+                      fused=True)
+    slt = SingleLayerTransformer(**SLT_SIZES[s.screen], input_size=s.dit_input, in_channels=4,
+                                 num_classes=classes, fused=True)
+    head = torch.nn.Linear(4 * s.dit_input ** 2, classes)
+    with torch.no_grad():
+        for net in (teacher, slt):
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.02)
+    return tuple(m.to(s.device, s.dtype).eval() for m in (teacher, slt, head))
+
+
+def screening_contenders(s: Setting, cuda_graphs: bool):
+    """(teacher(): one teacher sample at B = 1, screen(): `s.screen_candidates` candidates
+    scored by the preview class head and the teacher's sample from the best, FLOPs of each)."""
+    from onestep_kernels.cuda_graph import CUDAGraphed
+    from onestep_models import screening
+
+    teacher_net, slt, head = screening_models(s)
+    shape = (4, s.dit_input, s.dit_input)
+
+    def one_step(x0, y):
+        return x0 + teacher_net(x0, torch.ones(x0.shape[0], device=x0.device, dtype=x0.dtype), y)
+
+    sample = CUDAGraphed(one_step, enabled=cuda_graphs)
+    screener = screening.Screener(slt, 1.0, one_step, screening.ClassHeadScorer(head),
+                                  s.screen_candidates, shape=shape, cuda_graphs=cuda_graphs,
+                                  noise_on="device")
+    x0 = torch.randn(1, *shape, device=s.device, dtype=s.dtype)
+    y = torch.tensor([7], device=s.device)
+    head_flops = 2.0 * s.screen_candidates * head.in_features * head.out_features
+    flops = {"teacher": screening.dit_flops(teacher_net),
+             "screen": screening.screening_flops(slt, s.screen_candidates) + head_flops}
+    return (lambda: sample(x0, y)), (lambda: screener(y, seed=0)), flops
+
+
+def score_candidates_expression(features, n_candidates, weight, bias, target):
+    """noise screening's scoring as PyTorch ops: pool, linear, log_softmax, gather, view,
+    topk (the benchmarks' eager contender)."""
+    pooled = features.float().mean(1)
+    logp = torch.nn.functional.linear(pooled, weight, bias).log_softmax(-1)
+    scores = logp.gather(1, target.repeat_interleave(n_candidates)[:, None])[:, 0]
+    return scores, scores.view(-1, n_candidates).topk(1, dim=1).indices
+
+
+def row_screening(row: Row) -> None:
+    """Noise screening's time budget at DiT-XL/2 shape: one teacher sample at B = 1 against
+    screening 128 candidates with the slt-screen SLT and its preview class head, then the
+    teacher on the best, each replayed from a CUDA graph; analytic FLOPs of both. And the
+    scoring op at the screening SLT's features against the PyTorch expression, its
+    torch.compile and a copy of the features."""
+    from onestep_kernels.dispatch import OPS
+
+    s = row.s
+    graphs = s.device.type == "cuda"
+    teacher, screen, flops = screening_contenders(s, graphs)
+    N = s.screen_candidates
+    case = f"{s.dit} teacher B=1, {s.screen} x {N} candidates"
+    with torch.no_grad():
+        alone = row.time(case, "teacher, 1 sample", teacher, amount=flops["teacher"],
+                         unit="GFLOP/s", latency=True)
+        both = row.time(case, f"screen {N} + teacher 1", screen,
+                        amount=flops["teacher"] + flops["screen"], unit="GFLOP/s",
+                        latency=True)
+    row.add(case=case, flops_teacher=flops["teacher"], flops_screen=flops["screen"])
+    row.target(f"{case}: FLOPs(screen) / FLOPs(teacher sample) <= 1.0",
+               flops["screen"] / flops["teacher"], 1.0, at_least=False)
+    row.target(f"{case}: time(screen + teacher) / time(teacher) <= 2.2", _ratio(both, alone),
+               2.2, at_least=False)
+    # the scoring op alone, at the screening SLT's states (and a 1000-class head on them)
+    _, slt, _ = screening_models(s)
+    T, D = slt.x_embedder.num_patches, slt.block.hidden_size
+    features = _rand(s, N, T, D)
+    weight = torch.randn(1000, D, device=s.device) / D ** 0.5
+    bias = torch.zeros(1000, device=s.device)
+    target = torch.tensor([3], device=s.device)
+    op = OPS["score_candidates"]
+    contenders = {"PyTorch expression": score_candidates_expression}
+    if s.compile:
+        contenders["torch.compile(expression)"] = torch.compile(score_candidates_expression)
+    for backend in op.backends:
+        if backend != "reference" and op.reason(backend, s.device, s.dtype, D, False) is None:
+            contenders[backend] = (lambda f, n, w, b, t, be=backend: op.public(
+                f, n, weight=w, bias=b, target=t, backend=be))
+    moved = features.numel() * features.element_size() + weight.numel() * 4
+    op_case = f"score_candidates {N} x {T} x {D}, 1000 classes"
+    times = {}
+    with torch.no_grad():
+        for name, fn in contenders.items():
+            times[name] = row.time(op_case, name, lambda f=fn: f(features, N, weight, bias,
+                                                                   target),
+                                   amount=moved, unit="GB/s")
+        copy = torch.empty_like(features)
+        row.time(op_case, "copy of the features (read + write)",
+                 lambda: copy.copy_(features), amount=2 * features.numel()
+                 * features.element_size(), unit="GB/s")
+    best = min((t for n, t in times.items() if n in op.backends and t is not None),
+               default=None)
+    row.target(f"{op_case}: speed-up of onestep's best over the PyTorch expression >= 1.0",
+               _ratio(times.get("PyTorch expression"), best), 1.0)
 
 
 def row_slt(row: Row) -> None:

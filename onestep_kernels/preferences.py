@@ -31,6 +31,10 @@ the date):
   `python -m onestep_kernels.preferences --measure`), 2026-11-25: layernorm_modulate C++
   0.14 ms, PyTorch 0.87; gated residual C++ 0.23, PyTorch 1.03; bias_gelu_tanh C++ 1.04,
   PyTorch 1.98; attention SDPA 1.94, C++ 3.41.
+  score_candidates (2026-12-05, 2-core AMD EPYC VM, the same command; 64 candidates of 256
+  tokens, D=384, 1000 classes): C++ 0.93 ms, PyTorch 1.19 (at 16 tokens the PyTorch
+  expression's GEMM wins, 0.66 against 1.20: benchmarks/test_screening.py); its sm_90 row
+  (Triton, then CUDA C++) is unmeasured.
   (On the 2-core AMD EPYC VM of 2026-11-24 the C++ attention led SDPA by 1.03-1.16x; which
   one wins depends on the processor, so the default is SDPA, never the slower by much, and
   the measurement puts the C++ kernel first where it wins.)

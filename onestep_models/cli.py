@@ -635,8 +635,8 @@ def slimflow_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
 
 
 # The SLT demo's settings: the Direct Model of the demo at the "deep" size is the teacher.
-SLT_DEMO = dict(teacher="deep", student="slt-tiny", steps=2000, batch_size=128, lr=2e-3,
-                patches=4)
+SLT_DEMO = dict(teacher="deep", student="slt-tiny", screener="slt-screen-tiny", steps=2000,
+                batch_size=128, lr=2e-3, patches=4)
 
 
 def slt_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
@@ -689,6 +689,35 @@ def slt_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
     for what, ok in bars.items():
         print(f"{'PASS' if ok else 'FAIL'}: {what}")
     print(f"SLT in {summary['seconds']:.0f} s; metrics in {out}")
+    return screening_demo(args, device, tcfg) and all(bars.values())
+
+
+def screening_demo(args, device: torch.device, tcfg: TrainConfig) -> bool:
+    """Noise screening after the SLT demo: a screening SLT (slt-screen-tiny: one token, the
+    time budget's design scaled to the digits) distilled from the same teacher into
+    <out>/screen with the SLT's settings, then the teacher sampled from screened noise at
+    N = 1 (random), 8, 32, 128 and judged (screening_run.screening_table); the table, its
+    bars (PASS/FAIL) and screening.png. True when all pass."""
+    out = args.out / "screen"
+    options = {**recipes.default_options("slt"), "patches": SLT_DEMO["patches"]}
+    run, dataset, num_classes = recipes.slt_run_config(args.out, SLT_DEMO["screener"], True,
+                                                       options)
+    start = time.perf_counter()
+    trainer = train(run, dataset, num_classes, tcfg, out, device, progress=not args.no_progress,
+                    allow_config_change=args.allow_config_change)
+    report_training(trainer, tcfg, out, time.perf_counter() - start)
+    pieces = screening_run.load_screening(args.out, out, device, "preview")
+    table = screening_run.screening_table(pieces, device,
+                                          per_class=max(5, args.eval_samples // 10))
+    bars = screening_run.screening_bars(table)
+    screening_run.plot_screening_table(table, out / "screening.png")
+    summary = {**table, "bars": bars, "seconds": round(time.perf_counter() - start, 1)}
+    write_json_atomic(out / "metrics.json", summary)
+    screening_run.print_screening_table(table)
+    for what, ok in bars.items():
+        print(f"{'PASS' if ok else 'FAIL'}: {what}")
+    print(f"noise screening in {summary['seconds']:.0f} s; table, screening.png and "
+          f"metrics.json in {out}")
     return all(bars.values())
 
 

@@ -225,11 +225,81 @@ def _conditions_per_chunk(slt, dtype, n_candidates, conditions, chunk_candidates
     return max(1, min(conditions, per))
 
 
+NOISE_ON = ("cpu", "device")
+
+
+def draw_on_device(conditions: int, n_candidates: int, shape: tuple[int, ...], seed: int,
+                   device: torch.device) -> Tensor:
+    """`draw_candidates` from the device's own generator: no host work or copy (what a GPU's
+    time budget wants), reproducible on that device, not across devices."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(conditions * n_candidates, *shape, generator=generator, device=device)
+
+
+class Screener:
+    """Screening with one SLT, scorer and teacher, kept across calls (on CUDA their graphs are
+    captured once per shape and replayed): `screener(y, seed=...)` or, unconditional,
+    `screener(None, conditions=B, seed=...)`. See `screen` for the arguments."""
+
+    def __init__(self, slt: SingleLayerTransformer, slt_time: float, teacher: Callable,
+                 scorer: nn.Module, n_candidates: int, *, shape: tuple[int, ...],
+                 chunk_candidates: int | None = None, memory_budget: int | None = None,
+                 cuda_graphs: bool = True, noise_on: str = "cpu"):
+        if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) \
+                or n_candidates < 1:
+            raise ArgumentError(f"n_candidates: expected an int >= 1, got {n_candidates!r}")
+        if noise_on not in NOISE_ON:
+            raise ArgumentError(f"noise_on: expected one of {NOISE_ON}, got {noise_on!r}")
+        param = next(slt.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.slt, self.slt_time, self.scorer = slt, slt_time, scorer
+        self.n_candidates, self.shape, self.noise_on = n_candidates, tuple(shape), noise_on
+        self.chunk_candidates, self.memory_budget = chunk_candidates, memory_budget
+        _conditions_per_chunk(slt, self.dtype, n_candidates, 1, chunk_candidates, memory_budget)
+        graphs = cuda_graphs and self.device.type == "cuda"
+        self.score = CUDAGraphed(self._score, enabled=graphs)
+        self.sample = CUDAGraphed(teacher, pool=self.score.pool if graphs else None,
+                                  enabled=graphs)
+
+    def _score(self, x0: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.scorer(self.slt, x0, self.slt_time, labels, self.n_candidates)
+
+    def __call__(self, y: Tensor | None, *, conditions: int | None = None,
+                 seed: int = 0) -> ScreeningResult:
+        N = self.n_candidates
+        if y is None:
+            if conditions is None or conditions < 1:
+                raise ArgumentError("conditions: an unconditional screening needs the number "
+                                    "of samples (conditions=B)")
+            B = conditions
+        else:
+            B = y.shape[0]
+            y = y.to(self.device)
+        if self.noise_on == "cpu":
+            noise = draw_candidates(B, N, self.shape, seed).to(self.device, self.dtype)
+        else:
+            noise = draw_on_device(B, N, self.shape, seed, self.device).to(self.dtype)
+        per = _conditions_per_chunk(self.slt, self.dtype, N, B, self.chunk_candidates,
+                                    self.memory_budget)
+        scores, picked = [], []
+        with torch.no_grad():
+            for start in range(0, B, per):
+                stop = min(B, start + per)
+                chunk_scores, best = self.score(noise[start * N:stop * N],
+                                                None if y is None else y[start:stop])
+                scores.append(chunk_scores.view(stop - start, N))
+                picked.append(best[:, 0])
+            scores, picked = torch.cat(scores), torch.cat(picked)
+            x0 = noise[torch.arange(B, device=picked.device) * N + picked]
+            samples = self.sample(x0, y)
+        return ScreeningResult(samples, x0, picked, scores.float())
+
+
 def screen(slt: SingleLayerTransformer, slt_time: float, teacher: Callable,
            y: Tensor | None, n_candidates: int, scorer: nn.Module, *,
            shape: tuple[int, ...], conditions: int | None = None, seed: int = 0,
            chunk_candidates: int | None = None, memory_budget: int | None = None,
-           cuda_graphs: bool = True) -> ScreeningResult:
+           cuda_graphs: bool = True, noise_on: str = "cpu") -> ScreeningResult:
     """Screen N = `n_candidates` noises per condition with `slt` and `scorer`, and sample the
     teacher once per condition from the best (see the module docstring).
 
@@ -240,38 +310,13 @@ def screen(slt: SingleLayerTransformer, slt_time: float, teacher: Callable,
     chunk_candidates / memory_budget: the SLT's batch, in candidates (rounded down to whole
         conditions) or in bytes of activations (default 2 GiB); at least one condition.
     cuda_graphs: on CUDA, replay the scoring and the teacher from CUDA graphs.
+    noise_on: "cpu" (the same candidates on every device) or "device" (drawn by the device's
+        generator: no host work; reproducible on that device only).
     """
-    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
-        raise ArgumentError(f"n_candidates: expected an int >= 1, got {n_candidates!r}")
-    if y is None:
-        if conditions is None or conditions < 1:
-            raise ArgumentError("conditions: an unconditional screening needs the number of "
-                                "samples (conditions=B)")
-        B = conditions
-    else:
-        B = y.shape[0]
-    param = next(slt.parameters())
-    device, dtype = param.device, param.dtype
-    noise = draw_candidates(B, n_candidates, tuple(shape), seed)
-    per = _conditions_per_chunk(slt, dtype, n_candidates, B, chunk_candidates, memory_budget)
-    graphs = cuda_graphs and device.type == "cuda"
-    score = CUDAGraphed(lambda x0, labels: scorer(slt, x0, slt_time, labels, n_candidates),
-                        enabled=graphs)
-    sample = CUDAGraphed(teacher, pool=score.pool if graphs else None, enabled=graphs)
-    scores, picked = [], []
-    with torch.no_grad():
-        for start in range(0, B, per):
-            stop = min(B, start + per)
-            x0 = noise[start * n_candidates:stop * n_candidates].to(device, dtype)
-            labels = None if y is None else y[start:stop].to(device)
-            chunk_scores, best = score(x0, labels)
-            scores.append(chunk_scores.view(stop - start, n_candidates))
-            picked.append(best[:, 0])
-        scores, picked = torch.cat(scores), torch.cat(picked)
-        rows = torch.arange(B, device=picked.device) * n_candidates + picked
-        x0 = noise.to(device)[rows].to(dtype)
-        samples = sample(x0, None if y is None else y.to(device))
-    return ScreeningResult(samples, x0, picked, scores.float())
+    screener = Screener(slt, slt_time, teacher, scorer, n_candidates, shape=shape,
+                        chunk_candidates=chunk_candidates, memory_budget=memory_budget,
+                        cuda_graphs=cuda_graphs, noise_on=noise_on)
+    return screener(y, conditions=conditions, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,22 +472,39 @@ def load_head(path: Path) -> tuple[nn.Linear, dict]:
     return head, meta
 
 
+def _block_flops(tokens: int, width: int, hidden: int) -> int:
+    """FLOPs (2 per multiply-add) of one DiT block on one sample: its products (qkv and the
+    projection 4 D^2, the MLP 2 D F per token) and attention (2 T^2 D: scores and values)."""
+    return 2 * (tokens * (4 * width * width + 2 * width * hidden) + 2 * tokens * tokens * width)
+
+
 def screening_flops(slt: SingleLayerTransformer, n_candidates: int) -> float:
-    """Analytic FLOPs (2 per multiply-add) of one SLT forward over `n_candidates` candidates:
-    per application the block's products (qkv, projection, MLP: (4 + 2 mlp_ratio) D^2 per
-    token) and attention (2 T^2 D), the K modulations' product, the embedders and the head."""
+    """Analytic FLOPs of one SLT forward over `n_candidates` candidates: K applications of its
+    block, the K modulations' product (6 D^2 each), the patch embedding and the head. (torch's
+    FLOP counter sees no attention, and count_macs no custom op.)"""
     block = slt.block
     T, D = slt.x_embedder.num_patches, block.hidden_size
-    hidden = block.mlp.fc1.out_features
     K = slt.depth_steps
-    per_application = T * (4 * D * D + 2 * D * hidden) + 2 * T * T * D
     patch = slt.patch_size ** 2 * slt.in_channels
-    embed = T * patch * D + T * D * patch  # patch embedding in, head out
-    modulation = K * D * 6 * D
-    return 2.0 * n_candidates * (K * per_application + embed + modulation)
+    per_candidate = (K * _block_flops(T, D, block.mlp.fc1.out_features)
+                     + 2 * (2 * T * patch * D + K * 6 * D * D))
+    return float(n_candidates * per_candidate)
+
+
+def dit_flops(dit: nn.Module, batch: int = 1) -> float:
+    """Analytic FLOPs of one DiT forward (a teacher sample) at `batch`: L blocks, their
+    modulations, the patch embedding and the final layer, counted as `screening_flops` does."""
+    blocks = dit.blocks
+    T, D = dit.x_embedder.num_patches, blocks[0].hidden_size
+    patch = dit.patch_size ** 2 * dit.in_channels
+    out = dit.final_layer.linear.out_features
+    per_sample = (len(blocks) * (_block_flops(T, D, blocks[0].mlp.fc1.out_features)
+                                 + 2 * 6 * D * D)
+                  + 2 * (T * patch * D + T * D * out + 2 * D * D))
+    return float(batch * per_sample)
 
 
 __all__ = ["CallableScorer", "ClassHeadScorer", "CosineScorer", "HeadReport", "PixelLabeler",
-           "ScreeningResult", "candidate_bytes", "draw_candidates", "fit_image_head", "load_head",
+           "Screener", "ScreeningResult", "candidate_bytes", "dit_flops", "draw_candidates", "draw_on_device", "fit_image_head", "load_head",
            "null_label_features", "save_head", "screen", "screening_flops", "slt_preview",
            "train_class_head"]

@@ -28,20 +28,18 @@ SCORERS = ("preview", "null_state", "cosine")
 
 class ScreenedSampler:
     """(x0, y) -> the teacher's samples from each condition's best of N screened noises (x0
-    gives the number of samples and the device; the candidates are drawn from `seed`)."""
+    gives the number of samples; the candidates are drawn from `seed`), one
+    `screening.Screener` across calls (its CUDA graphs replayed)."""
 
     def __init__(self, slt, slt_time: float, teacher, scorer, n_candidates: int,
                  shape: tuple[int, ...], seed: int, cuda_graphs: bool = True):
-        self.slt, self.slt_time, self.teacher, self.scorer = slt, slt_time, teacher, scorer
-        self.n_candidates, self.shape, self.seed = n_candidates, shape, seed
-        self.cuda_graphs = cuda_graphs
+        self.screener = screening.Screener(slt, slt_time, teacher, scorer, n_candidates,
+                                           shape=shape, cuda_graphs=cuda_graphs)
+        self.seed = seed
         self.last: screening.ScreeningResult | None = None
 
     def __call__(self, x0: Tensor, y: Tensor | None) -> Tensor:
-        self.last = screening.screen(
-            self.slt, self.slt_time, self.teacher, y, self.n_candidates, self.scorer,
-            shape=self.shape, conditions=x0.shape[0], seed=self.seed,
-            cuda_graphs=self.cuda_graphs)
+        self.last = self.screener(y, conditions=x0.shape[0], seed=self.seed)
         return self.last.samples
 
 

@@ -26,9 +26,10 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     out = tmp_path / "results"
     rows = ["ceilings", "block", "dit", "profile", "memory_bound", "attention", "host"]
     assert gpu_check.main(["--out", str(out), "--smoke", "--only", ",".join(rows)]) == 0
-    assert gpu_check.main(["--out", str(out), "--smoke", "--only", "fused_linear,slt"]) == 0
+    assert gpu_check.main(["--out", str(out), "--smoke", "--only",
+                           "fused_linear,slt,screening"]) == 0
     results = json.loads((out / "gpu_check.json").read_text())
-    assert set(results["rows"]) == {*rows, "fused_linear", "slt"}
+    assert set(results["rows"]) == {*rows, "fused_linear", "slt", "screening"}
     for name, row in results["rows"].items():
         assert row["error"] is None, (name, row["error"])
         assert row["records"], name
@@ -54,6 +55,10 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     assert {("2 x 64 tokens forward", "onestep"), ("2 x 64 tokens forward", "eager loop"),
             ("2 x 64 tokens depth loop", "one application")} <= slt, slt
     assert len(results["rows"]["slt"]["targets"]) == 5
+    screening = {t["target"].split(": ")[-1]: t for t in results["rows"]["screening"]["targets"]}
+    assert screening["FLOPs(screen) / FLOPs(teacher sample) <= 1.0"]["met"] is True
+    assert screening["time(screen + teacher) / time(teacher) <= 2.2"]["value"] > 1.0
+    assert len(screening) == 3
     table = (out / "gpu_check.md").read_text()
     assert "## memory_bound" in table and "## fused_linear" in table
     assert "layernorm_modulate fwd | cpu |" in table

@@ -1,8 +1,9 @@
 // Noise screening's scoring: each candidate's token features mean-pooled (fp32), scored by a
 // class head (the log-softmax at its condition's label) or by the cosine with another pooled
-// feature, then each condition's k best (common/math.h's order). Candidates in parallel, then
-// conditions in parallel; every sum runs in a fixed order, so results do not depend on the
-// thread count. Compiled once per ISA.
+// feature, then each condition's k best (common/math.h's order). Every candidate is pooled
+// first; the class head then runs over blocks of 8 candidates, so that each weight row is read
+// once per block. Candidates, blocks and conditions in parallel; every sum runs in a fixed
+// order, so results do not depend on the thread count. Compiled once per ISA.
 #include <cmath>
 #include <cstdint>
 
@@ -38,16 +39,50 @@ float dot(const float* a, const float* b, int64_t D) {
   return acc;
 }
 
-float class_score(const ScoreCandidatesParams& p, const float* pooled, int64_t label) {
-  if (label < 0 || label >= p.C) return NAN;
-  LogSumExp lse{-INFINITY, 0.0f};
-  float picked = 0.0f;
-  for (int64_t c = 0; c < p.C; ++c) {
-    const float logit = dot(p.weight + c * p.D, pooled, p.D) + p.bias[c];
-    lse = lse_push(lse, logit);
-    if (c == label) picked = logit;
+// Candidates per block of the class head: each weight row is loaded once for this many dot
+// products (the head is a matrix product; blocking is what keeps it off memory).
+constexpr int64_t kHeadBlock = 8;
+
+// Scores of candidates [m0, m0 + count) (count <= kHeadBlock) from their pooled rows.
+void class_scores(const ScoreCandidatesParams& p, const float* pooled, int64_t m0,
+                  int64_t count) {
+  LogSumExp lse[kHeadBlock];
+  float picked[kHeadBlock];
+  int64_t label[kHeadBlock];
+  const float* rows[kHeadBlock];
+  for (int64_t j = 0; j < kHeadBlock; ++j) {
+    lse[j] = LogSumExp{-INFINITY, 0.0f};
+    picked[j] = 0.0f;
+    label[j] = j < count ? p.target[(m0 + j) / p.n] : -1;
+    rows[j] = pooled + (m0 + (j < count ? j : 0)) * p.D;  // (padding lanes repeat the first)
   }
-  return picked - (lse.max + std::log(lse.sum));
+  for (int64_t c = 0; c < p.C; ++c) {
+    const float* w = p.weight + c * p.D;
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+    for (int64_t d = 0; d < p.D; ++d) {
+      const float wd = w[d];
+      a0 += wd * rows[0][d];
+      a1 += wd * rows[1][d];
+      a2 += wd * rows[2][d];
+      a3 += wd * rows[3][d];
+      a4 += wd * rows[4][d];
+      a5 += wd * rows[5][d];
+      a6 += wd * rows[6][d];
+      a7 += wd * rows[7][d];
+    }
+    const float dots[kHeadBlock] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int64_t j = 0; j < count; ++j) {
+      const float logit = dots[j] + p.bias[c];
+      lse[j] = lse_push(lse[j], logit);
+      if (c == label[j]) picked[j] = logit;
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    p.scores[m0 + j] = (label[j] < 0 || label[j] >= p.C)
+                           ? NAN
+                           : picked[j] - (lse[j].max + std::log(lse[j].sum));
+  }
 }
 
 template <typename T>
@@ -55,24 +90,25 @@ int run(const ScoreCandidatesParams& p, int num_threads) {
   const T* features = static_cast<const T*>(p.features);
   const T* other = static_cast<const T*>(p.other);
   const bool head = p.weight != nullptr;
-  const int64_t per_thread = head ? p.D : 2 * p.D;
-  FloatBuffer scratch(per_thread * (num_threads > 0 ? num_threads : 1));
-  if (scratch.failed()) return kOutOfMemory;
-  parallel_for_threads(
-      num_threads, p.M,
-      [&](int64_t m, int thread) {
-        float* pooled = scratch.data() + thread * per_thread;
-        pool(features, p.f_sm, p.f_st, m, p.T, p.D, pooled);
-        if (head) {
-          p.scores[m] = class_score(p, pooled, p.target[m / p.n]);
-        } else {
-          float* pooled_other = pooled + p.D;
-          pool(other, p.o_sm, p.o_st, m, p.T_other, p.D, pooled_other);
-          p.scores[m] = cosine_score(dot(pooled, pooled_other, p.D), dot(pooled, pooled, p.D),
-                                     dot(pooled_other, pooled_other, p.D));
-        }
-      },
-      [] {});
+  // every candidate pooled first (and `other`, for the cosine), then scored
+  FloatBuffer pooled(p.M * p.D * (head ? 1 : 2));
+  if (pooled.failed()) return kOutOfMemory;
+  parallel_for(num_threads, p.M, [&](int64_t m) {
+    pool(features, p.f_sm, p.f_st, m, p.T, p.D, pooled.data() + m * p.D);
+    if (!head) pool(other, p.o_sm, p.o_st, m, p.T_other, p.D, pooled.data() + (p.M + m) * p.D);
+  });
+  if (head) {
+    parallel_for(num_threads, (p.M + kHeadBlock - 1) / kHeadBlock, [&](int64_t block) {
+      const int64_t m0 = block * kHeadBlock;
+      class_scores(p, pooled.data(), m0, min_i64(kHeadBlock, p.M - m0));
+    });
+  } else {
+    parallel_for(num_threads, p.M, [&](int64_t m) {
+      const float* a = pooled.data() + m * p.D;
+      const float* b = pooled.data() + (p.M + m) * p.D;
+      p.scores[m] = cosine_score(dot(a, b, p.D), dot(a, a, p.D), dot(b, b, p.D));
+    });
+  }
   // Each condition's k best: sweep i takes the best candidate ranked after sweep i-1's pick.
   parallel_for(num_threads, p.M / p.n, [&](int64_t b) {
     const float* scores = p.scores + b * p.n;
@@ -105,8 +141,7 @@ int score_candidates(const ScoreCandidatesParams& p, int num_threads) {
       (p.weight != nullptr && (p.C == 0 || p.bias == nullptr || p.target == nullptr)))
     return kBadSize;
   if (p.M == 0) return kOk;
-  num_threads = threads_for(num_threads, p.M * p.T * p.D);
-  if (num_threads > p.M) num_threads = static_cast<int>(p.M);
+  num_threads = threads_for(num_threads, p.M * (p.T + p.C) * p.D);
   ONESTEP_CPU_DTYPE_SWITCH(p.dtype, T, return run<T>(p, num_threads));
 }
 

@@ -455,5 +455,10 @@ def test_demo_slt_tiny(tmp_path, capsys):
     assert len(summary["patch_cosines"]) == 4
     assert json.loads((tmp_path / "metrics.json").read_text())["samplers"]  # the teacher's
     assert "SLT 1-step FD <= 2x the teacher's 1-step FD" in stdout
-    assert (stdout.count("PASS: ") + stdout.count("FAIL: ")) == 2 + 3
     assert (tmp_path / "slt" / "grid_slt_1step.png").is_file()
+    # then noise screening: its table, bars and plot
+    screen = json.loads((tmp_path / "screen" / "metrics.json").read_text())
+    assert [row["n"] for row in screen["rows"]] == [1, 8, 32, 128]
+    assert all(len(row["per_class_recall"]) == 10 for row in screen["rows"])
+    assert "within-class Spearman" in stdout and (tmp_path / "screen" / "screening.png").is_file()
+    assert (stdout.count("PASS: ") + stdout.count("FAIL: ")) == 2 + 3 + len(screen["bars"])
