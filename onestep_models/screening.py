@@ -18,14 +18,18 @@ one memory pool). The noises are drawn on the CPU from one seeded generator, in 
 order, so the same seed gives the same candidates, and the same picks, on every device and
 at every chunk size.
 
-Scorers (what each rewards):
+Scorers (what each rewards; README "Noise screening" has their numbers on the digits):
 - `ClassHeadScorer` (the default where there are labels): the log-probability of the target
-  label under a linear head on the SLT's pooled features, the SLT run under the NULL label:
-  how strongly this noise, by its own evidence, leads to the target class. (Under the target
-  label the features would carry the label through adaLN, and a head would read the
-  conditioning back: every candidate of a condition would score alike.) The head is trained
-  by `train_class_head` to predict the class of the teacher's sample conditioned on a random
-  label from the same noise, as a labeler sees it (see there).
+  label under a linear head with a log-softmax. Source "preview" (default): the head reads
+  the SLT's own one-step sample under the target label, and is a logistic regression fitted
+  on the teacher's real images (`fit_image_head`): it rewards noises whose cheap preview
+  already looks like the target class, and cannot decode the conditioning, having never seen
+  SLT features. Source "null_state": the head reads the SLT's pooled state run under the
+  NULL label (its own evidence: under the target label the features carry the label through
+  adaLN, and a head trained on them would read the conditioning back), trained by
+  `train_class_head` to predict the class of the teacher's sample from the same noise as a
+  labeler sees it. (Measured on the digits it ranks by nothing: a teacher that obeys its
+  label draws that class from almost any noise, so there is little for it to learn.)
 - `CosineScorer` (label-free): the cosine between the SLT's pooled features at an
   intermediate depth and at its last application: how settled the representation is by
   mid-depth, a proxy for a noise the block maps without hesitation.
