@@ -329,7 +329,7 @@ def screen(slt: SingleLayerTransformer, slt_time: float, teacher: Callable,
 
 
 class PixelLabeler:
-    """A support-vector classifier (RBF kernel, Platt-scaled probabilities; scikit-learn) on
+    """A support-vector classifier (RBF kernel, calibrated probabilities; scikit-learn) on
     the pixels of the teacher's training images, `__call__(images) -> (n, C)` class
     probabilities: the labeler that names the class of a teacher's sample for the head's
     training. Deliberately not the evaluation classifier (a CNN on the same digits): another
@@ -339,6 +339,7 @@ class PixelLabeler:
     0.47-0.52; README, "Noise screening"). `accuracy`: on a held-out tenth of the images."""
 
     def __init__(self, images: Tensor, labels: Tensor, seed: int = 0):
+        from sklearn.calibration import CalibratedClassifierCV
         from sklearn.svm import SVC
 
         x = images.flatten(1).double().numpy()
@@ -347,7 +348,7 @@ class PixelLabeler:
         held, fit = order[: len(x) // 10], order[len(x) // 10:]
         check = SVC(random_state=seed).fit(x[fit], labels[fit])
         self.accuracy = float((check.predict(x[held]) == labels[held]).mean())
-        self.model = SVC(probability=True, random_state=seed).fit(x, labels)
+        self.model = CalibratedClassifierCV(SVC(random_state=seed), ensemble=False).fit(x, labels)
         self.num_classes = len(self.model.classes_)
 
     def __call__(self, images: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ def load_screening(teacher_ckpt: Path, slt_run: Path, device: torch.device,
         chosen = screening.CosineScorer()
     else:
         head = screening_head(Path(slt_run), scorer, teacher, network, slt,
-                              float(teacher["time"]))
+                              float(teacher["time"]), str(Path(checkpoint).resolve()))
         chosen = screening.ClassHeadScorer(head.to(device), source=scorer)
     return {"slt": slt, "slt_time": float(teacher["time"]),
             "teacher": _one_step(network, float(teacher["time"])), "scorer": chosen,
@@ -110,19 +110,22 @@ def screened_sampler(pieces: dict[str, Any], n_candidates: int, seed: int) -> Sc
 
 
 def screening_head(slt_run: Path, source: str, teacher: dict, network, slt,
-                   slt_time: float):
+                   slt_time: float, slt_checkpoint: str):
     """The class head for `source`, fitted once and kept in the SLT run directory
-    (screening_head_<source>.safetensors, written atomically; refitted when the teacher or
-    the source differ): "preview" a logistic regression on the teacher's real training images,
-    "null_state" `train_class_head` with a PixelLabeler fitted on them."""
+    (screening_head_<source>.safetensors, written atomically; refitted when what it was
+    fitted from differs): "preview" a logistic regression on the teacher's real training
+    images (it depends on the teacher's data alone), "null_state" `train_class_head` with a
+    PixelLabeler fitted on them (it depends on the teacher and on this SLT checkpoint)."""
     path = slt_run / f"screening_head_{source}.safetensors"
+    meta: dict[str, Any] = {"source": source, "teacher_digest": teacher["digest"]}
+    if source == "null_state":
+        meta["slt_checkpoint"] = slt_checkpoint
     if path.exists():
-        head, meta = screening.load_head(path)
-        if meta.get("teacher_digest") == teacher["digest"] and meta.get("source") == source:
+        head, recorded = screening.load_head(path)
+        if all(recorded.get(key) == value for key, value in meta.items()):
             return head
     dataset, num_classes = recipes.load_data(recipes.real_data(teacher["run"]["data"]))
     images, labels = dataset.tensors[0], dataset.tensors[1]
-    meta: dict[str, Any] = {"source": source, "teacher_digest": teacher["digest"]}
     if source == "preview":
         head = screening.fit_image_head(images, labels)
     else:
