@@ -510,6 +510,6 @@ def dit_flops(dit: nn.Module, batch: int = 1) -> float:
 
 
 __all__ = ["CallableScorer", "ClassHeadScorer", "CosineScorer", "HeadReport", "PixelLabeler",
-           "Screener", "ScreeningResult", "candidate_bytes", "dit_flops", "draw_candidates", "draw_on_device", "fit_image_head", "load_head",
-           "null_label_features", "save_head", "screen", "screening_flops", "slt_preview",
-           "train_class_head"]
+           "Screener", "ScreeningResult", "candidate_bytes", "dit_flops", "draw_candidates",
+           "draw_on_device", "fit_image_head", "load_head", "null_label_features", "save_head",
+           "screen", "screening_flops", "slt_preview", "train_class_head"]

@@ -159,14 +159,14 @@ def _top_k_kernel(SCORES, BEST, n_candidates, k, BLOCK_N: tl.constexpr):
     lanes = tl.arange(0, BLOCK_N)
     last_value = tl.max(tl.zeros((BLOCK_N,), dtype=tl.float32) + float("inf"), axis=0)
     last_index = tl.min(tl.zeros((BLOCK_N,), dtype=tl.int32) - 1, axis=0)
-    for i in range(0, k):
+    for i in range(k):
         best_value = tl.max(tl.zeros((BLOCK_N,), dtype=tl.float32) - float("inf"), axis=0)
         best_index = tl.min(tl.zeros((BLOCK_N,), dtype=tl.int32) + n_candidates, axis=0)
         for n0 in range(0, n_candidates, BLOCK_N):
             index = n0 + lanes
             inside = index < n_candidates
             s = tl.load(base + index, mask=inside, other=float("-inf"))
-            s = tl.where(s != s, float("-inf"), s)
+            s = tl.where(s != s, float("-inf"), s)  # noqa: PLR0124 (NaN)
             free = inside & ((s < last_value) | ((s == last_value) & (index > last_index)))
             value = tl.max(tl.where(free, s, float("-inf")), axis=0)
             found = tl.min(tl.where(free & (s == value), index, n_candidates), axis=0)

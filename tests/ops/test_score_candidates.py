@@ -14,8 +14,8 @@ from onestep_kernels.ops import score_candidates as op
 
 OP = "score_candidates"
 # (B conditions, N candidates each, T tokens, D, C classes)
-SHAPES = [(3, 5, 7, 48, 11), (1, 3, 16, 384, 1000), (2, 13, 9, 384, 10), (1, 1, 3, 1152, 10), (4, 6, 1, 33, 1),
-          (1, 70, 4, 20, 3)]
+SHAPES = [(3, 5, 7, 48, 11), (1, 3, 16, 384, 1000), (2, 13, 9, 384, 10), (1, 1, 3, 1152, 10),
+          (4, 6, 1, 33, 1), (1, 70, 4, 20, 3)]
 
 
 def _features(M, T, D, dtype, generator, strided=True):
