@@ -603,7 +603,8 @@ def slt_floor(model, B: int, N: int, device, dtype) -> Callable:
 def screening_models(s: Setting, classes: int = 1000):
     """The time budget's networks, random weights: (a `s.dit`-shaped one-step teacher, a FlowDiT
     whose sample is x0 + f(x0, 1, y); the `s.screen` SLT; its preview class head over the
-    latent's C H W values, `classes` classes), on the setting's device and dtype."""
+    latent's C H W values, `classes` classes), on the setting's device, in its dtype but the
+    head."""
     from onestep_models.dit import DIT_SIZES, FlowDiT
     from onestep_models.slt import SLT_SIZES, SingleLayerTransformer
 
@@ -621,7 +622,9 @@ def screening_models(s: Setting, classes: int = 1000):
             for p in net.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.02)
-    return tuple(m.to(s.device, s.dtype).eval() for m in (teacher, slt, head))
+    # (the head stays fp32: score_candidates reads it so, and a bf16 one is converted per call)
+    return (teacher.to(s.device, s.dtype).eval(), slt.to(s.device, s.dtype).eval(),
+            head.to(s.device))
 
 
 def screening_contenders(s: Setting, cuda_graphs: bool):
