@@ -118,6 +118,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="image folders: grey or colour")
     p.add_argument("--vae", type=Path, default=None,
                    help="image folders: a local AutoencoderKL directory; train on its latents")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image folders: skip files that cannot be decoded (counted on stderr) "
+                        "instead of refusing them")
     p.add_argument("--model", default=None,
                    choices=list(recipes.MODEL_SIZES) + list(recipes.SLT_SIZES),
                    help="network size (default: tiny; slimflow's student: slim-32; slt: "
@@ -333,6 +336,8 @@ def _run_config(args, recipe: str):
             raise UsageError(f"--vae: no AutoencoderKL (config.json) in {args.vae}")
         data = {"kind": "folder", "path": str(Path(args.data).resolve()), "size": args.size,
                 "channels": args.channels, "vae": str(args.vae.resolve()) if args.vae else None}
+        if args.skip_bad_images:  # (recorded only when given: older runs' configs stay equal)
+            data["skip_bad_images"] = True
     options = recipes.default_options(recipe)
     options["class_dropout"] = args.class_dropout
     if recipe == "direct":

@@ -7,14 +7,16 @@ Images come as float32 (N, C, H, W) scaled to [-1, 1], labels as int64 (N,).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from onestep_kernels.errors import ArgumentError
+from onestep_kernels.errors import ArgumentError, DataError
 from onestep_models.run_dir import temporary_for
 
 DIGITS_CLASSES = 10
@@ -41,37 +43,69 @@ def digits(size: int = 8) -> TensorDataset:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def image_folder(root: str | Path, size: int, channels: int = 3) -> tuple[TensorDataset, list[str]]:
+def _visible(path: Path) -> bool:
+    """Not hidden: names starting with "." (.git, .ipynb_checkpoints, .DS_Store) are no class
+    and no image."""
+    return not path.name.startswith(".")
+
+
+def _read_image(path: Path, size: int, channels: int, name: str) -> Tensor:
+    """One image, resized (shorter side) and centre-cropped to size x size, in [-1, 1]; a file
+    PIL cannot decode is a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")  # (decodes: a truncation shows)
+            scale = size / min(img.size)
+            img = img.resize((max(size, round(img.width * scale)),
+                              max(size, round(img.height * scale))), Image.BICUBIC)
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{name}: {path} is not a readable image ({type(err).__name__}: "
+                        f"{err}); remove it, or pass --skip-bad-images") from None
+    return pixels.reshape(size, size, channels).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_folder(root: str | Path, size: int, channels: int = 3, *, skip_bad: bool = False,
+                 name: str = "root") -> tuple[TensorDataset, list[str]]:
     """Images under root/<class name>/*, one class per subfolder (sorted names → labels 0..K-1),
     resized (shorter side) and centre-cropped to size x size, scaled to [-1, 1]. Returns the
-    dataset (held in memory) and the class names."""
-    from PIL import Image
+    dataset (held in memory) and the class names.
 
+    Hidden entries (names starting with ".") are skipped, folders and files alike. A file with
+    an image extension that cannot be decoded is a DataError naming it, or with `skip_bad`
+    skipped and reported once on stderr with the count. `name`: what the errors call `root`
+    (the command line's "--data")."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise DataError(f"{name}: no such image folder: {root}")
     if channels not in (1, 3):
         raise ArgumentError(f"channels: expected 1 or 3, got {channels}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
     if not classes:
-        raise ArgumentError(f"root: {root} has no class subfolders (expected root/<class>/<image>)")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{name}: {root} has no class subfolders (expected "
+                        f"{name}/<class>/<image>)")
+    images, labels, skipped = [], [], []
+    for label, cls in enumerate(classes):
+        for path in sorted((root / cls).iterdir()):
+            if not _visible(path) or path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            with Image.open(path) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                scale = size / min(img.size)
-                img = img.resize((max(size, round(img.width * scale)),
-                                  max(size, round(img.height * scale))), Image.BICUBIC)
-                left, top = (img.width - size) // 2, (img.height - size) // 2
-                img = img.crop((left, top, left + size, top + size))
-                pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
-            images.append(pixels.reshape(size, size, channels).permute(2, 0, 1) / 127.5 - 1.0)
+            try:
+                images.append(_read_image(path, size, channels, name))
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped.append(path)
+                continue
             labels.append(label)
+    if skipped:
+        print(f"{name}: skipped {len(skipped)} unreadable image(s) (first: {skipped[0]})",
+              file=sys.stderr)
     if not images:
-        raise ArgumentError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise DataError(f"{name}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return TensorDataset(torch.stack(images), torch.tensor(labels)), classes
 
 

@@ -70,7 +70,9 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
         return noise_labels(spec), spec["num_classes"]
     if kind == "folder":
         images, classes = datasets.image_folder(spec["path"], spec["size"],
-                                                spec.get("channels", 3))
+                                                spec.get("channels", 3),
+                                                skip_bad=spec.get("skip_bad_images", False),
+                                                name="--data")
         if spec.get("vae"):
             default = Path(spec["path"]) / f"latents_{spec['size']}.safetensors"
             cache = spec.get("cache") or str(default)

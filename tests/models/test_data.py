@@ -52,8 +52,74 @@ def test_image_folder(tmp_path):
     assert images.shape == (5, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
     grey, _ = image_folder(tmp_path, 4, channels=1)
     assert grey.tensors[0].shape == (5, 1, 4, 4)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="^root: no such image folder"):
         image_folder(tmp_path / "missing", 8)
+
+
+def _folder(root, classes=("cat", "dog"), count=2):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_hidden_folders_and_files_are_no_classes_and_no_images(tmp_path):
+    """A notebook's .ipynb_checkpoints/ (with an image in it), an empty .git/ and macOS's ._
+    files are skipped: the labels are the real classes' (on the parent commit
+    .ipynb_checkpoints became class 0 and every label moved by one)."""
+    import shutil
+
+    from onestep_models.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    (root / ".git").mkdir()
+    (root / ".ipynb_checkpoints").mkdir()
+    shutil.copy(root / "cat" / "0.png", root / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (root / "dog" / "._1.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    dataset, classes = image_folder(root, 8)
+    assert classes == ["cat", "dog"]
+    assert dataset.tensors[1].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_an_unreadable_image_is_refused_by_name_or_skipped(tmp_path, capsys, damage):
+    """A truncated PNG, a zero-byte one and a text file named .png: a DataError (exit 2 on the
+    command line) naming the file and --data (on the parent commit: PIL's OSError traceback,
+    no file named); with skip_bad, skipped and counted on stderr."""
+    from onestep_models.data import image_folder
+
+    root = _folder(tmp_path / "data")
+    bad = root / "dog" / "1.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad.write_text("not an image at all")
+    with pytest.raises(ValueError, match=f"^--data: {bad} is not a readable image"):
+        image_folder(root, 8, name="--data")
+    dataset, classes = image_folder(root, 8, skip_bad=True, name="--data")
+    assert dataset.tensors[1].tolist() == [0, 0, 1]
+    assert f"--data: skipped 1 unreadable image(s) (first: {bad})" in capsys.readouterr().err
+
+
+def test_the_command_line_names_the_bad_image_in_one_line(tmp_path, capsys):
+    from onestep_models import cli
+
+    root = _folder(tmp_path / "data")
+    (root / "cat" / "1.png").write_bytes(b"")
+    args = ["train", "direct", "--data", str(root), "--size", "8", "--out",
+            str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--no-progress"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data: " in err and "1.png is not a readable" in err
+    assert cli.main([*args, "--skip-bad-images", "--checkpoint-every", "1"]) == 0
+    assert "--data: skipped 1 unreadable image(s)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
