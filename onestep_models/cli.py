@@ -165,8 +165,12 @@ def _add_slimflow_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pairs", type=Path, default=None,
                    help="pairs made by `onestep pairs` (default: <out>/pairs, drawn here)")
     g.add_argument("--stage", choices=("both", "reflow", "distill"), default="both")
-    g.add_argument("--num-pairs", type=_positive(int), default=10_000)
-    g.add_argument("--heun-steps", type=_positive(int), default=32)
+    # (None when not given: with --pairs they cannot apply, and giving them is an error)
+    g.add_argument("--num-pairs", type=_positive(int), default=None,
+                   help="pairs to draw here (default 10000; not with --pairs)")
+    g.add_argument("--heun-steps", type=_positive(int), default=None,
+                   help="Heun steps of the teacher's ODE for the pairs drawn here (default 32; "
+                        "not with --pairs)")
     g.add_argument("--anneal-steps", type=_number(int, 0), default=1000,
                    help="K: beta anneals from 1 to 0 over the first K reflow steps (0: none)")
     g.add_argument("--anneal-schedule", choices=("linear", "exp", "cos"), default="linear")
@@ -777,8 +781,16 @@ def main(argv: list[str] | None = None) -> int:
                             raise UsageError(f"{flag}: --distance lpips needs the local weights "
                                              f"file, got {path}")
                     weights = {"vgg": str(args.vgg.resolve()), "lins": str(args.lpips.resolve())}
-                slimflow(args, tcfg, device, num_pairs=args.num_pairs,
-                         heun_steps=args.heun_steps, stage=args.stage,
+                if args.pairs is not None:
+                    for flag, value in (("--num-pairs", args.num_pairs),
+                                        ("--heun-steps", args.heun_steps)):
+                        if value is not None:
+                            raise UsageError(f"{flag}: the pairs are --pairs {args.pairs}, "
+                                             "drawn already with their own settings; leave "
+                                             f"{flag} out (it applies where train slimflow "
+                                             "draws them)")
+                slimflow(args, tcfg, device, num_pairs=args.num_pairs or 10_000,
+                         heun_steps=args.heun_steps or 32, stage=args.stage,
                          student=args.model or "slim-32", anneal_steps=args.anneal_steps,
                          schedule=args.anneal_schedule, hflip=args.hflip,
                          guidance=not args.no_guidance, distill_steps=args.distill_steps,

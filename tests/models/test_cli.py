@@ -247,6 +247,14 @@ def test_slimflow_stages_from_a_teacher(trained_run, tmp_path, capsys):
     code, _, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out",
                        str(out / "pairs"), "--num", "50", "--heun-steps", "2")
     assert code == 2 and "other settings" in err
+    # with --pairs the pairs exist: --num-pairs and --heun-steps cannot apply, and are refused
+    # (on the parent commit they were ignored: the same losses with and without them)
+    for flag, value in (("--num-pairs", "10"), ("--heun-steps", "7")):
+        code, _, err = run(capsys, "train", "slimflow", "--pairs", str(out / "pairs"), "--out",
+                           str(tmp_path / "again"), flag, value, "--steps", "1",
+                           "--distill-steps", "1", "--batch-size", "8")
+        assert code == 2 and err.startswith(f"onestep: error: {flag}: the pairs are --pairs")
+        assert err.count("\n") == 1
 
 
 @pytest.mark.slow
