@@ -84,6 +84,11 @@ def _positive(kind):
     return _number(kind, 0, low_open=True)
 
 
+# Seeds: what every generator takes (numpy's legacy seeding stops at 2^32 - 1; torch's at 2^64,
+# and seeds derived from a seed, per rank and stage, must stay below that).
+SEED = _number(int, 0, 2**32 - 1)
+
+
 def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--out", type=Path, required=not demo,
                    default=Path("runs/demo") if demo else None,
@@ -93,8 +98,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
                    help="global batch, over all processes")
     p.add_argument("--lr", type=_positive(float), default=DEMO["lr"] if demo else 5e-5,
                    help="AdamW learning rate" + ("" if demo else " (the Direct Models paper's)"))
-    p.add_argument("--seed", type=int, default=0,
-                   help="fixes the networks' initialisation and every random draw")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="fixes the networks' initialisation and every random draw "
+                        "(0..2^32-1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--no-progress", action="store_true",
                    help="plain log lines instead of a progress bar (also when stderr is not a "
@@ -234,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--rk45", action="store_true",
                        help="integrate with scipy's adaptive RK45 instead of Heun")
     pairs.add_argument("--shard-size", type=_positive(int), default=1024)
-    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--seed", type=SEED, default=0)
     pairs.add_argument("--device", default=None)
     sample = sub.add_parser("sample", help="write a grid of samples from a checkpoint",
                             **defaults)
@@ -244,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, required=True, help="PNG file")
     sample.add_argument("--sampler", default=None, help="default: the recipe's first")
     sample.add_argument("--num", type=_positive(int), default=100)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=SEED, default=0)
     sample.add_argument("--device", default=None)
     sample.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, call the networks eagerly instead of replaying CUDA graphs")
@@ -258,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pytorch-fid Inception weights (.pth) for FID on 3-channel images")
     ev.add_argument("--out", type=Path, default=None,
                     help="JSON file (default: metrics.json in the run directory)")
-    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--seed", type=SEED, default=1)
     ev.add_argument("--device", default=None)
     _add_screen_arguments(ev)
     return parser
@@ -428,8 +434,10 @@ def draw_pairs(teacher_ckpt: Path, out: Path, num: int, *, heun_steps: int, seed
         torch.distributed.barrier()
     seconds = time.perf_counter() - start
     if rank == 0:
-        print(f"{num} pairs in {out} ({seconds:.1f} s, {num / max(seconds, 1e-9):.0f} "
-              "pairs/s)")
+        drawn = made[0] * shard_size * world_size  # (shards finished earlier are not redrawn)
+        rate = (f"{min(drawn, num) / max(seconds, 1e-9):.0f} pairs/s" if drawn
+                else "all finished before: nothing drawn")
+        print(f"{num} pairs in {out} ({seconds:.1f} s, {rate})")
 
 
 def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, heun_steps: int,

@@ -244,6 +244,7 @@ def test_slimflow_stages_from_a_teacher(trained_run, tmp_path, capsys):
     code, stdout, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out",
                             str(out / "pairs"), "--num", "40", "--heun-steps", "2")
     assert code == 0, err  # the same settings: the finished shards stand
+    assert "(nothing drawn" not in stdout and "all finished before: nothing drawn" in stdout
     code, _, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out",
                        str(out / "pairs"), "--num", "50", "--heun-steps", "2")
     assert code == 2 and "other settings" in err
@@ -470,3 +471,12 @@ def test_demo_slt_tiny(tmp_path, capsys):
     assert all(len(row["per_class_recall"]) == 10 for row in screen["rows"])
     assert "within-class Spearman" in stdout and (tmp_path / "screen" / "screening.png").is_file()
     assert (stdout.count("PASS: ") + stdout.count("FAIL: ")) == 2 + 3 + len(screen["bars"])
+
+
+@pytest.mark.parametrize("command", ["train direct --out OUT", "sample --ckpt OUT --out x.png",
+                                     "eval --ckpt OUT"])
+def test_a_seed_no_generator_takes_is_refused_by_name(tmp_path, capsys, command):
+    """--seed 2^70: on the parent commit "Overflow when unpacking long long", naming nothing."""
+    args = command.replace("OUT", str(tmp_path)).replace("x.png", str(tmp_path / "x.png"))
+    code, _, err = run(capsys, *args.split(), "--seed", str(2**70))
+    assert code == 2 and err.startswith("onestep: error: argument --seed: expected <= 4294967295")
