@@ -165,15 +165,27 @@ def build(config: dict[str, Any], training: bool = True) -> nn.Module:
     raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 
+def _teacher_checkpoint(ckpt: Path):
+    """The newest intact checkpoint of a teacher run; a SlimFlow run's top folder (its stages
+    in distill/ and reflow/) stands for its last stage that has one."""
+    from onestep_models.run_dir import latest_checkpoint
+
+    checkpoint = latest_checkpoint(ckpt)
+    for stage in ("distill", "reflow"):
+        if checkpoint is None and (Path(ckpt) / stage).is_dir():
+            checkpoint = latest_checkpoint(Path(ckpt) / stage)
+    if checkpoint is None:
+        raise FileNotFoundError(f"--teacher: no checkpoint under {ckpt}")
+    return checkpoint
+
+
 def load_teacher(ckpt: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict, Path]:
     """(the velocity network with its EMA weights, its run config, the checkpoint) of a
     trained flow-based run (flow, direct or a SlimFlow stage), frozen: what a distillation
     recipe takes as its teacher. CheckpointError or ValueError naming what does not fit."""
-    from onestep_models.run_dir import latest_checkpoint, load_weights, read_checkpoint_state
+    from onestep_models.run_dir import load_weights, read_checkpoint_state
 
-    checkpoint = latest_checkpoint(ckpt)
-    if checkpoint is None:
-        raise FileNotFoundError(f"--teacher: no checkpoint under {ckpt}")
+    checkpoint = _teacher_checkpoint(ckpt)
     run = read_checkpoint_state(checkpoint)["config"]
     recipe = build(run, training=False)
     load_weights(recipe, checkpoint, "ema")
@@ -204,11 +216,9 @@ def load_one_step_teacher(ckpt: Path, device: torch.device | str = "cpu",
     weights) of a trained one-step run (Direct Models, or a SlimFlow stage): what a
     layer-number distillation takes as its teacher. A flow run is no one-step map, and is
     refused by name; so is a checkpoint whose weights are not the `expected_digest` ones."""
-    from onestep_models.run_dir import latest_checkpoint, load_weights, read_checkpoint_state
+    from onestep_models.run_dir import load_weights, read_checkpoint_state
 
-    checkpoint = latest_checkpoint(ckpt)
-    if checkpoint is None:
-        raise FileNotFoundError(f"--teacher: no checkpoint under {ckpt}")
+    checkpoint = _teacher_checkpoint(ckpt)
     state = read_checkpoint_state(checkpoint)
     run = state["config"]
     digest = state.get("files", {}).get("ema.safetensors", {}).get("sha256")

@@ -248,6 +248,11 @@ def test_slimflow_stages_from_a_teacher(trained_run, tmp_path, capsys):
     code, _, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out",
                        str(out / "pairs"), "--num", "50", "--heun-steps", "2")
     assert code == 2 and "other settings" in err
+    # the SlimFlow run's top folder is a teacher (its last stage; on the parent commit: "no
+    # checkpoint under" it, though the help says SlimFlow runs are accepted)
+    code, stdout, err = run(capsys, "pairs", "--teacher", str(out), "--out",
+                            str(tmp_path / "student_pairs"), "--num", "8", "--heun-steps", "1")
+    assert code == 0 and "8 pairs" in stdout, err
     # with --pairs the pairs exist: --num-pairs and --heun-steps cannot apply, and are refused
     # (on the parent commit they were ignored: the same losses with and without them)
     for flag, value in (("--num-pairs", "10"), ("--heun-steps", "7")):
