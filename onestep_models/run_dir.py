@@ -120,8 +120,12 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write strict JSON to a temporary file and rename it over path (never a half-written
     file)."""
     tmp = temporary_for(path)
-    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # (a path that cannot be replaced, a full disk: no temporary left)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def append_log(path: Path, entry: dict[str, Any]) -> None:

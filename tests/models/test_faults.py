@@ -338,3 +338,22 @@ def test_a_corrupt_inception_file_is_named(tmp_path):
     torch.save({"fc.weight": torch.zeros(3)}, bad)
     with pytest.raises(run_dir.CheckpointError, match="another model"):
         FIDInception.from_pytorch_fid(bad)
+
+
+def test_eval_into_a_metrics_file_it_cannot_replace_is_one_line_and_leaves_no_temporary(
+        tmp_path, capsys):
+    """metrics.json is a directory (it cannot be replaced): one line, exit 2, and no
+    metrics.json.<pid>.tmp left behind (on the parent commit the temporary stayed)."""
+    from onestep_models import cli
+
+    assert cli.main(["train", "direct", "--out", str(tmp_path), "--steps", "1", "--batch-size",
+                     "8", "--no-progress", "--checkpoint-every", "1"]) == 0
+    (tmp_path / "metrics.json").mkdir()
+    capsys.readouterr()
+    assert cli.main(["eval", "--ckpt", str(tmp_path), "--num", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.json" in err, err
+    assert not list(tmp_path.glob("metrics.json.*")), list(tmp_path.iterdir())
+    with pytest.raises(IsADirectoryError):
+        run_dir.write_json_atomic(tmp_path / "metrics.json", {"a": 1})
+    assert not list(tmp_path.glob("metrics.json.*"))
