@@ -883,9 +883,19 @@ def main(argv: list[str] | None = None) -> int:
             print_table(result)
             print(f"metrics written to {out} in {time.perf_counter() - start:.1f} s")
             return 0
+    except KeyboardInterrupt:  # Ctrl-C outside training (whose own handler checkpoints first)
+        print(f"onestep: interrupted{_interrupted_note(argv)}", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - each kind reported as onestep_kernels.errors says
         return report(err)
     return 0
+
+
+def _interrupted_note(argv: list[str] | None) -> str:
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    if command == ["pairs"]:
+        return " (the finished shards are kept: run the same command to draw the rest)"
+    return ""
 
 
 def entry_point() -> None:

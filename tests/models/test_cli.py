@@ -485,3 +485,28 @@ def test_a_seed_no_generator_takes_is_refused_by_name(tmp_path, capsys, command)
     args = command.replace("OUT", str(tmp_path)).replace("x.png", str(tmp_path / "x.png"))
     code, _, err = run(capsys, *args.split(), "--seed", str(2**70))
     assert code == 2 and err.startswith("onestep: error: argument --seed: expected <= 4294967295")
+
+
+def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path):
+    """Ctrl-C while `onestep pairs` draws (its KeyboardInterrupt raised inside the drawing): one
+    line and exit 130, as the trainer's interrupt (on the parent commit: a KeyboardInterrupt
+    traceback). In a process of its own, so that the interrupt cannot reach pytest."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        from onestep_models import cli
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        cli.draw_pairs = interrupted
+        raise SystemExit(cli.main(["pairs", "--teacher", "unused", "--out",
+                                   {str(tmp_path / "pairs")!r}]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == ("onestep: interrupted (the finished shards are kept: run the same "
+                           "command to draw the rest)\n")
