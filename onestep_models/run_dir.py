@@ -159,6 +159,11 @@ def truncate_log(path: Path, step: int) -> int:
 
 # ---------------------------------------------------------------------------- checkpoints
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hex (checkpoints' and pair shards' manifests)."""
+    return _sha256(Path(path))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from torch.utils.data import TensorDataset
 
 from onestep_kernels.errors import ArgumentError, DataError
 from onestep_models import flow
-from onestep_models.run_dir import write_json_atomic
+from onestep_models.run_dir import file_sha256, write_json_atomic
 
 SCHEDULES = ("linear", "exp", "cos")
 DISTANCES = ("pseudo_huber", "lpips")
@@ -198,6 +199,62 @@ def _shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 
 
+SHARD_FILES = ("z0", "x1", "y")
+SHARD_MANIFEST = "shard.json"  # each file's shape, dtype, size and sha256, written with it
+
+
+def _describe_shard(directory: Path) -> dict:
+    """What a shard's manifest records of its files."""
+    described = {}
+    for name in SHARD_FILES:
+        path = directory / f"{name}.npy"
+        array = np.load(path, mmap_mode="r")
+        described[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                           "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return described
+
+
+def _expected_count(manifest: dict, index: int) -> int:
+    return min(manifest["shard_size"], manifest["num"] - index * manifest["shard_size"])
+
+
+def shard_problem(directory: Path, index: int, manifest: dict) -> str | None:
+    """Why shard `index` under `directory` cannot be used (a missing, truncated or changed file,
+    the wrong shape or dtype, a digest that differs from the one written with it, values that
+    are not finite), or None. A shard from before shard manifests is checked for what its
+    files say (shape, dtype, finiteness) and then fingerprinted (its manifest written now,
+    with a warning on stderr)."""
+    shard = directory / _shard_name(index)
+    count, shape = _expected_count(manifest, index), tuple(manifest["shape"])
+    wanted = {"z0": ((count, *shape), "float32"), "x1": ((count, *shape), "float32"),
+              "y": ((count,), "int64")}
+    recorded_path = shard / SHARD_MANIFEST
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
+    for name in SHARD_FILES:
+        path = shard / f"{name}.npy"
+        if not path.is_file():
+            return f"{path} is missing"
+        if recorded is not None and path.stat().st_size != recorded[name]["bytes"]:
+            return (f"{path} has {path.stat().st_size} bytes, {recorded[name]['bytes']} when "
+                    "written (truncated or replaced)")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            return f"{path} is not a readable .npy file ({type(err).__name__}: {err})"
+        if (tuple(array.shape), str(array.dtype)) != (wanted[name][0], wanted[name][1]):
+            return (f"{path} holds {str(array.dtype)} {tuple(array.shape)}, expected "
+                    f"{wanted[name][1]} {wanted[name][0]}")
+        if recorded is not None and file_sha256(path) != recorded[name]["sha256"]:
+            return f"{path} differs from what was written (sha256 mismatch)"
+        if name != "y" and not np.isfinite(array).all():
+            return f"{path} holds non-finite values"
+    if recorded is None:
+        print(f"onestep: {shard} has no {SHARD_MANIFEST} (made before shard digests): "
+              "fingerprinted now", file=sys.stderr)
+        write_json_atomic(recorded_path, _describe_shard(shard))
+    return None
+
+
 def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ...],
                    num_classes: int, *, shard_size: int = 1024, heun_steps: int = 32,
                    solver: str = "heun", seed: int = 0, device: torch.device | str = "cpu",
@@ -237,7 +294,11 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
     for index in range(mine, shards, parts):
         final = out / _shard_name(index)
         if final.is_dir():
-            continue
+            problem = shard_problem(out, index, manifest)
+            if problem is None:
+                continue
+            print(f"onestep: redrawing shard {index}: {problem}", file=sys.stderr)
+            shutil.rmtree(final)
         start = index * shard_size
         count = min(shard_size, num - start)
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -259,6 +320,7 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         np.save(tmp / "x1.npy", x1.numpy())
         np.save(tmp / "y.npy", (y if y is not None else torch.zeros(count, dtype=torch.long))
                 .numpy())
+        write_json_atomic(tmp / SHARD_MANIFEST, _describe_shard(tmp))
         os.replace(tmp, final)
         if progress is not None:
             progress(index + 1, shards)
@@ -277,6 +339,11 @@ def load_pairs(directory: Path) -> tuple[TensorDataset, dict]:
     if missing:
         raise DataError(f"--pairs: {directory} is incomplete (shard {missing[0]} of {shards} "
                          "missing); run `onestep pairs` again to finish it")
+    for i in range(shards):  # every shard checked before any is used
+        problem = shard_problem(directory, i, manifest)
+        if problem is not None:
+            raise DataError(f"--pairs: {problem}; run `onestep pairs` with the same settings "
+                            "again to redraw it")
     parts = {name: [] for name in ("x1", "y", "z0")}
     for i in range(shards):
         for name in parts:  # read through the memory map, copied once into the whole array

@@ -95,6 +95,58 @@ def test_pair_shards_resume_without_redoing_finished_ones(tmp_path):
         slimflow.generate_pairs(teacher, out, **{**kwargs, "heun_steps": 3})
 
 
+DAMAGES = {
+    "truncated x1": ("x1.npy", lambda b: b[: len(b) // 2], "bytes"),
+    "zero-byte y": ("y.npy", lambda b: b"", "bytes"),
+    "x1 overwritten with 0x7f": ("x1.npy", lambda b: b[:128] + b"\x7f" * (len(b) - 128),
+                                 "sha256 mismatch"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_shard_is_refused_by_name_and_redrawn_on_rerun(tmp_path, capsys, damage):
+    """On the parent commit: `onestep pairs` reran over these and reported the full count,
+    and training read them (an mmap error naming no file, an EOFError traceback, or silently
+    wrong values blamed later on the learning rate)."""
+    teacher = tiny_dit()
+    kwargs = dict(num=10, shape=(1, 4, 4), num_classes=3, shard_size=4, heun_steps=2, seed=3)
+    out = tmp_path / "pairs"
+    slimflow.generate_pairs(teacher, out, **kwargs)
+    whole, _ = slimflow.load_pairs(out)
+    name, change, why = DAMAGES[damage]
+    path = out / "shard_00001" / name
+    path.write_bytes(change(path.read_bytes()))
+    with pytest.raises(ValueError, match=f"^--pairs: {path} .*{why}"):
+        slimflow.load_pairs(out)
+    capsys.readouterr()
+    made = []
+    slimflow.generate_pairs(teacher, out, **kwargs, progress=lambda i, n: made.append(i))
+    assert made == [2]  # that shard alone, drawn again (seeded: the same pairs)
+    assert f"redrawing shard 1: {path}" in capsys.readouterr().err
+    again, _ = slimflow.load_pairs(out)
+    for a, b in zip(whole.tensors, again.tensors):
+        assert torch.equal(a, b)
+
+
+def test_shards_from_before_digests_are_checked_then_fingerprinted(tmp_path, capsys):
+    import numpy as np
+
+    teacher = tiny_dit()
+    kwargs = dict(num=8, shape=(1, 4, 4), num_classes=3, shard_size=4, heun_steps=2, seed=3)
+    out = tmp_path / "pairs"
+    slimflow.generate_pairs(teacher, out, **kwargs)
+    for shard in ("shard_00000", "shard_00001"):
+        (out / shard / slimflow.SHARD_MANIFEST).unlink()
+    x1 = np.load(out / "shard_00001" / "x1.npy")
+    x1[0, 0, 0, 0] = np.nan
+    np.save(out / "shard_00001" / "x1.npy", x1)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="shard_00001/x1.npy holds non-finite values"):
+        slimflow.load_pairs(out)  # non-finite data is refused at load, by file
+    assert "shard_00000 has no shard.json" in capsys.readouterr().err
+    assert (out / "shard_00000" / slimflow.SHARD_MANIFEST).is_file()  # fingerprinted once
+
+
 def test_processes_share_the_shards_of_one_directory(tmp_path):
     """Under torchrun each process draws the shards of its rank modulo the world size into the
     same directory: together, the pairs one process draws (the same files, bit for bit), and
