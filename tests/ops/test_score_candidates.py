@@ -239,3 +239,32 @@ def test_torch_compile_fullgraph(generator):
     eager = screen(features)
     assert torch.equal(compiled[1], eager[1])
     torch.testing.assert_close(compiled[0], eager[0])
+
+
+@pytest.mark.parametrize("offset", [0.0, 64.0, 1000.0])
+@pytest.mark.parametrize("backend,dtype,isa", [
+    case for case in backend_matrix(OP, (torch.float16, torch.bfloat16))
+    if case.values[0] != "reference"])
+def test_half_precision_features_far_from_zero(backend, dtype, isa, offset, generator, cpu_isa):
+    """Features whose mean is far from zero (as a residual stream's can be), in fp16/bf16: the
+    pooled sums and the head run in fp32 over the rounded inputs, so scores stay within fp32's
+    error of float64 on the same inputs, for the class head and the cosine."""
+    cpu_isa(isa)
+    dev = backend_device(backend, OP)
+    if reason := refused(OP, backend, dev, dtype, 96, False):
+        pytest.skip(reason)
+    N = 7
+    features = (torch.randn(2 * N, 33, 96, generator=generator) + offset).to(dtype)
+    other = (torch.randn(2 * N, 5, 96, generator=generator) - offset).to(dtype)
+    weight = torch.randn(10, 96, generator=generator) / 96 ** 0.5
+    target = torch.tensor([2, 9])
+    for kwargs, ref in (
+            ({"weight": weight, "target": target},
+             op.scores_reference(features.double(), None, weight.double(), None, target, N)),
+            ({"other": other},
+             op.scores_reference(features.double(), other.double(), None, None, None, N))):
+        scores, best = ok.score_candidates(features.to(dev), N, backend=backend,
+                                           **{k: v.to(dev) for k, v in kwargs.items()})
+        scale = max(ref.abs().max().item(), 1.0)
+        assert (scores.double().cpu() - ref).abs().max().item() <= 1e-5 * scale, kwargs.keys()
+        assert torch.equal(best.cpu(), op.top_k_reference(scores.cpu(), N, 1))
