@@ -18,6 +18,7 @@ go into); a damaged file is a `CheckpointError` naming the file and what is wron
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -31,7 +32,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
-from onestep_kernels.errors import DataError, RunStopped, UserError
+from onestep_kernels.errors import DataError, MachineError, RunStopped, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
@@ -214,24 +215,53 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, ema: nn.Module
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(tensors["model"], str(tmp / "model.safetensors"))
-    if os.environ.get(_KILL_IN_CHECKPOINT) == str(step):
-        import signal
+    writing = tmp
+    try:
+        writing = tmp / "model.safetensors"
+        save_file(tensors["model"], str(writing))
+        if os.environ.get(_KILL_IN_CHECKPOINT) == str(step):
+            import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
-    save_file(tensors["ema"], str(tmp / "ema.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                for name in FILES}
-    state = {"step": step, "seconds": round(seconds, 3), "config": run_config,
-             "files": manifest}
-    write_json_atomic(tmp / "state.json", state)
+            os.kill(os.getpid(), signal.SIGKILL)
+        writing = tmp / "ema.safetensors"
+        save_file(tensors["ema"], str(writing))
+        writing = tmp / "optimizer.pt"
+        torch.save(optimizer_state, writing)
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                    for name in FILES}
+        state = {"step": step, "seconds": round(seconds, 3), "config": run_config,
+                 "files": manifest}
+        writing = tmp / "state.json"
+        write_json_atomic(writing, state)
+    except Exception as err:  # nothing half-written is left; a full disk says so
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk = disk_full(err, writing)
+        if disk is None:
+            raise
+        raise disk from err
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old)
+        except OSError as err:  # (the newer checkpoints stand; a resume skips this one)
+            print(f"onestep: could not remove the old checkpoint {old} ({err}); remove it "
+                  "by hand", file=sys.stderr)
     return final
+
+
+def disk_full(err: BaseException, path: Path) -> MachineError | None:
+    """A MachineError "no space left ... writing <path>" when `err` is a full disk or a file
+    size limit, however it shows: OSError ENOSPC, EDQUOT or EFBIG, or torch.save's
+    "unexpected pos" (its zip writer's RuntimeError when a write came up short); else None."""
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            ) or (isinstance(err, RuntimeError) and "unexpected pos" in str(err))
+    if not full:
+        return None
+    return MachineError(f"no space left on the device writing {path} (or a file size limit: "
+                        f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}); "
+                        "free some and run the same command to resume")
 
 
 def remove_temporaries(directory: Path) -> list[Path]:

@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 
 from onestep_kernels.errors import ArgumentError, DataError
 from onestep_models import flow
-from onestep_models.run_dir import file_sha256, write_json_atomic
+from onestep_models.run_dir import disk_full, file_sha256, write_json_atomic
 
 SCHEDULES = ("linear", "exp", "cos")
 DISTANCES = ("pseudo_huber", "lpips")
@@ -316,11 +316,17 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         tmp = out / f".tmp_{_shard_name(index)}"
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         tmp.mkdir()
-        np.save(tmp / "z0.npy", z0.numpy())
-        np.save(tmp / "x1.npy", x1.numpy())
-        np.save(tmp / "y.npy", (y if y is not None else torch.zeros(count, dtype=torch.long))
-                .numpy())
-        write_json_atomic(tmp / SHARD_MANIFEST, _describe_shard(tmp))
+        labels_out = y if y is not None else torch.zeros(count, dtype=torch.long)
+        try:
+            for name, array in (("z0", z0), ("x1", x1), ("y", labels_out)):
+                np.save(tmp / f"{name}.npy", array.numpy())
+            write_json_atomic(tmp / SHARD_MANIFEST, _describe_shard(tmp))
+        except Exception as err:  # nothing half-written is left; a full disk says so
+            shutil.rmtree(tmp, ignore_errors=True)
+            disk = disk_full(err, final)
+            if disk is None:
+                raise
+            raise disk from err
         os.replace(tmp, final)
         if progress is not None:
             progress(index + 1, shards)

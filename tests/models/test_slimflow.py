@@ -269,3 +269,36 @@ def test_pairs_by_rk45_agree_with_fine_heun(tmp_path):
     torch.testing.assert_close(a.tensors[0], b.tensors[0], rtol=1e-2, atol=3e-3)
     with pytest.raises(ValueError, match="solver"):
         slimflow.generate_pairs(teacher, tmp_path / "x", solver="euler", **kwargs)
+
+
+def test_a_full_disk_while_drawing_pairs_names_the_shard_and_leaves_no_temporary(
+        tmp_path, monkeypatch):
+    """np.save raising ENOSPC on the second shard: a MachineError naming the shard (on the
+    parent commit "[Errno 28] No space left on device" without a file, and a temporary left);
+    the first shard stands, and a rerun finishes the rest."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from onestep_kernels.errors import MachineError
+
+    teacher = tiny_dit()
+    kwargs = dict(num=8, shape=(1, 4, 4), num_classes=3, shard_size=4, heun_steps=2, seed=3)
+    out = tmp_path / "pairs"
+    real_save, calls = np.save, []
+
+    def save(path, array):
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(MachineError,
+                       match=f"no space left on the device writing {out}/shard_00001"):
+        slimflow.generate_pairs(teacher, out, **kwargs)
+    assert not list(out.glob(".tmp_*")) and (out / "shard_00000").is_dir()
+    monkeypatch.setattr(np, "save", real_save)
+    slimflow.generate_pairs(teacher, out, **kwargs)
+    assert len(slimflow.load_pairs(out)[0]) == 8
