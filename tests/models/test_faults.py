@@ -396,3 +396,27 @@ def test_a_full_disk_while_checkpointing_is_one_line_exit_1_and_leaves_nothing(
     assert str(tmp_path / "checkpoints") in err
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+
+def test_a_checkpoint_rotation_cannot_delete_is_named(tmp_path, capsys, monkeypatch):
+    """Rotation meets a checkpoint it cannot delete (as on a read-only mount or someone else's
+    files): the run goes on and says which (on the parent commit: silence, and whatever half
+    of it rmtree had removed)."""
+    import shutil
+
+    from onestep_models import cli
+
+    real = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if not ignore_errors and str(path).endswith("step_00000001"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(run_dir.shutil, "rmtree", rmtree)
+    assert cli.main(["train", "direct", "--out", str(tmp_path), "--steps", "3", "--batch-size",
+                     "8", "--no-progress", "--checkpoint-every", "1",
+                     "--keep-checkpoints", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"could not remove the old checkpoint {tmp_path / 'checkpoints' / 'step_00000001'}" \
+        in err
