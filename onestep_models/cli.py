@@ -29,7 +29,7 @@ import torch
 from onestep_kernels.cuda_graph import graph_networks
 from onestep_kernels.errors import UserError, report
 from onestep_models import recipes, screening_run
-from onestep_models.run_dir import run_directory
+from onestep_models.run_dir import RunLock, run_directory
 from onestep_models.train import (
     TrainConfig,
     Trainer,
@@ -408,14 +408,28 @@ def draw_pairs(teacher_ckpt: Path, out: Path, num: int, *, heun_steps: int, seed
     """The teacher run's EMA velocity integrated from seeded noise into `out`'s pair shards
     (onestep_models.slimflow.generate_pairs), a line per shard and a closing line with the
     pairs per second; the manifest records the teacher's checkpoint and data."""
-    from onestep_models import slimflow as sf
-
     # under torchrun the processes share the shards, each on its own GPU, then wait for all
     device = init_distributed(device)
     rank, world_size = world()
     teacher, teacher_run, checkpoint = recipes.load_teacher(teacher_ckpt, device)
-    model = teacher_run["model"]
     shape = _sample_shape(teacher_run)
+    # one writer per folder: a second `onestep pairs` (or a run) into it is refused; the
+    # processes of one torchrun are one writer, rank 0 holding the lock for them all
+    lock = RunLock(out).acquire() if rank == 0 else None
+    try:
+        _draw_pairs_locked(teacher, teacher_run, checkpoint, out, num, shape, rank,
+                           world_size, heun_steps=heun_steps, seed=seed, device=device,
+                           shard_size=shard_size, solver=solver)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _draw_pairs_locked(teacher, teacher_run, checkpoint, out, num, shape, rank, world_size, *,
+                       heun_steps, seed, device, shard_size, solver) -> None:
+    from onestep_models import slimflow as sf
+
+    model = teacher_run["model"]
     start = time.perf_counter()
     made = [0]
 

@@ -510,3 +510,24 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path):
     assert done.returncode == 130, done.stderr
     assert done.stderr == ("onestep: interrupted (the finished shards are kept: run the same "
                            "command to draw the rest)\n")
+
+
+def test_a_second_writer_into_a_pairs_folder_is_refused(trained_run, tmp_path, capsys):
+    """While one `onestep pairs` draws into a folder (its lock held), a second is refused in
+    one line naming the holder, and leaves nothing behind; the same for a run's folder
+    (on the parent commit the second wrote beside the first: `[Errno 39] Directory not
+    empty` tracebacks and a temporary left)."""
+    import os
+
+    from onestep_models.run_dir import RunLock
+
+    out = tmp_path / "pairs"
+    with RunLock(out):
+        code, _, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out", str(out),
+                           "--num", "8", "--heun-steps", "1")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"is being written by another run (pid {os.getpid()})" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    code, stdout, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out", str(out),
+                            "--num", "8", "--heun-steps", "1")
+    assert code == 0 and "8 pairs" in stdout, err  # once the first is done
