@@ -29,7 +29,7 @@ import torch
 from onestep_kernels.cuda_graph import graph_networks
 from onestep_kernels.errors import UserError, report
 from onestep_models import recipes, screening_run
-from onestep_models.run_dir import RunLock, run_directory
+from onestep_models.run_dir import RunLock, lock_holder, run_directory
 from onestep_models.train import (
     TrainConfig,
     Trainer,
@@ -329,6 +329,10 @@ def check_output_file(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
         raise UsageError(f"{flag}: no such directory: {path.parent}")
     if not os.access(path.parent.absolute(), os.W_OK | os.X_OK):
         raise UsageError(f"{flag}: cannot write into {path.parent}")
+    holder = lock_holder(path.parent)
+    if holder is not None:  # (reading a running run is fine; writing into its folder is not)
+        raise UsageError(f"{flag}: {path.parent} is being written by a run (pid {holder}); "
+                         f"write {path.name} elsewhere")
 
 
 def _run_config(args, recipe: str):

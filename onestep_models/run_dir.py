@@ -96,6 +96,21 @@ class RunLock:
         self.release()
 
 
+def lock_holder(directory: Path) -> str | None:
+    """The pid (as written) of the process holding `directory`'s run lock, or None when
+    nobody holds it (a finished run's lock file stays behind, unlocked)."""
+    path = Path(directory) / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 # ---------------------------------------------------------------------------- small files
 
 def json_safe(value: Any) -> Any:

@@ -531,3 +531,28 @@ def test_a_second_writer_into_a_pairs_folder_is_refused(trained_run, tmp_path, c
     code, stdout, err = run(capsys, "pairs", "--teacher", str(trained_run), "--out", str(out),
                             "--num", "8", "--heun-steps", "1")
     assert code == 0 and "8 pairs" in stdout, err  # once the first is done
+
+
+def test_sample_and_eval_read_a_running_run_but_write_elsewhere(trained_run, tmp_path, capsys):
+    """While a run holds its folder, `eval` (whose metrics.json goes into the run by default)
+    and `sample --out RUN/x.png` are refused in one line; written elsewhere, both work (on the
+    parent commit both wrote into the running run's folder)."""
+    import os
+
+    from onestep_models.run_dir import RunLock
+
+    with RunLock(trained_run):
+        code, _, err = run(capsys, "eval", "--ckpt", str(trained_run), "--num", "10")
+        assert code == 2 and err.count("\n") == 1
+        assert f"is being written by a run (pid {os.getpid()}); write metrics.json elsewhere" \
+            in err
+        code, _, err = run(capsys, "sample", "--ckpt", str(trained_run), "--out",
+                           str(trained_run / "x.png"), "--num", "4")
+        assert code == 2 and "write x.png elsewhere" in err
+        code, _, err = run(capsys, "eval", "--ckpt", str(trained_run), "--num", "10", "--out",
+                           str(tmp_path / "m.json"))
+        assert code == 0, err
+        code, _, err = run(capsys, "sample", "--ckpt", str(trained_run), "--out",
+                           str(tmp_path / "x.png"), "--num", "4")
+        assert code == 0, err
+    assert not (trained_run / "x.png").exists()
