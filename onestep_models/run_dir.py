@@ -230,30 +230,23 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, ema: nn.Module
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    writing = tmp
-    try:
-        writing = tmp / "model.safetensors"
-        save_file(tensors["model"], str(writing))
+    with WritingInto(tmp) as writing:
+        writing.path = tmp / "model.safetensors"
+        save_file(tensors["model"], str(writing.path))
         if os.environ.get(_KILL_IN_CHECKPOINT) == str(step):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
-        writing = tmp / "ema.safetensors"
-        save_file(tensors["ema"], str(writing))
-        writing = tmp / "optimizer.pt"
-        torch.save(optimizer_state, writing)
+        writing.path = tmp / "ema.safetensors"
+        save_file(tensors["ema"], str(writing.path))
+        writing.path = tmp / "optimizer.pt"
+        torch.save(optimizer_state, writing.path)
         manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                     for name in FILES}
         state = {"step": step, "seconds": round(seconds, 3), "config": run_config,
                  "files": manifest}
-        writing = tmp / "state.json"
-        write_json_atomic(writing, state)
-    except Exception as err:  # nothing half-written is left; a full disk says so
-        shutil.rmtree(tmp, ignore_errors=True)
-        disk = disk_full(err, writing)
-        if disk is None:
-            raise
-        raise disk from err
+        writing.path = tmp / "state.json"
+        write_json_atomic(writing.path, state)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -264,6 +257,29 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, ema: nn.Module
             print(f"onestep: could not remove the old checkpoint {old} ({err}); remove it "
                   "by hand", file=sys.stderr)
     return final
+
+
+class WritingInto:
+    """`with WritingInto(tmp) as writing:` around the writes into a temporary directory that
+    is renamed once complete (a checkpoint, a pair shard): when one fails, the directory is
+    removed, so nothing half-written is left, and a full disk becomes `disk_full`'s one-line
+    MachineError naming `writing.path` (the file being written; `naming` to start with)."""
+
+    def __init__(self, tmp: Path, naming: Path | None = None):
+        self.tmp = tmp
+        self.path = tmp if naming is None else naming
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if not isinstance(err, Exception):
+            return False
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        disk = disk_full(err, self.path)
+        if disk is not None:
+            raise disk from err
+        return False
 
 
 def disk_full(err: BaseException, path: Path) -> MachineError | None:

@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 
 from onestep_kernels.errors import ArgumentError, DataError
 from onestep_models import flow
-from onestep_models.run_dir import disk_full, file_sha256, write_json_atomic
+from onestep_models.run_dir import WritingInto, file_sha256, write_json_atomic
 
 SCHEDULES = ("linear", "exp", "cos")
 DISTANCES = ("pseudo_huber", "lpips")
@@ -242,7 +242,7 @@ def shard_problem(directory: Path, index: int, manifest: dict) -> str | None:
         except (ValueError, OSError, EOFError) as err:
             return f"{path} is not a readable .npy file ({type(err).__name__}: {err})"
         if (tuple(array.shape), str(array.dtype)) != (wanted[name][0], wanted[name][1]):
-            return (f"{path} holds {str(array.dtype)} {tuple(array.shape)}, expected "
+            return (f"{path} holds {array.dtype} {tuple(array.shape)}, expected "
                     f"{wanted[name][1]} {wanted[name][0]}")
         if recorded is not None and file_sha256(path) != recorded[name]["sha256"]:
             return f"{path} differs from what was written (sha256 mismatch)"
@@ -317,16 +317,10 @@ def generate_pairs(teacher: nn.Module, out: Path, num: int, shape: tuple[int, ..
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
         tmp.mkdir()
         labels_out = y if y is not None else torch.zeros(count, dtype=torch.long)
-        try:
+        with WritingInto(tmp, naming=final):  # (a full disk names the shard)
             for name, array in (("z0", z0), ("x1", x1), ("y", labels_out)):
                 np.save(tmp / f"{name}.npy", array.numpy())
             write_json_atomic(tmp / SHARD_MANIFEST, _describe_shard(tmp))
-        except Exception as err:  # nothing half-written is left; a full disk says so
-            shutil.rmtree(tmp, ignore_errors=True)
-            disk = disk_full(err, final)
-            if disk is None:
-                raise
-            raise disk from err
         os.replace(tmp, final)
         if progress is not None:
             progress(index + 1, shards)
