@@ -41,27 +41,33 @@ def _check(scores, best, ref_scores, B, N, k, dtype, what):
     assert (picked - wanted).abs().max().item() <= 2 * tolerance * max(scale, 1.0), what
 
 
+def _score_or_refused(backend, dtype, features, N, k, **tensors):
+    """The op on `backend`'s device, or, where its record refuses such a call, a check that
+    the call is refused with the record's reason (then None)."""
+    dev = backend_device(backend, OP)
+    moved = {name: t.to(dev) for name, t in tensors.items()}
+    if reason := refused(OP, backend, dev, dtype, features.shape[-1], False):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            ok.score_candidates(features.to(dev), N, k=k, backend=backend, **moved)
+        return None
+    return ok.score_candidates(features.to(dev), N, k=k, backend=backend, **moved)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xN{}xT{}xD{}xC{}".format(*s))
 @pytest.mark.parametrize("backend,dtype,isa", backend_matrix(OP))
 def test_class_head_matches_float64(backend, dtype, isa, shape, generator, cpu_isa):
     cpu_isa(isa)
     B, N, T, D, C = shape
-    dev = backend_device(backend, OP)
     features = _features(B * N, T, D, dtype, generator)
     weight = torch.randn(C, D, generator=generator) / D ** 0.5 * 3
     bias = torch.randn(C, generator=generator)
     target = torch.randint(0, C, (B,), generator=generator)
     k = min(3, N)
     ref = op.scores_reference(features.double(), None, weight.double(), bias.double(), target, N)
-    if reason := refused(OP, backend, dev, dtype, D, False):
-        with pytest.raises(ValueError, match=re.escape(reason)):
-            ok.score_candidates(features.to(dev), N, weight=weight.to(dev), bias=bias.to(dev),
-                                target=target.to(dev), k=k, backend=backend)
-        return
-    scores, best = ok.score_candidates(features.to(dev), N, weight=weight.to(dev),
-                                       bias=bias.to(dev), target=target.to(dev), k=k,
-                                       backend=backend)
-    _check(scores, best, ref, B, N, k, dtype, f"{backend} class head")
+    result = _score_or_refused(backend, dtype, features, N, k, weight=weight, bias=bias,
+                               target=target)
+    if result is not None:
+        _check(*result, ref, B, N, k, dtype, f"{backend} class head")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xN{}xT{}xD{}".format(*s[:4]))
@@ -69,18 +75,13 @@ def test_class_head_matches_float64(backend, dtype, isa, shape, generator, cpu_i
 def test_cosine_matches_float64(backend, dtype, isa, shape, generator, cpu_isa):
     cpu_isa(isa)
     B, N, T, D, _ = shape
-    dev = backend_device(backend, OP)
     features = _features(B * N, T, D, dtype, generator)
     other = _features(B * N, T + 2, D, dtype, generator, strided=False) + features.mean(1, True)
     k = N
     ref = op.scores_reference(features.double(), other.double(), None, None, None, N)
-    if reason := refused(OP, backend, dev, dtype, D, False):
-        with pytest.raises(ValueError, match=re.escape(reason)):
-            ok.score_candidates(features.to(dev), N, other=other.to(dev), k=k, backend=backend)
-        return
-    scores, best = ok.score_candidates(features.to(dev), N, other=other.to(dev), k=k,
-                                       backend=backend)
-    _check(scores, best, ref, B, N, k, dtype, f"{backend} cosine")
+    result = _score_or_refused(backend, dtype, features, N, k, other=other)
+    if result is not None:
+        _check(*result, ref, B, N, k, dtype, f"{backend} cosine")
 
 
 KERNELS = ["cpu", "triton", "cuda", "reference"]
