@@ -685,8 +685,10 @@ def row_screening(row: Row) -> None:
     row.target(f"{case}: time(screen + teacher) / time(teacher) <= 2.2", _ratio(both, alone),
                2.2, at_least=False)
     # the scoring op alone, at the screening SLT's states (and a 1000-class head on them)
-    _, slt, _ = screening_models(s)
-    T, D = slt.x_embedder.num_patches, slt.block.hidden_size
+    from onestep_models.slt import SLT_SIZES  # (its sizes: no second teacher built for them)
+
+    size = SLT_SIZES[s.screen]
+    T, D = (s.dit_input // size["patch_size"]) ** 2, size["hidden_size"]
     features = _rand(s, N, T, D)
     weight = torch.randn(1000, D, device=s.device) / D ** 0.5
     bias = torch.zeros(1000, device=s.device)
