@@ -113,6 +113,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though settings that change the math differ from the "
                         "run's (the change is logged)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even though the data differs from what the run recorded in "
+                        "its data.json (the change is logged)")
     if demo:
         p.add_argument("--eval-samples", type=_positive(int), default=DEMO["eval_samples"])
         return
@@ -381,7 +384,7 @@ def _slt_run_config(args):
 
 def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out: Path,
           device: torch.device, progress: bool, allow_config_change: bool = False,
-          init=None, compile: bool = False) -> Trainer:
+          allow_data_change: bool = False, init=None, compile: bool = False) -> Trainer:
     """Build the run's networks (seeded), `init(model)` them if given (a later stage starting
     from an earlier one's weights; the run's own checkpoint, when there is one, wins) and
     train them; `run` is recipes' run config."""
@@ -391,6 +394,7 @@ def train(run: dict[str, Any], dataset, num_classes: int, tcfg: TrainConfig, out
         init(model)
     trainer = Trainer(model, dataset, tcfg, out, run_config=run, num_classes=num_classes,
                       device=device, progress=progress, allow_config_change=allow_config_change,
+                      allow_data_change=allow_data_change,
                       compile=compile, to_images=_to_images(run, device))
     trainer.fit(resume=True)
     return trainer
@@ -484,6 +488,7 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
         trainer = train(run, dataset, num_classes, tcfg, dirs["reflow"], device,
                         progress=not args.no_progress,
                         allow_config_change=args.allow_config_change,
+                        allow_data_change=args.allow_data_change,
                         compile=getattr(args, "compile", False))
         report_training(trainer, tcfg, dirs["reflow"], time.perf_counter() - start)
     if stage in ("both", "distill"):
@@ -512,6 +517,7 @@ def slimflow(args, tcfg: TrainConfig, device: torch.device, *, num_pairs: int, h
         trainer = train(run, dataset, num_classes, distill, dirs["distill"], device,
                         progress=not args.no_progress,
                         allow_config_change=args.allow_config_change,
+                        allow_data_change=args.allow_data_change,
                         init=start_from_stage_one, compile=getattr(args, "compile", False))
         report_training(trainer, distill, dirs["distill"], time.perf_counter() - start)
     return dirs
@@ -621,7 +627,8 @@ def slimflow_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
         d[key] = max(least, round(SLIMFLOW_DEMO[key] * scale))
     sf_args = argparse.Namespace(out=args.out / "slimflow", teacher=args.out, pairs=None,
                                  no_progress=args.no_progress,
-                                 allow_config_change=args.allow_config_change)
+                                 allow_config_change=args.allow_config_change,
+                                 allow_data_change=args.allow_data_change)
     tcfg = TrainConfig(steps=d["steps"], batch_size=d["batch_size"], lr=d["lr"],
                        warmup_steps=100, grad_clip=1.0, ema_decay=0.999, seed=args.seed,
                        checkpoint_every=max(1, d["steps"] // 4),
@@ -692,7 +699,8 @@ def slt_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
                        checkpoint_every=max(1, steps // 4), log_every=max(1, min(100, steps // 10)))
     start = time.perf_counter()
     trainer = train(run, dataset, num_classes, tcfg, out, device, progress=not args.no_progress,
-                    allow_config_change=args.allow_config_change)
+                    allow_config_change=args.allow_config_change,
+                    allow_data_change=args.allow_data_change)
     report_training(trainer, tcfg, out, time.perf_counter() - start)
     result = evaluate(out, args.eval_samples, 1, device)
     # per-patch cosine similarity of the SLT's (EMA) states to the teacher's, on fixed noise
@@ -739,7 +747,8 @@ def screening_demo(args, device: torch.device, tcfg: TrainConfig) -> bool:
                                                        options)
     start = time.perf_counter()
     trainer = train(run, dataset, num_classes, tcfg, out, device, progress=not args.no_progress,
-                    allow_config_change=args.allow_config_change)
+                    allow_config_change=args.allow_config_change,
+                    allow_data_change=args.allow_data_change)
     report_training(trainer, tcfg, out, time.perf_counter() - start)
     pieces = screening_run.load_screening(args.out, out, device, "preview")
     table = screening_run.screening_table(pieces, device,
@@ -826,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = train(run, dataset, num_classes, tcfg, args.out, device,
                             progress=not args.no_progress,
                             allow_config_change=args.allow_config_change,
+                            allow_data_change=args.allow_data_change,
                             compile=args.compile)
             report_training(trainer, tcfg, args.out, time.perf_counter() - start)
             if args.command == "demo" and trainer.rank == 0:

@@ -33,6 +33,7 @@ from torch.utils.data import TensorDataset
 
 from onestep_kernels.errors import ArgumentError
 from onestep_models import data as datasets
+from onestep_models.data_record import RecordedDataset
 from onestep_models.direct import DirectConfig, DirectModel
 from onestep_models.dit import DIT_SIZES, FlowDiT
 from onestep_models.flow import FlowMatching
@@ -56,14 +57,16 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
-    """(dataset, number of classes) for a run's "data" entry."""
+def load_data(spec: dict[str, Any]) -> tuple[RecordedDataset, int]:
+    """(dataset, number of classes) for a run's "data" entry; the dataset carries the
+    fingerprint of the data (onestep_models.data_record), which the trainer records."""
     kind = spec.get("kind")
     if kind == "pairs":
-        from onestep_models.slimflow import load_pairs
+        from onestep_models.slimflow import load_pairs, pairs_fingerprint
 
         pairs, manifest = load_pairs(spec["path"])
-        return pairs, manifest["num_classes"]
+        return (RecordedDataset(*pairs.tensors, fingerprint=pairs_fingerprint(spec["path"])),
+                manifest["num_classes"])
     if kind == "digits":
         return datasets.digits(spec.get("size", 8)), datasets.DIGITS_CLASSES
     if kind == "noise":
@@ -82,14 +85,15 @@ def load_data(spec: dict[str, Any]) -> tuple[TensorDataset, int]:
                         "'noise')")
 
 
-def noise_labels(spec: dict[str, Any]) -> TensorDataset:
+def noise_labels(spec: dict[str, Any]) -> RecordedDataset:
     """The data-free "dataset": `size` rows of balanced labels (0, 1, ..., K-1, 0, ...) beside a
     zero sample of the data's shape that no recipe reads (the noise is drawn per step from the
     run's seeded generators); no memory per row (the zero sample is a broadcast view)."""
     shape, size, classes = tuple(spec["shape"]), spec["size"], spec["num_classes"]
     samples = torch.zeros(1, *shape).expand(size, *shape)
     labels = torch.arange(size) % classes if classes else torch.zeros(size, dtype=torch.long)
-    return TensorDataset(samples, labels)
+    fingerprint = {"kind": "noise", "settings": dict(spec), "files": {}}
+    return RecordedDataset(samples, labels, fingerprint=fingerprint)
 
 
 def real_data(spec: dict[str, Any]) -> dict[str, Any]:

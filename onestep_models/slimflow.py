@@ -353,6 +353,19 @@ def load_pairs(directory: Path) -> tuple[TensorDataset, dict]:
     return TensorDataset(*tensors), manifest
 
 
+def pairs_fingerprint(directory: Path) -> dict:
+    """The fingerprint of a pairs folder (onestep_models.data_record): its manifest's settings
+    and each shard file's sha256 as its shard.json records it (load_pairs verifies those)."""
+    directory = Path(directory)
+    manifest = json.loads((directory / PAIRS_MANIFEST).read_text())
+    files = {}
+    for i in range(-(-manifest["num"] // manifest["shard_size"])):
+        recorded = json.loads((directory / _shard_name(i) / SHARD_MANIFEST).read_text())
+        for name in SHARD_FILES:
+            files[f"{_shard_name(i)}/{name}.npy"] = recorded[name]["sha256"]
+    return {"kind": "pairs", "settings": manifest, "files": files}
+
+
 def count_macs(model: nn.Module, *inputs: Tensor) -> int:
     """Multiply-accumulates of one call (matrix products, convolutions, attention), by
     torch's FLOP counter; per batch of `inputs`."""

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from onestep_kernels.errors import ArgumentError, RunStopped
+from onestep_models.data_record import RecordedDataset, record_data
 from onestep_models.run_dir import (  # noqa: F401 - re-exported: the trainer's file API
     CHECKPOINT_DIR,
     CheckpointError,
@@ -309,14 +310,16 @@ class Trainer:
     next step boundary, checkpoints, raises Interrupted), a non-finite loss or gradient (the
     step is not applied; after `skip_nonfinite` of them NonFiniteError names the step, and no
     checkpoint with a non-finite tensor is ever written), damaged checkpoints (skipped for the
-    newest intact one), and a resume whose settings would change the math (ConfigChanged,
-    unless `allow_config_change`, which logs the change)."""
+    newest intact one), a resume whose settings would change the math (ConfigChanged,
+    unless `allow_config_change`, which logs the change), and a resume on other data than the
+    run recorded (a RecordedDataset's fingerprint, kept in RUN/data.json: DataChanged, unless
+    `allow_data_change`, which logs the change)."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, config: TrainConfig,
                  out_dir: str | Path, run_config: dict[str, Any] | None = None,
                  num_classes: int = 0, device: str | torch.device | None = None,
                  progress: bool = True, allow_config_change: bool = False,
-                 compile: bool = False, to_images: Callable[[Tensor], Tensor] | None = None):
+                 allow_data_change: bool = False, compile: bool = False, to_images: Callable[[Tensor], Tensor] | None = None):
         self.device = init_distributed(
             torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.rank, self.world_size = world()
@@ -327,7 +330,7 @@ class Trainer:
         self.run_config = dict(run_config or {})
         self.run_config["train"] = dataclasses.asdict(config)
         self.num_classes, self.progress = num_classes, progress
-        self.allow_config_change = allow_config_change
+        self.allow_config_change, self.allow_data_change = allow_config_change, allow_data_change
         self.dataset = dataset
         self.to_images = to_images
         self.model = model.to(self.device)
@@ -383,6 +386,7 @@ class Trainer:
                 f"--out: {self.out_dir} holds a run with other settings ({'; '.join(changes)});"
                 " resume with the same settings, pass --allow-config-change to change them, "
                 "or use a new directory")
+        data_changes = self._record_data(resuming=True)
         load_weights(self.model, checkpoint, "model")
         load_weights(self.ema, checkpoint, "ema")
         load_optimizer(self.optimizer, checkpoint, self.device)
@@ -393,7 +397,20 @@ class Trainer:
                        {"step": self.step, "event": "config_change", "changes": changes})
             print(f"onestep: resuming step {self.step} with changed settings: "
                   f"{'; '.join(changes)}", file=sys.stderr)
+        if data_changes and self.rank == 0:
+            append_log(self.out_dir / "log.jsonl",
+                       {"step": self.step, "event": "data_change", "changes": data_changes})
+            print(f"onestep: resuming step {self.step} on changed data: "
+                  f"{'; '.join(data_changes)}", file=sys.stderr)
         return True
+
+    def _record_data(self, resuming: bool) -> list[str]:
+        """Record the dataset's fingerprint in the run directory, or compare it with the
+        recorded one when resuming (see onestep_models.data_record); the changes allowed."""
+        if not isinstance(self.dataset, RecordedDataset):
+            return []  # (a dataset of the caller's own: nothing to record)
+        return record_data(self.out_dir, self.dataset.fingerprint, resuming=resuming,
+                           allow_change=self.allow_data_change, writer=self.rank == 0)
 
     def _lr(self, step: int) -> float:
         warm = self.config.warmup_steps
@@ -525,8 +542,8 @@ class Trainer:
         log_path = self.out_dir / "log.jsonl"
         if self.rank == 0:
             remove_temporaries(self.out_dir)  # left by a crash mid-checkpoint
-        if resume:
-            self.resume()
+        if not (resume and self.resume()):
+            self._record_data(resuming=False)
         if self.rank == 0:
             truncate_log(log_path, self.step)  # steps after the checkpoint are redone
         self.start_step = self.step

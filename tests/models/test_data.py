@@ -123,9 +123,13 @@ def test_the_command_line_names_the_bad_image_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_vae_latents_cached(tmp_path):
+def test_vae_latents_cached(tmp_path, monkeypatch):
+    """The cache is reused while the images and the VAE are the same, and encoded again when
+    either changes (on the parent commit it was keyed on the VAE's path and the image count:
+    replaced images of the same count reused stale latents)."""
     from diffusers import AutoencoderKL
 
+    from onestep_models import data
     from onestep_models.data import VAE_SCALE, decode_latents, load_vae, vae_latents
 
     torch.manual_seed(0)
@@ -141,12 +145,25 @@ def test_vae_latents_cached(tmp_path):
         expected = vae.encode(images).latent_dist.mean * VAE_SCALE
     torch.testing.assert_close(latents.tensors[0], expected, rtol=1e-4, atol=1e-5)
     assert latents.tensors[1].tolist() == list(range(5)) and cache.is_file()
-    # the second call reads the cache (the VAE directory is not needed any more)
-    (tmp_path / "vae" / "config.json").rename(tmp_path / "vae" / "moved.json")
+    assert latents.fingerprint["settings"]["vae"] == data.vae_digest(tmp_path / "vae")
+    # the second call reads the cache: the VAE is not loaded
+    encoded = []
+    monkeypatch.setattr(data, "load_vae", lambda path: encoded.append(path) or load_vae(path))
     again = vae_latents(dataset, tmp_path / "vae", cache)
-    assert torch.equal(again.tensors[0], latents.tensors[0])
-    with pytest.raises(FileNotFoundError, match="vae"):
-        load_vae(tmp_path / "vae")
-    (tmp_path / "vae" / "moved.json").rename(tmp_path / "vae" / "config.json")
+    assert torch.equal(again.tensors[0], latents.tensors[0]) and encoded == []
+    # the same count of other images: encoded again
+    other = TensorDataset(images.flip(0), torch.arange(5))
+    flipped = vae_latents(other, tmp_path / "vae", cache)
+    assert len(encoded) == 1
+    torch.testing.assert_close(flipped.tensors[0], expected.flip(0), rtol=1e-4, atol=1e-5)
+    # other VAE weights (same path, same config): encoded again
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.5)
+    vae.save_pretrained(tmp_path / "vae")
+    vae_latents(other, tmp_path / "vae", cache)
+    assert len(encoded) == 2
     decoded = decode_latents(latents.tensors[0], load_vae(tmp_path / "vae"))
     assert decoded.shape == images.shape and decoded.abs().max() <= 1
+    with pytest.raises(FileNotFoundError, match="vae"):
+        load_vae(tmp_path / "missing")
