@@ -29,9 +29,7 @@ import copy
 import dataclasses
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from onestep_kernels.errors import ArgumentError, RunStopped
+from onestep_models import step_memory
 from onestep_models.data_record import RecordedDataset, record_data
 from onestep_models.run_dir import (  # noqa: F401 - re-exported: the trainer's file API
     CHECKPOINT_DIR,
@@ -61,6 +60,7 @@ from onestep_models.run_dir import (  # noqa: F401 - re-exported: the trainer's 
     truncate_log,
     write_json_atomic,
 )
+from onestep_models.stop_signals import StopSignals
 
 # Settings that may change when a run resumes: they do not alter what a step computes.
 FREE_SETTINGS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
@@ -69,6 +69,10 @@ FREE_SETTINGS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "
 
 class ConfigChanged(ArgumentError):
     """Resuming with settings that change the math, without allow_config_change."""
+
+
+class StepTooLarge(ArgumentError):
+    """A batch whose step cannot fit the device's memory, refused before the step."""
 
 
 class Interrupted(RunStopped):
@@ -319,7 +323,8 @@ class Trainer:
                  out_dir: str | Path, run_config: dict[str, Any] | None = None,
                  num_classes: int = 0, device: str | torch.device | None = None,
                  progress: bool = True, allow_config_change: bool = False,
-                 allow_data_change: bool = False, compile: bool = False, to_images: Callable[[Tensor], Tensor] | None = None):
+                 allow_data_change: bool = False, compile: bool = False,
+                 to_images: Callable[[Tensor], Tensor] | None = None):
         self.device = init_distributed(
             torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self.rank, self.world_size = world()
@@ -420,6 +425,46 @@ class Trainer:
         local = self.config.batch_size // self.world_size
         return slice(self.rank * local, (self.rank + 1) * local)
 
+    # -- memory
+    def _probe_loss(self, n: int):
+        """The recipe's loss on the dataset's first n samples, as a step computes it (autocast
+        included; not through DDP, whose buckets would wait for the other processes)."""
+        x1, y, extra = fetch(self.dataset, torch.arange(n) % len(self.dataset))
+        x1 = to_device(x1, self.device, torch.float32)
+        y = to_device(y, self.device) if y is not None and self.num_classes > 0 else None
+        extra = [to_device(t, self.device, torch.float32) for t in extra]
+        rng = BatchRandom(_step_seed(self.config.seed, self.step, 2), n, slice(None),
+                          self.device, self.step)
+        use_amp = self.config.amp and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            return self.model.loss(x1, y, rng, *extra)[0]
+
+    def check_step_memory(self) -> int | None:
+        """Refuse, before the first step, a batch whose step cannot fit the device's free
+        memory (StepTooLarge naming --batch-size, with the estimate: see
+        onestep_models.step_memory); returns the estimate in bytes (None for a batch no larger
+        than the probes). The probes leave no trace: the global RNG is seeded after them."""
+        local = self.config.batch_size // self.world_size
+        if local <= max(step_memory.PROBES):
+            return None
+        self.model.train()
+        with torch.compiler.set_stance("force_eager"):  # (no compilation for the probes' shapes)
+            per_sample, per_step = step_memory.activation_bytes(
+                self._probe_loss, local, list(self.model.parameters()))
+        states = step_memory.optimizer_state_bytes(self.params, self.optimizer)
+        estimate = per_sample * local + per_step + states
+        free = step_memory.available_bytes(self.device)
+        if free is not None and estimate > free:
+            fmt = step_memory.format_bytes
+            each, more = (" per process", " or spread it over more processes") \
+                if self.world_size > 1 else ("", "")
+            raise StepTooLarge(
+                f"--batch-size: a step of {local} samples{each} needs at least {fmt(estimate)} "
+                f"({fmt(per_sample)} a sample for the backward, {fmt(per_step + states)} for "
+                f"the step's fixed part, gradients and optimizer state), more than the "
+                f"{fmt(free)} free on {self.device}; lower --batch-size{more}")
+        return estimate
+
     # -- one step
     def train_step(self) -> dict[str, float]:
         """One optimisation step. A step whose loss or gradient is not finite (on any
@@ -516,22 +561,34 @@ class Trainer:
         return path
 
     # -- the run
-    def _on_signal(self, signum, frame) -> None:
+    def _report_first_step(self, seconds: float, estimate: int | None) -> None:
+        """One line on stdout, beside the step lines: the first step's time and the peak
+        memory so far."""
+        peak = step_memory.peak_bytes(self.device)
+        fmt = step_memory.format_bytes
+        what = "allocated" if self.device.type == "cuda" else "resident (the process)"
+        print(f"first step {seconds:.2f} s"
+              + ("" if peak is None else f", peak memory {fmt(peak)} {what}")
+              + ("" if estimate is None else f", estimated at least {fmt(estimate)}"),
+              flush=True)
+
+    def _on_signal(self, signum: int) -> None:
         self._stop_signal = signum
+
+    def _stopped_at_once(self) -> str:
+        """The line for a second signal, which ends the process inside its step."""
+        last = latest_checkpoint(self.out_dir, verify=False)
+        return (f"stopped at once, inside step {self.step + 1}; run the same command to resume "
+                f"from {'the start' if last is None else last.name}")
 
     def fit(self, resume: bool = True) -> dict[str, float]:
         """Train to `config.steps`, resuming from out_dir's newest intact checkpoint if
         asked; see the class docstring for the faults it handles."""
         lock = RunLock(self.out_dir).acquire() if self.rank == 0 else None
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._fit(resume)
+            with StopSignals(self._on_signal, self._stopped_at_once):
+                return self._fit(resume)
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
             if lock is not None:
                 lock.release()
 
@@ -549,7 +606,10 @@ class Trainer:
         self.start_step = self.step
         if self.step >= cfg.steps:
             return {}  # a finished run: nothing to redo, its grids stay as they are
+        estimate = self.check_step_memory()
         torch.manual_seed(_step_seed(cfg.seed, self.step, 3))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         # a bar for a terminal; plain lines for files and pipes (and with progress=False)
         use_bar = self.progress and self.rank == 0 and sys.stderr.isatty()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not use_bar, desc="train",
@@ -559,6 +619,8 @@ class Trainer:
         while self.step < cfg.steps:
             logs = self.train_step()
             self.seconds = offset + time.perf_counter() - start
+            if self.step == self.start_step + 1 and self.rank == 0:
+                self._report_first_step(self.seconds - offset, estimate)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 logs.update(step=self.step, lr=self._lr(self.step - 1),

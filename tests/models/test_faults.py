@@ -283,6 +283,54 @@ def test_sigint_from_outside_exits_130_with_a_checkpoint(tmp_path):
     assert not list((tmp_path / train.CHECKPOINT_DIR).glob(".tmp_*"))
 
 
+LONG_STEP = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import make_trainer
+trainer = make_trainer({out!r}, 10, checkpoint_every=1)
+original = trainer.model.loss
+rotation = torch.linalg.qr(torch.randn(2000, 2000))[0]
+def loss(x1, y, rng):
+    if trainer.step == 2:  # the third step holds one native op of ~10 s (80 matrix products)
+        print("in the long op", flush=True)
+        torch.linalg.matrix_power(rotation, 2**40 - 1)
+    return original(x1, y, rng)
+trainer.model.loss = loss
+trainer.fit()
+"""
+
+
+def test_a_second_signal_stops_at_once_inside_a_long_native_op(tmp_path):
+    """Issue 29, item 5: the first SIGTERM asks for a stop at the next step boundary (and
+    says so at once), the second ends the process inside the op, exit 130, the checkpoints
+    on disk whole. On the parent commit both signals waited for the op to end (Python's
+    handlers run between bytecodes only), then checkpoint: the process outlived the op."""
+    tests = os.path.dirname(__file__)
+    code = LONG_STEP.format(tests=tests, out=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # (the log lines of steps 1 and 2 first)
+        if line.strip() == "in the long op":
+            break
+    else:
+        raise AssertionError(proc.communicate()[1])
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    waited = time.perf_counter() - start
+    assert proc.returncode == 130, err
+    assert waited < 3, f"the process outlived the second signal by {waited:.1f} s"
+    assert "SIGTERM: stopping at the next step boundary with a checkpoint" in err
+    assert ("SIGTERM again: stopped at once, inside step 3; run the same command to resume "
+            "from step_00000002") in err
+    assert "Traceback" not in err
+    assert train.latest_checkpoint(tmp_path).name == "step_00000002"
+
+
 def logged_steps(out):
     try:
         return (out / "log.jsonl").read_text().count("\n")
