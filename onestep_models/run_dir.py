@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -282,12 +283,20 @@ class WritingInto:
         return False
 
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# safetensors' Rust writer: "I/O error: File too large (os error 27)", no OSError
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def disk_full(err: BaseException, path: Path) -> MachineError | None:
     """A MachineError "no space left ... writing <path>" when `err` is a full disk or a file
-    size limit, however it shows: OSError ENOSPC, EDQUOT or EFBIG, or torch.save's
-    "unexpected pos" (its zip writer's RuntimeError when a write came up short); else None."""
-    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            ) or (isinstance(err, RuntimeError) and "unexpected pos" in str(err))
+    size limit, however it shows: OSError ENOSPC, EDQUOT or EFBIG, safetensors' SafetensorError
+    carrying one of those as "(os error N)", or torch.save's "unexpected pos" (its zip writer's
+    RuntimeError when a write came up short); else None."""
+    rust = _RUST_IO_ERROR.search(str(err)) if type(err).__name__ == "SafetensorError" else None
+    full = (isinstance(err, OSError) and err.errno in _FULL_ERRNOS) or (
+        isinstance(err, RuntimeError) and "unexpected pos" in str(err)) or (
+        rust is not None and int(rust.group(1)) in _FULL_ERRNOS)
     if not full:
         return None
     return MachineError(f"no space left on the device writing {path} (or a file size limit: "

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from onestep_kernels.errors import ArgumentError, RunStopped
+from onestep_kernels.errors import ArgumentError, RunStopped, UserError
 from onestep_models import step_memory
 from onestep_models.data_record import RecordedDataset, record_data
 from onestep_models.run_dir import (  # noqa: F401 - re-exported: the trainer's file API
@@ -73,6 +73,10 @@ class ConfigChanged(ArgumentError):
 
 class StepTooLarge(ArgumentError):
     """A batch whose step cannot fit the device's memory, refused before the step."""
+
+
+class RunFolderGone(UserError):
+    """The run directory was moved or removed under a running run."""
 
 
 class Interrupted(RunStopped):
@@ -588,6 +592,13 @@ class Trainer:
         try:
             with StopSignals(self._on_signal, self._stopped_at_once):
                 return self._fit(resume)
+        except FileNotFoundError as err:
+            if self.out_dir.is_dir():
+                raise
+            raise RunFolderGone(
+                f"--out: {self.out_dir} was moved or removed while the run was writing it "
+                f"({err.strerror}: {err.filename}); its checkpoints went with it: run the same "
+                "command with --out at its new place to resume") from None
         finally:
             if lock is not None:
                 lock.release()

@@ -238,6 +238,26 @@ def test_among_processes_one_collective_per_step_carries_the_stop(tmp_path, monk
     assert train.latest_checkpoint(tmp_path).name == "step_00000004"
 
 
+def test_a_run_folder_moved_under_a_run_is_named_and_resumes_from_its_new_place(tmp_path):
+    """On the parent commit: `[Errno 2] No such file or directory: 'mv1/log.jsonl'`."""
+    out, moved = tmp_path / "mv1", tmp_path / "mv2"
+    trainer = make_trainer(out, 8, checkpoint_every=2)
+    original = trainer.train_step
+
+    def step_then_move():
+        logs = original()
+        if trainer.step == 3:
+            out.rename(moved)
+        return logs
+    trainer.train_step = step_then_move
+    with pytest.raises(train.RunFolderGone, match=f"^--out: {out} was moved or removed while "
+                       "the run was writing it .*log.jsonl.*run the same command with --out at "
+                       "its new place to resume"):
+        trainer.fit()
+    resumed = make_trainer(moved, 8, checkpoint_every=2)
+    assert resumed.resume() and resumed.step == 2
+
+
 def test_resume_removes_temporaries_and_truncates_the_log(tmp_path):
     make_trainer(tmp_path, 4, checkpoint_every=2).fit()
     root = tmp_path / train.CHECKPOINT_DIR
@@ -408,6 +428,7 @@ def test_eval_into_a_metrics_file_it_cannot_replace_is_one_line_and_leaves_no_te
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC in safetensors", "EFBIG in safetensors",
+                                     "SafetensorError (os error 28)",
                                      "torch.save's unexpected pos"])
 def test_a_full_disk_while_checkpointing_is_one_line_exit_1_and_leaves_nothing(
         tmp_path, capsys, monkeypatch, failure):
@@ -430,6 +451,10 @@ def test_a_full_disk_while_checkpointing_is_one_line_exit_1_and_leaves_nothing(
         if failure == "torch.save's unexpected pos":
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
                                "600128 vs 600020")
+        if failure.startswith("SafetensorError"):  # (as its Rust writer reports a full disk)
+            from safetensors import SafetensorError
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
         code = errnos.ENOSPC if failure.startswith("ENOSPC") else errnos.EFBIG
         raise OSError(code, os.strerror(code))
 
@@ -442,6 +467,35 @@ def test_a_full_disk_while_checkpointing_is_one_line_exit_1_and_leaves_nothing(
     assert err.count("\n") == 1, err
     assert err.startswith("onestep: error: no space left on the device"), err
     assert str(tmp_path / "checkpoints") in err
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+
+def test_a_file_size_limit_in_a_child_process_is_one_line_exit_1(tmp_path):
+    """A real EFBIG, not an injected one: the second run is a child process whose files may
+    not pass 1 MB (RLIMIT_FSIZE, SIGXFSZ ignored, so the write fails with EFBIG instead of
+    killing it) and whose checkpoint is 2.6 MB a file: one line, exit 1, no temporary left,
+    step 1's checkpoint intact."""
+    import resource
+
+    args = [sys.executable, "-m", "onestep_models.cli", "train", "direct", "--out",
+            str(tmp_path), "--batch-size", "8", "--no-progress", "--checkpoint-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*args, "--steps", "1"], capture_output=True, text=True, env=env,
+                           check=False, timeout=300)
+    assert first.returncode == 0, first.stderr
+
+    def limit_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (kept across exec)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    second = subprocess.run([*args, "--steps", "2"], capture_output=True, text=True, env=env,
+                            check=False, timeout=300, preexec_fn=limit_files)
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith("onestep: error: no space left on the device writing "
+                                    f"{tmp_path / 'checkpoints'}"), second.stderr
+    assert "File too large" in second.stderr
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000001"]
 
