@@ -108,7 +108,7 @@ def _sample_raising(monkeypatch, tmp_path, capsys, error):
     def load_run(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cli, "load_run", load_run)
+    monkeypatch.setattr(cli.sample, "load_run", load_run)
     return run(capsys, "sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "s.png"))
 
 
@@ -208,7 +208,7 @@ def test_one_run_config_from_the_command_line_to_the_checkpoint(trained_run):
     saved = train.read_checkpoint_state(train.latest_checkpoint(trained_run))["config"]
     assert set(saved) == {"recipe", "data", "model", "options", "train"}
     args = cli.build_parser().parse_args(["train", "direct", "--out", str(trained_run)])
-    made, _, _ = cli._run_config(args, "direct")
+    made, _, _ = cli.train.run_config(args, "direct")
     assert {k: v for k, v in saved.items() if k != "train"} == made
     recipes.build(saved)  # and back
 
@@ -496,12 +496,12 @@ def test_ctrl_c_outside_training_is_one_line_exit_130(tmp_path):
     import textwrap
 
     code = textwrap.dedent(f"""
-        from onestep_models import cli
+        from onestep_models import cli, slimflow_run
 
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        cli.draw_pairs = interrupted
+        slimflow_run.draw_pairs = interrupted
         raise SystemExit(cli.main(["pairs", "--teacher", "unused", "--out",
                                    {str(tmp_path / "pairs")!r}]))
     """)

@@ -179,7 +179,7 @@ def test_distillation_trains_checkpoints_and_samples_without_the_teacher(teacher
                                                                          capsys):
     import json
 
-    from onestep_models import cli, recipes
+    from onestep_models import cli, recipes, runs
     from onestep_models.run_dir import load_tensors
 
     assert _distil(teacher_run, tmp_path) == 0
@@ -193,7 +193,7 @@ def test_distillation_trains_checkpoints_and_samples_without_the_teacher(teacher
     for which in ("model", "ema"):  # the student and the projection; no teacher weight
         names = load_tensors(checkpoint / f"{which}.safetensors")
         assert names and all(k.startswith(("student.", "projection.")) for k in names), names
-    model, run, _ = cli.load_run(tmp_path, torch.device("cpu"))  # sampling: no teacher loaded
+    model, run, _ = runs.load_run(tmp_path, torch.device("cpu"))  # sampling: no teacher loaded
     assert model._teacher is None and list(model.samplers()) == ["slt_1step"]
     x0, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
     ones = torch.ones(3)
