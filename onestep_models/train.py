@@ -367,6 +367,7 @@ class Trainer:
         self.start_step = 0  # where this process's fit() began
         self._stop_signal: int | None = None
         self._stop_agreed = False  # a signal seen by any process, as of the last step's sync
+        self._doing = "before the first step"  # what a second signal interrupts, for its line
 
     # -- state
     def config_changes(self, saved: dict[str, Any]) -> list[str]:
@@ -582,8 +583,8 @@ class Trainer:
     def _stopped_at_once(self) -> str:
         """The line for a second signal, which ends the process inside its step."""
         last = latest_checkpoint(self.out_dir, verify=False)
-        return (f"stopped at once, inside step {self.step + 1}; run the same command to resume "
-                f"from {'the start' if last is None else last.name}")
+        return (f"stopped at once, {self._doing}; run the same command to resume from "
+                f"{'the start' if last is None else last.name}")
 
     def fit(self, resume: bool = True) -> dict[str, float]:
         """Train to `config.steps`, resuming from out_dir's newest intact checkpoint if
@@ -628,6 +629,7 @@ class Trainer:
         logs: dict[str, float] = {}
         start, offset = time.perf_counter(), self.seconds
         while self.step < cfg.steps:
+            self._doing = f"inside step {self.step + 1}"
             logs = self.train_step()
             self.seconds = offset + time.perf_counter() - start
             if self.step == self.start_step + 1 and self.rank == 0:
@@ -646,14 +648,17 @@ class Trainer:
             # (seen by one after that sync, it stops them all after the next step)
             stop = self._stop_signal is not None if self.world_size == 1 else self._stop_agreed
             if stop or self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self._doing = f"while writing step {self.step}'s checkpoint"
                 self.checkpoint()
             if stop:
                 bar.close()
                 raise Interrupted(f"interrupted at step {self.step}; run the same command to "
                                   "resume")
             if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self._doing = "while writing sample grids"
                 self.write_grids(f"_step{self.step:08d}")
         bar.close()
+        self._doing = "while writing the final sample grids"
         self.write_grids()
         return logs
 
