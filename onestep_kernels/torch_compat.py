@@ -139,12 +139,28 @@ def child(module: nn.Module, name: str):
 
 
 def bare_linear(module: nn.Module) -> bool:
-    """A bare nn.Linear that nothing observes or wraps (no hooks, adapters, parametrizations):
-    only then may its product be fused with what surrounds it. Where this torch's modules
-    keep their hooks elsewhere, no Linear is taken as bare (the module path is always right)."""
+    """A bare nn.Linear that nothing observes or wraps (no hooks, adapters, parametrizations,
+    no `forward` replaced on the instance as accelerate's offload and diffusers' layerwise
+    casting do): only then may its product be fused with what surrounds it. Where this torch's
+    modules keep their hooks elsewhere, no Linear is taken as bare (the module path is always
+    right)."""
     return (_MODULE_INTERNALS and type(module) is nn.Linear and not module._forward_hooks
             and not module._forward_pre_hooks and not _module._global_forward_hooks
-            and not _module._global_forward_pre_hooks)
+            and not _module._global_forward_pre_hooks and "forward" not in module.__dict__)
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its class's forward: hooks on it (forward,
+    pre-forward, backward; its own or global), or a `forward` replaced on the instance (accelerate,
+    diffusers' hooks). A fused path that would skip such a module must call it instead."""
+    if not _MODULE_INTERNALS:
+        return True
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(module, "_backward_hooks", None)
+                or getattr(module, "_backward_pre_hooks", None)
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or getattr(_module, "_global_backward_hooks", None)
+                or "forward" in module.__dict__)
 
 
 def linear_parameters(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:

@@ -84,7 +84,7 @@ def _mutate(block, change):
 @pytest.mark.parametrize("change, reason", [
     ("norm_type", "norm_type 'layer_norm'"), ("cross_attention", "cross-attention"),
     ("pos_embed", "positional embedding"), ("embedder", "no timestep/label embedder"),
-    ("affine_norm", "MLP norm is missing or affine"), ("gelu", "not Linear -> GELU(tanh)")])
+    ("affine_norm", "MLP norm (norm3) is missing or affine"), ("gelu", "not Linear -> GELU(tanh)")])
 def test_fuse_names_each_reason_a_block_cannot_run(change, reason, generator):
     model = make_model(generator)
     _mutate(model.transformer_blocks[0], change)
