@@ -135,17 +135,21 @@ def _gelu_epilogue(h: Tensor, weight: Tensor, bias: Tensor) -> bool:
 
 def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor], Tensor],
                       fc1: nn.Module, fc2: nn.Module, *, eps: float = LN_EPS,
-                      mlp_norm_eps: float = LN_EPS, fuse_linears: bool = False) -> Tensor:
+                      mlp_norm_eps: float = LN_EPS, fuse_linears: bool = False,
+                      cross_attention: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """One adaLN-Zero DiT block on onestep's fused ops, for any module that has one:
 
         (sh1, sc1, g1, sh2, sc2, g2) = modulation.chunk(6)
         x = x + g1 * attention(LN(x) * (1 + sc1) + sh1)
+        x = x + cross_attention(x)                        (only where given: PixArt's blocks)
         x = x + g2 * fc2(GELU_tanh(fc1(LN(x) * (1 + sc2) + sh2)))
 
     x: (B, N, D). modulation: (B, 6 D), the adaLN projection of the conditioning.
     attention: the attention branch, from the modulated tokens to its output before the gate
         (onestep's `Attention`, diffusers' `attn1`, ...). fc1, fc2: the MLP's linear modules.
     eps, mlp_norm_eps: the two LayerNorms' epsilons.
+    cross_attention: PixArt's ungated cross-attention branch between the two (its residual and
+        the second modulated LayerNorm are then one op, with a gate of ones).
     fuse_linears: fold the LayerNorms, GELU and gated residuals into the four products with
         `fused_linear` where its default backend is the fused kernel (inference) and every
         linear is a bare nn.Linear.
@@ -168,7 +172,7 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
         eps = checks.positive_float("eps", eps)
     if not (isinstance(mlp_norm_eps, float) and 0.0 < mlp_norm_eps < math.inf):
         mlp_norm_eps = checks.positive_float("mlp_norm_eps", mlp_norm_eps)
-    if fuse_linears and isinstance(attention, Attention):
+    if fuse_linears and isinstance(attention, Attention) and cross_attention is None:
         fused = _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps)
         if fused is not None:
             return fused
@@ -182,6 +186,10 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
 
     h = LAYERNORM.apply(LAYERNORM.resolve(None, device, dtype, D, grad), x, sh1, sc1, eps,
                         grad=grad)
+    if cross_attention is not None:
+        x = torch.addcmul(x, g1.unsqueeze(1), checks.cast(attention(h), dtype))
+        attention, h, g1 = cross_attention, x, x.new_ones(B, D)
+        grad = grad or x.requires_grad
     x, hidden = attention_then_mlp_input(x, h, attention, fc1, g1, sh2, sc2, mlp_norm_eps,
                                          grad)
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
