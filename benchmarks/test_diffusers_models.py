@@ -1,0 +1,83 @@
+"""diffusers' DiT-family transformers fused by `onestep_kernels.integrations.diffusers.fuse`,
+against the same model unfused (eager) and its torch.compile, in one run: fp32 on the CPU,
+batch 1, two blocks at each model's real width and head count (DiT-XL/2: 1152, 16 heads of 72,
+256 image tokens; PixArt-alpha: the same with 120 text tokens), forward under no_grad.
+
+Rates are GFLOP/s of the blocks' matrix products (attention's two products included), next to
+the SGEMM ceiling of the same run. Random weights; nothing downloaded.
+
+    pytest benchmarks/test_diffusers_models.py
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import measure_sgemm_ceiling
+
+diffusers = pytest.importorskip("diffusers")
+
+from onestep_kernels.integrations.diffusers import fuse  # noqa: E402
+
+D, HEADS, HEAD_DIM, TOKENS, TEXT = 1152, 16, 72, 256, 120
+
+
+def make(model_class: str):
+    """(model with two blocks, its inputs) at the model's real width; 32 x 32 latents with
+    patch 2 make 256 image tokens."""
+    torch.manual_seed(0)
+    common = dict(num_layers=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                  in_channels=4, out_channels=8, sample_size=32, patch_size=2)
+    x = torch.randn(1, 4, 32, 32)
+    if model_class == "DiT":
+        model = diffusers.DiTTransformer2DModel(**common, num_embeds_ada_norm=1000)
+        inputs = {"hidden_states": x, "timestep": torch.tensor([500.0]),
+                  "class_labels": torch.tensor([7])}
+    else:
+        model = diffusers.PixArtTransformer2DModel(
+            **common, cross_attention_dim=D, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+            use_additional_conditions=False, caption_channels=D)
+        inputs = {"hidden_states": x, "timestep": torch.tensor([500.0]),
+                  "encoder_hidden_states": torch.randn(1, TEXT, D),
+                  "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    with torch.no_grad():
+        for p in model.parameters():  # (adaLN-Zero's zeros would make the blocks trivial)
+            p.normal_(0, 0.02)
+    return model.eval(), inputs
+
+
+def block_flops(model_class: str) -> int:
+    """Matrix-product FLOPs of the two blocks' forward at batch 1."""
+    T = TOKENS
+    per_block = 2 * T * D * (3 * D + D + 4 * D + 4 * D) + 2 * 2 * T * T * D
+    if model_class == "PixArt":  # cross-attention: q and out on the image, k and v on the text
+        per_block += 2 * T * D * 2 * D + 2 * TEXT * D * 2 * D + 2 * 2 * T * TEXT * D
+    return 2 * per_block
+
+
+@pytest.mark.parametrize("model_class", ["DiT", "PixArt"])
+@pytest.mark.parametrize("contender", ["eager", "torch.compile", "onestep"])
+def test_diffusers_model(benchmark, record, model_class, contender):
+    model, inputs = make(model_class)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    if contender == "onestep":
+        model = fuse(copy.deepcopy(model))
+    elif contender == "torch.compile":
+        model = torch.compile(model)
+
+    def step():
+        with torch.no_grad():
+            return model(**inputs).sample
+
+    torch.testing.assert_close(step(), expected, rtol=1e-3, atol=1e-3)
+    benchmark.group = f"diffusers {model_class}"
+    benchmark(step)
+    record(f"diffusers {model_class}, 2 blocks of D={D}, batch 1, fp32", contender,
+           block_flops(model_class), "GFLOP/s")
+
+
+def test_sgemm_ceiling(benchmark, record):
+    measure_sgemm_ceiling(benchmark, record)
