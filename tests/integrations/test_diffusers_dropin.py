@@ -228,3 +228,38 @@ def test_torch_compile_fullgraph_of_a_fused_model(generator):
     compiled = torch.compile(fused, fullgraph=True)
     assert_close_rel(run(compiled, x, t, y), run(model, x, t, y), torch.float32,
                      "compiled fused output")
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_diffusers_group_offloading(generator, offload_type, monkeypatch):
+    """diffusers' group offloading wraps the blocks' (or their layers') forwards with its own
+    hooks; on the CPU both devices are the CPU, which runs every hook and move."""
+    from diffusers.hooks import apply_group_offloading
+
+    model, fused, (x, t, y) = pair(generator)
+    fused_calls = []
+    block_forward = integration.dit_block_forward
+    monkeypatch.setattr(integration, "dit_block_forward",
+                        lambda *a, **k: fused_calls.append(1) or block_forward(*a, **k))
+    results = []
+    for m in (model, fused):
+        kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+        # (DiT does not declare group-offloading support; PixArt's enable_group_offload does
+        # the same as this call)
+        apply_group_offloading(m, onload_device=torch.device("cpu"), offload_type=offload_type,
+                               **kwargs)
+        results.append(run(m, x, t, y))
+    assert len(fused_calls) == 2  # (diffusers' hook wraps the fused forward of each block)
+    assert_close_rel(results[1], results[0], torch.float32, f"{offload_type} group offloading")
+
+
+def test_accelerate_model_offload_hook(generator):
+    """What a pipeline's enable_model_cpu_offload installs on each model."""
+    accelerate = pytest.importorskip("accelerate")
+    model, fused, (x, t, y) = pair(generator)
+    results = []
+    for m in (model, fused):
+        accelerate.cpu_offload_with_hook(m, execution_device="cpu")
+        results.append(run(m, x, t, y))
+    assert on_the_fused_path(fused)
+    assert_close_rel(results[1], results[0], torch.float32, "model offload")
