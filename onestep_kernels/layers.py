@@ -195,6 +195,53 @@ def dit_block_forward(x: Tensor, modulation: Tensor, attention: Callable[[Tensor
     return torch.addcmul(x, g2.unsqueeze(1), fc2(hidden))
 
 
+def dit_block_tail(x: Tensor, branch: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                   mlp_gate: Tensor, fc1: nn.Module, fc2: nn.Module, *,
+                   mlp_norm_eps: float = LN_EPS) -> Tensor:
+    """The second half of an adaLN-Zero block, from its attention branch's output:
+
+        x = x + gate * branch
+        x = x + mlp_gate * fc2(GELU_tanh(fc1(LN(x) * (1 + scale) + shift)))
+
+    for blocks whose attention mixes several token streams (SD3's joint attention, Flux's
+    double-stream blocks): each stream's modulated input comes from `layernorm_modulate`, the
+    attention runs on all of them, and each stream ends here, its gated residual and modulated
+    LayerNorm one op and fc1's bias and GELU one op, as in `dit_block_forward`.
+    x, branch: (B, N, D). gate, shift, scale, mlp_gate: (B, D) (views into a wider
+    projection are fine).
+    """
+    if isinstance(x, Tensor):
+        x = x.contiguous()
+    checks.tensor("x", x, (3,))
+    checks.tensor("branch", branch, (3,))
+    B, _, D = x.shape
+    if branch.shape != x.shape:
+        raise ArgumentError(f"branch: expected the shape of x, {tuple(x.shape)}, got "
+                            f"{tuple(branch.shape)}")
+    modulation = {"gate": gate, "shift": shift, "scale": scale, "mlp_gate": mlp_gate}
+    for name, t in modulation.items():
+        checks.tensor(name, t, (2,))
+        checks.same_device(name, t, x, "x")
+        if t.shape != (B, D):
+            raise ArgumentError(f"{name}: expected shape {(B, D)} for x of shape "
+                                f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    if not (isinstance(mlp_norm_eps, float) and 0.0 < mlp_norm_eps < math.inf):
+        mlp_norm_eps = checks.positive_float("mlp_norm_eps", mlp_norm_eps)
+    dtype = x.dtype
+    if any(t.dtype is not dtype for t in modulation.values()) or checks.any_autocast():
+        dtype = checks.compute_dtype(checks.LAYER_NORM, (x, *modulation.values()))
+        x, gate, shift, scale, mlp_gate = (checks.cast(t, dtype)
+                                           for t in (x, gate, shift, scale, mlp_gate))
+    grad = needs_grad(x, gate, shift, scale, mlp_gate)
+    x, hidden = attention_then_mlp_input(x, branch, _identity, fc1, gate, shift, scale,
+                                         mlp_norm_eps, grad)
+    return torch.addcmul(x, mlp_gate.unsqueeze(1), fc2(hidden))
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 def attention_then_mlp_input(x: Tensor, h: Tensor, attention: Callable[[Tensor], Tensor],
                              fc1: nn.Module, gate: Tensor, shift: Tensor, scale: Tensor,
                              eps: float, grad: bool) -> tuple[Tensor, Tensor]:

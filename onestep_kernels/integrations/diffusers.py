@@ -29,7 +29,8 @@ import warnings
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..layers import dit_block_forward
+from ..layers import dit_block_forward, dit_block_tail
+from ..ops.layernorm_modulate import layernorm_modulate
 from ..torch_compat import observed
 
 
@@ -40,14 +41,34 @@ def _linear_like(module: nn.Module | None) -> bool:
                                                        nn.Linear)
 
 
-def _feed_forward_problems(block: nn.Module) -> list[str]:
-    net = getattr(getattr(block, "ff", None), "net", [])
+def _feed_forward_problems(block: nn.Module, name: str = "ff") -> list[str]:
+    net = getattr(getattr(block, name, None), "net", [])
     gelu = net[0] if len(net) else None
+    what = "its feed-forward" if name == "ff" else f"its {name}"
     if not (len(net) == 3 and getattr(gelu, "approximate", None) == "tanh"
             and _linear_like(getattr(gelu, "proj", None)) and _linear_like(net[2])):
-        return ["its feed-forward is not Linear -> GELU(tanh) -> Dropout -> Linear"]
+        return [f"{what} is not Linear -> GELU(tanh) -> Dropout -> Linear"]
     if getattr(net[1], "p", 0.0) != 0.0:
-        return ["its feed-forward has dropout"]
+        return [f"{what} has dropout"]
+    return []
+
+
+def _plain_layer_norm_exactly(module: nn.Module | None) -> bool:
+    """nn.LayerNorm itself (not FP32LayerNorm or another subclass) without affine parameters."""
+    return type(module) is nn.LayerNorm and not module.elementwise_affine
+
+
+def _adaln_problems(norm: nn.Module | None, name: str, chunks: int, dim: int) -> list[str]:
+    """An adaLN norm that projects the conditioning (SiLU, then a Linear to chunks x dim) and
+    modulates a LayerNorm without affine parameters: AdaLayerNormZero (6 chunks),
+    SD35AdaLayerNormZeroX (9), AdaLayerNormContinuous (2)."""
+    linear = getattr(norm, "linear", None)
+    if not (isinstance(getattr(norm, "silu", None), nn.SiLU) and _linear_like(linear)
+            and getattr(linear, "out_features", None) == chunks * dim
+            and _plain_layer_norm_exactly(getattr(norm, "norm", None))
+            and getattr(norm, "emb", None) is None):
+        return [(f"its {name} is not SiLU -> Linear(dim, {chunks} dim) modulating a "
+                 "LayerNorm without affine parameters")]
     return []
 
 
@@ -55,19 +76,23 @@ def _plain_layer_norm(module: nn.Module | None) -> bool:
     return isinstance(module, nn.LayerNorm) and not module.elementwise_affine
 
 
-# The block patterns fuse runs: diffusers' norm_type -> the model family it comes from.
-PATTERNS = {"ada_norm_zero": "DiT", "ada_norm_single": "PixArt"}
+# The block patterns fuse runs: BasicTransformerBlock's norm_type, or the block class, -> the
+# model family it comes from.
+PATTERNS = {"ada_norm_zero": "DiT", "ada_norm_single": "PixArt", "joint": "SD3"}
 
 
 def check_block(block: nn.Module, name: str) -> str:
     """The pattern of `block` (a key of PATTERNS), or ValueError naming every part of the
-    pattern it lacks: DiT's ada_norm_zero self-attention block, or PixArt's ada_norm_single
-    block (self-attention, optional cross-attention, a per-block scale-shift table)."""
+    pattern it lacks: DiT's ada_norm_zero self-attention block, PixArt's ada_norm_single
+    block (self-attention, optional cross-attention, a per-block scale-shift table), or SD3's
+    JointTransformerBlock (two token streams, joint attention)."""
+    if type(block).__name__ == "JointTransformerBlock":
+        return _check_joint_block(block, name)
     problems = []
     norm_type = getattr(block, "norm_type", None)
-    if norm_type not in PATTERNS:
-        problems.append(f"norm_type {norm_type!r} (need one of "
-                        f"{', '.join(repr(k) for k in PATTERNS)})")
+    if norm_type not in ("ada_norm_zero", "ada_norm_single"):
+        problems.append(f"norm_type {norm_type!r} (need one of 'ada_norm_zero', "
+                        "'ada_norm_single')")
     elif norm_type == "ada_norm_zero":
         if getattr(getattr(block, "norm1", None), "emb", None) is None:
             problems.append("its AdaLayerNormZero has no timestep/label embedder")
@@ -93,8 +118,35 @@ def check_block(block: nn.Module, name: str) -> str:
     return norm_type
 
 
+def _check_joint_block(block: nn.Module, name: str) -> str:
+    """SD3's (and SD3.5's) JointTransformerBlock: each stream an adaLN-Zero half-block around
+    one joint attention; the last block's context stream (context_pre_only) only feeds it."""
+    dim = getattr(getattr(block, "norm2", None), "normalized_shape", (-1,))[0]
+    dual = getattr(block, "use_dual_attention", False)
+    problems = _adaln_problems(getattr(block, "norm1", None), "norm1", 9 if dual else 6, dim)
+    pre_only = getattr(block, "context_pre_only", False)
+    problems += _adaln_problems(getattr(block, "norm1_context", None), "norm1_context",
+                                2 if pre_only else 6, dim)
+    norms = ("norm2",) if pre_only else ("norm2", "norm2_context")
+    if not all(_plain_layer_norm_exactly(getattr(block, n, None)) for n in norms):
+        problems.append(f"its {' and '.join(norms)} are not LayerNorms without affine "
+                        "parameters")
+    problems += _feed_forward_problems(block, "ff")
+    if not pre_only:
+        problems += _feed_forward_problems(block, "ff_context")
+    if problems:
+        raise ArgumentError(f"model: block {name} cannot be fused: " + "; ".join(problems))
+    return "joint"
+
+
 def _skipped_modules(block: nn.Module) -> tuple[nn.Module, ...]:
     """The modules of a block that the fused path does not call (it fuses what they compute)."""
+    if type(block).__name__ == "JointTransformerBlock":
+        skipped = [block.norm1, block.norm1.norm, block.norm1_context,
+                   block.norm1_context.norm, block.norm2, block.ff, *block.ff.net[:2]]
+        if not block.context_pre_only:
+            skipped += [block.norm2_context, block.ff_context, *block.ff_context.net[:2]]
+        return tuple(skipped)
     net = block.ff.net
     if block.norm_type == "ada_norm_single":
         return (block.norm1, block.norm2, block.ff, net[0], net[1])
@@ -164,6 +216,52 @@ class FusedForward:
                                  eps=norm1.norm.eps, mlp_norm_eps=block.norm3.eps)
 
 
+class FusedJointForward(FusedForward):
+    """SD3's JointTransformerBlock.forward on onestep's fused ops: each stream's modulated
+    LayerNorm one op, the block's own joint attention (and SD3.5's second attention) called as
+    modules, then each stream's gated residual + modulated LayerNorm one op, fc1's bias and
+    GELU one op (layers.dit_block_tail)."""
+
+    def __call__(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                 joint_attention_kwargs: dict | None = None):
+        block = self.block
+        if module_path_reason(block) is not None:
+            return type(block).forward(block, hidden_states, encoder_hidden_states, temb,
+                                       joint_attention_kwargs)
+        kwargs = joint_attention_kwargs or {}
+        norm1, norm_c = block.norm1, block.norm1_context
+        mod = norm1.linear(norm1.silu(temb)).chunk(9 if block.use_dual_attention else 6, dim=1)
+        h = layernorm_modulate(hidden_states, mod[0], mod[1], norm1.norm.eps)
+        if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift)
+            scale_c, shift_c = norm_c.linear(
+                norm_c.silu(temb).to(encoder_hidden_states.dtype)).chunk(2, dim=1)
+            h_c = layernorm_modulate(encoder_hidden_states, shift_c, scale_c, norm_c.norm.eps)
+        else:
+            mod_c = norm_c.linear(norm_c.silu(temb)).chunk(6, dim=1)
+            h_c = layernorm_modulate(encoder_hidden_states, mod_c[0], mod_c[1], norm_c.norm.eps)
+        attn_output, context_attn_output = block.attn(hidden_states=h,
+                                                      encoder_hidden_states=h_c, **kwargs)
+        x, branch, gate = hidden_states, attn_output, mod[2]
+        if block.use_dual_attention:  # SD3.5: a second self-attention, its own modulation
+            h2 = layernorm_modulate(hidden_states, mod[6], mod[7], norm1.norm.eps)
+            x = x + mod[2].unsqueeze(1) * attn_output
+            branch, gate = block.attn2(hidden_states=h2, **kwargs), mod[8]
+        net = block.ff.net
+        x = dit_block_tail(x, branch, gate, mod[3], mod[4], mod[5], net[0].proj, net[2],
+                           mlp_norm_eps=block.norm2.eps)
+        if block.context_pre_only:
+            return None, x
+        net = block.ff_context.net
+        x_c = dit_block_tail(encoder_hidden_states, context_attn_output, mod_c[2], mod_c[3],
+                             mod_c[4], mod_c[5], net[0].proj, net[2],
+                             mlp_norm_eps=block.norm2_context.eps)
+        return x_c, x
+
+
+FUSED_FORWARDS = {"ada_norm_zero": FusedForward, "ada_norm_single": FusedForward,
+                  "joint": FusedJointForward}
+
+
 def _blocks(model: nn.Module) -> nn.ModuleList:
     blocks = getattr(model, "transformer_blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
@@ -192,7 +290,7 @@ def fuse(model: nn.Module, strict: bool = True) -> nn.Module:
             refused[i] = str(err).split("cannot be fused: ", 1)[1]
     for i, block in enumerate(blocks):
         if i not in refused:
-            block.forward = FusedForward(block)
+            block.forward = FUSED_FORWARDS[check_block(block, str(i))](block)
     if refused:
         warnings.warn(f"fuse: {len(refused)} of {len(blocks)} blocks left unfused: "
                       + "; ".join(f"block {i}: {why}" for i, why in refused.items()),
