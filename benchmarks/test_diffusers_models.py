@@ -1,7 +1,9 @@
 """diffusers' DiT-family transformers fused by `onestep_kernels.integrations.diffusers.fuse`,
 against the same model unfused (eager) and its torch.compile, in one run: fp32 on the CPU,
 batch 1, two blocks at each model's real width and head count (DiT-XL/2: 1152, 16 heads of 72,
-256 image tokens; PixArt-alpha: the same with 120 text tokens), forward under no_grad.
+256 image tokens; PixArt-alpha: the same with 120 text tokens; SD3-medium: 1536, 24 heads of
+64, 256 image and 77 text tokens, its second block the last one's kind, whose text stream only
+feeds the attention), forward under no_grad.
 
 Rates are GFLOP/s of the blocks' matrix products (attention's two products included), next to
 the SGEMM ceiling of the same run. Random weights; nothing downloaded.
@@ -20,6 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 from onestep_kernels.integrations.diffusers import fuse  # noqa: E402
 
 D, HEADS, HEAD_DIM, TOKENS, TEXT = 1152, 16, 72, 256, 120
+SD3_D, SD3_HEADS, SD3_TEXT = 1536, 24, 77
 
 
 def make(model_class: str):
@@ -29,7 +32,16 @@ def make(model_class: str):
     common = dict(num_layers=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
                   in_channels=4, out_channels=8, sample_size=32, patch_size=2)
     x = torch.randn(1, 4, 32, 32)
-    if model_class == "DiT":
+    if model_class == "SD3":
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+            attention_head_dim=SD3_D // SD3_HEADS, num_attention_heads=SD3_HEADS,
+            caption_projection_dim=SD3_D, joint_attention_dim=4096, pooled_projection_dim=2048,
+            pos_embed_max_size=96)
+        inputs = {"hidden_states": torch.randn(1, 16, 32, 32),
+                  "encoder_hidden_states": torch.randn(1, SD3_TEXT, 4096),
+                  "pooled_projections": torch.randn(1, 2048), "timestep": torch.tensor([500.0])}
+    elif model_class == "DiT":
         model = diffusers.DiTTransformer2DModel(**common, num_embeds_ada_norm=1000)
         inputs = {"hidden_states": x, "timestep": torch.tensor([500.0]),
                   "class_labels": torch.tensor([7])}
@@ -51,13 +63,19 @@ def make(model_class: str):
 def block_flops(model_class: str) -> int:
     """Matrix-product FLOPs of the two blocks' forward at batch 1."""
     T = TOKENS
+    if model_class == "SD3":  # joint attention over both streams; the second block's text
+        D3, C = SD3_D, SD3_TEXT  # stream has no output projection and no MLP
+        attention = 2 * 2 * (T + C) ** 2 * D3  # (the last block's too: all queries computed)
+        first = 2 * (T + C) * D3 * (3 * D3 + D3 + 8 * D3) + attention
+        last = 2 * T * D3 * 12 * D3 + 2 * C * D3 * 3 * D3 + attention
+        return first + last
     per_block = 2 * T * D * (3 * D + D + 4 * D + 4 * D) + 2 * 2 * T * T * D
     if model_class == "PixArt":  # cross-attention: q and out on the image, k and v on the text
         per_block += 2 * T * D * 2 * D + 2 * TEXT * D * 2 * D + 2 * 2 * T * TEXT * D
     return 2 * per_block
 
 
-@pytest.mark.parametrize("model_class", ["DiT", "PixArt"])
+@pytest.mark.parametrize("model_class", ["DiT", "PixArt", "SD3"])
 @pytest.mark.parametrize("contender", ["eager", "torch.compile", "onestep"])
 def test_diffusers_model(benchmark, record, model_class, contender):
     model, inputs = make(model_class)
@@ -75,7 +93,8 @@ def test_diffusers_model(benchmark, record, model_class, contender):
     torch.testing.assert_close(step(), expected, rtol=1e-3, atol=1e-3)
     benchmark.group = f"diffusers {model_class}"
     benchmark(step)
-    record(f"diffusers {model_class}, 2 blocks of D={D}, batch 1, fp32", contender,
+    width = SD3_D if model_class == "SD3" else D
+    record(f"diffusers {model_class}, 2 blocks of D={width}, batch 1, fp32", contender,
            block_flops(model_class), "GFLOP/s")
 
 

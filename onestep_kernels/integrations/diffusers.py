@@ -1,8 +1,10 @@
-"""diffusers' DiT and PixArt-alpha/sigma on onestep's fused ops: `DiTTransformer2DModel`
-(BasicTransformerBlock, norm_type "ada_norm_zero") and `PixArtTransformer2DModel` (norm_type
-"ada_norm_single": a per-block scale-shift table on the timestep embedding, and cross-attention
-to the text between the self-attention and the MLP), and any model whose `transformer_blocks`
-are such blocks.
+"""diffusers' DiT, PixArt-alpha/sigma and SD3/SD3.5 on onestep's fused ops:
+`DiTTransformer2DModel` (BasicTransformerBlock, norm_type "ada_norm_zero"),
+`PixArtTransformer2DModel` (norm_type "ada_norm_single": a per-block scale-shift table on the
+timestep embedding, and cross-attention to the text between the self-attention and the MLP),
+`SD3Transformer2DModel` (JointTransformerBlock: image and text streams, each an adaLN-Zero
+half-block around one joint attention), and any model whose `transformer_blocks` are such
+blocks.
 
     from onestep_kernels.integrations.diffusers import fuse, unfuse
     fuse(pipe.transformer)                  # in place; same outputs within float tolerance
@@ -265,15 +267,15 @@ FUSED_FORWARDS = {"ada_norm_zero": FusedForward, "ada_norm_single": FusedForward
 def _blocks(model: nn.Module) -> nn.ModuleList:
     blocks = getattr(model, "transformer_blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ArgumentError("model: expected a diffusers DiT or PixArt transformer "
-                            "(DiTTransformer2DModel, PixArtTransformer2DModel: a module with "
-                            "transformer_blocks)")
+        raise ArgumentError("model: expected a diffusers DiT, PixArt or SD3 transformer "
+                            "(DiTTransformer2DModel, PixArtTransformer2DModel, "
+                            "SD3Transformer2DModel: a module with transformer_blocks)")
     return blocks
 
 
 def fuse(model: nn.Module, strict: bool = True) -> nn.Module:
-    """Make the blocks of a diffusers DiT or PixArt-alpha/sigma transformer run on onestep's
-    fused ops, in place; returns model.
+    """Make the blocks of a diffusers DiT, PixArt-alpha/sigma or SD3/SD3.5 transformer run on
+    onestep's fused ops, in place; returns model.
 
     strict: check every block first and change nothing if one cannot be fused (ValueError
     naming it and what it lacks); strict=False fuses the blocks that can be and warns once
