@@ -251,7 +251,7 @@ def attention_then_mlp_input(x: Tensor, h: Tensor, attention: Callable[[Tensor],
     (for inference on CUDA in half precision in cuBLASLt's epilogue), and with gradients the
     gated op and a bare fc1 as one autograd node (block_nodes). For arguments validated by the
     caller (dit_block_forward, depth_loop), `grad` whether x or the gates need gradients."""
-    B, N, D = x.shape
+    D = x.shape[-1]
     dtype = x.dtype
     branch = checks.cast(attention(h), dtype).contiguous()
     grad = grad or branch.requires_grad
@@ -263,13 +263,22 @@ def attention_then_mlp_input(x: Tensor, h: Tensor, attention: Callable[[Tensor],
     if fused is not None:
         return fused
     x, h = GATED.apply(impl, x, branch, gate, shift, scale, eps, grad=grad)
+    return x, linear_then_gelu(h, fc1, weight, bias)
+
+
+def linear_then_gelu(h: Tensor, fc1: nn.Module, weight: Tensor | None = None,
+                     bias: Tensor | None = None) -> Tensor:
+    """GELU_tanh(fc1(h)) for h (B, N, D): fc1's bias and the GELU one op where fc1 is a bare
+    nn.Linear (its weight and bias given, or read here), in cuBLASLt's epilogue for inference
+    on CUDA in half precision; fc1 called as a module otherwise."""
+    if weight is None and bare_linear(fc1):
+        weight, bias = linear_parameters(fc1)
     if bias is None:
-        hidden = F.gelu(fc1(h), approximate="tanh")
-    elif _gelu_epilogue(h, weight, bias):
-        hidden = linear_gelu_tanh(h.reshape(B * N, D), weight, bias).view(B, N, -1)
-    else:
-        hidden = block_nodes.linear_bias_gelu(h, weight, bias)
-    return x, hidden
+        return F.gelu(fc1(h), approximate="tanh")
+    if _gelu_epilogue(h, weight, bias):
+        B, N, D = h.shape
+        return linear_gelu_tanh(h.reshape(B * N, D), weight, bias).view(B, N, -1)
+    return block_nodes.linear_bias_gelu(h, weight, bias)
 
 
 def _fused_linears_forward(x, modulation, attention, fc1, fc2, eps, mlp_norm_eps):

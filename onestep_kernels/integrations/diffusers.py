@@ -3,8 +3,10 @@
 `PixArtTransformer2DModel` (norm_type "ada_norm_single": a per-block scale-shift table on the
 timestep embedding, and cross-attention to the text between the self-attention and the MLP),
 `SD3Transformer2DModel` (JointTransformerBlock: image and text streams, each an adaLN-Zero
-half-block around one joint attention), and any model whose `transformer_blocks` are such
-blocks.
+half-block around one joint attention), `FluxTransformer2DModel` (its double-stream blocks
+like SD3's; its single-stream blocks: one modulated LayerNorm feeding the attention and the MLP
+in parallel), and any model whose `transformer_blocks` (and `single_transformer_blocks`) are
+such blocks.
 
     from onestep_kernels.integrations.diffusers import fuse, unfuse
     fuse(pipe.transformer)                  # in place; same outputs within float tolerance
@@ -28,10 +30,11 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..layers import dit_block_forward, dit_block_tail
+from ..layers import dit_block_forward, dit_block_tail, linear_then_gelu
 from ..ops.layernorm_modulate import layernorm_modulate
 from ..torch_compat import observed
 
@@ -80,7 +83,8 @@ def _plain_layer_norm(module: nn.Module | None) -> bool:
 
 # The block patterns fuse runs: BasicTransformerBlock's norm_type, or the block class, -> the
 # model family it comes from.
-PATTERNS = {"ada_norm_zero": "DiT", "ada_norm_single": "PixArt", "joint": "SD3"}
+PATTERNS = {"ada_norm_zero": "DiT", "ada_norm_single": "PixArt", "joint": "SD3",
+            "flux_double": "Flux", "flux_single": "Flux"}
 
 
 def check_block(block: nn.Module, name: str) -> str:
@@ -88,8 +92,11 @@ def check_block(block: nn.Module, name: str) -> str:
     pattern it lacks: DiT's ada_norm_zero self-attention block, PixArt's ada_norm_single
     block (self-attention, optional cross-attention, a per-block scale-shift table), or SD3's
     JointTransformerBlock (two token streams, joint attention)."""
-    if type(block).__name__ == "JointTransformerBlock":
+    kind = type(block).__name__
+    if kind in ("JointTransformerBlock", "FluxTransformerBlock"):
         return _check_joint_block(block, name)
+    if kind == "FluxSingleTransformerBlock":
+        return _check_flux_single_block(block, name)
     problems = []
     norm_type = getattr(block, "norm_type", None)
     if norm_type not in ("ada_norm_zero", "ada_norm_single"):
@@ -120,11 +127,26 @@ def check_block(block: nn.Module, name: str) -> str:
     return norm_type
 
 
+def _check_flux_single_block(block: nn.Module, name: str) -> str:
+    """Flux's single-stream block: one modulated LayerNorm feeding the attention and a
+    GELU(tanh) MLP in parallel, their outputs concatenated into one gated projection."""
+    dim = getattr(getattr(block, "proj_out", None), "out_features", -1)
+    problems = _adaln_problems(getattr(block, "norm", None), "norm", 3, dim)
+    act = getattr(block, "act_mlp", None)
+    if not (_linear_like(getattr(block, "proj_mlp", None)) and isinstance(act, nn.GELU)
+            and act.approximate == "tanh" and _linear_like(getattr(block, "proj_out", None))):
+        problems.append("its MLP is not proj_mlp (Linear) -> GELU(tanh), into a Linear proj_out")
+    if problems:
+        raise ArgumentError(f"model: block {name} cannot be fused: " + "; ".join(problems))
+    return "flux_single"
+
+
 def _check_joint_block(block: nn.Module, name: str) -> str:
-    """SD3's (and SD3.5's) JointTransformerBlock: each stream an adaLN-Zero half-block around
-    one joint attention; the last block's context stream (context_pre_only) only feeds it."""
+    """SD3's (and SD3.5's) JointTransformerBlock and Flux's double-stream block: each stream an
+    adaLN-Zero half-block around one joint attention; SD3's last block's context stream
+    (context_pre_only) only feeds it."""
     dim = getattr(getattr(block, "norm2", None), "normalized_shape", (-1,))[0]
-    dual = getattr(block, "use_dual_attention", False)
+    dual = getattr(block, "use_dual_attention", False)  # (Flux's blocks have neither)
     problems = _adaln_problems(getattr(block, "norm1", None), "norm1", 9 if dual else 6, dim)
     pre_only = getattr(block, "context_pre_only", False)
     problems += _adaln_problems(getattr(block, "norm1_context", None), "norm1_context",
@@ -138,15 +160,18 @@ def _check_joint_block(block: nn.Module, name: str) -> str:
         problems += _feed_forward_problems(block, "ff_context")
     if problems:
         raise ArgumentError(f"model: block {name} cannot be fused: " + "; ".join(problems))
-    return "joint"
+    return "flux_double" if type(block).__name__ == "FluxTransformerBlock" else "joint"
 
 
 def _skipped_modules(block: nn.Module) -> tuple[nn.Module, ...]:
     """The modules of a block that the fused path does not call (it fuses what they compute)."""
-    if type(block).__name__ == "JointTransformerBlock":
+    kind = type(block).__name__
+    if kind == "FluxSingleTransformerBlock":
+        return (block.norm, block.norm.norm, block.act_mlp)
+    if kind in ("JointTransformerBlock", "FluxTransformerBlock"):
         skipped = [block.norm1, block.norm1.norm, block.norm1_context,
                    block.norm1_context.norm, block.norm2, block.ff, *block.ff.net[:2]]
-        if not block.context_pre_only:
+        if not getattr(block, "context_pre_only", False):
             skipped += [block.norm2_context, block.ff_context, *block.ff_context.net[:2]]
         return tuple(skipped)
     net = block.ff.net
@@ -260,42 +285,118 @@ class FusedJointForward(FusedForward):
         return x_c, x
 
 
+class FusedFluxDoubleForward(FusedForward):
+    """Flux's double-stream block on onestep's fused ops: as SD3's joint block (the rotary
+    embedding passed to the block's own attention, an IP-adapter's third output added to the
+    image stream), each stream's end one dit_block_tail."""
+
+    def __call__(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                 image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+                 joint_attention_kwargs: dict | None = None):
+        block = self.block
+        if module_path_reason(block) is not None:
+            return type(block).forward(block, hidden_states, encoder_hidden_states, temb,
+                                       image_rotary_emb, joint_attention_kwargs)
+        norm1, norm_c = block.norm1, block.norm1_context
+        mod = norm1.linear(norm1.silu(temb)).chunk(6, dim=1)
+        mod_c = norm_c.linear(norm_c.silu(temb)).chunk(6, dim=1)
+        h = layernorm_modulate(hidden_states, mod[0], mod[1], norm1.norm.eps)
+        h_c = layernorm_modulate(encoder_hidden_states, mod_c[0], mod_c[1], norm_c.norm.eps)
+        outputs = block.attn(hidden_states=h, encoder_hidden_states=h_c,
+                             image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+        net = block.ff.net
+        x = dit_block_tail(hidden_states, outputs[0], mod[2], mod[3], mod[4], mod[5],
+                           net[0].proj, net[2], mlp_norm_eps=block.norm2.eps)
+        if len(outputs) == 3:  # an IP-adapter's image attention
+            x = x + outputs[2]
+        net = block.ff_context.net
+        x_c = dit_block_tail(encoder_hidden_states, outputs[1], mod_c[2], mod_c[3], mod_c[4],
+                             mod_c[5], net[0].proj, net[2], mlp_norm_eps=block.norm2_context.eps)
+        if x_c.dtype == torch.float16:
+            x_c = x_c.clip(-65504, 65504)
+        return x_c, x
+
+
+class FusedFluxSingleForward(FusedForward):
+    """Flux's single-stream block on onestep's fused ops: the modulated LayerNorm one op,
+    proj_mlp's bias and GELU one op, the gated residual of proj_out one op; the attention and
+    the three Linears called as modules."""
+
+    def __call__(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                 image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+                 joint_attention_kwargs: dict | None = None):
+        block = self.block
+        if module_path_reason(block) is not None:
+            return type(block).forward(block, hidden_states, encoder_hidden_states, temb,
+                                       image_rotary_emb, joint_attention_kwargs)
+        text_tokens = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        norm = block.norm
+        shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+        h = layernorm_modulate(x, shift, scale, norm.norm.eps)
+        mlp = linear_then_gelu(h, block.proj_mlp)
+        attn = block.attn(hidden_states=h, image_rotary_emb=image_rotary_emb,
+                          **(joint_attention_kwargs or {}))
+        out = block.proj_out(torch.cat([attn, mlp], dim=2))
+        if x.dtype == out.dtype == gate.dtype:
+            x = torch.addcmul(x, gate.unsqueeze(1), out)
+        else:  # (autocast: diffusers' own expression, its dtypes)
+            x = x + gate.unsqueeze(1) * out
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x[:, :text_tokens], x[:, text_tokens:]
+
+
 FUSED_FORWARDS = {"ada_norm_zero": FusedForward, "ada_norm_single": FusedForward,
-                  "joint": FusedJointForward}
+                  "joint": FusedJointForward, "flux_double": FusedFluxDoubleForward,
+                  "flux_single": FusedFluxSingleForward}
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
+def _named_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's blocks by the names errors give them: transformer_blocks by index, then
+    Flux's single_transformer_blocks by path."""
+    _blocks(model)  # (refuses a model without them)
+    named = {str(i): block for i, block in enumerate(model.transformer_blocks)}
+    single = getattr(model, "single_transformer_blocks", None)
+    if isinstance(single, nn.ModuleList):
+        named.update({f"single_transformer_blocks.{i}": b for i, b in enumerate(single)})
+    return named
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks: transformer_blocks, then Flux's single_transformer_blocks."""
     blocks = getattr(model, "transformer_blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ArgumentError("model: expected a diffusers DiT, PixArt or SD3 transformer "
+        raise ArgumentError("model: expected a diffusers DiT, PixArt, SD3 or Flux transformer "
                             "(DiTTransformer2DModel, PixArtTransformer2DModel, "
-                            "SD3Transformer2DModel: a module with transformer_blocks)")
-    return blocks
+                            "SD3Transformer2DModel, FluxTransformer2DModel: a module with "
+                            "transformer_blocks)")
+    single = getattr(model, "single_transformer_blocks", None)
+    return list(blocks) + (list(single) if isinstance(single, nn.ModuleList) else [])
 
 
 def fuse(model: nn.Module, strict: bool = True) -> nn.Module:
-    """Make the blocks of a diffusers DiT, PixArt-alpha/sigma or SD3/SD3.5 transformer run on
-    onestep's fused ops, in place; returns model.
+    """Make the blocks of a diffusers DiT, PixArt-alpha/sigma, SD3/SD3.5 or Flux transformer
+    run on onestep's fused ops, in place; returns model.
 
     strict: check every block first and change nothing if one cannot be fused (ValueError
     naming it and what it lacks); strict=False fuses the blocks that can be and warns once
     naming the others and why. Parameters, state_dict and the model's own forward are
     untouched; fusing a fused model again changes nothing."""
-    blocks = _blocks(model)
-    refused = {}
-    for i, block in enumerate(blocks):
+    blocks = _named_blocks(model)
+    refused, patterns = {}, {}
+    for name, block in blocks.items():
         try:
-            check_block(block, str(i))
+            patterns[name] = check_block(block, name)
         except ArgumentError as err:
             if strict:
                 raise
-            refused[i] = str(err).split("cannot be fused: ", 1)[1]
-    for i, block in enumerate(blocks):
-        if i not in refused:
-            block.forward = FUSED_FORWARDS[check_block(block, str(i))](block)
+            refused[name] = str(err).split("cannot be fused: ", 1)[1]
+    for name, pattern in patterns.items():
+        blocks[name].forward = FUSED_FORWARDS[pattern](blocks[name])
     if refused:
         warnings.warn(f"fuse: {len(refused)} of {len(blocks)} blocks left unfused: "
-                      + "; ".join(f"block {i}: {why}" for i, why in refused.items()),
+                      + "; ".join(f"block {name}: {why}" for name, why in refused.items()),
                       stacklevel=2)
     return model
 
@@ -310,5 +411,8 @@ def unfuse(model: nn.Module) -> nn.Module:
 
 def is_fused(model: nn.Module) -> bool:
     """Whether `fuse` has made the model's blocks run on onestep's ops."""
-    blocks = getattr(model, "transformer_blocks", None) or []
+    try:
+        blocks = _blocks(model)
+    except ArgumentError:
+        return False
     return any(isinstance(block.__dict__.get("forward"), FusedForward) for block in blocks)
