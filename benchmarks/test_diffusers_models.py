@@ -3,7 +3,8 @@ against the same model unfused (eager) and its torch.compile, in one run: fp32 o
 batch 1, two blocks at each model's real width and head count (DiT-XL/2: 1152, 16 heads of 72,
 256 image tokens; PixArt-alpha: the same with 120 text tokens; SD3-medium: 1536, 24 heads of
 64, 256 image and 77 text tokens, its second block the last one's kind, whose text stream only
-feeds the attention), forward under no_grad.
+feeds the attention; Flux: 3072, 24 heads of 128, 256 image and 64 text tokens, two
+double-stream and two single-stream blocks, about 4 GB of weights), forward under no_grad.
 
 Rates are GFLOP/s of the blocks' matrix products (attention's two products included), next to
 the SGEMM ceiling of the same run. Random weights; nothing downloaded.
@@ -23,6 +24,7 @@ from onestep_kernels.integrations.diffusers import fuse  # noqa: E402
 
 D, HEADS, HEAD_DIM, TOKENS, TEXT = 1152, 16, 72, 256, 120
 SD3_D, SD3_HEADS, SD3_TEXT = 1536, 24, 77
+FLUX_D, FLUX_HEADS, FLUX_TEXT = 3072, 24, 64
 
 
 def make(model_class: str):
@@ -32,7 +34,16 @@ def make(model_class: str):
     common = dict(num_layers=2, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
                   in_channels=4, out_channels=8, sample_size=32, patch_size=2)
     x = torch.randn(1, 4, 32, 32)
-    if model_class == "SD3":
+    if model_class == "Flux":
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+            attention_head_dim=FLUX_D // FLUX_HEADS, num_attention_heads=FLUX_HEADS,
+            joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=[16, 56, 56])
+        inputs = {"hidden_states": torch.randn(1, TOKENS, 64),
+                  "encoder_hidden_states": torch.randn(1, FLUX_TEXT, 4096),
+                  "pooled_projections": torch.randn(1, 768), "timestep": torch.tensor([0.5]),
+                  "img_ids": torch.randn(TOKENS, 3), "txt_ids": torch.zeros(FLUX_TEXT, 3)}
+    elif model_class == "SD3":
         model = diffusers.SD3Transformer2DModel(
             sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
             attention_head_dim=SD3_D // SD3_HEADS, num_attention_heads=SD3_HEADS,
@@ -63,6 +74,12 @@ def make(model_class: str):
 def block_flops(model_class: str) -> int:
     """Matrix-product FLOPs of the two blocks' forward at batch 1."""
     T = TOKENS
+    if model_class == "Flux":  # two double-stream blocks (as SD3's), two single-stream
+        F, C = FLUX_D, FLUX_TEXT  # (qkv 3F, MLP 4F in parallel, out (F + 4F) -> F)
+        attention = 2 * 2 * (T + C) ** 2 * F
+        double = 2 * (T + C) * F * (3 * F + F + 8 * F) + attention
+        single = 2 * (T + C) * F * (3 * F + 4 * F + 5 * F) + attention
+        return 2 * double + 2 * single
     if model_class == "SD3":  # joint attention over both streams; the second block's text
         D3, C = SD3_D, SD3_TEXT  # stream has no output projection and no MLP
         attention = 2 * 2 * (T + C) ** 2 * D3  # (the last block's too: all queries computed)
@@ -75,7 +92,7 @@ def block_flops(model_class: str) -> int:
     return 2 * per_block
 
 
-@pytest.mark.parametrize("model_class", ["DiT", "PixArt", "SD3"])
+@pytest.mark.parametrize("model_class", ["DiT", "PixArt", "SD3", "Flux"])
 @pytest.mark.parametrize("contender", ["eager", "torch.compile", "onestep"])
 def test_diffusers_model(benchmark, record, model_class, contender):
     model, inputs = make(model_class)
@@ -93,7 +110,7 @@ def test_diffusers_model(benchmark, record, model_class, contender):
     torch.testing.assert_close(step(), expected, rtol=1e-3, atol=1e-3)
     benchmark.group = f"diffusers {model_class}"
     benchmark(step)
-    width = SD3_D if model_class == "SD3" else D
+    width = {"SD3": SD3_D, "Flux": FLUX_D}.get(model_class, D)
     record(f"diffusers {model_class}, 2 blocks of D={width}, batch 1, fp32", contender,
            block_flops(model_class), "GFLOP/s")
 
