@@ -719,6 +719,39 @@ def row_screening(row: Row) -> None:
                _ratio(times.get("PyTorch expression"), best), 1.0)
 
 
+def row_diffusers(row: Row) -> None:
+    """diffusers' DiT, PixArt-alpha, SD3 and Flux at their real widths (two blocks of each
+    kind; onestep_gpu_check.diffusers_models), fused by onestep_kernels.integrations.diffusers
+    against unfused eager and torch.compile: forward at B=1 (latency, host launch included)
+    and B=8 (throughput), bf16, GFLOP/s of the blocks' products."""
+    import copy
+
+    from onestep_kernels.integrations.diffusers import fuse
+
+    from .diffusers_models import MODEL_CLASSES, block_flops, make
+
+    s = row.s
+    small = s.device.type != "cuda"
+    for model_class in MODEL_CLASSES:
+        for B in (1, 8) if not small else (1,):
+            model, inputs = make(model_class, B, small, s.device, s.dtype)
+            contenders = {"eager": model, "onestep": fuse(copy.deepcopy(model))}
+            if s.compile:
+                contenders["torch.compile"] = torch.compile(model)
+            case = f"{model_class} 2 blocks, B={B}"
+            times = {}
+            with torch.no_grad():
+                for name, m in contenders.items():
+                    times[name] = row.time(case, name, lambda m=m: m(**inputs).sample,
+                                           amount=block_flops(model_class, B, small),
+                                           unit="GFLOP/s", latency=B == 1)
+            row.target(f"{case}: speed-up of the fused model over eager >= 1.0",
+                       _ratio(times["eager"], times["onestep"]), 1.0)
+            row.target(f"{case}: speed-up of the fused model over torch.compile >= 1.0",
+                       _ratio(times.get("torch.compile"), times["onestep"]), 1.0)
+            del model, contenders
+
+
 def row_slt(row: Row) -> None:
     """The SLT's depth loop at its size and candidates (the issue's targets): the forward
     against a plain eager loop over the reference block, torch.compile of that loop, and the

@@ -26,7 +26,7 @@ ROWS: dict[str, Callable[[Row], None]] = {
     "ceilings": rows.row_ceilings, "block": rows.row_block, "dit": rows.row_dit,
     "profile": rows.row_profile, "memory_bound": rows.row_memory_bound,
     "attention": rows.row_attention, "fused_linear": rows.row_fused_linear,
-    "slt": rows.row_slt, "screening": rows.row_screening,
+    "slt": rows.row_slt, "screening": rows.row_screening, "diffusers": rows.row_diffusers,
     "host": rows.row_host, "autotune": rows.row_autotune,
     "preferences": rows.row_preferences, "tests": suite.row_tests,
 }

@@ -27,9 +27,9 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     rows = ["ceilings", "block", "dit", "profile", "memory_bound", "attention", "host"]
     assert gpu_check.main(["--out", str(out), "--smoke", "--only", ",".join(rows)]) == 0
     assert gpu_check.main(["--out", str(out), "--smoke", "--only",
-                           "fused_linear,slt,screening"]) == 0
+                           "fused_linear,slt,screening,diffusers"]) == 0
     results = json.loads((out / "gpu_check.json").read_text())
-    assert set(results["rows"]) == {*rows, "fused_linear", "slt", "screening"}
+    assert set(results["rows"]) == {*rows, "fused_linear", "slt", "screening", "diffusers"}
     for name, row in results["rows"].items():
         assert row["error"] is None, (name, row["error"])
         assert row["records"], name
