@@ -270,3 +270,40 @@ def test_compiled_block_trains_across_batch_sizes(generator):
         block.float()
         for name, g, want in (("x", got[0], x.grad), ("c", got[1], c.grad)):
             assert_close_rel(g, want, torch.float32, f"B={B} d{name}")
+
+
+@pytest.mark.parametrize("D", [2432, 3072])
+def test_dit_block_tail_at_the_widths_of_sd35_large_and_flux(D, generator):
+    """The stream end that SD3's and Flux's fused blocks run (gated residual + modulated
+    LayerNorm, fc1's bias + GELU, the MLP's gated residual), at widths past the Triton gated
+    op's 2048, against float64, forward and every gradient (default CPU backends)."""
+    import torch.nn.functional as F
+
+    from onestep_kernels.layers import dit_block_tail
+
+    B, N = 2, 3
+    fc1, fc2 = torch.nn.Linear(D, 4 * D), torch.nn.Linear(4 * D, D)
+    with torch.no_grad():
+        for p in (*fc1.parameters(), *fc2.parameters()):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    tensors = [torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)]
+    tensors += [torch.randn(B, D, generator=generator) * 0.5 for _ in range(4)]
+    inputs = [t.clone().requires_grad_() for t in tensors]
+    out = dit_block_tail(*inputs, fc1, fc2, mlp_norm_eps=1e-6)
+    dout = torch.randn(out.shape, generator=generator)
+    out.backward(dout)
+
+    exact = [t.double().requires_grad_() for t in tensors]
+    fc1_64, fc2_64 = copy.deepcopy(fc1).double(), copy.deepcopy(fc2).double()
+    x, branch, gate, shift, scale, mlp_gate = exact
+    r = x + gate[:, None] * branch
+    h = F.layer_norm(r, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    ref = r + mlp_gate[:, None] * fc2_64(F.gelu(fc1_64(h), approximate="tanh"))
+    ref.backward(dout.double())
+    assert_close_rel(out, ref, torch.float32, f"output at D={D}")
+    for name, mine, theirs in zip(("x", "branch", "gate", "shift", "scale", "mlp_gate"),
+                                  inputs, exact):
+        assert_close_rel(mine.grad, theirs.grad, torch.float32, f"d{name} at D={D}")
+    for name, mine, theirs in (("fc1.weight", fc1.weight, fc1_64.weight),
+                               ("fc2.weight", fc2.weight, fc2_64.weight)):
+        assert_close_rel(mine.grad, theirs.grad, torch.float32, f"d{name} at D={D}")
