@@ -263,3 +263,19 @@ def test_accelerate_model_offload_hook(generator):
         results.append(run(m, x, t, y))
     assert on_the_fused_path(fused)
     assert_close_rel(results[1], results[0], torch.float32, "model offload")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_keeps_the_unfused_dtype_and_values(generator, dtype):
+    """A model and inputs in fp16/bf16 without autocast (as a pipeline loads it with
+    torch_dtype): the fused output has the unfused dtype, within twice the unfused model's
+    own error against float64."""
+    from conftest import rel_error
+
+    model, fused, (x, t, y) = pair(generator)
+    exact = run(copy.deepcopy(model).double(), x.double(), t.double(), y)
+    ref = run(model.to(dtype), x.to(dtype), t, y)
+    out = run(fused.to(dtype), x.to(dtype), t, y)
+    assert out.dtype == ref.dtype == dtype
+    assert_close_rel(out.double(), exact, dtype, f"{dtype} output",
+                     torch_error=rel_error(ref.double(), exact))
