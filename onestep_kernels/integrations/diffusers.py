@@ -285,10 +285,9 @@ class FusedJointForward(FusedForward):
         return x_c, x
 
 
-class FusedFluxDoubleForward(FusedForward):
-    """Flux's double-stream block on onestep's fused ops: as SD3's joint block (the rotary
-    embedding passed to the block's own attention, an IP-adapter's third output added to the
-    image stream), each stream's end one dit_block_tail."""
+class _FluxForward(FusedForward):
+    """The call of both Flux blocks (the same arguments): diffusers' own forward where
+    module_path_reason says so, the fused one (`fused`) otherwise."""
 
     def __call__(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                  image_rotary_emb: tuple[Tensor, Tensor] | None = None,
@@ -297,13 +296,25 @@ class FusedFluxDoubleForward(FusedForward):
         if module_path_reason(block) is not None:
             return type(block).forward(block, hidden_states, encoder_hidden_states, temb,
                                        image_rotary_emb, joint_attention_kwargs)
+        return self.fused(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                          joint_attention_kwargs or {})
+
+
+class FusedFluxDoubleForward(_FluxForward):
+    """Flux's double-stream block on onestep's fused ops: as SD3's joint block (the rotary
+    embedding passed to the block's own attention, an IP-adapter's third output added to the
+    image stream), each stream's end one dit_block_tail."""
+
+    def fused(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+              image_rotary_emb: tuple[Tensor, Tensor] | None, kwargs: dict):
+        block = self.block
         norm1, norm_c = block.norm1, block.norm1_context
         mod = norm1.linear(norm1.silu(temb)).chunk(6, dim=1)
         mod_c = norm_c.linear(norm_c.silu(temb)).chunk(6, dim=1)
         h = layernorm_modulate(hidden_states, mod[0], mod[1], norm1.norm.eps)
         h_c = layernorm_modulate(encoder_hidden_states, mod_c[0], mod_c[1], norm_c.norm.eps)
         outputs = block.attn(hidden_states=h, encoder_hidden_states=h_c,
-                             image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+                             image_rotary_emb=image_rotary_emb, **kwargs)
         net = block.ff.net
         x = dit_block_tail(hidden_states, outputs[0], mod[2], mod[3], mod[4], mod[5],
                            net[0].proj, net[2], mlp_norm_eps=block.norm2.eps)
@@ -317,26 +328,21 @@ class FusedFluxDoubleForward(FusedForward):
         return x_c, x
 
 
-class FusedFluxSingleForward(FusedForward):
+class FusedFluxSingleForward(_FluxForward):
     """Flux's single-stream block on onestep's fused ops: the modulated LayerNorm one op,
     proj_mlp's bias and GELU one op, the gated residual of proj_out one op; the attention and
     the three Linears called as modules."""
 
-    def __call__(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
-                 image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-                 joint_attention_kwargs: dict | None = None):
+    def fused(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+              image_rotary_emb: tuple[Tensor, Tensor] | None, kwargs: dict):
         block = self.block
-        if module_path_reason(block) is not None:
-            return type(block).forward(block, hidden_states, encoder_hidden_states, temb,
-                                       image_rotary_emb, joint_attention_kwargs)
         text_tokens = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         norm = block.norm
         shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
         h = layernorm_modulate(x, shift, scale, norm.norm.eps)
         mlp = linear_then_gelu(h, block.proj_mlp)
-        attn = block.attn(hidden_states=h, image_rotary_emb=image_rotary_emb,
-                          **(joint_attention_kwargs or {}))
+        attn = block.attn(hidden_states=h, image_rotary_emb=image_rotary_emb, **kwargs)
         out = block.proj_out(torch.cat([attn, mlp], dim=2))
         if x.dtype == out.dtype == gate.dtype:
             x = torch.addcmul(x, gate.unsqueeze(1), out)
