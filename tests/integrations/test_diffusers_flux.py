@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_close_rel
+from fused_vs_unfused import assert_same_outputs_and_gradients, count_module_calls
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
 
@@ -48,21 +49,8 @@ def test_flux_fused_matches_unfused_outputs_and_gradients(generator, monkeypatch
         original = getattr(integration, name)
         monkeypatch.setattr(integration, name, lambda *a, _o=original, _n=name, **k:
                             calls.append(_n) or _o(*a, **k))
-    results = []
-    for m in (model, fused):
-        out = m(**inputs).sample
-        out.square().sum().backward()
-        results.append((out, {n: p.grad for n, p in m.named_parameters()}))
-    (ref, ref_grads), (out, grads) = results
+    assert_same_outputs_and_gradients(model, fused, inputs, "Flux")
     assert sorted(calls) == ["dit_block_tail"] * 4 + ["linear_then_gelu"] * 2
-    assert_close_rel(out, ref, torch.float32, "fused Flux output")
-    for name, g in ref_grads.items():
-        if g is None:
-            assert grads[name] is None, name
-            continue
-        if "to_k.bias" in name or "add_k_proj.bias" in name:  # zero in theory
-            continue
-        assert_close_rel(grads[name], g, torch.float32, f"d{name}")
 
 
 def test_flux_under_bf16_autocast_and_in_float64(generator):
@@ -85,14 +73,9 @@ def test_flux_hooks_fire_as_often_as_unfused(generator):
     inputs = flux_inputs(generator)
     counts = []
     for m in (model, fused):
-        seen = {}
-        for name, module in m.named_modules():
-            module.register_forward_hook(
-                lambda mod, args, out, name=name, seen=seen:
-                seen.__setitem__(name, seen.get(name, 0) + 1))
+        counts.append(count_module_calls(m))
         with torch.no_grad():
             m(**inputs)
-        counts.append(seen)
     assert counts[1] == counts[0]
     assert counts[0]["single_transformer_blocks.1.act_mlp"] == 1
 

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close_rel
+from fused_vs_unfused import assert_same_outputs_and_gradients
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
 
@@ -48,18 +49,8 @@ def test_pixart_fused_matches_unfused_outputs_and_gradients(generator, monkeypat
     block_forward = integration.dit_block_forward
     monkeypatch.setattr(integration, "dit_block_forward", lambda *a, **k: calls.append(
         k["cross_attention"] is not None) or block_forward(*a, **k))
-    results = []
-    for m in (model, fused):
-        out = m(**inputs).sample
-        out.square().sum().backward()
-        results.append((out, {n: p.grad for n, p in m.named_parameters()}))
-    (ref, ref_grads), (out, grads) = results
+    assert_same_outputs_and_gradients(model, fused, inputs, "PixArt")
     assert calls == [True, True]
-    assert_close_rel(out, ref, torch.float32, "fused PixArt output")
-    for name, g in ref_grads.items():
-        if name.endswith(("attn1.to_k.bias", "attn2.to_k.bias")):  # zero in theory
-            continue
-        assert_close_rel(grads[name], g, torch.float32, f"d{name}")
 
 
 def test_pixart_with_a_text_mask_and_no_text_projection(generator):

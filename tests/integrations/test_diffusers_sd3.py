@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import assert_close_rel
+from fused_vs_unfused import assert_same_outputs_and_gradients, count_module_calls
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
 
@@ -48,21 +49,9 @@ def test_sd3_fused_matches_unfused_outputs_and_gradients(generator, monkeypatch,
     tail = integration.dit_block_tail
     monkeypatch.setattr(integration, "dit_block_tail",
                         lambda *a, **k: tails.append(1) or tail(*a, **k))
-    results = []
-    for m in (model, fused):
-        out = m(**inputs).sample
-        out.square().sum().backward()
-        results.append((out, {n: p.grad for n, p in m.named_parameters()}))
-    (ref, ref_grads), (out, grads) = results
+    # (the last block's context-only parameters get no gradient, fused or not)
+    assert_same_outputs_and_gradients(model, fused, inputs, variant)
     assert len(tails) == 5
-    assert_close_rel(out, ref, torch.float32, f"fused {variant} output")
-    for name, g in ref_grads.items():
-        if g is None:  # (the last block's context-only parameters get none, fused or not)
-            assert grads[name] is None, name
-            continue
-        if "to_k.bias" in name or "add_k_proj.bias" in name:  # zero in theory
-            continue
-        assert_close_rel(grads[name], g, torch.float32, f"d{name}")
 
 
 def test_sd3_under_bf16_autocast(generator):
@@ -81,14 +70,9 @@ def test_sd3_hooks_fire_as_often_as_unfused_and_chunking_applies(generator):
     inputs = sd3_inputs(generator)
     counts, outputs = [], []
     for m in (model, fused):
-        seen = {}
-        for name, module in m.named_modules():
-            module.register_forward_hook(
-                lambda mod, args, out, name=name, seen=seen:
-                seen.__setitem__(name, seen.get(name, 0) + 1))
+        counts.append(count_module_calls(m))
         with torch.no_grad():
             outputs.append(m(**inputs).sample)
-        counts.append(seen)
     assert counts[1] == counts[0] and counts[0]["transformer_blocks.0.ff_context"] == 1
     assert torch.equal(outputs[1], outputs[0])  # (hooks everywhere: diffusers' own path)
     plain = make_sd3(torch.Generator().manual_seed(1))
