@@ -434,15 +434,23 @@ class Trainer:
     def _probe_loss(self, n: int):
         """The recipe's loss on the dataset's first n samples, as a step computes it (autocast
         included; not through DDP, whose buckets would wait for the other processes)."""
-        x1, y, extra = fetch(self.dataset, torch.arange(n) % len(self.dataset))
-        x1 = to_device(x1, self.device, torch.float32)
-        y = to_device(y, self.device) if y is not None and self.num_classes > 0 else None
-        extra = [to_device(t, self.device, torch.float32) for t in extra]
+        x1, y, extra = self._batch(torch.arange(n) % len(self.dataset))
         rng = BatchRandom(_step_seed(self.config.seed, self.step, 2), n, slice(None),
                           self.device, self.step)
-        use_amp = self.config.amp and self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast):
             return self.model.loss(x1, y, rng, *extra)[0]
+
+    def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """The dataset's rows `idx` on the device: (samples, labels or None, further fields)."""
+        x1, y, extra = fetch(self.dataset, idx)
+        x1 = to_device(x1, self.device, torch.float32)
+        y = to_device(y, self.device) if y is not None and self.num_classes > 0 else None
+        return x1, y, [to_device(t, self.device, torch.float32) for t in extra]
+
+    @property
+    def _autocast(self) -> bool:
+        """bf16 autocast around the loss: on CUDA, unless TrainConfig.amp is off."""
+        return self.config.amp and self.device.type == "cuda"
 
     def check_step_memory(self) -> int | None:
         """Refuse, before the first step, a batch whose step cannot fit the device's free
@@ -476,17 +484,12 @@ class Trainer:
         process) is not applied; past `skip_nonfinite` of them, NonFiniteError."""
         cfg, step = self.config, self.step
         self.model.train()
-        idx = self.sampler.indices(step)[self._rows()]
-        x1, y, extra = fetch(self.dataset, idx)
-        x1 = to_device(x1, self.device, torch.float32)
-        y = to_device(y, self.device) if y is not None and self.num_classes > 0 else None
-        extra = [to_device(t, self.device, torch.float32) for t in extra]
+        x1, y, extra = self._batch(self.sampler.indices(step)[self._rows()])
         rng = BatchRandom(_step_seed(cfg.seed, step, 2), cfg.batch_size, self._rows(),
                           self.device, step)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
-        use_amp = cfg.amp and self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._autocast):
             loss, logs = self.step_loss(x1, y, rng, *extra)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP: gradients averaged over the processes
