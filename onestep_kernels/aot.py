@@ -9,7 +9,9 @@ shipped in the Triton wheel with `-v`; a configuration with spill stores, or one
 compile, is reported.
 
     python -m onestep_kernels.aot [--arch 80 90] [--jobs 2]
-    python -m onestep_kernels.aot --vectors      # 128-bit accesses in the memory-bound kernels
+    python -m onestep_kernels.aot --memory-bound # what the memory-bound launchers pick at the
+                                                 # widths of real models: useful lanes,
+                                                 # 128-bit accesses, spills, backward grid
     python -m onestep_kernels.aot --inductor     # torch.compile can rebuild each kernel
 
 exits non-zero on any failure. Run it without TRITON_INTERPRET (the test suite does so in a
@@ -81,25 +83,30 @@ def compile_config(config, arch: int, aligned: bool = False):
         options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
+def _assemble(ptx: str, arch: int) -> tuple[int, int]:
+    """(bytes of spill stores, registers) of a PTX listing assembled by ptxas -v, with the
+    flags Triton 3.9 passes."""
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = Path(tmp) / "kernel.ptx"
+        ptx_path.write_text(ptx)
+        report = subprocess.run(
+            [_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm}", str(ptx_path),
+             "-o", str(Path(tmp) / "kernel.o")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    registers = re.findall(r"Used (\d+) registers", report)
+    return (sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report)),
+            max(int(n) for n in registers) if registers else -1)
+
+
 def compile_one(index: int, arch: int) -> Result:
     config = list(configs())[index]
     result = Result(config.name, arch)
     try:
         compiled = compile_config(config, arch)
         result.shared_bytes = int(compiled.metadata.shared)
-        ptx = compiled.asm["ptx"]
-        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx_path = Path(tmp) / "kernel.ptx"
-            ptx_path.write_text(ptx)
-            report = subprocess.run(
-                [_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm}", str(ptx_path),
-                 "-o", str(Path(tmp) / "kernel.o")],
-                capture_output=True, text=True, check=True,
-            ).stderr
-        result.spill_stores = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
-        registers = re.findall(r"Used (\d+) registers", report)
-        result.registers = max(int(n) for n in registers) if registers else -1
+        result.spill_stores, result.registers = _assemble(compiled.asm["ptx"], arch)
     except subprocess.CalledProcessError as error:
         result.error = f"ptxas failed: {error.stderr.strip()[:300]}"
     except Exception as error:  # reported per configuration, not raised
@@ -107,12 +114,22 @@ def compile_one(index: int, arch: int) -> Result:
     return result
 
 
-# ---- vector width of the memory-bound kernels -------------------------------------------------
+# ---- the memory-bound kernels' shape at the widths of real models -----------------------------
 
-# The row blocks DiT widths use (384..1152 → 512..2048; the MLP's 4x width → bias_gelu_tanh's
-# 1024-wide column block), at which the memory-bound kernels (KernelConfig.row_scalars) must
-# move whole 128-bit vectors.
-DIT_BLOCKS = (512, 1024, 2048)
+# The row widths the memory-bound kernels are checked at: DiT-XL/2 (1152), SD3 (1536), SD3.5
+# Large (2432), Flux (3072), the SLT (384) and 4096; bias_gelu_tanh at each one's MLP width
+# (4x). At each, every configuration the op's launcher picks there (each dtype, flag and
+# autotune option: `Op.triton_launches`) must:
+CHECK_WIDTHS = (1152, 1536, 2432, 3072, 384, 4096)
+MLP_RATIO = {"bias_gelu_tanh": 4}
+MIN_USEFUL_LANES = 0.85  # have this share of its lanes hold data in every access,
+# move its rows in 128-bit accesses (all but KernelConfig.row_scalars per row), compile for
+# sm_80 and sm_90 without spills, and as a backward with per-sample partial sums, launch at
+# least GRID_FILL x SM_COUNT programs at every split of FULL_GRID_ROWS rows into (B, N):
+SM_COUNT = 132  # an H100 SXM
+GRID_FILL = 2
+FULL_GRID_ROWS = 8192
+GRID_SPLITS = ((1, FULL_GRID_ROWS), (8, 1024), (32, 256), (FULL_GRID_ROWS, 1))
 
 
 def global_accesses(ptx: str) -> list[int]:
@@ -125,22 +142,27 @@ def global_accesses(ptx: str) -> list[int]:
     return bits
 
 
-def vector_configs():
-    for config in configs():
-        block = config.constexprs.get("BLOCK_D", config.constexprs.get("BLOCK_F"))
-        if config.row_scalars is not None and block in DIT_BLOCKS:
-            yield config, config.row_scalars
+def memory_bound_launches():
+    """(op name, Launch) for every launch the memory-bound ops' launchers pick at the widths
+    above (a configuration picked at several widths is listed at each)."""
+    from .dispatch import OPS
+
+    for name, op in OPS.items():
+        launches = getattr(op, "triton_launches", None)
+        if launches is None:
+            continue
+        for width in CHECK_WIDTHS:
+            for launch in launches(width * MLP_RATIO.get(name, 1)):
+                yield name, launch
 
 
-def vector_check_one(index: int) -> tuple[str, str]:
-    """(name, problem or ""): every global access of the sm_90 PTX is 128 bits wide except
-    the kernel's per-row scalars (`scalars` of them)."""
-    return vector_problem(*list(vector_configs())[index])
-
-
-def vector_problem(config, scalars: int) -> tuple[str, str]:
+def vector_problem(config, scalars: int, compiled=None) -> tuple[str, str]:
+    """(name, problem or ""): every global access of the sm_90 PTX (compiled with every
+    pointer, size and stride divisible by 16, as Triton's JIT specialises them at these
+    widths) is 128 bits wide except the kernel's per-row scalars (`scalars` of them)."""
     try:
-        bits = global_accesses(compile_config(config, 90, aligned=True).asm["ptx"])
+        compiled = compiled or compile_config(config, 90, aligned=True)
+        bits = global_accesses(compiled.asm["ptx"])
     except Exception as error:  # reported per configuration
         return config.name, f"{type(error).__name__}: {error}".splitlines()[0][:300]
     narrow = [b for b in bits if b != 128]
@@ -149,6 +171,81 @@ def vector_problem(config, scalars: int) -> tuple[str, str]:
     if len(narrow) > scalars or not bits:
         return config.name, f"{summary}; narrow: {sorted(narrow)} (allowed: {scalars} scalars)"
     return config.name, ""
+
+
+def lanes_problem(launch) -> str:
+    share = launch.useful_lanes
+    if share < MIN_USEFUL_LANES:
+        return (f"{share:.0%} of the lanes useful at width {launch.width} (tile "
+                f"{launch.tile_width}; at least {MIN_USEFUL_LANES:.0%})")
+    return ""
+
+
+def grid_problem(launch) -> str:
+    if launch.programs is None:
+        return ""
+    least = GRID_FILL * SM_COUNT
+    small = {(B, N): launch.programs(B, N) for B, N in GRID_SPLITS
+             if launch.programs(B, N) < least}
+    if small:
+        return (f"the backward launches {small} programs at (B, N) = {list(small)}, fewer "
+                f"than {GRID_FILL} x {SM_COUNT} SMs = {least}")
+    return ""
+
+
+def spill_problem(config, arch: int, compiled=None) -> str:
+    """Spill stores of the configuration as it is compiled at these widths (aligned)."""
+    try:
+        compiled = compiled or compile_config(config, arch, aligned=True)
+        spills, _ = _assemble(compiled.asm["ptx"], arch)
+    except subprocess.CalledProcessError as error:
+        return f"ptxas failed: {error.stderr.strip()[:300]}"
+    except Exception as error:  # reported per configuration
+        return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return f"sm_{arch}: {spills} bytes of spill stores" if spills else ""
+
+
+def compiled_problems(config) -> list[str]:
+    """The checks of a configuration's code: 128-bit accesses (sm_90) and spills (sm_80,
+    sm_90), compiled as at the widths above."""
+    try:
+        compiled = compile_config(config, 90, aligned=True)
+    except Exception as error:  # reported per configuration
+        return [f"compile: {type(error).__name__}: {error}".splitlines()[0][:300]]
+    problems = [vector_problem(config, (config.row_scalars or 0) + config.chunk_vectors,
+                               compiled)[1],
+                spill_problem(config, 90, compiled), spill_problem(config, 80)]
+    return [p for p in problems if p]
+
+
+def launch_problems(launch, compiled: list[str] | None = None) -> list[str]:
+    """Every check above that this launch fails (empty if none); `compiled`: its
+    configuration's compiled_problems where already known."""
+    problems = [p for p in (lanes_problem(launch), grid_problem(launch)) if p]
+    return problems + (compiled_problems(launch.config) if compiled is None else compiled)
+
+
+def _compiled_problems_of(index: int) -> list[str]:
+    return compiled_problems(_unique_configs()[index])
+
+
+def _unique_configs() -> list:
+    """The distinct configurations among the memory-bound launches (one compile each)."""
+    unique = {}
+    for _, launch in memory_bound_launches():
+        unique.setdefault(launch.config.name, launch.config)
+    return list(unique.values())
+
+
+def check_memory_bound(jobs: int) -> list[tuple[str, list[str]]]:
+    """(label, problems) of every memory-bound launch."""
+    configs = _unique_configs()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        compiled = dict(zip((c.name for c in configs),
+                            pool.map(_compiled_problems_of, range(len(configs)))))
+    return [(f"{launch.config.name} at width {launch.width}",
+             launch_problems(launch, compiled[launch.config.name]))
+            for _, launch in memory_bound_launches()]
 
 
 def inductor_problem(kernel) -> str:
@@ -203,9 +300,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--only", default="", help="configurations whose name starts so")
-    parser.add_argument("--vectors", action="store_true",
-                        help="instead: check that the memory-bound kernels' sm_90 PTX at DiT "
-                             "widths moves 128-bit vectors")
+    parser.add_argument("--memory-bound", "--vectors", action="store_true",
+                        dest="memory_bound",
+                        help="instead: check what the memory-bound ops' launchers pick at the "
+                             "widths of real models (useful lanes, 128-bit accesses, spills, "
+                             "the backward's grid)")
     parser.add_argument("--inductor", action="store_true",
                         help="instead: check that inductor can rebuild each kernel from its "
                              "source (what torch.compile does with wrap_triton kernels)")
@@ -220,14 +319,12 @@ def main(argv=None) -> int:
         failed = sum(1 for problem in problems.values() if problem)
         print(f"{len(problems) - failed} passed, {failed} failed")
         return 1 if failed else 0
-    if args.vectors:
-        count = len(list(vector_configs()))
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            checked = list(pool.map(vector_check_one, range(count)))
-        for name, problem in checked:
-            print(f"sm_90 {name}: {problem or 'ok'}")
-        failed = sum(1 for _, problem in checked if problem)
-        print(f"{count - failed} passed, {failed} failed")
+    if args.memory_bound:
+        checked = check_memory_bound(args.jobs)
+        for label, problems in checked:
+            print(f"{label}: {'; '.join(problems) or 'ok'}")
+        failed = sum(1 for _, problems in checked if problems)
+        print(f"{len(checked) - failed} passed, {failed} failed")
         return 1 if failed else 0
     results = run(args.arch, args.jobs, args.only)
     for r in results:

@@ -30,6 +30,11 @@ class KernelConfig:
     # the row's own 128-bit vectors (`python -m onestep_kernels.aot --vectors` checks); None
     # for the others.
     row_scalars: int | None = None
+    # ... and the accesses of one chunk-wide vector per program and chunk that it may make
+    # narrow (per-sample modulation, per-program partial sums): a vector of one chunk spread
+    # over all of a program's threads is one element per thread, and it moves 1/ROWS of the
+    # bytes of the rows it serves.
+    chunk_vectors: int = 0
 
     def signature(self) -> dict[str, str]:
         signature = {}
@@ -42,3 +47,26 @@ class KernelConfig:
             else:
                 signature[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
         return signature
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What a memory-bound op's launcher picks at one row width: a configuration of the
+    registry, and for a backward with per-sample partial sums the number of programs its grid
+    has for (B, N) rows (`programs`), for the offline checks in onestep_kernels.aot."""
+
+    config: KernelConfig
+    width: int
+    programs: Any = None  # (B, N) -> int, or None
+
+    @property
+    def tile_width(self) -> int:
+        """The columns of a row one access covers: the chunk or block the launcher picked."""
+        constexprs = self.config.constexprs
+        return constexprs.get("CHUNK") or constexprs.get("BLOCK_F") or constexprs["BLOCK_D"]
+
+    @property
+    def useful_lanes(self) -> float:
+        """The share of a row's lanes that hold data: width / (tiles needed x tile width)."""
+        tile = self.tile_width
+        return self.width / (-(-self.width // tile) * tile)

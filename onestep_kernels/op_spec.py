@@ -130,13 +130,17 @@ class Op(dispatch.Op):
     def __init__(self, spec: OpSpec, backends: list[Backend], *,
                  default_order: dict[str, tuple[str, ...]] | None = None,
                  torch_alias: str = "reference", width_name: str = "D",
-                 triton_configs: Callable | None = None):
+                 triton_configs: Callable | None = None,
+                 triton_launches: Callable | None = None):
         op_entry.check_names(spec)  # (before the op is registered anywhere)
         super().__init__(spec.name, backends, torch_alias=torch_alias, width_name=width_name,
                          default_order=default_order)
         self.spec = spec
         self.public: Callable | None = None  # the public function (`public_entry`)
         self.triton_configs = triton_configs  # for the compile check (onestep_kernels.aot)
+        # width -> the Launches its `triton` backend picks there (memory-bound ops: aot's
+        # checks of useful lanes, 128-bit accesses, spills and the backward's grid)
+        self.triton_launches = triton_launches
         self.inputs = len(spec.input_names)
         self._params = len(spec.params)
         self._empty_saved = tuple(spec.saved.index(n) for n in spec.empty_if

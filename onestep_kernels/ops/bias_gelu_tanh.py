@@ -21,10 +21,11 @@ from torch import Tensor
 from .. import checks, dispatch, native, tuning
 from ..dispatch import Backend
 from ..errors import ArgumentError
-from ..kernel_config import KernelConfig
+from ..kernel_config import KernelConfig, Launch
 from ..op_spec import Op, OpSpec
 from ..triton_compat import direct, tl, triton
-from .common import add_up_partials, cdiv, needs_grad, next_power_of_2
+from .common import add_up_partials, cdiv, needs_grad
+from .layernorm_core import MIN_USEFUL_LANES, useful_share
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -43,7 +44,6 @@ def reference(x: Tensor, bias: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 ROWS_PER_PROGRAM = 32
-MAX_BLOCK_F = 1024
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
 
@@ -82,9 +82,19 @@ def _bias_gelu_tanh_bwd_kernel(DY, X, BIAS, DX, DBIAS_PARTIAL, R, F, ROWS: tl.co
     tl.store(DBIAS_PARTIAL + c * F + cols, acc, mask=mask)
 
 
+# Column blocks a launcher may pick, widest first.
+BLOCKS = (1024, 512, 256, 128, 64, 32, 16)
+
+
 @functools.cache  # asked at every launch
 def _block(F: int) -> int:
-    return min(MAX_BLOCK_F, max(16, next_power_of_2(F)))
+    """The widest column block whose lanes are at least MIN_USEFUL_LANES useful at this F (a
+    row is cut into blocks, the last one masked: at F = 1536, the SLT's MLP, 1024-wide blocks
+    would leave 25% idle, 512-wide none); where none is (narrow rows), the most useful."""
+    for block in BLOCKS:
+        if useful_share(F, block) >= MIN_USEFUL_LANES:
+            return block
+    return max(BLOCKS, key=lambda b: (useful_share(F, b), b))
 
 
 def _warps(block_f: int, element_bytes: int) -> tuple[int, ...]:
@@ -92,11 +102,10 @@ def _warps(block_f: int, element_bytes: int) -> tuple[int, ...]:
     return tuning.warps_options(block_f, element_bytes, 16)
 
 
-def triton_configs():
+def triton_configs(blocks: tuple[int, ...] = BLOCKS):
     """Every configuration the launchers can pick (each block, dtype and warp count autotune
     may choose), for onestep_kernels.aot."""
-    block = 16
-    while block <= MAX_BLOCK_F:
+    for block in blocks:
         for dtype in ("fp32", "fp16", "bf16"):
             constexprs = {"ROWS": ROWS_PER_PROGRAM, "BLOCK_F": block}
             for warps in _warps(block, tuning.ELEMENT_BYTES[dtype]):
@@ -106,7 +115,17 @@ def triton_configs():
                 yield KernelConfig(f"bias_gelu_tanh_bwd[{dtype},BLOCK_F={block},warps={warps}]",
                                    _bias_gelu_tanh_bwd_kernel, dtype, constexprs, warps,
                                    fp32=("DBIAS_PARTIAL",), row_scalars=0)
-        block *= 2
+
+
+def triton_launches(F: int):
+    """What the launchers below pick at this width, for onestep_kernels.aot's checks."""
+    block = _block(F)
+
+    def programs(B: int, N: int) -> int:
+        return cdiv(B * N, ROWS_PER_PROGRAM) * cdiv(F, block)
+
+    for config in triton_configs((block,)):
+        yield Launch(config, F, programs if config.kernel is _bias_gelu_tanh_bwd_kernel else None)
 
 
 # The launchers take contiguous tensors of any rank as (R, F) row-major matrices: R rows of
@@ -209,7 +228,7 @@ OP = Op(SPEC, [
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
             expression=reference, backward=_torch_bwd, summary="F.gelu(x + bias)"),
 ], default_order={"cpu": ("cpu", "reference"), "sm_90": ("triton", "cuda", "reference")},
-    width_name="F", triton_configs=triton_configs)
+    width_name="F", triton_configs=triton_configs, triton_launches=triton_launches)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ from ..errors import ArgumentError
 from ..op_spec import Op, OpSpec
 from ..triton_compat import direct, tl, triton
 from . import layernorm_core as core
-from .common import add_up_partials, bn_strides, cdiv, modulation_strides, needs_grad
+from . import padded_rows
+from .common import add_up_partials, bn_strides, modulation_strides, needs_grad
 
 # The kernels call the shared jit functions by bare name: inductor copies a user kernel's
 # source with the jit functions it names, and cannot follow a module attribute (core.x).
-from .layernorm_core import layernorm_input_grad, modulate, normalised, row_statistics
+from .layernorm_core import chunk_columns, chunk_merge, modulate, modulation_chunk
 
 # ---------------------------------------------------------------------------------------------
 # Reference
@@ -53,173 +54,169 @@ def reference(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 
-# A row lives in registers. The backward keeps about eleven row-sized values live and spilled
-# on sm_80/sm_90 at BLOCK_D=4096 with 8 or 16 warps (onestep_kernels.aot), so wider rows go to
-# another backend. DiT widths (384..1152) are well inside.
-MAX_TRITON_D = 2048
-BWD_ROWS_PER_PROGRAM = 16
+# Program (b, c) handles rows n in [c * ROWS, (c + 1) * ROWS) of sample b as one (ROWS, CHUNK)
+# tile, walking the row in chunks (onestep_kernels.ops.layernorm_core says why). Any width.
+# The residual is formed in fp32 from x and y wherever it is needed (the statistics describe
+# that one, not the rounded residual the forward returns); the re-reads of x and y hit the
+# caches, since the program has just read them.
 
 
 @triton.jit
 def _gated_residual_layernorm_modulate_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE, RES, OUT, STATS, n_rows,
     N, D, gate_sb, gate_sn, shift_sb, shift_sn, scale_sb, scale_sn, eps,
-    BLOCK_D: tl.constexpr, KEEP_STATS: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr,
+    KEEP_STATS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // N
-    n = row % N
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    r = x + gate * y
-    mean, rstd, centred = row_statistics(r, mask, D, eps)
-    shift = tl.load(SHIFT + b * shift_sb + n * shift_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(RES + row * D + cols, r.to(RES.dtype.element_ty), mask=mask)
-    out = modulate(centred * rstd, shift, scale)
-    tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    row_ok = n < N
+    n = n.to(tl.int64)
+    rows = b * N + n
+    row_offsets = rows[:, None] * D
+    mean = tl.zeros((ROWS,), dtype=tl.float32)
+    m2 = tl.zeros((ROWS,), dtype=tl.float32)
+    for k in range(0, D, CHUNK):  # the statistics, and the residual written
+        cols, col_ok = chunk_columns(k, D, CHUNK)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = modulation_chunk(GATE, b, n, cols, mask, col_ok, gate_sb, gate_sn, PER_TOKEN)
+        r = x + gate * y
+        tl.store(RES + row_offsets + cols[None, :], r.to(RES.dtype.element_ty), mask=mask)
+        mean, m2 = chunk_merge(mean, m2, r, mask, k, D, CHUNK)
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    for k in range(0, D, CHUNK):  # the output
+        cols, col_ok = chunk_columns(k, D, CHUNK)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = modulation_chunk(GATE, b, n, cols, mask, col_ok, gate_sb, gate_sn, PER_TOKEN)
+        shift = modulation_chunk(SHIFT, b, n, cols, mask, col_ok, shift_sb, shift_sn, PER_TOKEN)
+        scale = modulation_chunk(SCALE, b, n, cols, mask, col_ok, scale_sb, scale_sn, PER_TOKEN)
+        out = modulate((x + gate * y - mean[:, None]) * rstd[:, None], shift, scale)
+        tl.store(OUT + row_offsets + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
     if KEEP_STATS:  # for a backward; STATS: the rows' means, then their rstds (2 B N)
-        tl.store(STATS + row, mean)
-        tl.store(STATS + n_rows + row, rstd)
-
-
-@triton.jit
-def _gated_residual_layernorm_modulate_bwd_loads(DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows,
-                                                 b, n, N, D, gate_sb, gate_sn, scale_sb,
-                                                 scale_sn, cols, width):
-    """Row n of sample b's backward inputs, as stored: dres, dout, x, y, gate, scale, mean,
-    rstd (`width`: D, or 0 for a row past the chunk, which loads zeros)."""
-    row = b * N + n
-    mask = cols < width
-    dres = tl.load(DRES + row * D + cols, mask=mask, other=0.0)
-    dout = tl.load(DOUT + row * D + cols, mask=mask, other=0.0)
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0)
-    y = tl.load(Y + row * D + cols, mask=mask, other=0.0)
-    gate = tl.load(GATE + b * gate_sb + n * gate_sn + cols, mask=mask, other=0.0)
-    scale = tl.load(SCALE + b * scale_sb + n * scale_sn + cols, mask=mask, other=0.0)
-    mean = tl.load(STATS + row, mask=n < N, other=0.0)
-    rstd = tl.load(STATS + n_rows + row, mask=n < N, other=0.0)
-    return dres, dout, x, y, gate, scale, mean, rstd
+        tl.store(STATS + rows, mean, mask=row_ok)
+        tl.store(STATS + n_rows + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _gated_residual_layernorm_modulate_bwd_kernel(
     DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, DX, DY, DMOD, plane,
     N, D, gate_sb, gate_sn, scale_sb, scale_sn,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PER_TOKEN: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, PER_TOKEN: tl.constexpr,
 ):
-    # Program (b, c) handles rows [c * ROWS, (c + 1) * ROWS) of sample b. DMOD holds the gate,
+    # Two walks over the chunks: the first sums g = dout (1 + scale) and g xhat along each row
+    # and writes the shift and scale gradients (which need neither sum); the second writes dx,
+    # dy and the gate's gradient, which need the residual's gradient dr. DMOD holds the gate,
     # shift and scale gradients, `plane` elements apart: per-token their rows ((3, B, N, D)),
-    # per-sample the program's partial sums at [b, c] of (3, B, chunks, D) fp32, which the
-    # launcher adds up. PREFETCH: each row's loads are issued one iteration ahead, so that
-    # their latency overlaps the previous row's reductions (Triton does not pipeline this
-    # loop itself). The residual is rebuilt in fp32 from x and y, as the forward computed it:
-    # the statistics describe that one, not the rounded residual the forward returned.
+    # per-sample the program's column sums over its rows at [b, c] of (3, B, programs, D)
+    # fp32, which the launcher adds up (no atomics: deterministic).
     DGATE = DMOD
     DSHIFT = DMOD + plane
     DSCALE = DMOD + 2 * plane
     b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    acc_gate = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_shift = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    acc_scale = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    n_start = c * ROWS
-    n_end = tl.minimum(n_start + ROWS, N)
-    if PREFETCH:
-        (dres_next, dout_next, x_next, y_next, gate_next, scale_next, mean_next,
-         rstd_next) = _gated_residual_layernorm_modulate_bwd_loads(
-            DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, b, n_start, N, D, gate_sb, gate_sn,
-            scale_sb, scale_sn, cols, tl.where(n_start < n_end, D, 0))
-    for n in range(n_start, n_end):
-        row = b * N + n
-        if PREFETCH:
-            dres, dout, x, y, gate, scale, mean, rstd = (
-                dres_next, dout_next, x_next, y_next, gate_next, scale_next, mean_next,
-                rstd_next)
-            (dres_next, dout_next, x_next, y_next, gate_next, scale_next, mean_next,
-             rstd_next) = _gated_residual_layernorm_modulate_bwd_loads(
-                DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, b, n + 1, N, D, gate_sb,
-                gate_sn, scale_sb, scale_sn, cols, tl.where(n + 1 < n_end, D, 0))
-        else:
-            dres, dout, x, y, gate, scale, mean, rstd = (
-                _gated_residual_layernorm_modulate_bwd_loads(
-                    DRES, DOUT, X, Y, GATE, SCALE, STATS, n_rows, b, n, N, D, gate_sb,
-                    gate_sn, scale_sb, scale_sn, cols, D))
-        dout = dout.to(tl.float32)
-        y = y.to(tl.float32)
-        gate = gate.to(tl.float32)
-        xhat = normalised(x.to(tl.float32) + gate * y, mask, mean, rstd)
-        if PER_TOKEN:  # stored once known (after the row sums, Triton 3.6 spilled at fp16)
-            tl.store(DSHIFT + row * D + cols, dout.to(DSHIFT.dtype.element_ty), mask=mask)
-            tl.store(DSCALE + row * D + cols, (dout * xhat).to(DSCALE.dtype.element_ty),
-                     mask=mask)
-        g = dout * (1.0 + scale.to(tl.float32))
-        dr = dres.to(tl.float32) + layernorm_input_grad(g, xhat, rstd, D)
-        tl.store(DX + row * D + cols, dr.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DY + row * D + cols, (dr * gate).to(DY.dtype.element_ty), mask=mask)
+    c = tl.program_id(1)
+    n = c * ROWS + tl.arange(0, ROWS)
+    row_ok = n < N
+    n = n.to(tl.int64)
+    rows = b * N + n
+    mean = tl.load(STATS + rows, mask=row_ok, other=0.0)[:, None]
+    rstd = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)[:, None]
+    row_offsets = rows[:, None] * D
+    part = (b * tl.num_programs(1) + c) * D
+    sum_g = tl.zeros((ROWS,), dtype=tl.float32)
+    sum_gx = tl.zeros((ROWS,), dtype=tl.float32)
+    for k in range(0, D, CHUNK):
+        cols, col_ok = chunk_columns(k, D, CHUNK)
+        mask = row_ok[:, None] & col_ok[None, :]
+        dout = tl.load(DOUT + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = modulation_chunk(GATE, b, n, cols, mask, col_ok, gate_sb, gate_sn, PER_TOKEN)
+        scale = modulation_chunk(SCALE, b, n, cols, mask, col_ok, scale_sb, scale_sn, PER_TOKEN)
+        xhat = tl.where(mask, (x + gate * y - mean) * rstd, 0.0)
+        g = dout * (1.0 + scale)
+        sum_g += tl.sum(g, axis=1)
+        sum_gx += tl.sum(g * xhat, axis=1)
         if PER_TOKEN:
-            tl.store(DGATE + row * D + cols, (dr * y).to(DGATE.dtype.element_ty), mask=mask)
+            tl.store(DSHIFT + row_offsets + cols[None, :], dout.to(DSHIFT.dtype.element_ty),
+                     mask=mask)
+            tl.store(DSCALE + row_offsets + cols[None, :],
+                     (dout * xhat).to(DSCALE.dtype.element_ty), mask=mask)
         else:
-            acc_gate += dr * y
-            acc_shift += dout
-            acc_scale += dout * xhat
-    if not PER_TOKEN:
-        part = (b * tl.num_programs(1) + c) * D
-        tl.store(DGATE + part + cols, acc_gate, mask=mask)
-        tl.store(DSHIFT + part + cols, acc_shift, mask=mask)
-        tl.store(DSCALE + part + cols, acc_scale, mask=mask)
+            tl.store(DSHIFT + part + cols, tl.sum(dout, axis=0), mask=col_ok)
+            tl.store(DSCALE + part + cols, tl.sum(dout * xhat, axis=0), mask=col_ok)
+    mean_g = (sum_g / D)[:, None]
+    mean_gx = (sum_gx / D)[:, None]
+    for k in range(0, D, CHUNK):
+        cols, col_ok = chunk_columns(k, D, CHUNK)
+        mask = row_ok[:, None] & col_ok[None, :]
+        dres = tl.load(DRES + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gate = modulation_chunk(GATE, b, n, cols, mask, col_ok, gate_sb, gate_sn, PER_TOKEN)
+        scale = modulation_chunk(SCALE, b, n, cols, mask, col_ok, scale_sb, scale_sn, PER_TOKEN)
+        xhat = (x + gate * y - mean) * rstd
+        dr = dres + rstd * (dout * (1.0 + scale) - mean_g - xhat * mean_gx)
+        tl.store(DX + row_offsets + cols[None, :], dr.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DY + row_offsets + cols[None, :], (dr * gate).to(DY.dtype.element_ty),
+                 mask=mask)
+        if PER_TOKEN:
+            tl.store(DGATE + row_offsets + cols[None, :], (dr * y).to(DGATE.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(DGATE + part + cols, tl.sum(dr * y, axis=0), mask=col_ok)  # (y: 0 off the rows)
 
 
-# Elements of a row per thread at most: past 8 the backward (more row-sized values live
-# than layernorm_modulate's) spills at BLOCK_D=2048 (onestep_kernels.aot finds it).
-MAX_PER_THREAD = 8
-
-
-_block = core.row_block
-
-
-def _warps(block_d: int, element_bytes: int) -> tuple[int, ...]:
-    return core.row_warps(block_d, element_bytes, MAX_PER_THREAD)
+# Per-sample, per program and chunk: the forward loads gate in each walk, shift and scale in
+# the second; the backward loads gate and scale in each walk and stores three partial sums.
+CHUNK_VECTORS = (4, 7)
 
 
 def triton_configs():
-    """Every configuration the launchers below can pick, for onestep_kernels.aot."""
-    return core.row_kernel_configs("gated_residual_layernorm_modulate",
-                                   _gated_residual_layernorm_modulate_fwd_kernel,
-                                   _gated_residual_layernorm_modulate_bwd_kernel, MAX_TRITON_D,
-                                   MAX_PER_THREAD, BWD_ROWS_PER_PROGRAM, ("DMOD",))
+    """Every configuration the launchers below can pick (and the triton_padded backend's), for
+    onestep_kernels.aot."""
+    yield from core.chunk_kernel_configs(
+        "gated_residual_layernorm_modulate", _gated_residual_layernorm_modulate_fwd_kernel,
+        _gated_residual_layernorm_modulate_bwd_kernel, ("DMOD",), CHUNK_VECTORS)
+    yield from padded_rows.gated_configs()
+
+
+def triton_launches(width: int):
+    """What the launchers below pick at this width, for onestep_kernels.aot's checks."""
+    return core.chunk_launches("gated_residual_layernorm_modulate",
+                               _gated_residual_layernorm_modulate_fwd_kernel,
+                               _gated_residual_layernorm_modulate_bwd_kernel, ("DMOD",),
+                               CHUNK_VECTORS, width)
+
 
 
 def _triton_fwd(x, y, gate, shift, scale, res, out, stats, eps, launch=direct):
     B, N, D = x.shape
-    block_d = _block(D)
+    chunk = core.chunk_for(D)
     kernel, options = tuning.select(_gated_residual_layernorm_modulate_fwd_kernel,
-                                    _warps(block_d, x.element_size()), ("D",))
-    launch(kernel)[(B * N,)](
+                                    core.fwd_warps(chunk, x.element_size()), ("D",))
+    launch(kernel)[core.fwd_grid(B, N, chunk)](
         x, y, gate, shift, scale, res, out, core.stats_or_placeholder(stats, x.device), B * N,
-        N, D, *modulation_strides(gate, shift, scale), eps, BLOCK_D=block_d,
-        KEEP_STATS=stats is not None, **options)
+        N, D, *modulation_strides(gate, shift, scale), eps, ROWS=core.fwd_rows(chunk), CHUNK=chunk,
+        PER_TOKEN=gate.dim() == 3, KEEP_STATS=stats is not None, **options)
 
 
 def _triton_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps, launch=direct):
     B, N, D = x.shape
     per_token = gate.dim() == 3
-    block_d = _block(D)
-    kernel, options = tuning.select_variants(
-        _gated_residual_layernorm_modulate_bwd_kernel,
-        core.bwd_options(block_d, x.element_size(), MAX_PER_THREAD), ("D",))
-    chunks = cdiv(N, BWD_ROWS_PER_PROGRAM)
+    chunk = core.chunk_for(D)
+    kernel, options = tuning.select(_gated_residual_layernorm_modulate_bwd_kernel,
+                                    core.bwd_warps(chunk, x.element_size()), ("D",))
+    grid = core.bwd_grid(B, N)
     # Per-sample: the programs' partial sums, added up into dmod after the launch.
-    grads = dmod if per_token else x.new_empty((3, B, chunks, D), dtype=torch.float32)
-    launch(kernel)[(B, chunks)](
+    grads = dmod if per_token else x.new_empty((3, *grid, D), dtype=torch.float32)
+    launch(kernel)[grid](
         dres, dout, x, y, gate, scale, stats, B * N, dx, dy, grads, grads.stride(0), N, D,
-        *bn_strides(gate), *bn_strides(scale), ROWS=BWD_ROWS_PER_PROGRAM, BLOCK_D=block_d,
+        *bn_strides(gate), *bn_strides(scale), ROWS=core.BWD_ROWS, CHUNK=chunk,
         PER_TOKEN=per_token, **options)
     if not per_token:
         add_up_partials(grads, 2, dmod, in_graph=launch is not direct)
@@ -339,17 +336,21 @@ SPEC = OpSpec(
 
 OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
-            max_width=MAX_TRITON_D, summary="a row per program, in registers"),
+            summary="rows of one sample per program, in exact chunks"),
     Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd,
             backward_from=("triton", "reference"), summary="forward only in CUDA C++"),
     Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
             summary="OpenMP over rows, AVX2 or portable"),
+    Backend("triton_padded", "triton", ("cuda",), forward=padded_rows.gated_fwd,
+            backward=padded_rows.gated_bwd, max_width=padded_rows.GATED_MAX_D,
+            summary="before issue 31: a row per program padded to a power of two; kept to "
+                    "time against"),
     # The backward launcher here serves the cuda backend where Triton cannot; the reference
     # backend itself is differentiated by autograd.
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
             expression=reference, backward=_torch_bwd, summary="PyTorch ops"),
 ], default_order={"cpu": ("cpu", "reference"), "sm_90": ("triton", "cuda", "reference")},
-    triton_configs=triton_configs)
+    triton_configs=triton_configs, triton_launches=triton_launches)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,22 @@
-"""The LayerNorm core that every Triton kernel with a LayerNorm shares: a row's statistics,
-the adaLN modulation, and the backward's row reductions. Written once, so that a fix to the
-arithmetic reaches every kernel (the CPU and CUDA kernels share theirs in csrc/common).
+"""What the Triton LayerNorm kernels share: how a row is cut into exact chunks, the launch
+settings that follow from it, and the jit functions for the statistics, the modulation and the
+backward's row reductions. Written once, so that a fix reaches every kernel (the CPU and CUDA
+kernels share theirs in csrc/common).
 
-All take and return fp32 register rows of BLOCK_D elements with the padding masked out.
+Why chunks: a row kept whole in one tile is padded to a power of two, and the padding is
+masked off in every access (at DiT-XL/2's D = 1152 a 2048-wide tile leaves 44% of the lanes
+idle; 25% at 1536, 3072 and the SLT's 384). A program here walks its rows in chunks of
+CHUNK columns that tile the width exactly or nearly (128 at every DiT-family width: 100%
+useful), over a (ROWS, CHUNK) tile of several rows of one sample, so that per-sample modulation
+is one CHUNK-wide load per chunk for the whole tile.
+
+Statistics: each chunk's mean and centred sum of squares are computed in registers (two passes
+over the chunk, exact for rows far from zero mean) and merged into the row's running ones by
+Chan's formula (one division per chunk and row, none per element). The alternative, a first
+pass for the mean and a second for the variance around it, reads the row three times instead
+of twice; the merge keeps the two-pass accuracy without the third read. The output pass reads
+the row again; the program has just read it, so that read is served by the L1/L2 caches and
+DRAM sees each input once.
 """
 
 from __future__ import annotations
@@ -11,16 +25,79 @@ import functools
 
 import torch
 
-from ..kernel_config import KernelConfig
+from ..kernel_config import KernelConfig, Launch
 from ..triton_compat import tl, triton
-from ..tuning import ELEMENT_BYTES, ROW_WARPS, warps_options
-from .common import next_power_of_2
+from ..tuning import ELEMENT_BYTES, ROW_WARPS, VECTOR_BYTES, warps_options
+from .common import cdiv
+
+# Chunk widths a launcher may pick, widest first. 128 tiles every DiT-family width exactly
+# (384, 1152, 1536, 2432, 3072, 4096 are multiples of it): 16 lanes of 16-byte bf16 vectors,
+# two rows per warp. 256 would halve the loop's iterations, but a backward tile of 16 such
+# rows holds 16 elements per thread per tensor at 8 warps, and the per-token backward spilled
+# there (onestep_kernels.aot).
+CHUNKS = (128, 64, 32, 16)
+# The least share of useful lanes a chunk must give at the widths it is picked for.
+MIN_USEFUL_LANES = 0.85
+# Rows per forward program (all of one sample): a tile of FWD_TILE elements (8 rows of 128;
+# more rows of narrower chunks: a 2-warp tile of 8 rows of 64 spilled on sm_80). Rows per
+# backward program, which is also the
+# granularity of its per-sample partial sums: 16 keeps those at 1/16 of the input in fp32 and
+# the grid at B*N/16 programs (512 at B*N = 8192: twice an H100's 132 SMs and more).
+FWD_TILE = 1024
+BWD_ROWS = 16
+# The GPU the backward's grid is sized for, and the rows at which the rule applies.
+SM_COUNT = 132
+FULL_GRID_ROWS = 8192
+# Elements of a tile per thread at most, per tensor: 8 in the forward (16 spilled); in the
+# backward, which keeps more tensors live, one 16-byte vector (the gated backward spilled at 8
+# fp32 per thread on sm_90), so a backward tile takes 8 warps in 16-bit dtypes, 16 in fp32.
+FWD_MAX_PER_THREAD = 8
+BWD_WARPS = (16, 8, 4, 2)
+
+
+def useful_share(width: int, chunk: int) -> float:
+    """The share of a row's lanes that hold data when it is cut into chunks of `chunk`."""
+    return width / (cdiv(width, chunk) * chunk)
 
 
 @functools.cache  # asked at every launch
-def row_block(D: int) -> int:
-    """BLOCK_D for rows of D elements kept whole in registers."""
-    return max(16, next_power_of_2(D))
+def chunk_for(width: int) -> int:
+    """The widest chunk whose lanes are at least MIN_USEFUL_LANES useful at this width; where
+    none is (narrow rows), the one with the most useful lanes."""
+    for chunk in CHUNKS:
+        if useful_share(width, chunk) >= MIN_USEFUL_LANES:
+            return chunk
+    return max(CHUNKS, key=lambda c: (useful_share(width, c), c))
+
+
+def fwd_rows(chunk: int) -> int:
+    return max(1, FWD_TILE // chunk)
+
+
+@functools.cache
+def fwd_warps(chunk: int, element_bytes: int) -> tuple[int, ...]:
+    """Warp counts autotune may pick for a forward tile of fwd_rows(chunk) x chunk. Narrow
+    chunks (rows narrower than 128, or widths no multiple of 128 tiles well) get 8 warps, 4
+    elements per thread: at 8 per thread the per-token bf16 forward spilled 4 bytes under
+    ptxas's --regAllocOptLevel=2, which Triton 3.9 passes."""
+    if chunk < CHUNKS[0]:
+        return (max(ROW_WARPS),)
+    return warps_options(FWD_TILE, element_bytes, FWD_MAX_PER_THREAD, ROW_WARPS)
+
+
+@functools.cache
+def bwd_warps(chunk: int, element_bytes: int) -> tuple[int, ...]:
+    """Warp counts autotune may pick for a backward tile of BWD_ROWS x chunk."""
+    return warps_options(BWD_ROWS * chunk, element_bytes, VECTOR_BYTES // element_bytes,
+                         BWD_WARPS)
+
+
+def fwd_grid(B: int, N: int, chunk: int) -> tuple[int, int]:
+    return B, cdiv(N, fwd_rows(chunk))
+
+
+def bwd_grid(B: int, N: int) -> tuple[int, int]:
+    return B, cdiv(N, BWD_ROWS)
 
 
 @functools.cache
@@ -35,70 +112,73 @@ def stats_or_placeholder(stats: torch.Tensor | None, device: torch.device) -> to
     return _placeholder(device) if stats is None else stats
 
 
-def row_warps(block_d: int, element_bytes: int, max_per_thread: int) -> tuple[int, ...]:
-    """The warp counts autotune may pick for such a row (see onestep_kernels.tuning)."""
-    return warps_options(block_d, element_bytes, max_per_thread, ROW_WARPS)
+def rows_per_thread(rows: int, chunk: int, element_bytes: int, warps: int) -> int:
+    """How many of a (rows, chunk) tile's rows one thread holds, in Triton's blocked layout of
+    16-byte vectors along the row: a row's per-row scalars (its mean and rstd) are that many
+    accesses per thread."""
+    threads_per_row = min(32, max(1, chunk * element_bytes // 16))
+    return max(1, rows // (32 // threads_per_row * warps))
 
 
-# Row blocks from which the backward may load each row a row ahead (PREFETCH): DiT widths
-# (384..1152, blocks 512..2048) and up. Narrower rows are cheap enough for many programs to
-# share an SM and hide each other's latency, and one of them spilled with it (the gated
-# backward, fp16, 256, two warps, sm_80).
-PREFETCH_MIN_BLOCK = 512
-
-
-def _prefetch_options(block_d: int) -> tuple[bool, ...]:
-    return (False, True) if block_d >= PREFETCH_MIN_BLOCK else (False,)
-
-
-@functools.cache  # asked at every backward launch
-def bwd_options(block_d: int, element_bytes: int, max_per_thread: int) -> tuple:
-    """What autotune may pick for a backward over such rows (tuning.select_variants): each warp
-    count without, then (blocks from PREFETCH_MIN_BLOCK) with, the next row's loads issued a
-    row ahead. The first, launched where autotune is off, is the backward without PREFETCH."""
-    warps = row_warps(block_d, element_bytes, max_per_thread)
-    return tuple(((("PREFETCH", prefetch),), w) for prefetch in _prefetch_options(block_d)
-                 for w in warps)
-
-
-def row_kernel_configs(name: str, fwd_kernel, bwd_kernel, max_width: int, max_per_thread: int,
-                       bwd_rows: int, partial_sums: tuple[str, ...]):
-    """Every configuration the launchers of a row-in-registers LayerNorm op can pick (each
-    block, dtype, warp count and per-token flag), for onestep_kernels.aot. `partial_sums`:
-    the backward's per-sample gradient outputs, fp32 partial sums unless per-token."""
-    block = 16
-    while block <= max_width:
+def chunk_kernel_configs(name: str, fwd_kernel, bwd_kernel, partial_sums: tuple[str, ...],
+                         chunk_vectors: tuple[int, int], chunks: tuple[int, ...] = CHUNKS):
+    """Every configuration the launchers of a chunked LayerNorm op can pick (each chunk, dtype,
+    warp count and flag), for onestep_kernels.aot. `partial_sums`: the backward's per-sample
+    gradient outputs, fp32 partial sums unless per-token. `chunk_vectors`: the forward's and
+    the backward's per-program accesses of a chunk-wide vector when per-sample (each load of
+    per-sample modulation, each store of partial sums; KernelConfig.chunk_vectors)."""
+    for chunk in chunks:
         for dtype, element_bytes in ELEMENT_BYTES.items():
-            for warps in row_warps(block, element_bytes, max_per_thread):
-                for keep in (False, True):
-                    yield KernelConfig(  # (the statistics: two scalar stores per row)
-                        f"{name}_fwd[{dtype},BLOCK_D={block},KEEP_STATS={keep},warps={warps}]",
-                        fwd_kernel, dtype, {"BLOCK_D": block, "KEEP_STATS": keep}, warps,
-                        fp32=("STATS",), row_scalars=2)
-                for per_token in (False, True):
-                    for prefetch in _prefetch_options(block):
-                        yield KernelConfig(
-                            f"{name}_bwd[{dtype},BLOCK_D={block},PER_TOKEN={per_token},"
-                            f"PREFETCH={prefetch},warps={warps}]",
-                            bwd_kernel, dtype,
-                            {"ROWS": bwd_rows, "BLOCK_D": block, "PER_TOKEN": per_token,
-                             "PREFETCH": prefetch},
-                            warps, fp32=("STATS", *(() if per_token else partial_sums)),
-                            # two scalar loads per row; a PREFETCH backward loads the first
-                            # row's before its loop too
-                            row_scalars=4 if prefetch else 2)
-        block *= 2
+            for per_token in (False, True):
+                for warps in fwd_warps(chunk, element_bytes):
+                    for keep in (False, True):
+                        yield KernelConfig(  # (the statistics: two scalar stores per row)
+                            f"{name}_fwd[{dtype},CHUNK={chunk},PER_TOKEN={per_token},"
+                            f"KEEP_STATS={keep},warps={warps}]",
+                            fwd_kernel, dtype,
+                            {"ROWS": fwd_rows(chunk), "CHUNK": chunk, "PER_TOKEN": per_token,
+                             "KEEP_STATS": keep},
+                            warps, fp32=("STATS",), chunk_vectors=0 if per_token
+                            else chunk_vectors[0], row_scalars=2 * rows_per_thread(
+                                fwd_rows(chunk), chunk, element_bytes, warps))
+                for warps in bwd_warps(chunk, element_bytes):
+                    yield KernelConfig(  # (two scalar loads per row: its mean and rstd)
+                        f"{name}_bwd[{dtype},CHUNK={chunk},PER_TOKEN={per_token},warps={warps}]",
+                        bwd_kernel, dtype,
+                        {"ROWS": BWD_ROWS, "CHUNK": chunk, "PER_TOKEN": per_token}, warps,
+                        fp32=("STATS", *(() if per_token else partial_sums)),
+                        chunk_vectors=0 if per_token else chunk_vectors[1],
+                        row_scalars=2 * rows_per_thread(BWD_ROWS, chunk, element_bytes, warps))
+
+
+def bwd_programs(B: int, N: int) -> int:
+    grid = bwd_grid(B, N)
+    return grid[0] * grid[1]
+
+
+def chunk_launches(name: str, fwd_kernel, bwd_kernel, partial_sums: tuple[str, ...],
+                   chunk_vectors: tuple[int, int], width: int):
+    """What the launchers of a chunked LayerNorm op pick at this width (every dtype, flag and
+    autotune option), as onestep_kernels.aot checks it."""
+    for config in chunk_kernel_configs(name, fwd_kernel, bwd_kernel, partial_sums,
+                                       chunk_vectors, (chunk_for(width),)):
+        backward = config.kernel is bwd_kernel
+        yield Launch(config, width, bwd_programs if backward else None)
 
 
 @triton.jit
-def row_statistics(x, mask, D, eps):
-    """(mean, rstd, x - mean with padding zeroed) of a row, in two passes: the squared
-    deviations are summed around the mean, which keeps large offsets exact. Triton's sums are
-    tree reductions, so the rounding error does not grow with the row's length."""
-    mean = tl.sum(x, axis=0) / D
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    return mean, rstd, centred
+def chunk_merge(mean, m2, x, mask, k, D, CHUNK: tl.constexpr):
+    """The running (mean, centred sum of squares) of a tile's rows after the chunk `x` (fp32,
+    padding zeroed) that starts at column k: the chunk's own statistics in two passes, merged
+    by Chan's formula with the k columns before it."""
+    count = tl.cast(k, tl.float32)
+    width = tl.minimum(D - k, CHUNK).to(tl.float32)
+    chunk_mean = tl.sum(x, axis=1) / width
+    centred = tl.where(mask, x - chunk_mean[:, None], 0.0)
+    chunk_m2 = tl.sum(centred * centred, axis=1)
+    delta = chunk_mean - mean
+    weight = width / (count + width)
+    return mean + delta * weight, m2 + chunk_m2 + delta * delta * (count * weight)
 
 
 @triton.jit
@@ -108,15 +188,18 @@ def modulate(xhat, shift, scale):
 
 
 @triton.jit
-def normalised(x, mask, mean, rstd):
-    """xhat = (x - mean) * rstd, with the padding zeroed (it enters the row sums)."""
-    return tl.where(mask, (x - mean) * rstd, 0.0)
+def chunk_columns(k, D, CHUNK: tl.constexpr):
+    """The columns of the chunk that starts at k, and which of them are inside the row."""
+    cols = k + tl.arange(0, CHUNK)
+    return cols, cols < D
 
 
 @triton.jit
-def layernorm_input_grad(g, xhat, rstd, D):
-    """d LayerNorm / d x for a row, given g = dy * (1 + scale) (padding zero):
-    rstd * (g - mean(g) - xhat * mean(g * xhat))."""
-    mean_g = tl.sum(g, axis=0) / D
-    mean_gx = tl.sum(g * xhat, axis=0) / D
-    return rstd * (g - mean_g - xhat * mean_gx)
+def modulation_chunk(PTR, b, n, cols, mask, col_ok, sb, sn, PER_TOKEN: tl.constexpr):
+    """A chunk of shift, scale or gate as fp32 for a tile's rows: per-token a (ROWS, CHUNK)
+    load; per-sample one CHUNK-wide load broadcast over the rows (all of one sample)."""
+    if PER_TOKEN:
+        values = tl.load(PTR + b * sb + n[:, None] * sn + cols[None, :], mask=mask, other=0.0)
+    else:  # (a (1, CHUNK) load: a CHUNK-wide one got a layout of a column per thread)
+        values = tl.load(PTR + b * sb + cols[None, :], mask=col_ok[None, :], other=0.0)
+    return values.to(tl.float32)
