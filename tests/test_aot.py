@@ -13,25 +13,62 @@ from onestep_kernels.dispatch import OPS
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 
-# The ops whose Triton kernels go over rows (a block of the row width, warps by size): the
-# memory-bound ones, whose modules pick launch settings with _block and _warps.
-ROW_OPS = [sys.modules[op.triton_configs.__module__] for op in OPS.values()
-           if op.spec.memory_bound and op.triton_configs is not None]
+def _listed(configs):
+    return {(c.kernel, c.dtype, c.constexprs.get("CHUNK", c.constexprs.get("BLOCK_D",
+             c.constexprs.get("BLOCK_F"))), c.num_warps) for c in configs}
 
 
-@pytest.mark.parametrize("module", ROW_OPS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_registry_covers_every_launch_config(module):
-    """For each row width and dtype, every warp count autotune may pick (and the first, which
-    the interpreter runs) is a listed (dtype, block, warps) configuration."""
+def test_registry_covers_every_launch_config():
+    """For each row width up to 8192 and each dtype, every warp count autotune may pick (and
+    the first, which the interpreter runs) for the tile the launcher picks is a listed
+    configuration: the chunked LayerNorm ops, their padded predecessors, bias_gelu_tanh."""
     from onestep_kernels import tuning
+    from onestep_kernels.ops import bias_gelu_tanh as gelu
+    from onestep_kernels.ops import gated_residual_layernorm_modulate as gated
+    from onestep_kernels.ops import layernorm_core as core
+    from onestep_kernels.ops import layernorm_modulate as layernorm
+    from onestep_kernels.ops import padded_rows as padded
 
-    listed = {(c.dtype, c.constexprs.get("BLOCK_D", c.constexprs.get("BLOCK_F")), c.num_warps)
-              for c in module.triton_configs()}
-    for D in range(1, getattr(module, "MAX_TRITON_D", 8192) + 1):
-        block = module._block(D)
+    listed = _listed([*layernorm.triton_configs(), *gated.triton_configs(),
+                      *gelu.triton_configs()])
+    chunked = [(m, getattr(m, f"_{m.__name__.rsplit('.', 1)[-1]}_fwd_kernel"),
+                getattr(m, f"_{m.__name__.rsplit('.', 1)[-1]}_bwd_kernel"))
+               for m in (layernorm, gated)]
+    for D in range(1, 8193):
+        chunk = core.chunk_for(D)
         for dtype, size in tuning.ELEMENT_BYTES.items():
-            for warps in module._warps(block, size):
-                assert (dtype, block, warps) in listed, (D, dtype, warps)
+            for module, fwd, bwd in chunked:
+                for kernel, warps in ((fwd, core.fwd_warps(chunk, size)),
+                                      (bwd, core.bwd_warps(chunk, size))):
+                    for w in warps:
+                        assert (kernel, dtype, chunk, w) in listed, (D, dtype, kernel, w)
+            block = gelu._block(D)
+            for w in gelu._warps(block, size):
+                assert (gelu._bias_gelu_tanh_fwd_kernel, dtype, block, w) in listed, (D, w)
+            for top, warps, kernel in (
+                    (padded.LAYERNORM_MAX_D, padded._layernorm_warps,
+                     padded._padded_layernorm_modulate_fwd_kernel),
+                    (padded.GATED_MAX_D, padded._gated_warps,
+                     padded._padded_gated_residual_layernorm_modulate_fwd_kernel)):
+                if D <= top:
+                    for w in warps(padded.row_block(D), size):
+                        assert (kernel, dtype, padded.row_block(D), w) in listed, (D, w)
+
+
+def test_chunks_tile_the_widths_of_real_models():
+    """128-wide chunks tile every DiT-family width exactly; narrow or odd rows take the chunk
+    with the most useful lanes; bias_gelu_tanh's blocks leave at most 10% idle at MLP widths."""
+    from onestep_kernels.ops import bias_gelu_tanh as gelu
+    from onestep_kernels.ops import layernorm_core as core
+
+    for D in (384, 1152, 1536, 2432, 3072, 4096, 8192):
+        assert core.chunk_for(D) == 128 and core.useful_share(D, 128) == 1.0
+    assert core.chunk_for(1000) == 128 and core.chunk_for(64) == 64
+    assert core.chunk_for(200) == 32  # 128 and 64 leave 22% idle, 32 leaves 11%
+    assert core.chunk_for(8) == 16
+    assert gelu._block(4608) == 1024 and gelu._block(1536) == 512
+    for F in (1536, 4608, 6144, 9728, 12288):
+        assert core.useful_share(F, gelu._block(F)) >= 0.9, F
 
 
 def test_warp_options_move_whole_vectors_within_the_register_budget():
@@ -137,26 +174,51 @@ def test_fused_linear_registry_covers_every_variant():
 
 
 @pytest.mark.slow
-def test_memory_bound_kernels_move_128_bit_vectors_at_dit_widths():
-    """The sm_90 PTX of every memory-bound configuration at DiT widths moves its rows in
-    128-bit loads and stores; and the check catches a configuration that does not (8 warps
-    over a 1024-wide bf16 block: 4 elements, 64 bits, per thread)."""
+def test_memory_bound_launches_pass_the_offline_checks():
+    """What the memory-bound ops' launchers pick at the widths of real models (1152, 1536,
+    2432, 3072, 384, 4096; 4x for bias_gelu_tanh) passes aot's checks: useful lanes, 128-bit
+    accesses, no spills, the backward's grid."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-m", "onestep_kernels.aot", "--vectors"],
+    result = subprocess.run([sys.executable, "-m", "onestep_kernels.aot", "--memory-bound"],
                             capture_output=True, text=True, env=env, timeout=1200)
     report = result.stdout + result.stderr
     assert result.returncode == 0 and " 0 failed" in report, report[-5000:]
-    narrow = textwrap.dedent("""
+    for width in (1152, 1536, 2432, 3072, 384, 4096, 4608):
+        assert f"at width {width}: ok" in report, width
+
+
+@pytest.mark.slow
+def test_each_offline_check_catches_a_kernel_that_breaks_it():
+    """Each of aot's memory-bound checks fails a launch that breaks it: the padded kernels'
+    2048-wide tile at D = 1152 (56% of the lanes useful); 8 warps over a 1024-wide bf16 block
+    (64-bit accesses); the gated backward at 8 warps in fp32 (it spills on sm_90); a backward
+    of 64 rows per program (128 programs at 8192 rows)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    planted = textwrap.dedent("""
         import dataclasses
         from onestep_kernels import aot
-        config = next(c for c in aot.configs() if c.name.startswith("bias_gelu_tanh_fwd[bf16,BLOCK_F=1024"))
-        print(aot.vector_problem(dataclasses.replace(config, num_warps=8), 0)[1])
+        from onestep_kernels.kernel_config import Launch
+        configs = {c.name: c for c in aot.configs()}
+        padded = configs["padded_layernorm_modulate_fwd[bf16,BLOCK_D=2048,KEEP_STATS=False,warps=8]"]
+        print("lanes:", aot.lanes_problem(Launch(padded, 1152)))
+        gelu = configs["bias_gelu_tanh_fwd[bf16,BLOCK_F=1024,warps=4]"]
+        print("vectors:", aot.launch_problems(Launch(dataclasses.replace(gelu, num_warps=8), 4096)))
+        gated = configs["gated_residual_layernorm_modulate_bwd[fp32,CHUNK=128,PER_TOKEN=False,warps=16]"]
+        print("spills:", aot.launch_problems(Launch(dataclasses.replace(gated, num_warps=8), 1152)))
+        bwd = configs["layernorm_modulate_bwd[bf16,CHUNK=128,PER_TOKEN=False,warps=8]"]
+        print("grid:", aot.grid_problem(Launch(bwd, 1152, lambda B, N: B * -(-N // 64))))
+        print("fine:", aot.launch_problems(Launch(bwd, 1152, lambda B, N: B * -(-N // 16))))
     """)
-    result = subprocess.run([sys.executable, "-c", narrow], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", planted], capture_output=True, text=True,
                             env=env, timeout=600)
-    assert "narrow: [64" in result.stdout, result.stdout + result.stderr[-3000:]
-
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert "56% of the lanes useful at width 1152" in lines.get("lanes", ""), result.stderr
+    assert "narrow: [64" in lines.get("vectors", ""), result.stdout + result.stderr[-3000:]
+    assert "spill stores" in lines.get("spills", ""), result.stdout + result.stderr[-3000:]
+    assert "fewer than 2 x 132 SMs" in lines.get("grid", ""), result.stdout
+    assert lines.get("fine") == "[]", result.stdout + result.stderr[-3000:]
 
 
 def test_inductor_can_rebuild_every_kernel_from_its_source(tmp_path):

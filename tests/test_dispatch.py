@@ -48,7 +48,8 @@ def test_every_op_is_declared_with_a_pytorch_backend():
 
 def test_available_backends_reports_every_backend_with_a_reason():
     report = ok.available_backends()
-    assert set(report) == {"triton", "cuda", "cpu", "reference", "sdpa", "separate"}
+    assert set(report) == {"triton", "triton_padded", "cuda", "cpu", "reference", "sdpa",
+                           "separate"}
     assert report["reference"] == "available"
     assert report["cpu"] == "available", report["cpu"]
     if not torch.cuda.is_available():
@@ -149,8 +150,9 @@ def test_bad_names_and_unusable_backends(monkeypatch):
 
 
 def test_a_refused_request_names_its_reason_and_the_default_skips_it():
-    with pytest.raises(ValueError, match=r"'triton' cannot run layernorm_modulate here: takes D"):
-        resolve("triton", width=5000)
+    with pytest.raises(ValueError, match=r"'triton_padded' cannot run layernorm_modulate here: "
+                                         r"takes D"):
+        resolve("triton_padded", width=5000)
     assert resolve(width=5000) == "cpu"
     with pytest.raises(ValueError, match="forward only"):
         resolve("triton", op="fused_linear", needs_grad=True)
@@ -257,21 +259,26 @@ def test_import_touches_no_gpu():
 GATED = "gated_residual_layernorm_modulate"
 
 
-def test_a_borrowed_backward_asks_the_donor_about_the_whole_call():
-    """The gated op's cuda backend is forward-only and borrows Triton's backward, whose rows
-    stop at MAX_TRITON_D: at wider rows (Flux's 3072) the backward must be the next donor's,
-    not a Triton kernel at a tile that spills. The choice is cached per width and dtype."""
+def test_a_borrowed_backward_asks_the_donor_about_the_whole_call(monkeypatch):
+    """A forward-only backend that borrows the padded Triton backward, whose rows stop at
+    GATED_MAX_D: at wider rows (Flux's 3072) the backward must be the next donor's, not a
+    Triton kernel at a tile that spills. The choice is cached per width and dtype."""
+    import dataclasses
+
     from onestep_kernels.ops import gated_residual_layernorm_modulate as gated
+    from onestep_kernels.ops import padded_rows
 
     op, gpu = OPS[GATED], torch.device("cuda", 0)  # (only resolved: nothing runs)
-    assert op["cuda"].backward_from == ("triton", "reference")
-    assert gated.MAX_TRITON_D < 3072
-    for width, dtype, expected in ((1152, torch.bfloat16, gated._triton_bwd),
+    monkeypatch.setitem(op.backends, "cuda", dataclasses.replace(
+        op["cuda"], backward=None, backward_from=("triton_padded", "reference")))
+    monkeypatch.setattr(op, "_backward_cache", {})
+    assert padded_rows.GATED_MAX_D < 3072
+    for width, dtype, expected in ((1152, torch.bfloat16, padded_rows.gated_bwd),
                                    (3072, torch.bfloat16, gated._torch_bwd),
-                                   (1152, torch.bfloat16, gated._triton_bwd),
+                                   (1152, torch.bfloat16, padded_rows.gated_bwd),
                                    (3072, torch.float16, gated._torch_bwd)):
         assert op.backward_launcher(op["cuda"], gpu, dtype, width) is expected, (width, dtype)
-    assert op.reason("triton", gpu, torch.bfloat16, 3072, True) is not None
+    assert op.reason("triton_padded", gpu, torch.bfloat16, 3072, True) is not None
 
 
 def test_a_borrower_whose_donors_all_refuse_cannot_take_a_call_with_gradients(monkeypatch):

@@ -16,6 +16,7 @@ from onestep_kernels.ops import bias_gelu_tanh as bias_gelu_op  # noqa: E402
 from onestep_kernels.ops import gated_residual_layernorm_modulate as gated_op  # noqa: E402
 from onestep_kernels.ops import layernorm_core as core  # noqa: E402
 from onestep_kernels.ops import layernorm_modulate as layernorm_op  # noqa: E402
+from onestep_kernels.ops import padded_rows  # noqa: E402
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_autotune_off_launches_the_first_option(fresh_selection):
     tiles = (((("BLOCK_M", 64),), 4, 2), ((("BLOCK_M", 128),), 8, 3))
     assert tuning.select_variants(kernel, tiles, ("N",)) == (
         kernel, {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2})
-    variants = core.bwd_options(2048, 2, layernorm_op.MAX_PER_THREAD)
+    variants = padded_rows.bwd_options(2048, 2, padded_rows.LAYERNORM_MAX_PER_THREAD)
     assert tuning.select_variants(kernel, variants, ("D",)) == (
         kernel, {"PREFETCH": False, "num_warps": variants[0][1]})
 
@@ -45,7 +46,7 @@ def test_autotune_on_wraps_the_kernel_once_per_options_and_key(fresh_selection):
     assert [c.num_warps for c in tuner.configs] == [8, 4]
     assert tuning.select(kernel, (8, 4), ("D",))[0] is tuner          # decided once
     assert tuning.select(kernel, (4,), ("D",)) == (kernel, {"num_warps": 4})  # nothing to tune
-    variants = core.bwd_options(2048, 2, layernorm_op.MAX_PER_THREAD)
+    variants = padded_rows.bwd_options(2048, 2, padded_rows.LAYERNORM_MAX_PER_THREAD)
     tuner, launch_keywords = tuning.select_variants(kernel, variants, ("D",))
     assert isinstance(tuner, triton.runtime.autotuner.Autotuner) and launch_keywords == {}
     assert [(c.kwargs, c.num_warps) for c in tuner.configs] == [
@@ -71,12 +72,13 @@ def _force_option(monkeypatch, index: int) -> None:
 
 
 def _options(module, width: int, dtype: torch.dtype) -> tuple:
-    """What the op's launchers may pick at this width: its backward's variants where it has
-    them (they include each warp count), else its warp counts."""
-    block, size = module._block(width), torch.empty((), dtype=dtype).element_size()
+    """What the op's launchers may pick at this width: the longer of the LayerNorm ops'
+    forward and backward warp counts, bias_gelu_tanh's warp counts."""
+    size = torch.empty((), dtype=dtype).element_size()
     if module in (layernorm_op, gated_op):
-        return core.bwd_options(block, size, module.MAX_PER_THREAD)
-    return module._warps(block, size)
+        chunk = core.chunk_for(width)
+        return max(core.fwd_warps(chunk, size), core.bwd_warps(chunk, size), key=len)
+    return module._warps(module._block(width), size)
 
 
 def _check(call, reference, inputs, dtype, what):
@@ -111,9 +113,9 @@ def _warp_cases():
 
 @pytest.mark.parametrize("option,dtype", _warp_cases())
 def test_every_warp_option_computes_the_ops(option, dtype, monkeypatch, generator):
-    """At DiT-XL/2's widths (D=1152, MLP 4608), each option the launchers may pick (warp
-    counts; the LayerNorm backwards' with and without PREFETCH) gives the float64 reference's
-    outputs and gradients, over 37 tokens: three chunks of backward rows, the last short."""
+    """At DiT-XL/2's widths (D=1152, MLP 4608), each warp count the launchers may pick gives
+    the float64 reference's outputs and gradients, over 37 tokens: three backward programs'
+    rows, the last short (five forward programs')."""
     device = backend_device("triton", "layernorm_modulate")
     D, F = D_XL, F_XL
     _force_option(monkeypatch, option)

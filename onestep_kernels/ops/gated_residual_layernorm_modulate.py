@@ -74,6 +74,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     n = n.to(tl.int64)
     rows = b * N + n
     row_offsets = rows[:, None] * D
+    first = tl.zeros((ROWS,), dtype=tl.float32)  # the first chunk's mean (chunk_merge)
     mean = tl.zeros((ROWS,), dtype=tl.float32)
     m2 = tl.zeros((ROWS,), dtype=tl.float32)
     for k in range(0, D, CHUNK):  # the statistics, and the residual written
@@ -84,7 +85,8 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
         gate = modulation_chunk(GATE, b, n, cols, mask, col_ok, gate_sb, gate_sn, PER_TOKEN)
         r = x + gate * y
         tl.store(RES + row_offsets + cols[None, :], r.to(RES.dtype.element_ty), mask=mask)
-        mean, m2 = chunk_merge(mean, m2, r, mask, k, D, CHUNK)
+        first, mean, m2 = chunk_merge(first, mean, m2, r, mask, k, D, CHUNK)
+    mean += first
     rstd = 1.0 / tl.sqrt(m2 / D + eps)
     for k in range(0, D, CHUNK):  # the output
         cols, col_ok = chunk_columns(k, D, CHUNK)

@@ -67,13 +67,15 @@ def _layernorm_modulate_fwd_kernel(
     row_ok = n < N
     n = n.to(tl.int64)
     x_rows = X + b * x_sb + n[:, None] * x_sn
+    first = tl.zeros((ROWS,), dtype=tl.float32)  # the first chunk's mean (chunk_merge)
     mean = tl.zeros((ROWS,), dtype=tl.float32)
     m2 = tl.zeros((ROWS,), dtype=tl.float32)
     for k in range(0, D, CHUNK):
         cols, col_ok = chunk_columns(k, D, CHUNK)
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean, m2 = chunk_merge(mean, m2, x, mask, k, D, CHUNK)
+        first, mean, m2 = chunk_merge(first, mean, m2, x, mask, k, D, CHUNK)
+    mean += first
     rstd = 1.0 / tl.sqrt(m2 / D + eps)
     rows = b * N + n
     out_rows = OUT + rows[:, None] * D

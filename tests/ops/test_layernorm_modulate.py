@@ -19,6 +19,7 @@ from conftest import (
 
 import onestep_kernels as ok
 from onestep_kernels.ops import layernorm_modulate_op as op
+from onestep_kernels.ops import padded_rows
 
 DIMS = [64, 384, 1000, 1152, 4096]
 BATCH_TOKENS = [(1, 1), (3, 257), (257, 3)]
@@ -261,15 +262,34 @@ def test_bad_eps(eps):
 
 
 def test_triton_rejects_what_it_cannot_run_and_default_falls_back():
-    dev = backend_device("triton", "layernorm_modulate")
-    D = op.MAX_TRITON_D + 1
+    dev = backend_device("triton_padded", "layernorm_modulate")
+    D = padded_rows.LAYERNORM_MAX_D + 1
     x, shift, scale = (torch.randn(*s, device=dev) for s in ((1, 2, D), (1, D), (1, D)))
     with pytest.raises(ValueError, match=r"takes D in 1\.\.4096 for float32, got D=4097"):
-        ok.layernorm_modulate(x, shift, scale, backend="triton")
+        ok.layernorm_modulate(x, shift, scale, backend="triton_padded")
     if not GPU:  # the interpreter's limitation
         with pytest.raises(ValueError, match="bfloat16"):
             ok.layernorm_modulate(*(t.bfloat16() for t in good()), backend="triton")
     assert torch.isfinite(ok.layernorm_modulate(x, shift, scale)).all()  # another backend
+
+
+@pytest.mark.parametrize("modulation", MODULATION)
+@pytest.mark.parametrize("D", [2432, 3072, 8192])
+def test_triton_takes_the_widths_of_wide_models(D, modulation, generator):
+    """The chunked kernels take any width: SD3.5-Large's 2432, Flux's 3072 and 8192 (the
+    padded ones stopped at 4096), forward and every gradient, in float32 and float16."""
+    dev = backend_device("triton", "layernorm_modulate")
+    for dtype in (torch.float32, torch.float16):
+        inputs = [t.to(dtype) for t in make_inputs(2, 3, D, modulation, generator)]
+        dy = torch.randn(2, 3, D, generator=generator, dtype=torch.float64).to(dtype)
+        ref_in = [t.double().requires_grad_() for t in inputs]
+        op.reference(*ref_in).backward(dy.double())
+        test_in = [t.to(dev).requires_grad_() for t in inputs]
+        out = ok.layernorm_modulate(*test_in, backend="triton")
+        out.backward(dy.to(dev))
+        assert_close_rel(out.cpu(), op.reference(*ref_in).detach(), dtype, "out")
+        for name, t, r in zip(("dx", "dshift", "dscale"), test_in, ref_in):
+            assert_close_rel(t.grad.cpu(), r.grad, dtype, name)
 
 
 def test_unknown_backend():
