@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 
-from onestep_kernels.dispatch import OPS
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 

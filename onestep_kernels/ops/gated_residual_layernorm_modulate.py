@@ -73,7 +73,13 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     row_ok = n < N
     n = n.to(tl.int64)
     rows = b * N + n
-    row_offsets = rows[:, None] * D
+    # the tile's rows are consecutive: a 64-bit offset for it, 32-bit ones inside it
+    tile = (b * N + tl.program_id(1) * ROWS) * D
+    X += tile
+    Y += tile
+    RES += tile
+    OUT += tile
+    row_offsets = tl.arange(0, ROWS)[:, None] * D
     first = tl.zeros((ROWS,), dtype=tl.float32)  # the first chunk's mean (chunk_merge)
     mean = tl.zeros((ROWS,), dtype=tl.float32)
     m2 = tl.zeros((ROWS,), dtype=tl.float32)
@@ -126,7 +132,21 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     rows = b * N + n
     mean = tl.load(STATS + rows, mask=row_ok, other=0.0)[:, None]
     rstd = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)[:, None]
-    row_offsets = rows[:, None] * D
+    # The tile's rows are consecutive: one 64-bit offset for the program, 32-bit ones inside
+    # its tile (64-bit offsets per element held 255 registers in the unaligned fp16 per-token
+    # backward with Triton 3.6, and spilled).
+    tile = (b * N + c * ROWS) * D
+    DRES += tile
+    DOUT += tile
+    X += tile
+    Y += tile
+    DX += tile
+    DY += tile
+    row_offsets = tl.arange(0, ROWS)[:, None] * D
+    if PER_TOKEN:
+        DGATE += tile
+        DSHIFT += tile
+        DSCALE += tile
     part = (b * tl.num_programs(1) + c) * D
     sum_g = tl.zeros((ROWS,), dtype=tl.float32)
     sum_gx = tl.zeros((ROWS,), dtype=tl.float32)

@@ -101,6 +101,14 @@ def bwd_grid(B: int, N: int) -> tuple[int, int]:
     return B, cdiv(N, BWD_ROWS)
 
 
+def within_tile_offsets(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x, or a contiguous copy where its token stride is so large that offsets inside a tile
+    of `rows` rows would pass int32 (the kernels keep those 32-bit)."""
+    if rows * x.stride(1) < 2**31:
+        return x
+    return x.contiguous()
+
+
 @functools.cache
 def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)

@@ -63,10 +63,13 @@ def _layernorm_modulate_fwd_kernel(
     KEEP_STATS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    n0 = tl.program_id(1) * ROWS
+    n = n0 + tl.arange(0, ROWS)
     row_ok = n < N
     n = n.to(tl.int64)
-    x_rows = X + b * x_sb + n[:, None] * x_sn
+    # 64-bit offsets for the program's tile, 32-bit ones inside it (the launcher keeps
+    # ROWS x x_sn within int32)
+    x_rows = X + b * x_sb + n0.to(tl.int64) * x_sn + tl.arange(0, ROWS)[:, None] * x_sn
     first = tl.zeros((ROWS,), dtype=tl.float32)  # the first chunk's mean (chunk_merge)
     mean = tl.zeros((ROWS,), dtype=tl.float32)
     m2 = tl.zeros((ROWS,), dtype=tl.float32)
@@ -78,7 +81,7 @@ def _layernorm_modulate_fwd_kernel(
     mean += first
     rstd = 1.0 / tl.sqrt(m2 / D + eps)
     rows = b * N + n
-    out_rows = OUT + rows[:, None] * D
+    out_rows = OUT + (b * N + n0) * D + tl.arange(0, ROWS)[:, None] * D
     for k in range(0, D, CHUNK):
         cols, col_ok = chunk_columns(k, D, CHUNK)
         mask = row_ok[:, None] & col_ok[None, :]
@@ -114,8 +117,17 @@ def _layernorm_modulate_bwd_kernel(
     rows = b * N + n
     mean = tl.load(STATS + rows, mask=row_ok, other=0.0)[:, None]
     rstd = tl.load(STATS + n_rows + rows, mask=row_ok, other=0.0)[:, None]
-    x_rows = X + b * x_sb + n[:, None] * x_sn
-    row_offsets = rows[:, None] * D
+    # 64-bit offsets for the program's tile, 32-bit ones inside it (the launcher keeps
+    # ROWS x x_sn within int32)
+    x_rows = (X + b * x_sb + (c * ROWS).to(tl.int64) * x_sn
+              + tl.arange(0, ROWS)[:, None] * x_sn)
+    tile = (b * N + c * ROWS) * D
+    DY += tile
+    DX += tile
+    if PER_TOKEN:
+        DSHIFT += tile
+        DSCALE += tile
+    row_offsets = tl.arange(0, ROWS)[:, None] * D
     part = (b * tl.num_programs(1) + c) * D
     sum_g = tl.zeros((ROWS,), dtype=tl.float32)
     sum_gx = tl.zeros((ROWS,), dtype=tl.float32)
@@ -173,6 +185,7 @@ def triton_launches(width: int):
 def _triton_fwd(x, shift, scale, out, stats, eps, launch=direct):
     B, N, D = x.shape
     chunk = core.chunk_for(D)
+    x = core.within_tile_offsets(x, core.fwd_rows(chunk))
     kernel, options = tuning.select(_layernorm_modulate_fwd_kernel,
                                     core.fwd_warps(chunk, x.element_size()), ("D",))
     launch(kernel)[core.fwd_grid(B, N, chunk)](
@@ -185,6 +198,7 @@ def _triton_bwd(dy, x, scale, stats, dx, dmod, eps, launch=direct):
     B, N, D = x.shape
     per_token = scale.dim() == 3
     chunk = core.chunk_for(D)
+    x = core.within_tile_offsets(x, core.BWD_ROWS)
     kernel, options = tuning.select(_layernorm_modulate_bwd_kernel,
                                     core.bwd_warps(chunk, x.element_size()), ("D",))
     grid = core.bwd_grid(B, N)
