@@ -185,5 +185,26 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+# The widest row the CUDA LayerNorm kernels take: 256 threads of 32 elements where a row does
+# not allow 16-byte vectors (csrc/cuda/rows.cuh); wider rows go to another backend.
+CUDA_MAX_WIDTH = 8192
+# Rows per block of the CUDA LayerNorm backwards (csrc/cuda/*.cu's kBwdRows): the grain of
+# their per-sample partial sums.
+CUDA_BWD_ROWS = 16
+
+
+def cuda_partials(x: torch.Tensor, planes: int, per_token: bool) -> torch.Tensor | None:
+    """The fp32 workspace of a CUDA LayerNorm backward's per-sample partial sums, (planes, B,
+    ceil(N / CUDA_BWD_ROWS), D); None where the modulation is per token (none is needed)."""
+    if per_token:
+        return None
+    B, N, D = x.shape
+    return x.new_empty((planes, B, -(-N // CUDA_BWD_ROWS), D), dtype=torch.float32)
+
+
+def address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
 def cuda_stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream

@@ -261,8 +261,9 @@ GATED = "gated_residual_layernorm_modulate"
 
 def test_a_borrowed_backward_asks_the_donor_about_the_whole_call(monkeypatch):
     """A forward-only backend that borrows the padded Triton backward, whose rows stop at
-    GATED_MAX_D: at wider rows (Flux's 3072) the backward must be the next donor's, not a
-    Triton kernel at a tile that spills. The choice is cached per width and dtype."""
+    GATED_MAX_D: at wider rows (Flux's 3072) the backward must be the next donor's (here the
+    chunked Triton one), not a Triton kernel at a tile that spills. The choice is cached per
+    width and dtype."""
     import dataclasses
 
     from onestep_kernels.ops import gated_residual_layernorm_modulate as gated
@@ -270,13 +271,15 @@ def test_a_borrowed_backward_asks_the_donor_about_the_whole_call(monkeypatch):
 
     op, gpu = OPS[GATED], torch.device("cuda", 0)  # (only resolved: nothing runs)
     monkeypatch.setitem(op.backends, "cuda", dataclasses.replace(
-        op["cuda"], backward=None, backward_from=("triton_padded", "reference")))
+        op["cuda"], backward=None, backward_from=("triton_padded", "triton")))
     monkeypatch.setattr(op, "_backward_cache", {})
+    # as on a GPU with the CUDA library built (only resolved: nothing runs)
+    monkeypatch.setattr(dispatch, "_runtime_reason", functools.cache(lambda runtime: None))
     assert padded_rows.GATED_MAX_D < 3072
     for width, dtype, expected in ((1152, torch.bfloat16, padded_rows.gated_bwd),
-                                   (3072, torch.bfloat16, gated._torch_bwd),
+                                   (3072, torch.bfloat16, gated._triton_bwd),
                                    (1152, torch.bfloat16, padded_rows.gated_bwd),
-                                   (3072, torch.float16, gated._torch_bwd)):
+                                   (3072, torch.float16, gated._triton_bwd)):
         assert op.backward_launcher(op["cuda"], gpu, dtype, width) is expected, (width, dtype)
     assert op.reason("triton_padded", gpu, torch.bfloat16, 3072, True) is not None
 

@@ -8,7 +8,10 @@
 // Conventions: pointers are raw device or host pointers, sizes and strides are in elements,
 // strides are those of the (B, N) or (B, H, N) dimensions (the last dimension is contiguous;
 // a stride of 0 broadcasts, which is how per-sample modulation is expressed), outputs are
-// contiguous, `dtype` is a DType code. Launchers return a Status.
+// contiguous, `dtype` is a DType code. Launchers return a Status. `partials`: an fp32
+// workspace of the CUDA backwards for per-block partial sums of per-sample gradients, with
+// room for planes x B x ceil(N / 16) x D floats (the LayerNorm ops: 2 and 3 planes; null when
+// per-token) or ceil(R / 32) x F (bias+GELU); the CPU launchers take null and ignore it.
 //
 // Adding a launcher: its field list and one line in ONESTEP_LAUNCHERS below; the CPU entry
 // point, its pybind binding and the run-time ISA choice are generated from that line.
@@ -32,7 +35,7 @@ namespace onestep {
   X(const void*, dy) X(const void*, x) X(const void*, scale) X(const float*, mean)        \
   X(const float*, rstd) X(void*, dx) X(void*, dshift) X(void*, dscale) X(int64_t, B)      \
   X(int64_t, N) X(int64_t, D) X(int64_t, x_sb) X(int64_t, x_sn) X(int64_t, scale_sb)      \
-  X(int64_t, scale_sn) X(int32_t, per_token) X(int32_t, dtype)
+  X(int64_t, scale_sn) X(float*, partials) X(int32_t, per_token) X(int32_t, dtype)
 
 #define ONESTEP_GATED_RESIDUAL_FWD_FIELDS(X)                                               \
   X(const void*, x) X(const void*, y) X(const void*, gate) X(const void*, shift)          \
@@ -46,7 +49,8 @@ namespace onestep {
   X(const void*, gate) X(const void*, scale) X(const float*, mean) X(const float*, rstd)  \
   X(void*, dx) X(void*, dy) X(void*, dgate) X(void*, dshift) X(void*, dscale)             \
   X(int64_t, B) X(int64_t, N) X(int64_t, D) X(int64_t, gate_sb) X(int64_t, gate_sn)       \
-  X(int64_t, scale_sb) X(int64_t, scale_sn) X(int32_t, per_token) X(int32_t, dtype)
+  X(int64_t, scale_sb) X(int64_t, scale_sn) X(float*, partials) X(int32_t, per_token)     \
+  X(int32_t, dtype)
 
 #define ONESTEP_BIAS_GELU_TANH_FWD_FIELDS(X)                                               \
   X(const void*, x) X(const void*, bias) X(void*, y) X(int64_t, R) X(int64_t, F)          \
@@ -54,7 +58,7 @@ namespace onestep {
 
 #define ONESTEP_BIAS_GELU_TANH_BWD_FIELDS(X)                                               \
   X(const void*, dy) X(const void*, x) X(const void*, bias) X(void*, dx) X(void*, dbias)  \
-  X(int64_t, R) X(int64_t, F) X(int32_t, dtype)
+  X(float*, partials) X(int64_t, R) X(int64_t, F) X(int32_t, dtype)
 
 // q, k, v, out (and dout) are (B, H, N or NK, D) with their own (B, H, N) strides.
 #define ONESTEP_ATTENTION_FWD_FIELDS(X)                                                    \

@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels: dtype loads/stores through float, block-wide
-// Welford merge and sums. Header-only (each .cu is compiled whole, without -rdc).
+// sums. Header-only (each .cu is compiled whole, without -rdc).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,30 +28,6 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2
 
 constexpr int kMaxWarps = 32;
 
-// Block-wide merge of Welford states; every thread gets the result.
-__device__ __forceinline__ Welford block_welford(Welford w) {
-  __shared__ Welford warp_states[kMaxWarps];
-  __shared__ Welford result;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    Welford other;
-    other.mean = __shfl_xor_sync(0xffffffffu, w.mean, offset);
-    other.m2 = __shfl_xor_sync(0xffffffffu, w.m2, offset);
-    other.count = __shfl_xor_sync(0xffffffffu, w.count, offset);
-    w = onestep::welford_merge(w, other);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_states[warp] = w;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Welford total = warp_states[0];
-    for (int i = 1; i < static_cast<int>(blockDim.x / 32); ++i)
-      total = onestep::welford_merge(total, warp_states[i]);
-    result = total;
-  }
-  __syncthreads();
-  return result;
-}
-
 // Block-wide sum of two floats; every thread gets the result.
 __device__ __forceinline__ float2 block_sum2(float a, float b) {
   __shared__ float2 warp_sums[kMaxWarps];
@@ -74,8 +50,5 @@ __device__ __forceinline__ float2 block_sum2(float a, float b) {
   __syncthreads();
   return result;
 }
-
-// Threads per row-block: enough for the row, at most 256 (the kernels' launch bound).
-inline int threads_for(int64_t D) { return D <= 512 ? 128 : 256; }
 
 }  // namespace onestep::cuda

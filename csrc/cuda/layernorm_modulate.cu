@@ -1,9 +1,16 @@
-// LayerNorm (no affine) + adaLN modulation on the GPU, forward and backward.
-// One thread block per row: each thread folds its strided elements into a Welford state, the
-// states are merged across the warp (shuffles) and the block (shared memory), and a second
-// pass writes the output. The per-sample weight gradients are reduced over N by a second
-// kernel with one thread per feature (deterministic: no atomics).
-// The arithmetic is the csrc/common code that the CPU kernels also run.
+// LayerNorm (no affine) + adaLN modulation on the GPU, forward and backward, on the row tiles
+// of rows.cuh (16-byte vectors, a power-of-two group of threads per row).
+//
+// Forward: a block holds one row per row group, in registers; each thread's values give a
+// Welford state (two passes over its registers), merged across the group by Chan's formula,
+// and the output is written from the same registers (one read of x).
+// Backward: a block takes kBwdRows rows of one sample. Its threads walk the row's vectors,
+// each column thread over its group's rows: the first walk sums g = dy (1 + scale) and g xhat
+// per row and writes the modulation's gradients (per-token: their rows; per-sample: the
+// block's column sums into a workspace, added up afterwards in a fixed order, so no second
+// pass over dy and x is needed for them); the second walk writes dx, re-reading the rows the
+// block has just read (from the caches). Per-sample scale is loaded once per vector and block.
+// The arithmetic is csrc/common's, which the CPU kernels also run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -14,94 +21,179 @@
 #include "../common/params.h"
 #include "../common/status.h"
 #include "block_reduce.cuh"
+#include "rows.cuh"
 
 namespace {
 
 using namespace onestep::cuda;
 using onestep::Welford;
 
-template <typename T>
-__global__ void __launch_bounds__(256)
-    lnmod_fwd_kernel(const T* __restrict__ x, const T* __restrict__ shift,
-                     const T* __restrict__ scale, T* __restrict__ out, float* __restrict__ mean,
-                     float* __restrict__ rstd, int64_t N, int64_t D, int64_t x_sb, int64_t x_sn,
-                     int64_t shift_sb, int64_t shift_sn, int64_t scale_sb, int64_t scale_sn,
-                     float eps) {
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / N, n = row % N;
-  const T* xr = x + b * x_sb + n * x_sn;
-  const T* shr = shift + b * shift_sb + n * shift_sn;
-  const T* scr = scale + b * scale_sb + n * scale_sn;
-  T* outr = out + row * D;
+constexpr int kBwdRows = 16;  // rows per backward block: the per-sample partial sums' grain
 
-  Welford w{0.0f, 0.0f, 0.0f};
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) w = onestep::welford_push(w, load(xr + d));
-  w = block_welford(w);
-  const float mu = w.mean;
-  const float rs = onestep::layernorm_rstd(w.m2 / static_cast<float>(D), eps);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    store(outr + d, onestep::modulate((load(xr + d) - mu) * rs, load(shr + d), load(scr + d)));
-  }
-  if (threadIdx.x == 0 && mean != nullptr) {  // kept for a backward only
-    mean[row] = mu;
-    rstd[row] = rs;
-  }
-}
 
-template <typename T>
-__global__ void __launch_bounds__(256)
-    lnmod_bwd_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                        const T* __restrict__ scale, const float* __restrict__ mean,
-                        const float* __restrict__ rstd, T* __restrict__ dx,
-                        T* __restrict__ dshift, T* __restrict__ dscale, int64_t N, int64_t D,
-                        int64_t x_sb, int64_t x_sn, int64_t scale_sb, int64_t scale_sn,
-                        bool per_token) {
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / N, n = row % N;
-  const T* dyr = dy + row * D;
-  const T* xr = x + b * x_sb + n * x_sn;
-  const T* scr = scale + b * scale_sb + n * scale_sn;
-  const float mu = mean[row], rs = rstd[row];
-
-  float sum_g = 0.0f, sum_gx = 0.0f;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const float g = load(dyr + d) * (1.0f + load(scr + d));
-    sum_g += g;
-    sum_gx += g * (load(xr + d) - mu) * rs;
-  }
-  const float2 sums = block_sum2(sum_g, sum_gx);
-  const float mean_g = sums.x / static_cast<float>(D), mean_gx = sums.y / static_cast<float>(D);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const float dyf = load(dyr + d);
-    const float g = dyf * (1.0f + load(scr + d));
-    const float xhat = (load(xr + d) - mu) * rs;
-    store(dx + row * D + d, onestep::layernorm_dx(g, xhat, mean_g, mean_gx, rs));
-    if (per_token) {
-      store(dshift + row * D + d, dyf);
-      store(dscale + row * D + d, dyf * xhat);
+template <typename T, int W>
+__global__ void __launch_bounds__(kThreads)
+    lnmod_fwd_kernel(const onestep::LayerNormModulateFwdParams p, const RowTile tile) {
+  constexpr int kValues = kRowValues<W>;
+  constexpr int kVectors = kValues / W;
+  const int columns = tile.columns;
+  const int j = threadIdx.x % columns, group = threadIdx.x / columns;
+  const int64_t b = blockIdx.y, n = static_cast<int64_t>(blockIdx.x) * tile.groups() + group;
+  const bool row_ok = n < p.N;
+  const T* x = static_cast<const T*>(p.x) + b * p.x_sb + n * p.x_sn;
+  float v[kValues];
+  bool valid[kValues];
+#pragma unroll
+  for (int i = 0; i < kVectors; ++i) {
+    const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
+    const bool ok = row_ok && i < tile.vectors && col < p.D;
+    float e[W];
+    if (ok) {
+      load_vector<W>(x + col, e);
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; ++k) e[k] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      v[i * W + k] = e[k];
+      valid[i * W + k] = ok;
     }
   }
+  const Welford w = group_welford(thread_welford(v, valid), columns);
+  const float mu = w.mean;
+  const float rs = onestep::layernorm_rstd(w.m2 / static_cast<float>(p.D), p.eps);
+  const T* shift = static_cast<const T*>(p.shift) + b * p.shift_sb + n * p.shift_sn;
+  const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb + n * p.scale_sn;
+  T* out = static_cast<T*>(p.out) + (b * p.N + n) * p.D;
+#pragma unroll
+  for (int i = 0; i < kVectors; ++i) {
+    const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
+    if (!valid[i * W]) continue;
+    float sh[W], sc[W], o[W];
+    load_vector<W>(shift + col, sh);
+    load_vector<W>(scale + col, sc);
+#pragma unroll
+    for (int k = 0; k < W; ++k) o[k] = onestep::modulate((v[i * W + k] - mu) * rs, sh[k], sc[k]);
+    store_vector<W>(out + col, o);
+  }
+  if (j == 0 && row_ok && p.mean != nullptr) {  // kept for a backward only
+    p.mean[b * p.N + n] = mu;
+    p.rstd[b * p.N + n] = rs;
+  }
 }
 
-// Per-sample modulation: dshift[b, d] = sum_n dy[b, n, d], dscale[b, d] = sum_n dy * xhat.
-template <typename T>
-__global__ void __launch_bounds__(256)
-    lnmod_bwd_dmod_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                          const float* __restrict__ mean, const float* __restrict__ rstd,
-                          T* __restrict__ dshift, T* __restrict__ dscale, int64_t N, int64_t D,
-                          int64_t x_sb, int64_t x_sn) {
-  const int64_t b = blockIdx.y;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (d >= D) return;
-  float acc_shift = 0.0f, acc_scale = 0.0f;
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t row = b * N + n;
-    const float dyf = load(dy + row * D + d);
-    acc_shift += dyf;
-    acc_scale += dyf * (load(x + b * x_sb + n * x_sn + d) - mean[row]) * rstd[row];
+// RPG: rows per row group, kBwdRows / groups (at least 1: groups past kBwdRows hold none).
+template <typename T, int W, int RPG>
+// (a minimum of one block per SM declared: without it ptxas 13.0 held some instantiations
+// to 80 registers and spilled)
+__global__ void __launch_bounds__(kThreads, 1)
+    lnmod_bwd_kernel(const onestep::LayerNormModulateBwdParams p, const RowTile tile) {
+  const int columns = tile.columns, groups = tile.groups();
+  const int j = threadIdx.x % columns, group = threadIdx.x / columns;
+  const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+  const bool per_token = p.per_token != 0;
+  // row r of this group: first_row + group + r * groups, token first_n + group + r * groups
+  const int64_t first_n = chunk * kBwdRows, first_row = b * p.N + first_n;
+  // this group's rows of the block (none past kBwdRows or N)
+  // the rows' statistics, and after the first walk their g sums, are the same for every
+  // column thread of a row: kept once per block in shared memory, not in each thread's
+  // registers (where the gated backward spilled)
+  __shared__ float row_stats[4][kBwdRows];  // mean, rstd, mean of g, mean of g xhat
+  float* const mean_of = row_stats[0];
+  float* const rstd_of = row_stats[1];
+  float* const mean_g_of = row_stats[2];
+  float* const mean_gx_of = row_stats[3];
+  if (threadIdx.x < kBwdRows) {
+    const bool ok = chunk * kBwdRows + threadIdx.x < p.N;
+    mean_of[threadIdx.x] = ok ? p.mean[b * p.N + chunk * kBwdRows + threadIdx.x] : 0.0f;
+    rstd_of[threadIdx.x] = ok ? p.rstd[b * p.N + chunk * kBwdRows + threadIdx.x] : 0.0f;
   }
-  store(dshift + b * D + d, acc_shift);
-  store(dscale + b * D + d, acc_scale);
+  __syncthreads();
+  float sum_g[RPG], sum_gx[RPG];
+  bool row_ok[RPG];
+#pragma unroll
+  for (int r = 0; r < RPG; ++r) {
+    const int local = group + r * groups;
+    row_ok[r] = local < kBwdRows && chunk * kBwdRows + local < p.N;
+    sum_g[r] = sum_gx[r] = 0.0f;
+  }
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* x = static_cast<const T*>(p.x);
+  const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb;
+  float* partial_shift = p.partials + ((0 * gridDim.y + b) * chunks + chunk) * p.D;
+  float* partial_scale = p.partials + ((1 * gridDim.y + b) * chunks + chunk) * p.D;
+  for (int i = 0; i < tile.vectors; ++i) {  // first walk: row sums, modulation gradients
+    const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
+    const bool col_ok = col < p.D;
+    float sc[W], acc_shift[W], acc_scale[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc_shift[k] = acc_scale[k] = sc[k] = 0.0f;
+    if (!per_token && col_ok) load_vector<W>(scale + col, sc);
+#pragma unroll
+    for (int r = 0; r < RPG; ++r) {
+      if (!(row_ok[r] && col_ok)) continue;
+      const int64_t n = first_n + group + r * groups;
+      float g[W], xv[W];
+      load_vector<W>(dy + (first_row + group + r * groups) * p.D + col, g);
+      load_vector<W>(x + b * p.x_sb + n * p.x_sn + col, xv);
+      if (per_token) load_vector<W>(scale + n * p.scale_sn + col, sc);
+      float dscale[W];
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float xhat = (xv[k] - mean_of[group + r * groups]) * rstd_of[group + r * groups];
+        dscale[k] = g[k] * xhat;
+        acc_shift[k] += g[k];
+        acc_scale[k] += dscale[k];
+        const float gk = g[k] * (1.0f + sc[k]);
+        sum_g[r] += gk;
+        sum_gx[r] += gk * xhat;
+      }
+      if (per_token) {
+        store_vector<W>(static_cast<T*>(p.dshift) + (first_row + group + r * groups) * p.D + col, g);
+        store_vector<W>(static_cast<T*>(p.dscale) + (first_row + group + r * groups) * p.D + col, dscale);
+      }
+    }
+    if (!per_token) {
+      sum_over_groups<W>(acc_shift, columns, col_ok, partial_shift + col);
+      sum_over_groups<W>(acc_scale, columns, col_ok, partial_scale + col);
+    }
+  }
+  const float inv_d = 1.0f / static_cast<float>(p.D);
+#pragma unroll
+  for (int r = 0; r < RPG; ++r) {
+    const float mean_g = group_sum(sum_g[r], columns) * inv_d;
+    const float mean_gx = group_sum(sum_gx[r], columns) * inv_d;
+    if (j == 0 && group + r * groups < kBwdRows) {
+      mean_g_of[group + r * groups] = mean_g;
+      mean_gx_of[group + r * groups] = mean_gx;
+    }
+  }
+  __syncthreads();
+  T* dx = static_cast<T*>(p.dx);
+  for (int i = 0; i < tile.vectors; ++i) {  // second walk: dx
+    const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
+    if (col >= p.D) continue;
+    float sc[W];
+    if (!per_token) load_vector<W>(scale + col, sc);
+#pragma unroll
+    for (int r = 0; r < RPG; ++r) {
+      if (!row_ok[r]) continue;
+      const int64_t n = first_n + group + r * groups;
+      float g[W], xv[W], out[W];
+      load_vector<W>(dy + (first_row + group + r * groups) * p.D + col, g);
+      load_vector<W>(x + b * p.x_sb + n * p.x_sn + col, xv);
+      if (per_token) load_vector<W>(scale + n * p.scale_sn + col, sc);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float xhat = (xv[k] - mean_of[group + r * groups]) * rstd_of[group + r * groups];
+        const int local = group + r * groups;
+        out[k] = onestep::layernorm_dx(g[k] * (1.0f + sc[k]), xhat, mean_g_of[local],
+                                       mean_gx_of[local], rstd_of[local]);
+      }
+      store_vector<W>(dx + (first_row + group + r * groups) * p.D + col, out);
+    }
+  }
 }
 
 int launch_status() {
@@ -110,31 +202,42 @@ int launch_status() {
 
 template <typename T>
 int fwd(const onestep::LayerNormModulateFwdParams& p, cudaStream_t stream) {
-  lnmod_fwd_kernel<T><<<static_cast<unsigned>(p.B * p.N), threads_for(p.D), 0, stream>>>(
-      static_cast<const T*>(p.x), static_cast<const T*>(p.shift), static_cast<const T*>(p.scale),
-      static_cast<T*>(p.out), p.mean, p.rstd, p.N, p.D, p.x_sb, p.x_sn, p.shift_sb, p.shift_sn,
-      p.scale_sb, p.scale_sn, p.eps);
+  constexpr int V = kVector<T>;
+  RowTile tile{0, 0, 1};
+  if (vectors_fit(V, {p.x, p.shift, p.scale, p.out},
+                  {p.D, p.x_sb, p.x_sn, p.shift_sb, p.shift_sn, p.scale_sb, p.scale_sn}))
+    tile = RowTile::plan(p.D, V, kMaxVectorsPerThread);
+  if (tile.columns == 0) tile = RowTile::plan(p.D, 1, kMaxScalarsPerThread);
+  if (tile.columns == 0) return onestep::kBadSize;
+  const dim3 grid(static_cast<unsigned>((p.N + tile.groups() - 1) / tile.groups()),
+                  static_cast<unsigned>(p.B));
+  if (tile.width == V && V != 1) {
+    lnmod_fwd_kernel<T, V><<<grid, kThreads, 0, stream>>>(p, tile);
+  } else {
+    lnmod_fwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p, tile);
+  }
   return launch_status();
 }
 
 template <typename T>
 int bwd(const onestep::LayerNormModulateBwdParams& p, cudaStream_t stream) {
-  const int64_t B = p.B, N = p.N, D = p.D;
-  if (B * N > 0) {
-    lnmod_bwd_dx_kernel<T><<<static_cast<unsigned>(B * N), threads_for(D), 0, stream>>>(
-        static_cast<const T*>(p.dy), static_cast<const T*>(p.x), static_cast<const T*>(p.scale),
-        p.mean, p.rstd, static_cast<T*>(p.dx), static_cast<T*>(p.dshift),
-        static_cast<T*>(p.dscale), N, D, p.x_sb, p.x_sn, p.scale_sb, p.scale_sn,
-        p.per_token != 0);
-    if (launch_status() != onestep::kOk) return onestep::kCudaError;
+  constexpr int V = kVector<T>;
+  const int64_t chunks = (p.N + kBwdRows - 1) / kBwdRows;
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(p.B));
+  const bool vectors = vectors_fit(V, {p.dy, p.x, p.scale, p.dx, p.dshift, p.dscale},
+                                   {p.D, p.x_sb, p.x_sn, p.scale_sb, p.scale_sn});
+  // the backward walks the row (nothing of it held): any number of vectors per thread
+  const RowTile tile = RowTile::plan(p.D, vectors ? V : 1, 1 << 30);
+  if (chunks > 0) {  // (no rows: the per-sample gradients are zeros, added up below)
+    const bool launched = vectors ? launch_rows<kBwdRows>(tile, [&](auto rpg) {
+      lnmod_bwd_kernel<T, V, decltype(rpg)::value><<<grid, kThreads, 0, stream>>>(p, tile);
+    }) : launch_rows<kBwdRows>(tile, [&](auto rpg) {
+      lnmod_bwd_kernel<T, 1, decltype(rpg)::value><<<grid, kThreads, 0, stream>>>(p, tile);
+    });
+    if (!launched) return onestep::kBadSize;
   }
-  if (!p.per_token && B > 0) {
-    const dim3 grid(static_cast<unsigned>((D + 255) / 256), static_cast<unsigned>(B));
-    lnmod_bwd_dmod_kernel<T><<<grid, 256, 0, stream>>>(
-        static_cast<const T*>(p.dy), static_cast<const T*>(p.x), p.mean, p.rstd,
-        static_cast<T*>(p.dshift), static_cast<T*>(p.dscale), N, D, p.x_sb, p.x_sn);
-  }
-  return launch_status();
+  if (launch_status() != onestep::kOk || p.per_token) return launch_status();
+  return add_up_partials<T>(p.partials, 2, p.B, chunks, p.D, p.dshift, p.dscale, nullptr, stream);
 }
 
 }  // namespace
@@ -147,17 +250,30 @@ const char* onestep_cuda_last_error_string() { return cudaGetErrorString(cudaPee
 
 int onestep_cuda_params_layout(char* buf, int cap) { return onestep::describe_params(buf, cap); }
 
+// The row tile the launchers pick (rows.cuh), for the offline checks (onestep_kernels.aot):
+// out = {columns, vectors per thread, elements per vector}.
+int onestep_cuda_row_tile(int64_t D, int32_t width, int32_t max_vectors, int32_t* out) {
+  const RowTile tile = RowTile::plan(D, width, max_vectors);
+  out[0] = tile.columns;
+  out[1] = tile.vectors;
+  out[2] = tile.width;
+  return tile.columns == 0 ? onestep::kBadSize : onestep::kOk;
+}
+
 int onestep_cuda_layernorm_modulate_fwd(const onestep::LayerNormModulateFwdParams* p,
                                         void* stream) {
-  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B * p->N > 0x7fffffffLL) return onestep::kBadSize;
+  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B > 65535 || p->B * p->N > 0x7fffffffLL)
+    return onestep::kBadSize;
   if (p->B * p->N == 0) return onestep::kOk;
   ONESTEP_CUDA_DTYPE_SWITCH(p->dtype, T, return fwd<T>(*p, static_cast<cudaStream_t>(stream)));
 }
 
 int onestep_cuda_layernorm_modulate_bwd(const onestep::LayerNormModulateBwdParams* p,
                                         void* stream) {
-  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B * p->N > 0x7fffffffLL) return onestep::kBadSize;
-  if (p->per_token == 0 && p->B > 65535) return onestep::kBadSize;  // gridDim.y of the reduction
+  if (p->B < 0 || p->N < 0 || p->D <= 0 || p->B > 65535 || p->B * p->N > 0x7fffffffLL ||
+      (p->per_token == 0 && p->partials == nullptr && p->N > 0))
+    return onestep::kBadSize;
+  if (p->B == 0 || (p->N == 0 && p->per_token)) return onestep::kOk;
   ONESTEP_CUDA_DTYPE_SWITCH(p->dtype, T, return bwd<T>(*p, static_cast<cudaStream_t>(stream)));
 }
 

@@ -13,7 +13,6 @@ onestep_kernels.op_spec builds the entry paths), and the public entry point, in 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -44,8 +43,6 @@ def reference(x: Tensor, bias: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 ROWS_PER_PROGRAM = 32
-GELU_K = math.sqrt(2.0 / math.pi)
-GELU_C = 0.044715
 
 
 @triton.jit
@@ -173,28 +170,32 @@ def _cpu_fwd(*args):
     native.run_cpu("bias_gelu_tanh_fwd", _fwd_params(*args))
 
 
-def _cpu_bwd(dy, x, bias, dx, dbias):
+def _bwd_params(dy, x, bias, dx, dbias, partials=0):
     R, F = _rows(x)
-    native.run_cpu("bias_gelu_tanh_bwd", native.positional_params(
-        "BiasGeluTanhBwdParams", "dy x bias dx dbias R F dtype")(
-            dy.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(), dbias.data_ptr(), R, F,
-            native.dtype_code(x)))
+    return native.positional_params(
+        "BiasGeluTanhBwdParams", "dy x bias dx dbias partials R F dtype")(
+            dy.data_ptr(), x.data_ptr(), bias.data_ptr(), dx.data_ptr(), dbias.data_ptr(),
+            partials, R, F, native.dtype_code(x))
+
+
+def _cpu_bwd(*args):
+    native.run_cpu("bias_gelu_tanh_bwd", _bwd_params(*args))
+
+
+# Rows per block of the CUDA kernels (csrc/cuda/bias_gelu_tanh.cu's kRows): the grain of the
+# backward's dbias partial sums.
+CUDA_ROWS = 32
+
+
+def _cuda_bwd(dy, x, bias, dx, dbias):
+    R, F = _rows(x)
+    workspace = x.new_empty((cdiv(R, CUDA_ROWS), F), dtype=torch.float32)
+    native.run_cuda("bias_gelu_tanh_bwd", _bwd_params(
+        dy, x, bias, dx, dbias, native.address(workspace)), x)
 
 
 def _cuda_fwd(x, *args):
     native.run_cuda("bias_gelu_tanh_fwd", _fwd_params(x, *args), x)
-
-
-def _torch_bwd(dy, x, bias, dx, dbias):
-    """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
-    Triton is missing)."""
-    u = x.float() + bias.float()
-    s = torch.sigmoid(2 * GELU_K * (u + GELU_C * u ** 3))
-    t = s * (1 - s)
-    grad = torch.where(t == 0, s, s + u * t * 2 * GELU_K * (1 + 3 * GELU_C * u * u))
-    grad_x = dy.float() * grad
-    dx.copy_(grad_x)
-    dbias.copy_(grad_x.reshape(-1, x.shape[-1]).sum(dim=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,13 +221,12 @@ SPEC = OpSpec(
 OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
             summary="rows x column blocks"),
-    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd,
-            backward_from=("triton", "reference"), summary="forward only in CUDA C++"),
+    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd, backward=_cuda_bwd,
+            summary="bands of 16-byte vectors over 32 rows per block"),
     Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
             summary="OpenMP, vectorised exp"),
-    # The backward launcher serves the cuda backend where Triton is missing.
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
-            expression=reference, backward=_torch_bwd, summary="F.gelu(x + bias)"),
+            expression=reference, summary="F.gelu(x + bias)"),
 ], default_order={"cpu": ("cpu", "reference"), "sm_90": ("triton", "cuda", "reference")},
     width_name="F", triton_configs=triton_configs, triton_launches=triton_launches)
 

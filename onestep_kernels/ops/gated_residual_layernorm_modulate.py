@@ -268,46 +268,35 @@ def _cpu_fwd(*args):
     native.run_cpu("gated_residual_layernorm_modulate_fwd", _fwd_params(*args))
 
 
-def _cpu_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps):
+def _bwd_params(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps, partials=0):
     B, N, D = x.shape
     mean = stats.data_ptr()
     g_sb, g_sn = bn_strides(gate)
     sc_sb, sc_sn = bn_strides(scale)
     dgate = dmod.data_ptr()  # dmod: (3, *gate.shape), contiguous
     plane = dmod.stride(0) * dmod.element_size()
-    native.run_cpu("gated_residual_layernorm_modulate_bwd", native.positional_params(
+    return native.positional_params(
         "GatedResidualBwdParams",
         "dres dout x y gate scale mean rstd dx dy dgate dshift dscale B N D gate_sb gate_sn "
-        "scale_sb scale_sn per_token dtype")(
+        "scale_sb scale_sn partials per_token dtype")(
             dres.data_ptr(), dout.data_ptr(), x.data_ptr(), y.data_ptr(), gate.data_ptr(),
             scale.data_ptr(), mean, mean + 4 * B * N, dx.data_ptr(), dy.data_ptr(), dgate,
-            dgate + plane, dgate + 2 * plane, B, N, D, g_sb, g_sn, sc_sb, sc_sn,
-            int(gate.dim() == 3), native.dtype_code(x)))
+            dgate + plane, dgate + 2 * plane, B, N, D, g_sb, g_sn, sc_sb, sc_sn, partials,
+            int(gate.dim() == 3), native.dtype_code(x))
+
+
+def _cpu_bwd(*args):
+    native.run_cpu("gated_residual_layernorm_modulate_bwd", _bwd_params(*args))
+
+
+def _cuda_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps):
+    workspace = native.cuda_partials(x, 3, gate.dim() == 3)
+    native.run_cuda("gated_residual_layernorm_modulate_bwd", _bwd_params(
+        dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps, native.address(workspace)), x)
 
 
 def _cuda_fwd(x, *args):
     native.run_cuda("gated_residual_layernorm_modulate_fwd", _fwd_params(x, *args), x)
-
-
-def _torch_bwd(dres, dout, x, y, gate, scale, stats, dx, dy, dmod, eps):
-    """The backward in PyTorch ops, in launcher form (the cuda backend's backward where
-    Triton is missing or cannot take the width)."""
-    f32 = torch.float32
-    per_token = gate.dim() == 3
-    g3, s3 = (gate.to(f32), scale.to(f32)) if per_token else (gate[:, None].to(f32),
-                                                              scale[:, None].to(f32))
-    mean, rstd = stats.view(2, *x.shape[:2])
-    xhat = (x.to(f32) + g3 * y.to(f32) - mean[..., None]) * rstd[..., None]
-    g = dout.to(f32) * (1 + s3)
-    dln = rstd[..., None] * (g - g.mean(-1, keepdim=True)
-                             - xhat * (g * xhat).mean(-1, keepdim=True))
-    dr = dres.to(f32) + dln
-    mod_grads = (dr * y.to(f32), dout.to(f32), dout.to(f32) * xhat)
-    if not per_token:
-        mod_grads = tuple(t.sum(1) for t in mod_grads)
-    dx.copy_(dr)
-    dy.copy_(dr * g3)
-    dmod.copy_(torch.stack(mod_grads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,18 +348,17 @@ SPEC = OpSpec(
 OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
             summary="rows of one sample per program, in exact chunks"),
-    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd,
-            backward_from=("triton", "reference"), summary="forward only in CUDA C++"),
+    Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd, backward=_cuda_bwd,
+            max_width=native.CUDA_MAX_WIDTH,
+            summary="rows of one sample per block in 16-byte vectors, Chan merge"),
     Backend("cpu", "cpu_library", ("cpu",), forward=_cpu_fwd, backward=_cpu_bwd,
             summary="OpenMP over rows, AVX2 or portable"),
     Backend("triton_padded", "triton", ("cuda",), forward=padded_rows.gated_fwd,
             backward=padded_rows.gated_bwd, max_width=padded_rows.GATED_MAX_D,
             summary="before issue 31: a row per program padded to a power of two; kept to "
                     "time against"),
-    # The backward launcher here serves the cuda backend where Triton cannot; the reference
-    # backend itself is differentiated by autograd.
     Backend("reference", "torch", dispatch.ANY_DEVICE, dtypes=dispatch.ALL_DTYPES,
-            expression=reference, backward=_torch_bwd, summary="PyTorch ops"),
+            expression=reference, summary="PyTorch ops"),
 ], default_order={"cpu": ("cpu", "reference"), "sm_90": ("triton", "cuda", "reference")},
     triton_configs=triton_configs, triton_launches=triton_launches)
 

@@ -259,8 +259,10 @@ def _cuda_fwd(x, *args):
     native.run_cuda("layernorm_modulate_fwd", _fwd_params(x, *args), x)
 
 
-def _cuda_bwd(dy, x, *args):
-    native.run_cuda("layernorm_modulate_bwd", _bwd_params(dy, x, *args), x)
+def _cuda_bwd(dy, x, scale, stats, dx, dmod, eps):
+    workspace = native.cuda_partials(x, 2, scale.dim() == 3)
+    native.run_cuda("layernorm_modulate_bwd", _bwd_params(
+        dy, x, scale, stats, dx, dmod, eps, native.address(workspace)), x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +312,8 @@ OP = Op(SPEC, [
     Backend("triton", "triton", ("cuda",), forward=_triton_fwd, backward=_triton_bwd,
             summary="rows of one sample per program, in exact chunks"),
     Backend("cuda", "cuda_library", ("cuda",), forward=_cuda_fwd, backward=_cuda_bwd,
-            summary="a thread block per row, Welford merge"),
+            max_width=native.CUDA_MAX_WIDTH,
+            summary="rows of one sample per block in 16-byte vectors, Chan merge"),
     Backend("triton_padded", "triton", ("cuda",), forward=padded_rows.layernorm_fwd,
             backward=padded_rows.layernorm_bwd, max_width=padded_rows.LAYERNORM_MAX_D,
             summary="before issue 31: a row per program padded to a power of two; kept to "
