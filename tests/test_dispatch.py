@@ -291,7 +291,7 @@ def test_a_borrower_whose_donors_all_refuse_cannot_take_a_call_with_gradients(mo
     narrow = dataclasses.replace(op["triton"], max_width=64)
     monkeypatch.setitem(op.backends, "triton", narrow)
     monkeypatch.setitem(op.backends, "cuda", dataclasses.replace(
-        op["cuda"], backward_from=("triton",)))
+        op["cuda"], backward=None, backward_from=("triton",)))
     monkeypatch.setattr(op, "_cache", {})
     monkeypatch.setattr(op, "_backward_cache", {})
     gpu = torch.device("cuda", 0)

@@ -233,7 +233,7 @@ def _fwd_params(x, shift, scale, out, stats, eps):
                  native.dtype_code(x))
 
 
-def _bwd_params(dy, x, scale, stats, dx, dmod, eps):
+def _bwd_params(dy, x, scale, stats, dx, dmod, eps, partials=0):
     B, N, D = x.shape
     mean = stats.data_ptr()
     x_sb, x_sn, _ = x.stride()
@@ -241,10 +241,12 @@ def _bwd_params(dy, x, scale, stats, dx, dmod, eps):
     dshift = dmod.data_ptr()  # dmod: (2, *scale.shape), contiguous
     return native.positional_params(
         "LayerNormModulateBwdParams",
-        "dy x scale mean rstd dx dshift dscale B N D x_sb x_sn scale_sb scale_sn per_token "
-        "dtype")(dy.data_ptr(), x.data_ptr(), scale.data_ptr(), mean, mean + 4 * B * N,
-                 dx.data_ptr(), dshift, dshift + dmod.stride(0) * dmod.element_size(), B, N, D,
-                 x_sb, x_sn, scale_sb, scale_sn, int(scale.dim() == 3), native.dtype_code(x))
+        "dy x scale mean rstd dx dshift dscale B N D x_sb x_sn scale_sb scale_sn partials "
+        "per_token dtype")(dy.data_ptr(), x.data_ptr(), scale.data_ptr(), mean,
+                           mean + 4 * B * N, dx.data_ptr(), dshift,
+                           dshift + dmod.stride(0) * dmod.element_size(), B, N, D, x_sb, x_sn,
+                           scale_sb, scale_sn, partials, int(scale.dim() == 3),
+                           native.dtype_code(x))
 
 
 def _cpu_fwd(*args):

@@ -48,15 +48,14 @@ def test_matches_float64_reference(backend, dtype, isa, F, B, N, generator, cpu_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_launchers_write_every_element(backend, dtype, generator):
     R, F = 70, 300
     dev = backend_device(backend, "bias_gelu_tanh")
     x = torch.randn(R, F, generator=generator).to(dev, dtype)
     bias = torch.randn(F, generator=generator).to(dev, dtype)
-    if op.OP[backend].forward is not None:  # (the reference record has a backward launcher)
-        (y,) = poisoned_forward("bias_gelu_tanh", backend, (x, bias))
-        assert torch.isfinite(y).all()
+    (y,) = poisoned_forward("bias_gelu_tanh", backend, (x, bias))
+    assert torch.isfinite(y).all()
     dx, dbias = poisoned_backward("bias_gelu_tanh", backend, (torch.randn_like(x),), (x, bias), ())
     assert torch.isfinite(dx).all() and torch.isfinite(dbias).all()
 

@@ -79,24 +79,6 @@ def test_launchers_write_every_element(backend, dtype, modulation, generator):
         assert torch.isfinite(t).all()
 
 
-@pytest.mark.parametrize("modulation", MODULATION)
-def test_pytorch_backward_used_by_the_cuda_backend(modulation, generator):
-    """The cuda backend's backward where Triton is missing is the reference record's backward
-    launcher (PyTorch ops): check it on the CPU, through the registered backward op."""
-    assert op.OP["cuda"].backward_from == ("triton", "reference")
-    B, N, D = 3, 21, 70
-    inputs = [t.float() for t in make_inputs(B, N, D, modulation, generator)]
-    _, _, stats = torch.ops.onestep.gated_residual_layernorm_modulate_fwd(*inputs, 1e-6, "cpu")
-    dres, dout = torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)
-    dx, dy, dmod = torch.ops.onestep.gated_residual_layernorm_modulate_bwd(
-        dres, dout, inputs[0], inputs[1], inputs[2], inputs[4], stats, 1e-6, "reference")
-    got = (dx, dy, *dmod)
-    ref_in = [t.double().requires_grad_() for t in inputs]
-    torch.autograd.backward(list(op.reference(*ref_in)), [dres.double(), dout.double()])
-    for name, g, r in zip(NAMES, got, ref_in):
-        assert_close_rel(g, r.grad, torch.float32, f"d{name}")
-
-
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_strided_modulation_and_determinism(backend, generator):
     B, N, D = 3, 70, 96
