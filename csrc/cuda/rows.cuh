@@ -77,16 +77,39 @@ __device__ __forceinline__ void load_vector(const T* p, float (&out)[W]) {
   }
 }
 
+// Two floats rounded to T and packed in 32 bits (the halves of a 16-byte vector store).
+__device__ __forceinline__ uint32_t pack_pair(float a, float b, const __half*) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t pack_pair(float a, float b, const __nv_bfloat16*) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// One 16-byte global store of four 32-bit words. Written in PTX: NVVM split a float4 or
+// uint4 store in the unrolled forward loops into four 32-bit stores.
+__device__ __forceinline__ void store_words(void* p, uint32_t a, uint32_t b, uint32_t c,
+                                            uint32_t d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+}
+
+// One 16-byte store of W values rounded to T.
 template <int W, typename T>
 __device__ __forceinline__ void store_vector(T* p, const float (&v)[W]) {
   if constexpr (W == 1) {
     store(p, v[0]);
+  } else if constexpr (sizeof(T) == 4) {
+    static_assert(W == 4, "a vector is 16 bytes");
+    store_words(p, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                __float_as_uint(v[3]));
   } else {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < W; ++j) store(e + j, v[j]);
-    *reinterpret_cast<uint4*>(p) = raw;
+    static_assert(W == 8, "a vector is 16 bytes");
+    const T* tag = nullptr;
+    store_words(p, pack_pair(v[0], v[1], tag), pack_pair(v[2], v[3], tag),
+                pack_pair(v[4], v[5], tag), pack_pair(v[6], v[7], tag));
   }
 }
 
@@ -96,7 +119,8 @@ __device__ __forceinline__ void store_floats(float* p, const float (&v)[W]) {
   if constexpr (W % 4 == 0) {
 #pragma unroll
     for (int j = 0; j < W; j += 4)
-      *reinterpret_cast<float4*>(p + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+      store_words(p + j, __float_as_uint(v[j]), __float_as_uint(v[j + 1]),
+                  __float_as_uint(v[j + 2]), __float_as_uint(v[j + 3]));
   } else {
 #pragma unroll
     for (int j = 0; j < W; ++j) p[j] = v[j];
