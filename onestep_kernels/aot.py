@@ -248,6 +248,138 @@ def check_memory_bound(jobs: int) -> list[tuple[str, list[str]]]:
             for _, launch in memory_bound_launches()]
 
 
+# ---- the CUDA C++ memory-bound kernels (libonestep_cuda.so, built by nvcc) -----------------
+
+# What the CUDA launchers pick: csrc/cuda/rows.cuh's RowTile::plan, called through the
+# library's onestep_cuda_row_tile (a host function: no GPU needed). The forwards hold a row in
+# registers (at most 8 vectors per thread); the backwards and bias+GELU walk it (any number).
+CUDA_FWD_VECTORS = 8
+CUDA_WALK_VECTORS = 1 << 30
+CUDA_BWD_ROWS = 16  # rows per backward block (csrc/cuda/*.cu's kBwdRows)
+CUDA_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# The CUDA kernels (mangled-name fragments) that move rows, with the narrow (not 128-bit)
+# global accesses each may make besides its 16-byte vectors: the forwards store a row's mean
+# and rstd, the LayerNorm backwards load them. Their one-element-per-vector instantiations
+# (template argument 1: rows whose width or pointers do not allow 16-byte vectors) and the
+# partial sums' reduction (fp32, one element per thread, 1/16 of a backward's traffic) are
+# not held to 128 bits.
+CUDA_ROW_KERNELS = {"16lnmod_fwd_kernel": 2, "16lnmod_bwd_kernel": 2, "18grlnmod_fwd_kernel": 2,
+                    "18grlnmod_bwd_kernel": 2, "25bias_gelu_tanh_fwd_kernel": 0,
+                    "25bias_gelu_tanh_bwd_kernel": 0}
+
+
+# The mangled template arguments of a one-element instantiation: <T, 1, ...>.
+ONE_ELEMENT = r"I(?:13__nv_bfloat16|6__half|f)Li1E"
+
+
+def cuda_row_tile(width: int, element_bytes: int, max_vectors: int) -> tuple[int, int, int]:
+    """(threads per row, vectors per thread, elements per vector) of the CUDA launchers' tile
+    for rows of `width` elements moved in 16-byte vectors."""
+    import ctypes
+
+    from . import native
+
+    lib = native.cuda_library()
+    out = (ctypes.c_int32 * 3)()
+    lib.onestep_cuda_row_tile(ctypes.c_int64(width), ctypes.c_int32(16 // element_bytes),
+                              ctypes.c_int32(max_vectors), out)
+    return tuple(out)
+
+
+def cuda_lanes_problem(width: int, tile: tuple[int, int, int]) -> str:
+    columns, vectors, elements = tile
+    if columns == 0:
+        return f"no tile takes width {width}"
+    share = width / (columns * vectors * elements)
+    if share < MIN_USEFUL_LANES:
+        return (f"{share:.0%} of the lanes useful at width {width} ({columns} threads x "
+                f"{vectors} vectors of {elements}; at least {MIN_USEFUL_LANES:.0%})")
+    return ""
+
+
+def cuda_grid_problem(programs) -> str:
+    least = GRID_FILL * SM_COUNT
+    small = {split: programs(*split) for split in GRID_SPLITS if programs(*split) < least}
+    return (f"the backward launches {small} blocks at (B, N) = {list(small)}, fewer than "
+            f"{GRID_FILL} x {SM_COUNT} SMs = {least}") if small else ""
+
+
+def sass_accesses(sass: str) -> dict[str, list[int]]:
+    """Bits moved by each global load and store of every function in a cuobjdump -sass
+    listing (LDG.E = 32 bits, .64 / .128 / .U16 as named)."""
+    functions = {}
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        bits = []
+        for op in re.findall(r"\b(?:LDG|STG)\.E[.A-Z0-9]*", body):
+            size = re.search(r"\.(128|64|U16|S16|U8|S8)\b", op)
+            bits.append({"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}.get(
+                size.group(1) if size else "", 32))
+        functions[name] = bits
+    return functions
+
+
+def cuda_sass_problems(sass: str, one_element_too: bool = False) -> dict[str, str]:
+    """Kernel name -> problem (or "") for every row kernel's 16-byte instantiation (and, with
+    `one_element_too`, its one-element ones: what the check would say of a kernel without
+    vectors)."""
+    problems = {}
+    for name, bits in sass_accesses(sass).items():
+        kernel = next((k for k in CUDA_ROW_KERNELS if k in name), None)
+        one_element = kernel is not None and re.search(kernel + ONE_ELEMENT, name)
+        if kernel is None or (one_element and not one_element_too):
+            continue  # not a row kernel, or its one-element instantiation
+        narrow = [b for b in bits if b != 128]
+        allowed = CUDA_ROW_KERNELS[kernel]
+        problems[name] = (f"{len(bits) - len(narrow)}/{len(bits)} accesses 128-bit; narrow: "
+                          f"{sorted(narrow)} (allowed: {allowed})"
+                          if len(narrow) > allowed or not bits else "")
+    return problems
+
+
+def _cuobjdump(option: str) -> str:
+    from pathlib import Path as _Path
+
+    import triton
+
+    from . import native
+
+    tool = _Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(tool), option, "-arch", "sm_90", str(native.CUDA_LIBRARY_PATH)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def check_cuda() -> list[tuple[str, list[str]]]:
+    """(label, problems) of the CUDA launches at CHECK_WIDTHS and of the row kernels' code
+    (sm_90 SASS: 16-byte accesses; resource usage: no stack, no local memory)."""
+    from . import native
+
+    if native.cuda_library() is None:
+        return [("cuda", ["libonestep_cuda.so is not built (no nvcc at install time)"])]
+    checked = []
+    for width in CHECK_WIDTHS:
+        for dtype, size in CUDA_ELEMENT_BYTES.items():
+            for kind, max_vectors, row in (
+                    ("layernorm forward", CUDA_FWD_VECTORS, width),
+                    ("layernorm backward", CUDA_WALK_VECTORS, width),
+                    ("bias_gelu_tanh", CUDA_WALK_VECTORS, width * MLP_RATIO["bias_gelu_tanh"])):
+                tile = cuda_row_tile(row, size, max_vectors)
+                problems = [cuda_lanes_problem(row, tile)]
+                if kind == "layernorm backward":
+                    problems.append(cuda_grid_problem(
+                        lambda B, N: B * -(-N // CUDA_BWD_ROWS)))
+                checked.append((f"cuda {kind}[{dtype}] at width {row} (tile {tile[0]} x "
+                                f"{tile[1]} x {tile[2]})", [p for p in problems if p]))
+    for name, problem in sorted(cuda_sass_problems(_cuobjdump("-sass")).items()):
+        checked.append((f"cuda sm_90 {name}", [problem] if problem else []))
+    usage = re.findall(r"Function (\S+):\s*\n\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+)",
+                       _cuobjdump("--dump-resource-usage"))
+    spilled = [f"{name}: {u}" for name, u in usage if not ("STACK:0 " in u and
+                                                            u.endswith("LOCAL:0"))]
+    checked.append((f"cuda sm_90 resource usage of {len(usage)} kernels", spilled))
+    return checked
+
+
 def inductor_problem(kernel) -> str:
     """Why inductor could not compile `kernel` under torch.compile, or "". Inductor launches a
     wrap_triton kernel from a copy of its source plus the jit functions and constants that it
@@ -320,7 +452,7 @@ def main(argv=None) -> int:
         print(f"{len(problems) - failed} passed, {failed} failed")
         return 1 if failed else 0
     if args.memory_bound:
-        checked = check_memory_bound(args.jobs)
+        checked = check_memory_bound(args.jobs) + check_cuda()
         for label, problems in checked:
             print(f"{label}: {'; '.join(problems) or 'ok'}")
         failed = sum(1 for _, problems in checked if problems)

@@ -2,6 +2,7 @@
 sm_80/sm_90 without spills, and the registry covers what the launchers pick."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -185,14 +186,19 @@ def test_memory_bound_launches_pass_the_offline_checks():
     assert result.returncode == 0 and " 0 failed" in report, report[-5000:]
     for width in (1152, 1536, 2432, 3072, 384, 4096, 4608):
         assert f"at width {width}: ok" in report, width
+    from onestep_kernels import native
+
+    if native.CUDA_LIBRARY_PATH.exists():  # the CUDA C++ kernels' rows too
+        assert "cuda layernorm backward[bf16] at width 1152 (tile 32 x 5 x 8): ok" in report
+        assert report.count("cuda sm_90 ") >= 18, report[-3000:]
 
 
 @pytest.mark.slow
 def test_each_offline_check_catches_a_kernel_that_breaks_it():
     """Each of aot's memory-bound checks fails a launch that breaks it: the padded kernels'
     2048-wide tile at D = 1152 (56% of the lanes useful); 8 warps over a 1024-wide bf16 block
-    (64-bit accesses); the gated backward at 8 warps in fp32 (it spills on sm_90); a backward
-    of 64 rows per program (128 programs at 8192 rows)."""
+    (64-bit accesses); the gated per-token backward at 2 warps in fp32 (32 elements per thread
+    and tensor: it spills); a backward of 64 rows per program (128 programs at 8192 rows)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     planted = textwrap.dedent("""
@@ -204,8 +210,8 @@ def test_each_offline_check_catches_a_kernel_that_breaks_it():
         print("lanes:", aot.lanes_problem(Launch(padded, 1152)))
         gelu = configs["bias_gelu_tanh_fwd[bf16,BLOCK_F=1024,warps=4]"]
         print("vectors:", aot.launch_problems(Launch(dataclasses.replace(gelu, num_warps=8), 4096)))
-        gated = configs["gated_residual_layernorm_modulate_bwd[fp32,CHUNK=128,PER_TOKEN=False,warps=16]"]
-        print("spills:", aot.launch_problems(Launch(dataclasses.replace(gated, num_warps=8), 1152)))
+        gated = configs["gated_residual_layernorm_modulate_bwd[fp32,CHUNK=128,PER_TOKEN=True,warps=16]"]
+        print("spills:", aot.launch_problems(Launch(dataclasses.replace(gated, num_warps=2), 1152)))
         bwd = configs["layernorm_modulate_bwd[bf16,CHUNK=128,PER_TOKEN=False,warps=8]"]
         print("grid:", aot.grid_problem(Launch(bwd, 1152, lambda B, N: B * -(-N // 64))))
         print("fine:", aot.launch_problems(Launch(bwd, 1152, lambda B, N: B * -(-N // 16))))
@@ -218,6 +224,31 @@ def test_each_offline_check_catches_a_kernel_that_breaks_it():
     assert "spill stores" in lines.get("spills", ""), result.stdout + result.stderr[-3000:]
     assert "fewer than 2 x 132 SMs" in lines.get("grid", ""), result.stdout
     assert lines.get("fine") == "[]", result.stdout + result.stderr[-3000:]
+
+
+NOT_BUILT = "libonestep_cuda.so was not built here (no nvcc at install time)"
+
+
+def test_each_cuda_check_catches_a_launch_that_breaks_it():
+    """The CUDA side of aot --memory-bound: a 256-thread tile at D = 1152 in bf16 (one vector
+    each: 56% of the lanes useful), a backward of 64 rows per block (128 blocks at 8192 rows),
+    and the one-element instantiations of the row kernels held to 128 bits (their accesses
+    are 16-bit) each fail; the tiles the launchers pick pass."""
+    from onestep_kernels import aot, native
+
+    assert "56% of the lanes useful at width 1152" in aot.cuda_lanes_problem(1152, (256, 1, 8))
+    assert aot.cuda_lanes_problem(1152, (32, 5, 8)) == ""
+    assert "fewer than 2 x 132" in aot.cuda_grid_problem(lambda B, N: B * -(-N // 64))
+    assert aot.cuda_grid_problem(lambda B, N: B * -(-N // 16)) == ""
+    if not native.CUDA_LIBRARY_PATH.exists():
+        pytest.skip(NOT_BUILT)
+    assert aot.cuda_row_tile(384, 2, aot.CUDA_FWD_VECTORS) == (16, 3, 8)
+    sass = aot._cuobjdump("-sass")
+    assert not any(aot.cuda_sass_problems(sass).values())
+    held = aot.cuda_sass_problems(sass, one_element_too=True)
+    one_element = [name for name in held if re.search(aot.ONE_ELEMENT, name)]
+    assert one_element and all("narrow: [16" in held[name] or "narrow: [32" in held[name]
+                               for name in one_element), held
 
 
 def test_inductor_can_rebuild_every_kernel_from_its_source(tmp_path):
