@@ -1,5 +1,6 @@
 // Scalar math shared by the CPU (C++17) and CUDA kernels. Only inline functions on floats:
-// no memory layout, no launch code. Everything here is exercised by the CPU kernels' tests.
+// no memory layout, no launch code. Everything here is exercised by the CPU kernels' tests,
+// or (the Welford merge, which only the CUDA kernels run) by tests/test_native_math.py.
 // Internal linkage (anonymous namespace): the CPU kernels are compiled once per instruction
 // set, and a shared out-of-line copy could hand AVX2 code to the portable variant.
 #pragma once
@@ -25,20 +26,13 @@ ONESTEP_HD float modulate(float xhat, float shift, float scale) {
 // Reciprocal standard deviation from a (biased) variance, as torch.layer_norm computes it.
 ONESTEP_HD float layernorm_rstd(float var, float eps) { return 1.0f / sqrtf(var + eps); }
 
-// Running mean / sum of squared deviations (Welford), mergeable across threads and warps.
+// A mean and sum of squared deviations over `count` values (Welford's state), mergeable
+// across threads and warps.
 struct Welford {
   float mean;
   float m2;
   float count;
 };
-
-ONESTEP_HD Welford welford_push(Welford a, float x) {
-  a.count += 1.0f;
-  const float delta = x - a.mean;
-  a.mean += delta / a.count;
-  a.m2 += delta * (x - a.mean);
-  return a;
-}
 
 // Chan et al.'s parallel merge; an empty side (count 0) leaves the other unchanged.
 ONESTEP_HD Welford welford_merge(Welford a, Welford b) {
