@@ -38,7 +38,7 @@ def make_inputs(B, N, D, modulation, generator):
 @pytest.mark.parametrize("backend,dtype,isa", backend_matrix("gated_residual_layernorm_modulate"))
 def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, generator, cpu_isa):
     cpu_isa(isa)
-    B, N = reference_rows("gated_residual_layernorm_modulate", backend, B, N)
+    B, N = reference_rows("gated_residual_layernorm_modulate", backend, B, N, D)
     dev = backend_device(backend, "gated_residual_layernorm_modulate")
     inputs = [t.to(dtype) for t in make_inputs(B, N, D, modulation, generator)]
     dres = torch.randn(B, N, D, generator=generator).to(dtype)

@@ -40,7 +40,7 @@ def make_inputs(B, N, D, modulation, generator):
 @pytest.mark.parametrize("backend,dtype,isa", backend_matrix("layernorm_modulate"))
 def test_matches_float64_reference(backend, dtype, isa, D, B, N, modulation, generator, cpu_isa):
     cpu_isa(isa)
-    B, N = reference_rows("layernorm_modulate", backend, B, N)
+    B, N = reference_rows("layernorm_modulate", backend, B, N, D)
     dev = backend_device(backend, "layernorm_modulate")
     x64, shift64, scale64 = make_inputs(B, N, D, modulation, generator)
     dy64 = torch.randn(B, N, D, generator=generator, dtype=torch.float64)

@@ -1,7 +1,8 @@
 """LayerNorm statistics at any width and offset: every backend's error stays within twice
-PyTorch's own fp32 error (against float64) at D = 2^20 and with inputs offset by 1000 (the
-Triton at 2^16, its chunked loop under the interpreter kept to seconds), forward and backward; and in fp16
-and bf16 at row means 0, 64 and 1000, within twice the op's own fp32-inside reference."""
+PyTorch's own fp32 error (against float64) at D = 2^20 and with inputs offset by 1000 (Triton
+at D = 2^14, its chunked loop under the interpreter kept to seconds), forward and backward;
+and in fp16 and bf16 at row means 0, 64 and 1000, within twice the op's own fp32-inside
+reference."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from onestep_kernels.ops import layernorm_modulate as layernorm_op
 
 # (name, D, offset): a very wide row, and a wide row far from zero.
 CASES = [("wide", 2**20, 0.0), ("offset", 65536, 1000.0)]
-WIDEST = 65536  # Triton's (any width; 512 chunks of a row under the interpreter)
+WIDEST = 16384  # Triton's (any width; 128 chunks of a row under the interpreter)
 BACKENDS = [("cpu", "avx2"), ("cpu", "base"), ("reference", None),
             pytest.param("triton", None, marks=pytest.mark.slow)]
 
