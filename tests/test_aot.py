@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 
-
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 
