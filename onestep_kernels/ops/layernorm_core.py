@@ -13,11 +13,10 @@ is one CHUNK-wide load per chunk for the whole tile.
 Statistics: each chunk's mean and centred sum of squares are computed in registers (two passes
 over the chunk, exact for rows far from zero mean) and merged into the row's running ones by
 Chan's formula (one division per chunk and row, none per element), the running mean kept
-relative to the first chunk's. The alternative, a first
-pass for the mean and a second for the variance around it, reads the row three times instead
-of twice; the merge keeps the two-pass accuracy without the third read. The output pass reads
-the row again; the program has just read it, so that read is served by the L1/L2 caches and
-DRAM sees each input once.
+relative to the first chunk's. The alternative, a first pass for the mean and a second for the
+variance around it, reads the row three times instead of twice; the merge keeps the two-pass
+accuracy without the third read. The output pass reads the row again; the program has just
+read it, so that read is served by the L1/L2 caches and DRAM sees each input once.
 """
 
 from __future__ import annotations
@@ -41,14 +40,11 @@ CHUNKS = (128, 64, 32, 16)
 MIN_USEFUL_LANES = 0.85
 # Rows per forward program (all of one sample): a tile of FWD_TILE elements (8 rows of 128;
 # more rows of narrower chunks: a 2-warp tile of 8 rows of 64 spilled on sm_80). Rows per
-# backward program, which is also the
-# granularity of its per-sample partial sums: 16 keeps those at 1/16 of the input in fp32 and
-# the grid at B*N/16 programs (512 at B*N = 8192: twice an H100's 132 SMs and more).
+# backward program, which is also the granularity of its per-sample partial sums: 16 keeps
+# those at 1/16 of the input in fp32 and the grid at B*N/16 programs (512 at B*N = 8192: twice
+# an H100's 132 SMs and more; onestep_kernels.aot checks it).
 FWD_TILE = 1024
 BWD_ROWS = 16
-# The GPU the backward's grid is sized for, and the rows at which the rule applies.
-SM_COUNT = 132
-FULL_GRID_ROWS = 8192
 # Elements of a tile per thread at most, per tensor: 8 in the forward (16 spilled); in the
 # backward, which keeps more tensors live, one 16-byte vector (the gated backward spilled at 8
 # fp32 per thread on sm_90), so a backward tile takes 8 warps in 16-bit dtypes, 16 in fp32.
