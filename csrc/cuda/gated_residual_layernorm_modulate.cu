@@ -88,49 +88,27 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // RPG: rows per row group, kBwdRows / groups (at least 1: groups past kBwdRows hold none).
+// (A minimum of one block per SM declared: without it ptxas 13.0 held some instantiations to
+// 80 registers and spilled.)
 template <typename T, int W, int RPG>
-// (a minimum of one block per SM declared: without it ptxas 13.0 held some instantiations
-// to 80 registers and spilled)
 __global__ void __launch_bounds__(kThreads, 1)
     grlnmod_bwd_kernel(const onestep::GatedResidualBwdParams p, const RowTile tile) {
-  const int columns = tile.columns, groups = tile.groups();
-  const int j = threadIdx.x % columns, group = threadIdx.x / columns;
-  const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
+  const int columns = tile.columns, j = threadIdx.x % columns;
+  const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x, B = gridDim.y;
   const bool per_token = p.per_token != 0;
-  // row r of this group: first_row + group + r * groups, token first_n + group + r * groups
-  const int64_t first_n = chunk * kBwdRows, first_row = b * p.N + first_n;
-  // the rows' statistics, and after the first walk their g sums, are the same for every
-  // column thread of a row: kept once per block in shared memory, not in each thread's
-  // registers (where the gated backward spilled)
-  __shared__ float row_stats[4][kBwdRows];  // mean, rstd, mean of g, mean of g xhat
-  float* const mean_of = row_stats[0];
-  float* const rstd_of = row_stats[1];
-  float* const mean_g_of = row_stats[2];
-  float* const mean_gx_of = row_stats[3];
-  if (threadIdx.x < kBwdRows) {
-    const bool ok = chunk * kBwdRows + threadIdx.x < p.N;
-    mean_of[threadIdx.x] = ok ? p.mean[b * p.N + chunk * kBwdRows + threadIdx.x] : 0.0f;
-    rstd_of[threadIdx.x] = ok ? p.rstd[b * p.N + chunk * kBwdRows + threadIdx.x] : 0.0f;
-  }
-  __syncthreads();
-  float sum_g[RPG], sum_gx[RPG];
-  bool row_ok[RPG];
-#pragma unroll
-  for (int r = 0; r < RPG; ++r) {
-    const int local = group + r * groups;
-    row_ok[r] = local < kBwdRows && chunk * kBwdRows + local < p.N;
-    sum_g[r] = sum_gx[r] = 0.0f;
-  }
+  const BlockRows<kBwdRows, RPG> rows(p.mean, p.rstd, b, chunk, p.N, tile);
   const T* dres = static_cast<const T*>(p.dres);
   const T* dout = static_cast<const T*>(p.dout);
   const T* x = static_cast<const T*>(p.x);
   const T* y = static_cast<const T*>(p.y);
   const T* gate = static_cast<const T*>(p.gate) + b * p.gate_sb;
   const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb;
-  const int64_t B = gridDim.y;
   float* partial_gate = p.partials + ((0 * B + b) * chunks + chunk) * p.D;
   float* partial_shift = p.partials + ((1 * B + b) * chunks + chunk) * p.D;
   float* partial_scale = p.partials + ((2 * B + b) * chunks + chunk) * p.D;
+  float sum_g[RPG], sum_gx[RPG];
+#pragma unroll
+  for (int r = 0; r < RPG; ++r) sum_g[r] = sum_gx[r] = 0.0f;
   for (int i = 0; i < tile.vectors; ++i) {  // first walk: row sums, shift and scale gradients
     const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
     const bool col_ok = col < p.D;
@@ -143,18 +121,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll
     for (int r = 0; r < RPG; ++r) {
-      if (!(row_ok[r] && col_ok)) continue;
+      if (!(rows.ok[r] && col_ok)) continue;
+      const int64_t row = rows.row(r) * p.D + col, n = rows.token(r);
+      const float mean = rows.mean[rows.local(r)], rstd = rows.rstd[rows.local(r)];
       float d[W], xv[W], yv[W], dscale[W];
-      load_vector<W>(dout + (first_row + group + r * groups) * p.D + col, d);
-      load_vector<W>(x + (first_row + group + r * groups) * p.D + col, xv);
-      load_vector<W>(y + (first_row + group + r * groups) * p.D + col, yv);
+      load_vector<W>(dout + row, d);
+      load_vector<W>(x + row, xv);
+      load_vector<W>(y + row, yv);
       if (per_token) {
-        load_vector<W>(gate + (first_n + group + r * groups) * p.gate_sn + col, gv);
-        load_vector<W>(scale + (first_n + group + r * groups) * p.scale_sn + col, sc);
+        load_vector<W>(gate + n * p.gate_sn + col, gv);
+        load_vector<W>(scale + n * p.scale_sn + col, sc);
       }
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        const float xhat = (gv[k] * yv[k] + xv[k] - mean_of[group + r * groups]) * rstd_of[group + r * groups];
+        const float xhat = (gv[k] * yv[k] + xv[k] - mean) * rstd;
         dscale[k] = d[k] * xhat;
         acc_shift[k] += d[k];
         acc_scale[k] += dscale[k];
@@ -163,8 +143,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         sum_gx[r] += gk * xhat;
       }
       if (per_token) {
-        store_vector<W>(static_cast<T*>(p.dshift) + (first_row + group + r * groups) * p.D + col, d);
-        store_vector<W>(static_cast<T*>(p.dscale) + (first_row + group + r * groups) * p.D + col, dscale);
+        store_vector<W>(static_cast<T*>(p.dshift) + row, d);
+        store_vector<W>(static_cast<T*>(p.dscale) + row, dscale);
       }
     }
     if (!per_token) {
@@ -172,17 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sum_over_groups<W>(acc_scale, columns, col_ok, partial_scale + col);
     }
   }
-  const float inv_d = 1.0f / static_cast<float>(p.D);
-#pragma unroll
-  for (int r = 0; r < RPG; ++r) {
-    const float mean_g = group_sum(sum_g[r], columns) * inv_d;
-    const float mean_gx = group_sum(sum_gx[r], columns) * inv_d;
-    if (j == 0 && group + r * groups < kBwdRows) {
-      mean_g_of[group + r * groups] = mean_g;
-      mean_gx_of[group + r * groups] = mean_gx;
-    }
-  }
-  __syncthreads();
+  rows.finish_sums(sum_g, sum_gx, columns, p.D);
   for (int i = 0; i < tile.vectors; ++i) {  // second walk: dx, dy, the gate's gradient
     const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
     const bool col_ok = col < p.D;
@@ -195,29 +165,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll
     for (int r = 0; r < RPG; ++r) {
-      if (!(row_ok[r] && col_ok)) continue;
+      if (!(rows.ok[r] && col_ok)) continue;
+      const int64_t row = rows.row(r) * p.D + col, n = rows.token(r);
+      const int local = rows.local(r);
       float dr[W], d[W], xv[W], yv[W], dyv[W], dg[W];
-      load_vector<W>(dres + (first_row + group + r * groups) * p.D + col, dr);
-      load_vector<W>(dout + (first_row + group + r * groups) * p.D + col, d);
-      load_vector<W>(x + (first_row + group + r * groups) * p.D + col, xv);
-      load_vector<W>(y + (first_row + group + r * groups) * p.D + col, yv);
+      load_vector<W>(dres + row, dr);
+      load_vector<W>(dout + row, d);
+      load_vector<W>(x + row, xv);
+      load_vector<W>(y + row, yv);
       if (per_token) {
-        load_vector<W>(gate + (first_n + group + r * groups) * p.gate_sn + col, gv);
-        load_vector<W>(scale + (first_n + group + r * groups) * p.scale_sn + col, sc);
+        load_vector<W>(gate + n * p.gate_sn + col, gv);
+        load_vector<W>(scale + n * p.scale_sn + col, sc);
       }
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        const float xhat = (gv[k] * yv[k] + xv[k] - mean_of[group + r * groups]) * rstd_of[group + r * groups];
-        const int local = group + r * groups;
-        dr[k] += onestep::layernorm_dx(d[k] * (1.0f + sc[k]), xhat, mean_g_of[local],
-                                       mean_gx_of[local], rstd_of[local]);
+        const float xhat = (gv[k] * yv[k] + xv[k] - rows.mean[local]) * rows.rstd[local];
+        dr[k] += onestep::layernorm_dx(d[k] * (1.0f + sc[k]), xhat, rows.mean_g[local],
+                                       rows.mean_gx[local], rows.rstd[local]);
         dyv[k] = dr[k] * gv[k];
         dg[k] = dr[k] * yv[k];
         acc_gate[k] += dg[k];
       }
-      store_vector<W>(static_cast<T*>(p.dx) + (first_row + group + r * groups) * p.D + col, dr);
-      store_vector<W>(static_cast<T*>(p.dy) + (first_row + group + r * groups) * p.D + col, dyv);
-      if (per_token) store_vector<W>(static_cast<T*>(p.dgate) + (first_row + group + r * groups) * p.D + col, dg);
+      store_vector<W>(static_cast<T*>(p.dx) + row, dr);
+      store_vector<W>(static_cast<T*>(p.dy) + row, dyv);
+      if (per_token) store_vector<W>(static_cast<T*>(p.dgate) + row, dg);
     }
     if (!per_token) sum_over_groups<W>(acc_gate, columns, col_ok, partial_gate + col);
   }

@@ -84,45 +84,25 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // RPG: rows per row group, kBwdRows / groups (at least 1: groups past kBwdRows hold none).
+// (A minimum of one block per SM declared: without it ptxas 13.0 held some instantiations to
+// 80 registers and spilled.)
 template <typename T, int W, int RPG>
-// (a minimum of one block per SM declared: without it ptxas 13.0 held some instantiations
-// to 80 registers and spilled)
 __global__ void __launch_bounds__(kThreads, 1)
     lnmod_bwd_kernel(const onestep::LayerNormModulateBwdParams p, const RowTile tile) {
-  const int columns = tile.columns, groups = tile.groups();
-  const int j = threadIdx.x % columns, group = threadIdx.x / columns;
+  const int columns = tile.columns, j = threadIdx.x % columns;
   const int64_t b = blockIdx.y, chunk = blockIdx.x, chunks = gridDim.x;
   const bool per_token = p.per_token != 0;
-  // row r of this group: first_row + group + r * groups, token first_n + group + r * groups
-  const int64_t first_n = chunk * kBwdRows, first_row = b * p.N + first_n;
-  // this group's rows of the block (none past kBwdRows or N)
-  // the rows' statistics, and after the first walk their g sums, are the same for every
-  // column thread of a row: kept once per block in shared memory, not in each thread's
-  // registers (where the gated backward spilled)
-  __shared__ float row_stats[4][kBwdRows];  // mean, rstd, mean of g, mean of g xhat
-  float* const mean_of = row_stats[0];
-  float* const rstd_of = row_stats[1];
-  float* const mean_g_of = row_stats[2];
-  float* const mean_gx_of = row_stats[3];
-  if (threadIdx.x < kBwdRows) {
-    const bool ok = chunk * kBwdRows + threadIdx.x < p.N;
-    mean_of[threadIdx.x] = ok ? p.mean[b * p.N + chunk * kBwdRows + threadIdx.x] : 0.0f;
-    rstd_of[threadIdx.x] = ok ? p.rstd[b * p.N + chunk * kBwdRows + threadIdx.x] : 0.0f;
-  }
-  __syncthreads();
-  float sum_g[RPG], sum_gx[RPG];
-  bool row_ok[RPG];
-#pragma unroll
-  for (int r = 0; r < RPG; ++r) {
-    const int local = group + r * groups;
-    row_ok[r] = local < kBwdRows && chunk * kBwdRows + local < p.N;
-    sum_g[r] = sum_gx[r] = 0.0f;
-  }
+  const BlockRows<kBwdRows, RPG> rows(p.mean, p.rstd, b, chunk, p.N, tile);
   const T* dy = static_cast<const T*>(p.dy);
-  const T* x = static_cast<const T*>(p.x);
+  const T* x = static_cast<const T*>(p.x) + b * p.x_sb;
   const T* scale = static_cast<const T*>(p.scale) + b * p.scale_sb;
+  T* dshift = static_cast<T*>(p.dshift);
+  T* dscale = static_cast<T*>(p.dscale);
   float* partial_shift = p.partials + ((0 * gridDim.y + b) * chunks + chunk) * p.D;
   float* partial_scale = p.partials + ((1 * gridDim.y + b) * chunks + chunk) * p.D;
+  float sum_g[RPG], sum_gx[RPG];
+#pragma unroll
+  for (int r = 0; r < RPG; ++r) sum_g[r] = sum_gx[r] = 0.0f;
   for (int i = 0; i < tile.vectors; ++i) {  // first walk: row sums, modulation gradients
     const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
     const bool col_ok = col < p.D;
@@ -132,26 +112,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!per_token && col_ok) load_vector<W>(scale + col, sc);
 #pragma unroll
     for (int r = 0; r < RPG; ++r) {
-      if (!(row_ok[r] && col_ok)) continue;
-      const int64_t n = first_n + group + r * groups;
-      float g[W], xv[W];
-      load_vector<W>(dy + (first_row + group + r * groups) * p.D + col, g);
-      load_vector<W>(x + b * p.x_sb + n * p.x_sn + col, xv);
+      if (!(rows.ok[r] && col_ok)) continue;
+      const int64_t row = rows.row(r) * p.D + col, n = rows.token(r);
+      const float mean = rows.mean[rows.local(r)], rstd = rows.rstd[rows.local(r)];
+      float g[W], xv[W], gx[W];
+      load_vector<W>(dy + row, g);
+      load_vector<W>(x + n * p.x_sn + col, xv);
       if (per_token) load_vector<W>(scale + n * p.scale_sn + col, sc);
-      float dscale[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        const float xhat = (xv[k] - mean_of[group + r * groups]) * rstd_of[group + r * groups];
-        dscale[k] = g[k] * xhat;
+        const float xhat = (xv[k] - mean) * rstd;
+        gx[k] = g[k] * xhat;
         acc_shift[k] += g[k];
-        acc_scale[k] += dscale[k];
+        acc_scale[k] += gx[k];
         const float gk = g[k] * (1.0f + sc[k]);
         sum_g[r] += gk;
         sum_gx[r] += gk * xhat;
       }
       if (per_token) {
-        store_vector<W>(static_cast<T*>(p.dshift) + (first_row + group + r * groups) * p.D + col, g);
-        store_vector<W>(static_cast<T*>(p.dscale) + (first_row + group + r * groups) * p.D + col, dscale);
+        store_vector<W>(dshift + row, g);
+        store_vector<W>(dscale + row, gx);
       }
     }
     if (!per_token) {
@@ -159,17 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sum_over_groups<W>(acc_scale, columns, col_ok, partial_scale + col);
     }
   }
-  const float inv_d = 1.0f / static_cast<float>(p.D);
-#pragma unroll
-  for (int r = 0; r < RPG; ++r) {
-    const float mean_g = group_sum(sum_g[r], columns) * inv_d;
-    const float mean_gx = group_sum(sum_gx[r], columns) * inv_d;
-    if (j == 0 && group + r * groups < kBwdRows) {
-      mean_g_of[group + r * groups] = mean_g;
-      mean_gx_of[group + r * groups] = mean_gx;
-    }
-  }
-  __syncthreads();
+  rows.finish_sums(sum_g, sum_gx, columns, p.D);
   T* dx = static_cast<T*>(p.dx);
   for (int i = 0; i < tile.vectors; ++i) {  // second walk: dx
     const int64_t col = (static_cast<int64_t>(i) * columns + j) * W;
@@ -178,20 +148,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!per_token) load_vector<W>(scale + col, sc);
 #pragma unroll
     for (int r = 0; r < RPG; ++r) {
-      if (!row_ok[r]) continue;
-      const int64_t n = first_n + group + r * groups;
+      if (!rows.ok[r]) continue;
+      const int64_t row = rows.row(r) * p.D + col, n = rows.token(r);
+      const int local = rows.local(r);
       float g[W], xv[W], out[W];
-      load_vector<W>(dy + (first_row + group + r * groups) * p.D + col, g);
-      load_vector<W>(x + b * p.x_sb + n * p.x_sn + col, xv);
+      load_vector<W>(dy + row, g);
+      load_vector<W>(x + n * p.x_sn + col, xv);
       if (per_token) load_vector<W>(scale + n * p.scale_sn + col, sc);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        const float xhat = (xv[k] - mean_of[group + r * groups]) * rstd_of[group + r * groups];
-        const int local = group + r * groups;
-        out[k] = onestep::layernorm_dx(g[k] * (1.0f + sc[k]), xhat, mean_g_of[local],
-                                       mean_gx_of[local], rstd_of[local]);
+        const float xhat = (xv[k] - rows.mean[local]) * rows.rstd[local];
+        out[k] = onestep::layernorm_dx(g[k] * (1.0f + sc[k]), xhat, rows.mean_g[local],
+                                       rows.mean_gx[local], rows.rstd[local]);
       }
-      store_vector<W>(dx + (first_row + group + r * groups) * p.D + col, out);
+      store_vector<W>(dx + row, out);
     }
   }
 }

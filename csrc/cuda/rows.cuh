@@ -212,6 +212,65 @@ __device__ __forceinline__ void sum_over_groups(const float (&v)[W], int columns
   }
 }
 
+// A backward block's rows: Rows rows of one sample, tokens first_n, first_n + 1, ...; row
+// group `group` holds the block's rows group, group + groups, ... (RPG of them). Their mean
+// and rstd, and after the first walk their means of g and g xhat, are the same for every
+// column thread of a row: kept once per block in shared memory (in each thread's registers the
+// gated backward spilled).
+template <int Rows, int RPG>
+struct BlockRows {
+  int group, groups;
+  int64_t first_n, first_row;
+  bool ok[RPG];
+  float* mean;     // [Rows] each, in shared memory
+  float* rstd;
+  float* mean_g;
+  float* mean_gx;
+
+  __device__ int local(int r) const { return group + r * groups; }
+  __device__ int64_t row(int r) const { return first_row + local(r); }    // in B * N
+  __device__ int64_t token(int r) const { return first_n + local(r); }    // in N
+
+  // Called by every thread of the block (it synchronises it).
+  __device__ BlockRows(const float* means, const float* rstds, int64_t b, int64_t chunk,
+                       int64_t N, const RowTile& tile) {
+    __shared__ float stats[4][Rows];
+    mean = stats[0];
+    rstd = stats[1];
+    mean_g = stats[2];
+    mean_gx = stats[3];
+    group = threadIdx.x / tile.columns;
+    groups = tile.groups();
+    first_n = chunk * Rows;
+    first_row = b * N + first_n;
+    if (threadIdx.x < Rows) {
+      const bool valid = first_n + threadIdx.x < N;
+      mean[threadIdx.x] = valid ? means[first_row + threadIdx.x] : 0.0f;
+      rstd[threadIdx.x] = valid ? rstds[first_row + threadIdx.x] : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < RPG; ++r) ok[r] = local(r) < Rows && token(r) < N;
+    __syncthreads();
+  }
+
+  // The rows' means of g and g xhat from each thread's sums over its vectors (sum_g, sum_gx),
+  // into shared memory. Called by every thread of the block.
+  __device__ void finish_sums(const float (&sum_g)[RPG], const float (&sum_gx)[RPG],
+                              int columns, int64_t D) const {
+    const float inv_d = 1.0f / static_cast<float>(D);
+#pragma unroll
+    for (int r = 0; r < RPG; ++r) {
+      const float g = group_sum(sum_g[r], columns) * inv_d;
+      const float gx = group_sum(sum_gx[r], columns) * inv_d;
+      if (threadIdx.x % columns == 0 && local(r) < Rows) {
+        mean_g[local(r)] = g;
+        mean_gx[local(r)] = gx;
+      }
+    }
+    __syncthreads();
+  }
+};
+
 // Calls launch(std::integral_constant<int, RPG>) with RPG = rows / tile.groups() (at least 1),
 // the rows each row group of a block of `rows` rows takes: the backward kernels keep that many
 // rows' statistics and sums in registers, sized at compile time. False if no case matches.
