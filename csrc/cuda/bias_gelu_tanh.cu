@@ -71,10 +71,6 @@ __global__ void __launch_bounds__(kThreads)
   sum_over_groups<W>(acc, columns, col_ok, p.partials + blockIdx.x * p.F + col);
 }
 
-int launch_status() {
-  return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
-}
-
 // The band of columns per block: every row's vectors split into bands of `columns` threads,
 // as many bands (tile.vectors) as the row needs.
 template <typename T, typename Params>

@@ -194,19 +194,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-int launch_status() {
-  return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
-}
-
 template <typename T>
 int fwd(const onestep::GatedResidualFwdParams& p, cudaStream_t stream) {
   constexpr int V = kVector<T>;
-  RowTile tile{0, 0, 1};
-  const bool vectors = vectors_fit(
-      V, {p.x, p.y, p.gate, p.shift, p.scale, p.res, p.out},
-      {p.D, p.gate_sb, p.gate_sn, p.shift_sb, p.shift_sn, p.scale_sb, p.scale_sn});
-  if (vectors) tile = RowTile::plan(p.D, V, kMaxVectorsPerThread);
-  if (tile.columns == 0) tile = RowTile::plan(p.D, 1, kMaxScalarsPerThread);
+  const RowTile tile = RowTile::held(
+      p.D, V, vectors_fit(V, {p.x, p.y, p.gate, p.shift, p.scale, p.res, p.out},
+                          {p.D, p.gate_sb, p.gate_sn, p.shift_sb, p.shift_sn, p.scale_sb,
+                           p.scale_sn}));
   if (tile.columns == 0) return onestep::kBadSize;
   const dim3 grid(static_cast<unsigned>((p.N + tile.groups() - 1) / tile.groups()),
                   static_cast<unsigned>(p.B));

@@ -166,18 +166,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-int launch_status() {
-  return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
-}
-
 template <typename T>
 int fwd(const onestep::LayerNormModulateFwdParams& p, cudaStream_t stream) {
   constexpr int V = kVector<T>;
-  RowTile tile{0, 0, 1};
-  if (vectors_fit(V, {p.x, p.shift, p.scale, p.out},
-                  {p.D, p.x_sb, p.x_sn, p.shift_sb, p.shift_sn, p.scale_sb, p.scale_sn}))
-    tile = RowTile::plan(p.D, V, kMaxVectorsPerThread);
-  if (tile.columns == 0) tile = RowTile::plan(p.D, 1, kMaxScalarsPerThread);
+  const RowTile tile = RowTile::held(
+      p.D, V, vectors_fit(V, {p.x, p.shift, p.scale, p.out},
+                          {p.D, p.x_sb, p.x_sn, p.shift_sb, p.shift_sn, p.scale_sb, p.scale_sn}));
   if (tile.columns == 0) return onestep::kBadSize;
   const dim3 grid(static_cast<unsigned>((p.N + tile.groups() - 1) / tile.groups()),
                   static_cast<unsigned>(p.B));

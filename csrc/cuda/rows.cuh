@@ -13,11 +13,13 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
 
+#include "../common/status.h"
 #include "block_reduce.cuh"
 
 namespace onestep::cuda {
@@ -53,6 +55,14 @@ struct RowTile {
       }
     }
     return best;
+  }
+
+  // The tile of a kernel that holds a row in registers: 16-byte vectors of `vector` elements
+  // where `vectors_fit`, else (or where no vector tile holds the row) one element per vector.
+  static RowTile held(int64_t D, int vector, bool vectors_fit) {
+    RowTile tile{0, 0, 1};
+    if (vectors_fit) tile = plan(D, vector, kMaxVectorsPerThread);
+    return tile.columns != 0 ? tile : plan(D, 1, kMaxScalarsPerThread);
   }
 };
 
@@ -310,6 +320,10 @@ int add_up_partials(const float* partials, int64_t planes, int64_t B, int64_t ch
   add_up_partials_kernel<T><<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads,
                               0, stream>>>(partials, planes, B, chunks, D, static_cast<T*>(out0),
                                            static_cast<T*>(out1), static_cast<T*>(out2));
+  return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
+}
+
+inline int launch_status() {
   return cudaGetLastError() == cudaSuccess ? onestep::kOk : onestep::kCudaError;
 }
 
