@@ -616,9 +616,9 @@ def slt_floor(model, B: int, N: int, device, dtype) -> Callable:
 
 def screening_models(s: Setting, classes: int = 1000):
     """The time budget's networks, random weights: (a `s.dit`-shaped one-step teacher, a FlowDiT
-    whose sample is x0 + f(x0, 1, y); the `s.screen` SLT; its preview class head over the
+    whose sample is x0 + f(x0, 1, y); the `s.screen` SLT; its preview classifier over the
     latent's C H W values, `classes` classes), on the setting's device, in its dtype but the
-    head."""
+    classifier's."""
     from onestep_models.dit import DIT_SIZES, FlowDiT
     from onestep_models.slt import SLT_SIZES, SingleLayerTransformer
 
@@ -630,20 +630,23 @@ def screening_models(s: Setting, classes: int = 1000):
                       fused=True)
     slt = SingleLayerTransformer(**SLT_SIZES[s.screen], input_size=s.dit_input, in_channels=4,
                                  num_classes=classes, fused=True)
-    head = torch.nn.Linear(4 * s.dit_input ** 2, classes)
+    from onestep_models.screening import PreviewClassifier
+
+    head = PreviewClassifier(4 * s.dit_input ** 2, classes)
     with torch.no_grad():
         for net in (teacher, slt):
             for p in net.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.02)
-    # (the head stays fp32: score_candidates reads it so, and a bf16 one is converted per call)
+    # (the classifier stays fp32: score_candidates reads its head so, and a bf16 one is
+    # converted per call)
     return (teacher.to(s.device, s.dtype).eval(), slt.to(s.device, s.dtype).eval(),
             head.to(s.device))
 
 
 def screening_contenders(s: Setting, cuda_graphs: bool):
     """(teacher(): one teacher sample at B = 1, screen(): `s.screen_candidates` candidates
-    scored by the preview class head and the teacher's sample from the best, FLOPs of each)."""
+    scored by the preview classifier and the teacher's sample from the best, FLOPs of each)."""
     from onestep_kernels.cuda_graph import CUDAGraphed
     from onestep_models import screening
 
@@ -659,7 +662,8 @@ def screening_contenders(s: Setting, cuda_graphs: bool):
                                   noise_on="device")
     x0 = torch.randn(1, *shape, device=s.device, dtype=s.dtype)
     y = torch.tensor([7], device=s.device)
-    head_flops = 2.0 * s.screen_candidates * head.in_features * head.out_features
+    head_flops = 2.0 * s.screen_candidates * sum(
+        layer.in_features * layer.out_features for layer in (head.embed[1], head.head))
     flops = {"teacher": screening.dit_flops(teacher_net),
              "screen": screening.screening_flops(slt, s.screen_candidates) + head_flops}
     return (lambda: sample(x0, y)), (lambda: screener(y, seed=0)), flops
@@ -676,7 +680,7 @@ def score_candidates_expression(features, n_candidates, weight, bias, target):
 
 def row_screening(row: Row) -> None:
     """Noise screening's time budget at DiT-XL/2 shape: one teacher sample at B = 1 against
-    screening 128 candidates with the slt-screen SLT and its preview class head, then the
+    screening 128 candidates with the slt-screen SLT and its preview classifier, then the
     teacher on the best, each replayed from a CUDA graph; analytic FLOPs of both. And the
     scoring op at the screening SLT's features against the PyTorch expression, its
     torch.compile and a copy of the features."""

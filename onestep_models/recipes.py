@@ -37,7 +37,12 @@ from onestep_models.data_record import RecordedDataset
 from onestep_models.direct import DirectConfig, DirectModel
 from onestep_models.dit import DIT_SIZES, FlowDiT
 from onestep_models.flow import FlowMatching
-from onestep_models.slt import SLT_SIZES, SingleLayerTransformer, SLTDistillation
+from onestep_models.slt import (
+    SLT_SIZES,
+    SingleLayerTransformer,
+    SLTDistillation,
+    default_depth_steps,
+)
 
 RECIPES = ("flow", "direct", "slimflow_reflow", "slimflow_distill", "slt")
 
@@ -250,21 +255,24 @@ def slt_run_config(teacher_ckpt: Path, size: str, fused: bool, options: dict[str
                    ) -> tuple[dict[str, Any], TensorDataset, int]:
     """(the run config, the data-free dataset, the number of classes) of an SLT distilled from
     the one-step run `teacher_ckpt`: the named SLT size (`SLT_SIZES`) at the teacher's data
-    shape and classes, K = the teacher's depth unless `depth_steps` is given, the P feature
-    patches (`options["patches"]`, default 4) fused by its head (`fusion`; else its last state
-    alone); the teacher recorded by checkpoint and digest."""
+    shape and classes, K = the teacher's depth (a quarter of it for the screening sizes,
+    `slt.DEPTH_FRACTION`) unless `depth_steps` is given, the P feature patches
+    (`options["patches"]`, default 4, or K where K < 4) fused by its head (`fusion`; else its
+    last state alone); the teacher recorded by checkpoint and digest."""
     if size not in SLT_SIZES:
         raise ArgumentError(f"model: unknown SLT size {size!r} (expected one of "
                             f"{', '.join(SLT_SIZES)})")
     _, teacher = load_one_step_teacher(teacher_ckpt)
     teacher_model = teacher["run"]["model"]
-    options = {"patches": 4, **options}
+    options = {"patches": None, **options}
     model = dict(SLT_SIZES[size], input_size=teacher_model["input_size"],
                  in_channels=teacher_model["in_channels"],
                  num_classes=teacher_model.get("num_classes", 0),
                  class_dropout_prob=0.1 if teacher_model.get("num_classes", 0) else 0.0,
                  fused=fused)
-    model["depth_steps"] = depth_steps or teacher_model["depth"]
+    model["depth_steps"] = depth_steps or default_depth_steps(size, teacher_model["depth"])
+    if options["patches"] is None:  # (the default: 4, or one per application where K < 4)
+        options["patches"] = min(4, model["depth_steps"])
     if patch_size is not None:
         model["patch_size"] = patch_size
     model["fusion_states"] = options["patches"] if fusion else 1
@@ -292,7 +300,7 @@ def default_options(recipe: str) -> dict[str, Any]:
         return {"distance": "pseudo_huber", "guidance": True}
     if recipe == "slt":
         return {"output_weight": 1.0, "feature_weight": 1.0, "class_dropout": 0.1,
-                "patches": 4}
+                "patches": None}
     raise ArgumentError(f"recipe: unknown {recipe!r} (expected one of {RECIPES})")
 
 

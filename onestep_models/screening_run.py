@@ -25,6 +25,10 @@ from onestep_models.run_dir import latest_checkpoint, load_weights, read_checkpo
 
 SCORERS = ("preview", "null_state", "cosine")
 
+# The preview classifier's adaptation to an SLT (screening.distill_preview_classifier): about a
+# minute on the digits, once per SLT checkpoint (the demo scales it down with its --steps).
+PREVIEW_DISTILLATION = {"samples": 100_000, "steps": 10_000}
+
 
 class ScreenedSampler:
     """(x0, y) -> the teacher's samples from each condition's best of N screened noises (x0
@@ -51,9 +55,11 @@ def _one_step(network, time_value: float):
 
 
 def load_screening(teacher_ckpt: Path, slt_run: Path, device: torch.device,
-                   scorer: str = "preview", cuda_graphs: bool = True) -> dict[str, Any]:
+                   scorer: str = "preview", cuda_graphs: bool = True,
+                   distillation: dict[str, int] | None = None) -> dict[str, Any]:
     """The pieces of a screened sampler: {"slt", "slt_time", "teacher", "scorer", "shape",
-    "num_classes", "head"}; one-line UsageErrors for runs that do not fit together."""
+    "num_classes", "head"}; one-line UsageErrors for runs that do not fit together.
+    `distillation`: settings of the preview classifier's (`PREVIEW_DISTILLATION`'s keys)."""
     if slt_run is None:
         raise UsageError("--screen: needs --slt RUN (an SLT distilled from this teacher)")
     if scorer not in SCORERS:
@@ -95,7 +101,8 @@ def load_screening(teacher_ckpt: Path, slt_run: Path, device: torch.device,
         chosen = screening.CosineScorer()
     else:
         head = screening_head(Path(slt_run), scorer, teacher, network, slt,
-                              float(teacher["time"]), str(Path(checkpoint).resolve()))
+                              float(teacher["time"]), str(Path(checkpoint).resolve()),
+                              distillation)
         chosen = screening.ClassHeadScorer(head.to(device), source=scorer)
     return {"slt": slt, "slt_time": float(teacher["time"]),
             "teacher": _one_step(network, float(teacher["time"])), "scorer": chosen,
@@ -110,31 +117,37 @@ def screened_sampler(pieces: dict[str, Any], n_candidates: int, seed: int) -> Sc
 
 
 def screening_head(slt_run: Path, source: str, teacher: dict, network, slt,
-                   slt_time: float, slt_checkpoint: str):
+                   slt_time: float, slt_checkpoint: str,
+                   distillation: dict[str, int] | None = None):
     """The class head for `source`, fitted once and kept in the SLT run directory
     (screening_head_<source>.safetensors, written atomically; refitted when what it was
-    fitted from differs): "preview" a logistic regression on the teacher's real training
-    images (it depends on the teacher's data alone), "null_state" `train_class_head` with a
-    PixelLabeler fitted on them (it depends on the teacher and on this SLT checkpoint)."""
+    fitted from differs): "preview" a `PreviewClassifier` fitted on the teacher's real
+    training images and distilled on this SLT's previews, "null_state" `train_class_head`
+    with that real-image classifier as the labeler. Both depend on the teacher and on this
+    SLT checkpoint."""
     path = slt_run / f"screening_head_{source}.safetensors"
-    meta: dict[str, Any] = {"source": source, "teacher_digest": teacher["digest"]}
-    if source == "null_state":
-        meta["slt_checkpoint"] = slt_checkpoint
+    meta: dict[str, Any] = {"source": source, "teacher_digest": teacher["digest"],
+                            "slt_checkpoint": slt_checkpoint,
+                            "classifier": "preview-mlp-256"}
+    if source == "preview":
+        meta["distillation"] = {**PREVIEW_DISTILLATION, **(distillation or {})}
     if path.exists():
         head, recorded = screening.load_head(path)
         if all(recorded.get(key) == value for key, value in meta.items()):
             return head
     dataset, num_classes = recipes.load_data(recipes.real_data(teacher["run"]["data"]))
     images, labels = dataset.tensors[0], dataset.tensors[1]
+    classifier = screening.fit_preview_classifier(images, labels)
+    teacher_sample = _one_step(network, teacher["time"])
+    shape = tuple(images.shape[1:])
     if source == "preview":
-        head = screening.fit_image_head(images, labels)
+        head, report = screening.distill_preview_classifier(
+            classifier, slt, slt_time, teacher_sample, num_classes, shape=shape,
+            **meta["distillation"])
     else:
-        labeler = screening.PixelLabeler(images, labels)
-        shape = tuple(images.shape[1:])
         head, report = screening.train_class_head(
-            slt, slt_time, _one_step(network, teacher["time"]), labeler, num_classes,
-            shape=shape)
-        meta["report"] = {k: float(v) for k, v in vars(report).items()}
+            slt, slt_time, teacher_sample, classifier.probabilities, num_classes, shape=shape)
+    meta["report"] = {k: float(v) for k, v in vars(report).items()}
     screening.save_head(path, head.cpu(), meta)
     return head
 

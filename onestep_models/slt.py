@@ -85,7 +85,8 @@ class SingleLayerTransformer(nn.Module):
     hidden_size, num_heads, mlp_ratio: the one block's width, heads and MLP ratio.
     depth_steps: K, the applications of the block (default 28: DiT-XL/2's depth).
     schedule: the steps Delta_k ("uniform": 1/K, "unit": 1).
-    fusion_states: P, the states the output head fuses (1: the last one alone).
+    fusion_states: P, the states the output head fuses (1: the last one alone; default 4,
+        or K where K < 4).
     num_classes, class_dropout_prob: labels (0: unconditional) and whether the null class
         exists (labels are dropped by the recipes, not inside).
     fused: the loop on onestep's fused ops (FusedDiTBlock's parameters; the same state_dict
@@ -94,7 +95,8 @@ class SingleLayerTransformer(nn.Module):
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 384, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 depth_steps: int = 28, schedule: str = "uniform", fusion_states: int = 4,
+                 depth_steps: int = 28, schedule: str = "uniform",
+                 fusion_states: int | None = None,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1,
                  fused: bool = False, time_scale: float = 1000.0):
         super().__init__()
@@ -115,7 +117,7 @@ class SingleLayerTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size),
                                       requires_grad=False)
         self.block = (FusedDiTBlock if fused else DiTBlock)(hidden_size, num_heads, mlp_ratio)
-        self.fusion = fusion_depths(depth_steps, fusion_states)
+        self.fusion = fusion_depths(depth_steps, fusion_states or min(4, depth_steps))
         # (with one state there is nothing to weigh: no parameter that would get no gradient)
         self.fusion_logits = (nn.Parameter(torch.zeros(len(self.fusion)))
                               if len(self.fusion) > 1 else None)
@@ -230,16 +232,26 @@ class SingleLayerTransformer(nn.Module):
 
 # Named sizes: hidden size, heads, depth steps, patch size. "slt-S" is the default for a
 # DiT-XL/2-shaped teacher (about 4.3M parameters with the distillation's projection).
-# "slt-screen" is noise screening's (onestep_models.screening): patch 8 (16 tokens where the
-# teacher has 256), so that 128 candidates cost less than one DiT-XL/2 sample; "slt-screen-tiny"
-# is the same design scaled to the digits' `deep` teacher (1 token of 16, K = L, width 24: the
-# multiple of 4 nearest 64 / 3 that the sin-cos embedding takes).
+# "slt-screen" is noise screening's (onestep_models.screening), shaped by its time budget:
+# patch 4 (64 tokens where the teacher has 256), K = 7 (a quarter of the teacher's 28 layers,
+# `DEPTH_FRACTION`), width 360 (5/16 of 1152; 5 heads of 72, the teacher's head size), so that
+# 128 candidates cost 0.79 of one DiT-XL/2 sample's FLOPs. "slt-screen-tiny" is the same design
+# scaled by the same factors to the digits' `deep` teacher: 4 tokens of its 16, K = 2 of its 8
+# layers, width 20 of its 64.
 SLT_SIZES: dict[str, dict[str, int]] = {
     "slt-S": {"hidden_size": 384, "num_heads": 6, "depth_steps": 28, "patch_size": 2},
     "slt-tiny": {"hidden_size": 48, "num_heads": 4, "depth_steps": 8, "patch_size": 2},
-    "slt-screen": {"hidden_size": 384, "num_heads": 6, "depth_steps": 28, "patch_size": 8},
-    "slt-screen-tiny": {"hidden_size": 24, "num_heads": 3, "depth_steps": 8, "patch_size": 8},
+    "slt-screen": {"hidden_size": 360, "num_heads": 5, "depth_steps": 7, "patch_size": 4},
+    "slt-screen-tiny": {"hidden_size": 20, "num_heads": 4, "depth_steps": 2, "patch_size": 4},
 }
+
+# The share of the teacher's layers that a size loops by default (1 where it is not listed).
+DEPTH_FRACTION = {"slt-screen": 0.25, "slt-screen-tiny": 0.25}
+
+
+def default_depth_steps(size: str, teacher_layers: int) -> int:
+    """K for an SLT of `size` distilled from a teacher of `teacher_layers` layers."""
+    return max(1, round(teacher_layers * DEPTH_FRACTION.get(size, 1.0)))
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -162,10 +162,11 @@ def _add_slt_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slt (train slt --teacher RUN: a Single-Layer Transformer distilled "
                              "from a one-step run, data-free)")
     g.add_argument("--depth-steps", type=_positive(int), default=None,
-                   help="K, the applications of the one block (default: the teacher's depth)")
-    g.add_argument("--patches", type=_positive(int), default=4,
+                   help="K, the applications of the one block (default: the teacher's depth; "
+                        "a quarter of it for the slt-screen sizes)")
+    g.add_argument("--patches", type=_positive(int), default=None,
                    help="P, the depth patches matched against the teacher (and fused by the "
-                        "head)")
+                        "head; default: 4, or K where K < 4)")
     g.add_argument("--feature-weight", type=_number(float, 0), default=1.0,
                    help="the weight of depth-patch feature matching (0: output only)")
     g.add_argument("--output-weight", type=_number(float, 0), default=1.0,

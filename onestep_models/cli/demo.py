@@ -152,19 +152,23 @@ def slt_demo(args, device: torch.device, direct: dict[str, Any]) -> bool:
 
 
 def screening_demo(args, device: torch.device, tcfg: TrainConfig) -> bool:
-    """Noise screening after the SLT demo: a screening SLT (slt-screen-tiny: one token, the
-    time budget's design scaled to the digits) distilled from the same teacher into
+    """Noise screening after the SLT demo: a screening SLT (slt-screen-tiny: 4 tokens, K = 2,
+    the time budget's design scaled to the digits) distilled from the same teacher into
     <out>/screen with the SLT's settings, then the teacher sampled from screened noise at
     N = 1 (random), 8, 32, 128 and judged (screening_run.screening_table); the table, its
     bars (PASS/FAIL) and screening.png. True when all pass."""
     out = args.out / "screen"
-    options = {**recipes.default_options("slt"), "patches": SLT_DEMO["patches"]}
+    options = recipes.default_options("slt")  # (K = 2 applications: P = 2 patches)
     run, dataset, num_classes = recipes.slt_run_config(args.out, SLT_DEMO["screener"], True,
                                                        options)
     start = time.perf_counter()
     trainer = train_run(run, dataset, num_classes, tcfg, out, device, **_training(args))
     report_training(trainer, tcfg, out, time.perf_counter() - start)
-    pieces = screening_run.load_screening(args.out, out, device, "preview")
+    scale = min(1.0, tcfg.steps / SLT_DEMO["steps"])  # (--steps below the default: a smoke run)
+    distillation = {key: max(64, round(value * scale))
+                    for key, value in screening_run.PREVIEW_DISTILLATION.items()}
+    pieces = screening_run.load_screening(args.out, out, device, "preview",
+                                          distillation=distillation)
     table = screening_run.screening_table(pieces, device,
                                           per_class=max(5, args.eval_samples // 10))
     bars = screening_run.screening_bars(table)

@@ -91,27 +91,78 @@ def test_the_class_head_reads_null_label_features_not_the_label():
     assert s3.std() > 0  # not a constant within the condition
 
 
-def test_the_preview_head_scores_the_slts_own_sample():
+def _brightness_images(classes=4, per_class=50, seed=0):
+    """Images of class c: noise around the grey level c / 2 (separable by brightness)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat(per_class)
+    images = torch.randn(classes * per_class, *SHAPE, generator=g) * 0.3
+    return images + labels[:, None, None, None] * 0.5, labels
+
+
+def test_the_preview_classifier_scores_the_slts_own_sample():
     """The default class head reads the SLT's one-step sample under the target label, through
-    a logistic regression fitted on real images: the score is that classifier's log-probability
-    of the label."""
-    torch.manual_seed(0)
-    images = torch.randn(200, *SHAPE)
-    labels = torch.arange(4).repeat(50)
-    images += labels[:, None, None, None] * 0.5  # separable by brightness
-    head = S.fit_image_head(images, labels)
-    assert head.weight.shape == (4, 64)
-    accuracy = (head(images.flatten(1)).argmax(1) == labels).float().mean()
-    assert accuracy > 0.9
+    a classifier fitted on real images: the score is that classifier's log-probability of the
+    label, its hidden layer computed before the op and its last layer in it."""
+    images, labels = _brightness_images()
+    classifier = S.fit_preview_classifier(images, labels, steps=300)
+    assert classifier.head.weight.shape == (4, 256)
+    assert classifier.accuracy > 0.9  # (on the held-out tenth)
+    assert (classifier(images).argmax(1) == labels).float().mean() > 0.9
     slt = _slt(num_classes=4)
     x0, y = S.draw_candidates(2, 5, SHAPE, 1), torch.tensor([0, 3])
-    scores, best = S.ClassHeadScorer(head)(slt, x0, 1.0, y, 5)
+    scores, best = S.ClassHeadScorer(classifier)(slt, x0, 1.0, y, 5)
     preview = x0 + slt(x0, torch.ones(10), y.repeat_interleave(5))
-    expected = head(preview.flatten(1)).log_softmax(-1)[torch.arange(10), y.repeat_interleave(5)]
+    expected = classifier(preview).log_softmax(-1)[torch.arange(10), y.repeat_interleave(5)]
     torch.testing.assert_close(scores, expected)
     assert torch.equal(best[:, 0], scores.view(2, 5).argmax(1))
+    # a linear head over the pixels is a preview head too
+    linear = nn.Linear(64, 4)
+    scores, _ = S.ClassHeadScorer(linear)(slt, x0, 1.0, y, 5)
+    expected = linear(preview.flatten(1)).log_softmax(-1)[torch.arange(10),
+                                                           y.repeat_interleave(5)]
+    torch.testing.assert_close(scores, expected)
     with pytest.raises(ArgumentError, match="^source:"):
-        S.ClassHeadScorer(head, source="labels")
+        S.ClassHeadScorer(linear, source="labels")
+    with pytest.raises(TypeError, match="^head: expected an nn.Linear, got PreviewClassifier"):
+        S.ClassHeadScorer(classifier, source="null_state")
+    with pytest.raises(ArgumentError, match="^labels: expected classes 0..C-1"):
+        S.fit_preview_classifier(images, labels + 1, steps=1)
+
+
+def test_the_distilled_classifier_learns_what_the_preview_says_of_the_teachers_sample(
+        tmp_path):
+    """A teacher whose sample's brightness (its class, as the real-image classifier sees it)
+    falls as the noise's mean rises, and an untrained SLT whose preview is the noise itself:
+    the classifier of real images, reading noise around grey 0, hardly ranks the previews; the
+    distilled one learns which class the teacher will draw from a preview, and
+    ranks noises so. The classifier it starts from is left as it was; its file gives the same
+    classifier back."""
+    images, labels = _brightness_images()
+    classifier = S.fit_preview_classifier(images, labels, steps=300)
+    before = [p.detach().clone() for p in classifier.parameters()]
+    slt = SingleLayerTransformer(input_size=8, patch_size=4, in_channels=1, hidden_size=16,
+                                 num_heads=2, depth_steps=2, num_classes=4).eval()
+
+    def teacher(x0, y):  # grey level 0.75 - 6 x the noise's mean: class 0..3 by the noise
+        return x0 * 0 + 0.75 - 6 * x0.mean((1, 2, 3), keepdim=True)
+
+    x0 = S.draw_candidates(1, 64, SHAPE, 7)
+    assert torch.equal(S.slt_preview(slt, x0, 1.0, torch.zeros(64, dtype=torch.long))[:, 0],
+                       x0.flatten(1))  # (adaLN-Zero: the untrained SLT draws nothing)
+    student, report = S.distill_preview_classifier(classifier, slt, 1.0, teacher, 4,
+                                                   shape=SHAPE, samples=2000, steps=400)
+    assert report.samples == 2000 and report.spearman > 0.5, report
+    assert all(torch.equal(a, b) for a, b in zip(before, classifier.parameters()))
+    truth = classifier.probabilities(teacher(x0, None))[:, 3].log()
+    rho = {}
+    for name, model in (("real images", classifier), ("distilled", student)):
+        scores, _ = S.ClassHeadScorer(model)(slt, x0, 1.0, torch.tensor([3]), 64)
+        rho[name] = S._spearman(scores.numpy(), truth.numpy())
+    assert rho["real images"] < 0.3 and rho["distilled"] > 0.8, rho
+    S.save_head(tmp_path / "classifier.safetensors", student, {"source": "preview"})
+    loaded, meta = S.load_head(tmp_path / "classifier.safetensors")
+    assert isinstance(loaded, S.PreviewClassifier) and meta == {"source": "preview"}
+    torch.testing.assert_close(loaded(images), student(images))
 
 
 def test_unconditional_screening_with_cosine_and_a_callable():
@@ -211,10 +262,14 @@ def runs(tmp_path_factory):
     return root
 
 
-def test_sample_and_eval_screen_through_the_slt(runs, tmp_path, capsys):
+def test_sample_and_eval_screen_through_the_slt(runs, tmp_path, capsys, monkeypatch):
     import json
 
-    from onestep_models import cli
+    from onestep_models import cli, screening_run
+
+    # (the preview classifier's adaptation at a smoke size: its own test is above)
+    monkeypatch.setitem(screening_run.PREVIEW_DISTILLATION, "samples", 256)
+    monkeypatch.setitem(screening_run.PREVIEW_DISTILLATION, "steps", 20)
 
     png = tmp_path / "grid.png"
     assert cli.main(["sample", "--ckpt", str(runs / "teacher"), "--screen", "8", "--slt",
