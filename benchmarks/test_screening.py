@@ -2,13 +2,13 @@
 one, with CUDA graphs):
 
 - the time budget: one sample of a DiT-XL/2-shaped one-step teacher (256 tokens, width 1152,
-  28 layers) at B = 1, against screening 128 candidates with the slt-screen SLT (width 384,
-  K = 28, patch 8: 16 tokens) and its preview class head (1000 classes over the 4 x 32 x 32
-  latent), then that teacher on the best; analytic FLOPs of both, printed;
-- the scoring op at the screening SLT's states (128 candidates x 16 tokens x 384, a 1000-class
-  head) against the PyTorch expression (pool, linear, log_softmax, gather, view, topk), its
-  torch.compile and a copy of the features (the machine's copy rate): GB/s of features and
-  head read once.
+  28 layers) at B = 1, against screening 128 candidates with the slt-screen SLT (width 360,
+  K = 7, patch 4: 64 tokens) and its preview classifier (4 x 32 x 32 latent -> 256 -> 1000
+  classes), then that teacher on the best; analytic FLOPs of both, printed;
+- the scoring op at the screening SLT's states (128 candidates x 64 tokens x 360, a 1000-class
+  head: the null-state scorer's shape) against the PyTorch expression (pool, linear,
+  log_softmax, gather, view, topk), its torch.compile and a copy of the features (the
+  machine's copy rate): GB/s of features and head read once.
 
     pytest benchmarks/test_screening.py
 """
@@ -24,6 +24,7 @@ from onestep_gpu_check.rows import (
     screening_contenders,
     smoke_setting,
 )
+from onestep_models.slt import SLT_SIZES
 
 CPU_BUDGET = dataclasses.replace(smoke_setting(), dit="DiT-XL/2", dit_input=32,
                                  screen="slt-screen", screen_candidates=128)
@@ -49,7 +50,8 @@ def test_time_budget(benchmark, record, contenders, contender):
            "GFLOP/s")
 
 
-M, T, D, C = 128, 16, 384, 1000
+_SIZE = SLT_SIZES["slt-screen"]
+M, T, D, C = 128, (32 // _SIZE["patch_size"]) ** 2, _SIZE["hidden_size"], 1000
 
 
 def _op_inputs():

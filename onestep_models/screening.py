@@ -513,8 +513,8 @@ def distill_preview_classifier(classifier: PreviewClassifier, slt: SingleLayerTr
     x1 = teacher(x0, y) are labelled by `classifier` itself (class probabilities), and a copy
     of it learns those from the SLT's preview of x0 under y (AdamW, cross-entropy with the
     soft labels): it learns what the preview's errors say about the teacher's sample. (On the
-    digits this lifts the within-class Spearman correlation with the judge from about 0.47
-    to 0.56; README, "Noise screening".) It could in principle learn to read y back from the
+    digits this adds about 0.05 to the within-class Spearman correlation with the judge;
+    benchmarks/results/digits-cpu.md.) It could in principle learn to read y back from the
     preview and score every candidate alike; the report's held-out Spearman correlation of
     its log p(y | preview) with the labeler's log p(y | x1) says whether it ranks instead.
     A fifth of the samples is held out for the report."""
