@@ -57,7 +57,9 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     assert len(results["rows"]["slt"]["targets"]) == 5
     screening = {t["target"].split(": ")[-1]: t for t in results["rows"]["screening"]["targets"]}
     assert screening["FLOPs(screen) / FLOPs(teacher sample) <= 1.0"]["met"] is True
-    assert screening["time(screen + teacher) / time(teacher) <= 2.2"]["value"] > 1.0
+    # (a ratio of two latencies of tiny networks: its size means nothing in a smoke pass, and a
+    # busy machine has timed the teacher alone slower than screening + teacher)
+    assert screening["time(screen + teacher) / time(teacher) <= 2.2"]["value"] > 0
     assert len(screening) == 3
     table = (out / "gpu_check.md").read_text()
     assert "## memory_bound" in table and "## fused_linear" in table
