@@ -43,6 +43,7 @@ selecting by the judge's own features would make the quality bar circular. It on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -518,11 +519,9 @@ def distill_preview_classifier(classifier: PreviewClassifier, slt: SingleLayerTr
     preview and score every candidate alike; the report's held-out Spearman correlation of
     its log p(y | preview) with the labeler's log p(y | x1) says whether it ranks instead.
     A fifth of the samples is held out for the report."""
-    import copy
-
     previews, targets, y_all = _labelled_noise(
         lambda x0, y: slt_preview(slt, x0, slt_time, y)[:, 0], teacher,
-        classifier.probabilities, num_classes, shape, slt, samples, min(batch * 16, 4096), seed)
+        classifier.probabilities, num_classes, shape, slt, samples, 4096, seed)
     device = next(slt.parameters()).device
     student = copy.deepcopy(classifier).cpu().float()
     held = samples // 5
