@@ -271,6 +271,15 @@ def test_sample_and_eval_screen_through_the_slt(runs, tmp_path, capsys, monkeypa
     monkeypatch.setitem(screening_run.PREVIEW_DISTILLATION, "samples", 256)
     monkeypatch.setitem(screening_run.PREVIEW_DISTILLATION, "steps", 20)
 
+    from onestep_models.run_dir import latest_checkpoint, read_checkpoint_state
+
+    # (the screening size loops a quarter of the teacher's layers, fusing up to 4 states)
+    def model(run):
+        return read_checkpoint_state(latest_checkpoint(run))["config"]["model"]
+
+    layers, slt = model(runs / "teacher")["depth"], model(runs / "slt")
+    K = max(1, round(layers / 4))
+    assert (slt["depth_steps"], slt["fusion_states"], slt["patch_size"]) == (K, min(4, K), 4)
     png = tmp_path / "grid.png"
     assert cli.main(["sample", "--ckpt", str(runs / "teacher"), "--screen", "8", "--slt",
                      str(runs / "slt"), "--num", "4", "--out", str(png)]) == 0
