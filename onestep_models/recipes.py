@@ -42,6 +42,7 @@ from onestep_models.slt import (
     SingleLayerTransformer,
     SLTDistillation,
     default_depth_steps,
+    default_fusion_states,
 )
 
 RECIPES = ("flow", "direct", "slimflow_reflow", "slimflow_distill", "slt")
@@ -271,8 +272,8 @@ def slt_run_config(teacher_ckpt: Path, size: str, fused: bool, options: dict[str
                  class_dropout_prob=0.1 if teacher_model.get("num_classes", 0) else 0.0,
                  fused=fused)
     model["depth_steps"] = depth_steps or default_depth_steps(size, teacher_model["depth"])
-    if options["patches"] is None:  # (the default: 4, or one per application where K < 4)
-        options["patches"] = min(4, model["depth_steps"])
+    if options["patches"] is None:
+        options["patches"] = default_fusion_states(model["depth_steps"])
     if patch_size is not None:
         model["patch_size"] = patch_size
     model["fusion_states"] = options["patches"] if fusion else 1

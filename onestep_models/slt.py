@@ -69,6 +69,12 @@ def step_sizes(depth_steps: int, schedule: str = "uniform") -> Tensor:
     return torch.full((depth_steps,), value, dtype=torch.float64)
 
 
+def default_fusion_states(depth_steps: int) -> int:
+    """P by default: 4 states fused (and matched against the teacher), or one per application
+    where K < 4."""
+    return min(4, depth_steps)
+
+
 def fusion_depths(depth_steps: int, states: int) -> tuple[int, ...]:
     """The applications after which P = `states` evenly spaced states are taken: after
     K/P, 2K/P, ..., K applications (rounded), as 0-based indices of the application."""
@@ -117,7 +123,7 @@ class SingleLayerTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size),
                                       requires_grad=False)
         self.block = (FusedDiTBlock if fused else DiTBlock)(hidden_size, num_heads, mlp_ratio)
-        self.fusion = fusion_depths(depth_steps, fusion_states or min(4, depth_steps))
+        self.fusion = fusion_depths(depth_steps, fusion_states or default_fusion_states(depth_steps))
         # (with one state there is nothing to weigh: no parameter that would get no gradient)
         self.fusion_logits = (nn.Parameter(torch.zeros(len(self.fusion)))
                               if len(self.fusion) > 1 else None)
