@@ -156,6 +156,29 @@ def test_linear_bias_gelu_matches_float64_reference(backend, shape, needs, gener
             assert t.grad is None, name
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_linear_bias_gelu_without_gradients_overwrites_only_its_own_product(backend, generator,
+                                                                            monkeypatch):
+    """Inference: the GELU is written over the product it computed (the kernels' one buffer),
+    never over an argument; values against float64, on each backend (the reference backend
+    allocates as before)."""
+    dev = backend_device(backend, "bias_gelu_tanh")
+    x, weight, bias = (torch.randn(s, generator=generator).to(dev)
+                       for s in ((3, 5, 24), (37, 24), (37,)))
+    before = [t.clone() for t in (x, weight, bias)]
+    products = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda *a: products.append(linear(*a)) or products[-1])
+    with ok.use_backend(backend), torch.no_grad():
+        out = linear_bias_gelu(x, weight, bias)
+    assert_close_rel(out, _linear_reference(*(t.double() for t in before)), torch.float32, "out")
+    for name, t, b in zip(("x", "weight", "bias"), (x, weight, bias), before):
+        assert torch.equal(t, b), f"{name} was written"
+    in_place = out.data_ptr() == products[0].data_ptr()
+    assert in_place == (backend != "reference")
+
+
 def test_linear_bias_gelu_records_one_node_and_agrees_with_the_composed_path(generator):
     """With gradients the eager call is one autograd node whose results equal the product
     then the op (the path torch.compile traces), to rounding."""
