@@ -100,8 +100,14 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     u = torch.nn.functional.linear(x, weight)
     bias = checks.cast(bias, u.dtype)  # as the Linear's own bias would be (autocast)
     grad = needs_grad(u, bias)
-    return GELU.apply(GELU.resolve(None, u.device, u.dtype, u.shape[-1], grad), u, bias,
-                      grad=grad)
+    impl = GELU.resolve(None, u.device, u.dtype, u.shape[-1], grad)
+    if not grad and not impl.is_expression and not torch.compiler.is_compiling():
+        # Inference: the product is this call's own temporary, so the GELU overwrites it (the
+        # kernels are elementwise). One (rows, F) buffer less per MLP; on the CPU a second
+        # fresh one made glibc's heap grow and shrink by ~4 MB each slt-tiny forward (~900
+        # page faults, dev VM).
+        return GELU.forward(impl, u, bias, outputs=(u,))[0]
+    return GELU.apply(impl, u, bias, grad=grad)
 
 
 # ---- the gated residual, the MLP's modulated LayerNorm and fc1 --------------------------------
