@@ -272,26 +272,31 @@ def test_compiled_block_trains_across_batch_sizes(generator):
             assert_close_rel(g, want, torch.float32, f"B={B} d{name}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("D", [2432, 3072])
-def test_dit_block_tail_at_the_widths_of_sd35_large_and_flux(D, generator):
+def test_dit_block_tail_at_the_widths_of_sd35_large_and_flux(D, backend, generator):
     """The stream end that SD3's and Flux's fused blocks run (gated residual + modulated
-    LayerNorm, fc1's bias + GELU, the MLP's gated residual), at widths past the Triton gated
-    op's 2048, against float64, forward and every gradient (default CPU backends)."""
+    LayerNorm, fc1's bias + GELU, the MLP's gated residual), at SD3.5-Large's and Flux's
+    widths, against float64, forward and every gradient, on the CPU kernels and on Triton's
+    (which take any width since their rows are cut in chunks; the interpreter without a GPU)."""
     import torch.nn.functional as F
 
     from onestep_kernels.layers import dit_block_tail
 
     B, N = 2, 3
+    device = backend_device(backend, "gated_residual_layernorm_modulate")
     fc1, fc2 = torch.nn.Linear(D, 4 * D), torch.nn.Linear(4 * D, D)
     with torch.no_grad():
         for p in (*fc1.parameters(), *fc2.parameters()):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     tensors = [torch.randn(B, N, D, generator=generator), torch.randn(B, N, D, generator=generator)]
     tensors += [torch.randn(B, D, generator=generator) * 0.5 for _ in range(4)]
-    inputs = [t.clone().requires_grad_() for t in tensors]
-    out = dit_block_tail(*inputs, fc1, fc2, mlp_norm_eps=1e-6)
+    inputs = [t.to(device, copy=True).requires_grad_() for t in tensors]
+    fc1_dev, fc2_dev = copy.deepcopy(fc1).to(device), copy.deepcopy(fc2).to(device)
+    with use_backend(backend):
+        out = dit_block_tail(*inputs, fc1_dev, fc2_dev, mlp_norm_eps=1e-6)
     dout = torch.randn(out.shape, generator=generator)
-    out.backward(dout)
+    out.backward(dout.to(device))
 
     exact = [t.double().requires_grad_() for t in tensors]
     fc1_64, fc2_64 = copy.deepcopy(fc1).double(), copy.deepcopy(fc2).double()
@@ -304,6 +309,6 @@ def test_dit_block_tail_at_the_widths_of_sd35_large_and_flux(D, generator):
     for name, mine, theirs in zip(("x", "branch", "gate", "shift", "scale", "mlp_gate"),
                                   inputs, exact):
         assert_close_rel(mine.grad, theirs.grad, torch.float32, f"d{name} at D={D}")
-    for name, mine, theirs in (("fc1.weight", fc1.weight, fc1_64.weight),
-                               ("fc2.weight", fc2.weight, fc2_64.weight)):
+    for name, mine, theirs in (("fc1.weight", fc1_dev.weight, fc1_64.weight),
+                               ("fc2.weight", fc2_dev.weight, fc2_64.weight)):
         assert_close_rel(mine.grad, theirs.grad, torch.float32, f"d{name} at D={D}")
