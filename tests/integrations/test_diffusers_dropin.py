@@ -275,3 +275,23 @@ def test_a_half_precision_model_keeps_the_unfused_dtype_and_values(generator, dt
     assert out.dtype == ref.dtype == dtype
     assert_close_rel(out.double(), exact, dtype, f"{dtype} output",
                      torch_error=rel_error(ref.double(), exact))
+
+
+@pytest.mark.parametrize("part", ["", "transformer_blocks.0", "transformer_blocks.0.ff",
+                                  "transformer_blocks.0.attn1", "transformer_blocks.0.norm1"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_mixed_dtypes_without_autocast_end_as_unfused(generator, part, dtype):
+    """Without autocast, the whole model (fed fp32 latents) or one block or one of its modules
+    cast to another dtype: the fused model ends as the unfused one does, a RuntimeError naming
+    both dtypes (PyTorch's own, from the first product that meets them), never an output of
+    its own or a native kernel handed a mix."""
+    model, fused, (x, t, y) = pair(generator)
+    outcomes = []
+    for m in (model, fused):
+        m.get_submodule(part).to(dtype)
+        with pytest.raises(RuntimeError) as error:
+            run(m, x, t, y)
+        outcomes.append(str(error.value))
+    names = {torch.bfloat16: "BFloat16", torch.float64: "ouble"}[dtype]  # (Double or double)
+    for message in outcomes:
+        assert "the same" in message and names in message, message
