@@ -10,6 +10,7 @@ see it (onestep_models.screening).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,9 @@ def screening_head(slt_run: Path, source: str, teacher: dict, network, slt,
         head, recorded = screening.load_head(path)
         if all(recorded.get(key) == value for key, value in meta.items()):
             return head
+    # (the first use of an SLT run is slow: say why, where the result will be kept)
+    print(f"onestep: fitting the '{source}' screening head for this SLT and teacher once "
+          f"(about a minute on digits); kept in {path}", file=sys.stderr)
     dataset, num_classes = recipes.load_data(recipes.real_data(teacher["run"]["data"]))
     images, labels = dataset.tensors[0], dataset.tensors[1]
     classifier = screening.fit_preview_classifier(images, labels)
