@@ -585,7 +585,7 @@ def slt_eager_loop(model, block) -> Callable:
 
     def forward(x, t, y):
         c = model.conditioning(t * model.time_scale, y)
-        tau = model.tau_embedder(model.depth_time * model.time_scale)
+        tau = model.depth_embeddings()
         h = model.x_embedder(x) + model.pos_embed
         for k in range(model.depth_steps):
             sh1, sc1, g1, sh2, sc2, g2 = block.adaLN_modulation(c + tau[k]).chunk(6, dim=1)

@@ -133,10 +133,18 @@ class SingleLayerTransformer(nn.Module):
         # derived from the settings, so not in the state_dict (K is a per-run setting)
         self.register_buffer("steps", steps.float(), persistent=False)
         self.register_buffer("depth_time", tau.float(), persistent=False)
-        # (6 D,): which columns of the block's modulation are its two gates (scaled by Delta_k)
-        self.register_buffer("_gate_columns", torch.tensor(
-            [0, 0, 1, 0, 0, 1], dtype=torch.bool).repeat_interleave(hidden_size),
+        # The depth times' sinusoidal features, (K, 256), computed once in fp32: constants, so
+        # a forward does not rebuild them, and a bf16 copy of the model holds them rounded to
+        # bf16 (as the MLP reads them) rather than embedding depth times rounded to bf16 first
+        # (1000 * 3/8 = 375 is 376 in bf16).
+        self.register_buffer("_tau_frequencies", TimestepEmbedder.timestep_embedding(
+            tau.float() * self.time_scale, self.tau_embedder.frequency_embedding_size),
             persistent=False)
+        # (K, 1, 6 D): what each application's modulation is multiplied by, Delta_k on the two
+        # gates' columns and 1 on the shifts' and scales'
+        gates = torch.tensor([0, 0, 1, 0, 0, 1], dtype=torch.bool).repeat_interleave(hidden_size)
+        self.register_buffer("_modulation_scale", torch.where(
+            gates, steps.float()[:, None], 1.0)[:, None], persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -181,13 +189,17 @@ class SingleLayerTransformer(nn.Module):
             c = c + self.y_embedder(y, False)
         return c
 
+    def depth_embeddings(self) -> Tensor:
+        """e(tau_k), the K applications' depth-time embeddings, (K, D)."""
+        mlp = self.tau_embedder.mlp
+        return mlp(self._tau_frequencies.to(mlp[0].weight.dtype))
+
     def modulations(self, c: Tensor) -> Tensor:
         """Every application's adaLN modulation, (K, B, 6 D), from one matrix product over the
         K conditionings c + e(tau_k), the gates scaled by Delta_k."""
-        tau = self.tau_embedder(self.depth_time * self.time_scale)            # (K, D)
+        tau = self.depth_embeddings()                                         # (K, D)
         mod = self.block.adaLN_modulation(c.unsqueeze(0) + tau.unsqueeze(1).to(c.dtype))
-        scale = torch.where(self._gate_columns, self.steps[:, None], 1.0)    # (K, 6 D)
-        return mod * scale.unsqueeze(1).to(mod.dtype)
+        return mod * self._modulation_scale.to(mod.dtype)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W); t: (B,) in [0, 1]; y: (B,) labels (ignored when unconditional)."""

@@ -3,6 +3,8 @@ share a state_dict, the states come from the same pass, the default size is abou
 parameters, all K modulations come from one matrix product, a forward builds no host tensor,
 settings and inputs are checked by name."""
 
+import copy
+
 import pytest
 import torch
 from conftest import assert_close_rel
@@ -98,6 +100,21 @@ def test_the_steps_are_folded_into_the_gates(generator):
     raw = model.block.adaLN_modulation(c[None] + tau[:, None]).view(4, 3, 6, 32)
     assert torch.allclose(mods[:, :, [2, 5]], raw[:, :, [2, 5]] / 4)  # Delta_k = 1/K
     assert torch.equal(mods[:, :, [0, 1, 3, 4]], raw[:, :, [0, 1, 3, 4]])
+
+
+def test_a_bfloat16_copy_embeds_the_depth_times_themselves(generator):
+    """The depth times' sinusoids are constants computed in fp32 when the model is built: a
+    bf16 copy holds them rounded to bf16, as its MLP reads them. (Embedding the bf16 buffer
+    of depth times instead turned 1000 * 3/8 = 375 into 376.)"""
+    from onestep_models.dit import TimestepEmbedder
+
+    model = randomised(small(depth_steps=8), generator)
+    exact = TimestepEmbedder.timestep_embedding(model.depth_time * model.time_scale, 256)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(half.depth_embeddings(), half.tau_embedder.mlp(exact.bfloat16()))
+        assert torch.equal(model.depth_embeddings(),
+                           model.tau_embedder(model.depth_time * model.time_scale))
 
 
 def test_schedules_and_fusion_depths():
