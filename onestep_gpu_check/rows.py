@@ -50,6 +50,7 @@ class Setting:
     compile: bool
     slt: str = "slt-S"  # the SLT size of the slt row (onestep_models.slt.SLT_SIZES)
     slt_batch: int = 128  # its candidates (of dit_input / 2 squared tokens)
+    slt_digits_batch: int = 64  # the row's digits-size case: slt-tiny's candidates (16 tokens)
     screen: str = "slt-screen"  # the screening row's SLT size
     screen_candidates: int = 128
 
@@ -67,7 +68,8 @@ def gpu_setting() -> Setting:
 def smoke_setting() -> Setting:
     return Setting(torch.device("cpu"), torch.float32, 64, 4, 16, (2, 3), (1,), 3,
                    ((2, 4, 16, 16), (1, 2, 24, 8)), "DiT-S/8", 16, 8, 128, False,
-                   slt="slt-tiny", slt_batch=2, screen="slt-screen-tiny", screen_candidates=4)
+                   slt="slt-tiny", slt_batch=2, slt_digits_batch=2, screen="slt-screen-tiny",
+                   screen_candidates=4)
 
 
 def peak_bytes(fn: Callable, device: torch.device) -> int | None:
@@ -771,17 +773,25 @@ def row_diffusers(row: Row) -> None:
 
 
 def row_slt(row: Row) -> None:
-    """The SLT's depth loop at its size and candidates (the issue's targets): the forward
-    against a plain eager loop over the reference block, torch.compile of that loop, and the
-    floor (the loop's products and attention alone); onestep replayed from a CUDA graph; the
-    K-step loop against K single applications timed alone; forward+backward against eager."""
+    """The SLT's depth loop (the issue's targets) at its size and candidates (slt-S: 128 of 256
+    tokens on a GPU) and at the digits size (slt-tiny on 8 x 8 x 1 digits: 64 candidates of 16
+    tokens, as the CPU benchmark): the forward against a plain eager loop over the reference
+    block, torch.compile of that loop, and the floor (the loop's products and attention
+    alone); onestep replayed from a CUDA graph; the K-step loop against K single applications
+    timed alone; forward+backward against eager."""
+    s = row.s
+    _slt_case(row, s.slt, s.dit_input, 4, s.slt_batch)
+    _slt_case(row, "slt-tiny", 8, 1, s.slt_digits_batch)
+
+
+def _slt_case(row: Row, size: str, side: int, channels: int, B: int) -> None:
     from onestep_kernels.cuda_graph import CUDAGraphed
     from onestep_kernels.depth_loop import depth_loop
 
     s = row.s
-    model, block = slt_models(s.slt, s.dit_input, 4, s.device, s.dtype)
-    B, N = s.slt_batch, (s.dit_input // model.patch_size) ** 2
-    x = _rand(s, B, 4, s.dit_input, s.dit_input)
+    model, block = slt_models(size, side, channels, s.device, s.dtype)
+    N = (side // model.patch_size) ** 2
+    x = _rand(s, B, channels, side, side)
     t = torch.ones(B, device=s.device, dtype=s.dtype)
     y = torch.randint(0, 1000, (B,), device=s.device)
     eager = slt_eager_loop(model, block)
@@ -790,7 +800,7 @@ def row_slt(row: Row) -> None:
         contenders["onestep + CUDA graph"] = CUDAGraphed(model)
     if s.compile:
         contenders["torch.compile(eager loop)"] = torch.compile(eager)
-    case = f"{s.slt} K={model.depth_steps}, {B} x {N} tokens"
+    case = f"{size} K={model.depth_steps}, {B} x {N} tokens"
     forward = {}
     with torch.no_grad():
         for name, fn in contenders.items():

@@ -53,8 +53,11 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     assert "onestep block, B=2 forward+backward" in (out / "profile.txt").read_text()
     slt = {(r["case"].split(", ")[-1], r["contender"]) for r in results["rows"]["slt"]["records"]}
     assert {("2 x 64 tokens forward", "onestep"), ("2 x 64 tokens forward", "eager loop"),
-            ("2 x 64 tokens depth loop", "one application")} <= slt, slt
-    assert len(results["rows"]["slt"]["targets"]) == 5
+            ("2 x 64 tokens depth loop", "one application"),  # and the digits size:
+            ("2 x 16 tokens forward", "onestep"), ("2 x 16 tokens forward+backward", "onestep"),
+            ("2 x 16 tokens forward", "floor (products + attention)")} <= slt, slt
+    targets = [t["target"] for t in results["rows"]["slt"]["targets"]]
+    assert len(targets) == 10 and sum("slt-tiny K=8, 2 x 16 tokens" in t for t in targets) == 5
     screening = {t["target"].split(": ")[-1]: t for t in results["rows"]["screening"]["targets"]}
     assert screening["FLOPs(screen) / FLOPs(teacher sample) <= 1.0"]["met"] is True
     # (a ratio of two latencies of tiny networks: its size means nothing in a smoke pass, and a
