@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_slt import SIZES  # noqa: E402  (the same shapes as the pytest benchmark)
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # (test_slt, and onestep_gpu_check at the root)
+from test_slt import SIZES  # the same shapes as the pytest benchmark
 
-import onestep_kernels  # noqa: E402
-from onestep_gpu_check.rows import slt_eager_loop, slt_floor, slt_models  # noqa: E402
+import onestep_kernels
+from onestep_gpu_check.rows import slt_eager_loop, slt_floor, slt_models
 
 # rounds per (size, mode): a few seconds to a minute each on 2 cores
 ROUNDS = {("slt-S", "inference"): 15, ("slt-S", "training"): 15,
@@ -31,7 +32,7 @@ ROUNDS = {("slt-S", "inference"): 15, ("slt-S", "training"): 15,
 
 def contenders(name: str, mode: str) -> dict:
     """The pytest benchmark's contenders for one size and mode, as calls."""
-    D, H, K, side, C, b_inference, b_training = SIZES[name]
+    _, _, _, side, C, b_inference, b_training = SIZES[name]
     B = b_inference if mode == "inference" else b_training
     model, block = slt_models(name, side, C, "cpu", torch.float32)
     g = torch.Generator().manual_seed(1)
