@@ -20,44 +20,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # (test_slt, and onestep_gpu_check at the root)
-from test_slt import SIZES  # the same shapes as the pytest benchmark
+from test_slt import slt_calls  # the pytest benchmark's contenders and shapes
 
 import onestep_kernels
-from onestep_gpu_check.rows import slt_eager_loop, slt_floor, slt_models
 
 # rounds per (size, mode): a few seconds to a minute each on 2 cores
 ROUNDS = {("slt-S", "inference"): 15, ("slt-S", "training"): 15,
           ("slt-tiny", "inference"): 200, ("slt-tiny", "training"): 100}
-
-
-def contenders(name: str, mode: str) -> dict:
-    """The pytest benchmark's contenders for one size and mode, as calls."""
-    _, _, _, side, C, b_inference, b_training = SIZES[name]
-    B = b_inference if mode == "inference" else b_training
-    model, block = slt_models(name, side, C, "cpu", torch.float32)
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(B, C, side, side, generator=g), torch.ones(B)
-    y = torch.randint(0, 10, (B,), generator=g)
-    eager = slt_eager_loop(model, block)
-    forwards = {"eager loop": eager, "torch.compile(eager loop)": torch.compile(eager),
-                "onestep": model}
-    params = [p for p in list(model.parameters()) + list(block.parameters()) if p.requires_grad]
-    calls = {}
-    for contender, forward in forwards.items():
-        if mode == "inference":
-            def call(f=forward):
-                with torch.no_grad():
-                    f(x, t, y)
-        else:
-            def call(f=forward):
-                for p in params:
-                    p.grad = None
-                f(x, t, y).square().mean().backward()
-        calls[contender] = call
-    if mode == "inference":
-        floor = slt_floor(model, B, (side // 2) ** 2, "cpu", torch.float32)
-        calls["floor"] = lambda: floor()
-    return calls
 
 
 def paired_rounds(calls: dict, rounds: int) -> dict:
@@ -86,7 +55,7 @@ def main() -> None:
     random.seed(0)
     for (name, mode), rounds in ROUNDS.items():
         rounds = max(3, round(rounds * args.rounds_scale))
-        times = paired_rounds(contenders(name, mode), rounds)
+        times = paired_rounds(slt_calls(name, mode), rounds)
         print(f"{name} {mode}, {rounds} rounds: median ms; per-round time / onestep's, "
               "median (10th-90th percentile)")
         for contender, t in times.items():

@@ -33,6 +33,39 @@ def _models(name: str):
     return slt_models(name, side, C, "cpu", torch.float32)
 
 
+def slt_calls(name: str, mode: str) -> dict:
+    """Each contender of one size and mode as a call returning its output: a forward without
+    gradients ("inference"), or a forward and a backward of its mean square ("training"); the
+    floor (inference only) returns nothing. Also timed by benchmarks/slt_paired.py."""
+    _, _, _, side, C, b_inference, b_training = SIZES[name]
+    B = b_inference if mode == "inference" else b_training
+    model, block = _models(name)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(B, C, side, side, generator=g), torch.ones(B)
+    y = torch.randint(0, 10, (B,), generator=g)
+    eager = slt_eager_loop(model, block)
+    forwards = {"eager loop": eager, "torch.compile(eager loop)": torch.compile(eager),
+                "onestep": model}
+    params = [p for p in list(model.parameters()) + list(block.parameters()) if p.requires_grad]
+    calls = {}
+    for contender, forward in forwards.items():
+        if mode == "inference":
+            def call(f=forward):
+                with torch.no_grad():
+                    return f(x, t, y)
+        else:
+            def call(f=forward):
+                for p in params:
+                    p.grad = None
+                out = f(x, t, y)
+                out.square().mean().backward()
+                return out.detach()
+        calls[contender] = call
+    if mode == "inference":
+        calls["floor"] = slt_floor(model, B, (side // 2) ** 2, "cpu", torch.float32)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["inference", "training"])
 @pytest.mark.parametrize("name", list(SIZES))
 @pytest.mark.parametrize("contender", ["eager loop", "torch.compile(eager loop)", "onestep",
@@ -41,34 +74,12 @@ def test_slt_forward(benchmark, record, contender, name, mode):
     D, H, K, side, C, b_inference, b_training = SIZES[name]
     B = b_inference if mode == "inference" else b_training
     N = (side // 2) ** 2
-    model, block = _models(name)
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(B, C, side, side, generator=g), torch.ones(B)
-    y = torch.randint(0, 10, (B,), generator=g)
-    if contender == "floor":
-        if mode == "training":
-            pytest.skip("the floor is the forward's (a training floor would be 3x it)")
-        call = slt_floor(model, B, N, "cpu", torch.float32)
-    else:
-        eager = slt_eager_loop(model, block)
-        with torch.no_grad():
-            expected = eager(x, t, y)[:, :C]
-        forward = {"eager loop": eager, "torch.compile(eager loop)": torch.compile(eager),
-                   "onestep": model}[contender]
-        if mode == "inference":
-            def call():
-                with torch.no_grad():
-                    return forward(x, t, y)
-        else:
-            params = [p for p in list(model.parameters()) + list(block.parameters())
-                      if p.requires_grad]
-
-            def call():
-                for p in params:
-                    p.grad = None
-                out = forward(x, t, y)
-                out.square().mean().backward()
-                return out.detach()
+    calls = slt_calls(name, mode)
+    if contender not in calls:
+        pytest.skip("the floor is the forward's (a training floor would be 3x it)")
+    call = calls[contender]
+    if contender != "floor":
+        expected = calls["eager loop"]()[:, :C]
         torch.testing.assert_close(call()[:, :C], expected, rtol=1e-3, atol=1e-3)
     benchmark.group = f"SLT {name} {mode}"
     benchmark(call)
