@@ -84,6 +84,29 @@ def test_the_loop_makes_2k_plus_1_layernorm_passes(generator, monkeypatch):
     assert calls == {"layernorm_modulate": 1, "gated": 2 * 5}
 
 
+def test_the_modulations_gradient_is_gathered_once_per_chunk_not_once_per_application(
+        generator):
+    """What reads the modulations' six chunks are six nodes (an unbind each), not one per
+    application and chunk: a select per application would zero-fill and sum 6 K tensors of
+    (K, B, D) in the backward."""
+    block, x, mods, head = _case(generator, K=5)
+    mods.requires_grad_()
+    _, (out, head_in, _) = _run(block, True, x, mods, head, ())
+    seen, stack, readers = set(), [head_in.grad_fn, out.grad_fn], {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for next_node, _ in node.next_functions:
+            readers.setdefault(next_node, []).append(type(node).__name__)
+            stack.append(next_node)
+    chunks = [n for n in seen if any(type(m).__name__ == "AccumulateGrad"
+                                     and m.variable is mods for m, _ in n.next_functions)]
+    assert len(chunks) == 1, "the modulations are read once (their chunk)"
+    assert readers[chunks[0]] == ["UnbindBackward0"] * 6
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(mods=torch.randn(0, 2, 6 * 48)), "modulations: expected shape"),
     (dict(mods=torch.randn(3, 2, 6 * 47)), "modulations: expected shape"),
