@@ -2,7 +2,9 @@
 same model written as a plain eager PyTorch loop over the reference block's modules (each
 application's modulation from its own product, the gates scaled by the step), torch.compile
 of that loop, and the loop's floor, its matrix products and attention alone, timed in the same
-run; and the K-step loop against K times one application of the same block timed alone.
+run (and the same products chained, each reading the one before's output: what the floor costs
+with the loop's data flow); and the K-step loop against K times one application of the same
+block timed alone.
 
 Shapes: width 384 (slt-S), K = 28, 64 tokens (16 x 16 latents, patch 2), 16 candidates for the
 forward and 4 for forward + backward; and the digits size (slt-tiny: width 48, K = 8, 16
@@ -14,7 +16,12 @@ tokens). Rates are GFLOP/s of the loop's matrix products and attention.
 import pytest
 import torch
 
-from onestep_gpu_check.rows import slt_eager_loop, slt_floor, slt_models
+from onestep_gpu_check.rows import (
+    slt_chained_products,
+    slt_eager_loop,
+    slt_floor,
+    slt_models,
+)
 from onestep_kernels.depth_loop import depth_loop
 
 # name -> (width, heads, K, latent side, channels, candidates forward, candidates training)
@@ -36,7 +43,7 @@ def _models(name: str):
 def slt_calls(name: str, mode: str) -> dict:
     """Each contender of one size and mode as a call returning its output: a forward without
     gradients ("inference"), or a forward and a backward of its mean square ("training"); the
-    floor (inference only) returns nothing. Also timed by benchmarks/slt_paired.py."""
+    floors (inference only) return what they return. Also timed by benchmarks/slt_paired.py."""
     _, _, _, side, C, b_inference, b_training = SIZES[name]
     B = b_inference if mode == "inference" else b_training
     model, block = _models(name)
@@ -63,13 +70,15 @@ def slt_calls(name: str, mode: str) -> dict:
         calls[contender] = call
     if mode == "inference":
         calls["floor"] = slt_floor(model, B, (side // 2) ** 2, "cpu", torch.float32)
+        calls["floor, chained"] = slt_chained_products(model, B, (side // 2) ** 2, "cpu",
+                                                       torch.float32)
     return calls
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])
 @pytest.mark.parametrize("name", list(SIZES))
 @pytest.mark.parametrize("contender", ["eager loop", "torch.compile(eager loop)", "onestep",
-                                       "floor"])
+                                       "floor", "floor, chained"])
 def test_slt_forward(benchmark, record, contender, name, mode):
     D, H, K, side, C, b_inference, b_training = SIZES[name]
     B = b_inference if mode == "inference" else b_training
@@ -78,7 +87,7 @@ def test_slt_forward(benchmark, record, contender, name, mode):
     if contender not in calls:
         pytest.skip("the floor is the forward's (a training floor would be 3x it)")
     call = calls[contender]
-    if contender != "floor":
+    if not contender.startswith("floor"):
         expected = calls["eager loop"]()[:, :C]
         torch.testing.assert_close(call()[:, :C], expected, rtol=1e-3, atol=1e-3)
     benchmark.group = f"SLT {name} {mode}"

@@ -616,6 +616,28 @@ def slt_floor(model, B: int, N: int, device, dtype) -> Callable:
     return run
 
 
+def slt_chained_products(model, B: int, N: int, device, dtype) -> Callable:
+    """The floor's products and attention, each reading the one before's output as in the
+    loop (the QKV's views to attention, its merged heads to proj, ... fc2's output to the next
+    QKV), nothing between them: the floor with the loop's data flow, where slt_floor re-reads
+    the same inputs (on a CPU, from its caches)."""
+    from onestep_kernels.layers import merge_heads, split_heads_packed_grad
+
+    H = model.block.attn.num_heads
+    a, m = model.block.attn, model.block.mlp
+    x = torch.randn(B, N, model.block.hidden_size, device=device, dtype=dtype)
+
+    def run():
+        h = x
+        for _ in range(model.depth_steps):
+            q, k, v = split_heads_packed_grad(F.linear(h, a.qkv.weight, a.qkv.bias), H)
+            h = F.linear(merge_heads(F.scaled_dot_product_attention(q, k, v)), a.proj.weight,
+                         a.proj.bias)
+            h = F.linear(F.linear(h, m.fc1.weight, m.fc1.bias), m.fc2.weight, m.fc2.bias)
+        return h
+    return run
+
+
 def screening_models(s: Setting, classes: int = 1000):
     """The time budget's networks, random weights: (a `s.dit`-shaped one-step teacher, a FlowDiT
     whose sample is x0 + f(x0, 1, y); the `s.screen` SLT; its preview classifier over the
