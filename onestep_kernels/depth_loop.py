@@ -131,7 +131,7 @@ def reference_depth_loop(x: Tensor, modulations: Tensor, attention: Callable[[Te
         return (F.layer_norm(t, (D,), eps=norm_eps) * (1 + scale.unsqueeze(1))
                 + shift.unsqueeze(1))
 
-    sh1, sc1, g1, sh2, sc2, g2 = modulations.chunk(6, dim=2)
+    sh1, sc1, g1, sh2, sc2, g2 = (m.unbind(0) for m in modulations.chunk(6, dim=2))  # as above
     states = []
     for k in range(K):
         x = x + g1[k].unsqueeze(1) * attention(modulated(x, sh1[k], sc1[k], eps))
