@@ -799,7 +799,7 @@ def row_slt(row: Row) -> None:
     tokens on a GPU) and at the digits size (slt-tiny on 8 x 8 x 1 digits: 64 candidates of 16
     tokens, as the CPU benchmark): the forward against a plain eager loop over the reference
     block, torch.compile of that loop, and the floor (the loop's products and attention
-    alone); onestep replayed from a CUDA graph; the K-step loop against K single applications
+    alone; and chained, each reading the one before's output); onestep replayed from a CUDA graph; the K-step loop against K single applications
     timed alone; forward+backward against eager."""
     s = row.s
     _slt_case(row, s.slt, s.dit_input, 4, s.slt_batch)
@@ -829,6 +829,9 @@ def _slt_case(row: Row, size: str, side: int, channels: int, B: int) -> None:
             forward[name] = row.time(f"{case} forward", name, lambda f=fn: f(x, t, y))
         floor = row.time(f"{case} forward", "floor (products + attention)",
                          slt_floor(model, B, N, s.device, s.dtype))
+        # (no target: how far the floor is from what a loop of those products can reach)
+        row.time(f"{case} forward", "floor's products chained",
+                 slt_chained_products(model, B, N, s.device, s.dtype))
         h = _rand(s, B, N, model.block.hidden_size)
         mods = model.modulations(_rand(s, B, model.block.hidden_size))
         loop = {}

@@ -55,7 +55,8 @@ def test_smoke_pass_writes_rows_that_merge(tmp_path, monkeypatch):
     assert {("2 x 64 tokens forward", "onestep"), ("2 x 64 tokens forward", "eager loop"),
             ("2 x 64 tokens depth loop", "one application"),  # and the digits size:
             ("2 x 16 tokens forward", "onestep"), ("2 x 16 tokens forward+backward", "onestep"),
-            ("2 x 16 tokens forward", "floor (products + attention)")} <= slt, slt
+            ("2 x 16 tokens forward", "floor (products + attention)"),
+            ("2 x 16 tokens forward", "floor's products chained")} <= slt, slt
     targets = [t["target"] for t in results["rows"]["slt"]["targets"]]
     assert len(targets) == 10 and sum("slt-tiny K=8, 2 x 16 tokens" in t for t in targets) == 5
     screening = {t["target"].split(": ")[-1]: t for t in results["rows"]["screening"]["targets"]}
