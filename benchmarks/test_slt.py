@@ -43,7 +43,7 @@ def _models(name: str):
 def slt_calls(name: str, mode: str) -> dict:
     """Each contender of one size and mode as a call returning its output: a forward without
     gradients ("inference"), or a forward and a backward of its mean square ("training"); the
-    floors (inference only) return what they return. Also timed by benchmarks/slt_paired.py."""
+    floors (inference only) are timed, not compared. Also timed by benchmarks/slt_paired.py."""
     _, _, _, side, C, b_inference, b_training = SIZES[name]
     B = b_inference if mode == "inference" else b_training
     model, block = _models(name)

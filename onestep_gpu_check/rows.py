@@ -799,8 +799,9 @@ def row_slt(row: Row) -> None:
     tokens on a GPU) and at the digits size (slt-tiny on 8 x 8 x 1 digits: 64 candidates of 16
     tokens, as the CPU benchmark): the forward against a plain eager loop over the reference
     block, torch.compile of that loop, and the floor (the loop's products and attention
-    alone; and chained, each reading the one before's output); onestep replayed from a CUDA graph; the K-step loop against K single applications
-    timed alone; forward+backward against eager."""
+    alone; and chained, each reading the one before's output); onestep replayed from a CUDA
+    graph; the K-step loop against K single applications timed alone; forward+backward
+    against eager."""
     s = row.s
     _slt_case(row, s.slt, s.dit_input, 4, s.slt_batch)
     _slt_case(row, "slt-tiny", 8, 1, s.slt_digits_batch)
