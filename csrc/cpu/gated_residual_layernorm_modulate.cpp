@@ -98,13 +98,14 @@ int fwd(const GatedResidualFwdParams& p, int num_threads) {
   const int64_t N = p.N, D = p.D, rows = p.B * p.N;
   advise_huge_pages(res, rows * D * static_cast<int64_t>(sizeof(T)));
   advise_huge_pages(out, rows * D * static_cast<int64_t>(sizeof(T)));
-  FloatBuffer buffers(num_threads * scratch_stride(D));  // each thread's fp32 residual row
+  const int64_t stride = scratch_stride(D);
+  FloatBuffer buffers(num_threads * stride);  // each thread's fp32 residual row
   if (buffers.failed()) return kOutOfMemory;
   parallel_for_threads(num_threads, rows, [&](int64_t row, int thread) {
     const int64_t b = row / N, n = row % N;
     fwd_row<T>(x + row * D, y + row * D, gate + b * p.gate_sb + n * p.gate_sn,
                shift + b * p.shift_sb + n * p.shift_sn, scale + b * p.scale_sb + n * p.scale_sn,
-               res + row * D, out + row * D, D, p.eps, buffers.data() + thread * scratch_stride(D),
+               res + row * D, out + row * D, D, p.eps, buffers.data() + thread * stride,
                mean ? mean + row : nullptr, rstd ? rstd + row : nullptr);
   }, [] {});
   return kOk;

@@ -97,10 +97,11 @@ int fwd(const LayerNormModulateFwdParams& p, int num_threads) {
   // Per thread, D floats: the converted input row (16-bit inputs) or the staged output row
   // (streamed fp32 outputs).
   const bool need_buffers = !std::is_same_v<T, float> || streaming;
-  FloatBuffer buffers(need_buffers ? num_threads * scratch_stride(D) : 0);
+  const int64_t stride = scratch_stride(D);
+  FloatBuffer buffers(need_buffers ? num_threads * stride : 0);
   if (buffers.failed()) return kOutOfMemory;
   parallel_for_threads(num_threads, rows, [&](int64_t r, int thread) {
-    float* buf = need_buffers ? buffers.data() + thread * scratch_stride(D) : nullptr;
+    float* buf = need_buffers ? buffers.data() + thread * stride : nullptr;
     const int64_t b = r / N, n = r % N;
     fwd_row<T>(x + b * p.x_sb + n * p.x_sn, shift + b * p.shift_sb + n * p.shift_sn,
                scale + b * p.scale_sb + n * p.scale_sn, out + r * D, D, p.eps, buf,
